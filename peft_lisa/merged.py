@@ -1,0 +1,304 @@
+"""The compact model that ``merge_and_unload()`` returns (METHOD.md step 6).
+
+A merged shared layer holds only ``align``, the rank-r ``q_lowrank``/``k_lowrank``, ``v_proj`` and ``o_proj``; its
+``q_proj``/``k_proj`` are gone. The full layer feeding it keeps all four projections and hands its logits on.
+
+Merged models are ordinary transformers models of their own ``model_type`` (``lisa_llama``, ``lisa_qwen3``...), which
+``import peft_lisa`` registers with ``AutoConfig``/``AutoModelForCausalLM``: they save with ``save_pretrained`` and load
+with ``AutoModelForCausalLM.from_pretrained`` once ``peft_lisa`` is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from .architectures import attention_of, base_model_type, decoder_layers
+from .tuner.config import LISA_FORMAT_VERSION, LiSAConfig
+from .tuner.layer import (
+    ROLE_SHARED,
+    ROLE_SOURCE,
+    AttentionLayout,
+    HeadAlign,
+    LiSALayer,
+    LogitsCarrier,
+    lowrank_frequency_index,
+    shared_attention,
+    source_attention,
+)
+
+_BASE_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+class LiSASourceAttention(nn.Module):
+    """A full attention layer that also hands its pre-softmax logits to the shared layer after it."""
+
+    def __init__(self, attn: nn.Module, carrier: LogitsCarrier) -> None:
+        super().__init__()
+        self.config = attn.config
+        self.layer_idx: int = attn.layer_idx
+        self.head_dim: int = attn.head_dim
+        self.scaling: float = attn.scaling
+        self.attention_dropout: float = attn.attention_dropout
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        if getattr(attn, "q_norm", None) is not None:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.carrier = carrier
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        kwargs.pop("position_ids", None)
+        kwargs.pop("use_cache", None)
+        return source_attention(
+            self, self.carrier, self.layer_idx, hidden_states, position_embeddings, attention_mask, cache, kwargs
+        )
+
+
+class LiSASharedAttention(nn.Module):
+    """A merged LiSA layer: ``softmax(align(S_{l-1}) + scale_r Q_r K_r^T + M) V W_o``, no ``q_proj``/``k_proj``."""
+
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        layout: AttentionLayout,
+        rank: int,
+        rotary_frequencies: str,
+        attention_dropout: float,
+        align: HeadAlign,
+        q_lowrank: nn.Linear,
+        k_lowrank: nn.Linear,
+        v_proj: nn.Module,
+        o_proj: nn.Module,
+        carrier: LogitsCarrier,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layout = layout
+        self.rank = rank
+        self.attention_dropout = attention_dropout
+        self.align, self.q_lowrank, self.k_lowrank = align, q_lowrank, k_lowrank
+        self.v_proj, self.o_proj = v_proj, o_proj
+        self.register_buffer(
+            "frequency_index", lowrank_frequency_index(layout.head_dim, rank, rotary_frequencies), persistent=False
+        )
+        self.carrier = carrier
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        kwargs.pop("position_ids", None)
+        kwargs.pop("use_cache", None)
+        return shared_attention(
+            align=self.align,
+            q_lowrank=self.q_lowrank,
+            k_lowrank=self.k_lowrank,
+            v_proj=self.v_proj,
+            o_proj=self.o_proj,
+            layout=self.layout,
+            rank=self.rank,
+            frequency_index=self.frequency_index,
+            carrier=self.carrier,
+            layer_idx=self.layer_idx,
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            kwargs=kwargs,
+            dropout=self.attention_dropout if self.training else 0.0,
+            training=self.training,
+        )
+
+
+def lisa_spec(config: LiSAConfig, num_heads: int) -> dict[str, Any]:
+    """The ``lisa`` entry of a merged model's config.json: all it takes to rebuild the merged layers."""
+    return {
+        "format_version": LISA_FORMAT_VERSION,
+        "share_layers": list(config.share_layers),
+        "source_layers": list(config.source_layers),
+        "rank": config.rank,
+        "align_hidden": 4 * num_heads if config.align_hidden is None else config.align_hidden,
+        "align_activation": config.align_activation,
+        "rotary_frequencies": config.rotary_frequencies,
+    }
+
+
+def _shared_attention_from(
+    attn: nn.Module,
+    spec: dict[str, Any],
+    carrier: LogitsCarrier,
+    align: HeadAlign,
+    q_lowrank: nn.Linear,
+    k_lowrank: nn.Linear,
+) -> LiSASharedAttention:
+    return LiSASharedAttention(
+        layer_idx=attn.layer_idx,
+        layout=AttentionLayout.from_attention(attn),
+        rank=spec["rank"],
+        rotary_frequencies=spec["rotary_frequencies"],
+        attention_dropout=attn.attention_dropout,
+        align=align,
+        q_lowrank=q_lowrank,
+        k_lowrank=k_lowrank,
+        v_proj=attn.v_proj,
+        o_proj=attn.o_proj,
+        carrier=carrier,
+    )
+
+
+def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
+    """Give a freshly built base model the merged LiSA layers described by ``spec`` (weights to be loaded)."""
+    if spec.get("format_version", 1) > LISA_FORMAT_VERSION:
+        raise ValueError(
+            f"This merged LiSA model was saved in format version {spec['format_version']}; the installed peft_lisa "
+            f"reads up to {LISA_FORMAT_VERSION}. Upgrade peft_lisa."
+        )
+    carrier = LogitsCarrier()
+    layers = decoder_layers(model)
+    for layer_idx in spec["source_layers"]:
+        layers[layer_idx].self_attn = LiSASourceAttention(layers[layer_idx].self_attn, carrier)
+    for layer_idx in spec["share_layers"]:
+        attn = layers[layer_idx].self_attn
+        layout = AttentionLayout.from_attention(attn)
+        hidden_size, rank = attn.v_proj.in_features, spec["rank"]
+        layers[layer_idx].self_attn = _shared_attention_from(
+            attn,
+            spec,
+            carrier,
+            align=HeadAlign(layout.num_heads, spec["align_hidden"], spec["align_activation"]),
+            q_lowrank=nn.Linear(hidden_size, layout.num_heads * rank, bias=False),
+            k_lowrank=nn.Linear(hidden_size, layout.num_kv_heads * rank, bias=False),
+        )
+    model.lisa_logits_carrier = carrier
+
+
+class LiSAMergedMixin:
+    """Mixed into a supported ``*ForCausalLM``: builds the base model, then swaps in the merged LiSA layers."""
+
+    def __init__(self, config: PreTrainedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        install_merged_attention(self, config.lisa)
+
+
+def _merged_classes(model_type: str) -> tuple[type, type]:
+    base_config_cls, base_model_cls = _BASE_CLASSES[model_type]
+    config_cls = type(f"LiSA{base_config_cls.__name__}", (base_config_cls,), {"model_type": f"lisa_{model_type}"})
+    model_cls = type(
+        f"LiSA{base_model_cls.__name__}",
+        (LiSAMergedMixin, base_model_cls),
+        {"config_class": config_cls, "__module__": __name__},
+    )
+    return config_cls, model_cls
+
+
+MERGED_CLASSES: dict[str, tuple[type, type]] = {model_type: _merged_classes(model_type) for model_type in _BASE_CLASSES}
+globals().update({cls.__name__: cls for pair in MERGED_CLASSES.values() for cls in pair})  # importable by name
+
+
+def register_merged_models() -> None:
+    """Register the merged model types with transformers' Auto classes (idempotent)."""
+    for config_cls, model_cls in MERGED_CLASSES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) -> nn.Module:
+    """Turn a model carrying LiSA wrappers into the compact merged model of ``adapter_name`` (in place)."""
+    model_type = base_model_type(model)
+    if model_type not in MERGED_CLASSES or not isinstance(model, _BASE_CLASSES[model_type][1]):
+        raise ValueError(
+            f"merge_and_unload() builds a compact causal LM; it supports "
+            f"{', '.join(cls.__name__ for _, cls in _BASE_CLASSES.values())}, not {type(model).__name__}."
+        )
+    layers = decoder_layers(model)
+    spec = lisa_spec(config, model.config.num_attention_heads)
+    carrier = LogitsCarrier()
+    for layer in layers:
+        wrapper = layer.self_attn
+        if not isinstance(wrapper, LiSALayer):
+            continue
+        base, role = wrapper.base_layer, wrapper.lisa_role.get(adapter_name)
+        if role == ROLE_SHARED:
+            layer.self_attn = _shared_attention_from(
+                base,
+                spec,
+                carrier,
+                align=wrapper.lisa_align[adapter_name],
+                q_lowrank=wrapper.lisa_q_lowrank[adapter_name],
+                k_lowrank=wrapper.lisa_k_lowrank[adapter_name],
+            )
+        elif role == ROLE_SOURCE:
+            layer.self_attn = LiSASourceAttention(base, carrier)
+        else:
+            layer.self_attn = base
+    config_cls, model_cls = MERGED_CLASSES[model_type]
+    merged_config = config_cls.from_dict({**_without_model_type(model.config.to_dict()), "lisa": spec})
+    merged_config._attn_implementation = model.config._attn_implementation
+    model.config = merged_config
+    model.model.config = merged_config
+    # The merged class adds no state of its own beyond what was just installed; switching the class of the existing
+    # instance avoids a second copy of the weights.
+    model.__class__ = model_cls
+    model.lisa_logits_carrier = carrier
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _without_model_type(config_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
+
+
+def merged_layers(model: nn.Module) -> dict[int, str]:
+    """Role of every LiSA layer of a merged model: ``{layer_idx: "shared" | "source"}``."""
+    roles = {}
+    for idx, layer in enumerate(decoder_layers(model)):
+        if isinstance(layer.self_attn, LiSASharedAttention):
+            roles[idx] = ROLE_SHARED
+        elif isinstance(layer.self_attn, LiSASourceAttention):
+            roles[idx] = ROLE_SOURCE
+    return roles
+
+
+__all__ = [
+    "LiSASharedAttention",
+    "LiSASourceAttention",
+    "MERGED_CLASSES",
+    "merge_lisa_adapter",
+    "merged_layers",
+    "register_merged_models",
+    "attention_of",
+]

@@ -1,0 +1,210 @@
+"""Configuration of the LiSA tuner (see ``shared/METHOD.md``, part (b))."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..registration import LISA_PEFT_TYPE
+
+# Bumped when the saved adapter format changes in a way older releases cannot read.
+LISA_FORMAT_VERSION = 1
+
+AlignActivation = Literal["gelu", "silu", "relu", "tanh"]
+RotaryFrequencies = Literal["first", "strided"]
+
+
+@dataclass
+class LiSAConfig(PeftConfig):
+    """Configuration of a LiSA adapter: which layers share attention and how their substitute is shaped.
+
+    A shared layer ``l`` replaces its own ``softmax(Q_l K_l^T)`` by ``softmax(align(S_{l-1}) + Q_r K_r^T)``: the
+    previous layer's pre-softmax logits, realigned along the head axis by a tiny FFN, plus a low-rank rotary
+    correction. It keeps its own ``v_proj`` and ``o_proj``; its ``q_proj`` and ``k_proj`` become redundant and are
+    deleted by ``merge_and_unload()``.
+
+    Args:
+        share_layers (`list[int]`):
+            Indices of the decoder layers whose self-attention is replaced by LiSA. Layer 0 can never share (it has no
+            predecessor). Consecutive shared layers chain: layer ``l`` then receives the reconstructed logits of
+            ``l-1``. Use ``peft_lisa.analyze`` to choose them from calibration data.
+        rank (`int`):
+            Per-head rank ``r`` of the low-rank query/key projections that model the difference between the realigned
+            attention and the layer's true attention. Must be even (rotary embeddings rotate pairs of dimensions) and
+            at most the model's head size.
+        align_hidden (`int`, *optional*):
+            Hidden size ``m`` of the head-alignment FFN ``P s + W2 act(W1 s + b1) + b2``. ``None`` means ``4 * H``
+            (``H`` query heads). ``0`` gives a linear-only alignment (``P`` and ``b2`` alone), the cheapest option.
+        align_activation (`str`):
+            Activation of the head-alignment FFN.
+        align_init_permutations (`dict[int, list[int]]`, *optional*):
+            Initial head permutation per shared layer: ``perm[i]`` is the head of layer ``l-1`` whose logits head
+            ``i`` of layer ``l`` starts from. Layers absent from the dict start from the identity. Typically the
+            best matching found by ``peft_lisa.analyze``.
+        rotary_frequencies (`str`):
+            Which of the model's rotary frequencies the rank-``r`` query/key use. ``"first"`` takes the first
+            ``r/2`` (highest) frequencies; ``"strided"`` takes every ``(d_h/r)``-th frequency so that the whole
+            spectrum, long-range included, is covered.
+        init_lowrank (`str`):
+            Initialisation of the low-rank delta: ``"zero"`` zero-initialises the query factor so that an untrained
+            adapter is exactly direct sharing with the initial permutation; ``"random"`` initialises both factors
+            (small), so that gradients reach both from the first step.
+        target_modules (`list[str]` or `str`, *optional*):
+            Name of the self-attention modules of the decoder layers (``"self_attn"`` for every supported
+            architecture). Filled in automatically.
+        layers_to_transform (`list[int]`, *optional*):
+            The decoder layers whose attention module gets wrapped: the shared layers and the full layers that feed
+            them logits. Derived from ``share_layers`` and written into the saved config; do not set it yourself.
+        layers_pattern (`str`, *optional*):
+            Name of the decoder layer list (``"layers"``). Filled in automatically.
+        modules_to_save (`list[str]`, *optional*):
+            Extra modules to train fully and save with the adapter (standard PEFT field).
+        trainable_token_indices (`list[int]` or `dict`, *optional*):
+            Token indices of the embedding to train (standard PEFT field); not used by LiSA itself.
+        base_layout (`dict`, *optional*):
+            Layer/head layout of the base model the adapter was created for (number of layers, heads, KV heads, head
+            size, model type). Filled in at creation and checked on load so that an adapter is never applied to a
+            base model of another shape.
+        lisa_format_version (`int`):
+            Version of the saved LiSA adapter format.
+    """
+
+    share_layers: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Indices of the decoder layers whose self-attention is replaced by LiSA (never layer 0)."},
+    )
+    rank: int = field(default=8, metadata={"help": "Per-head rank of the low-rank rotary query/key delta (even)."})
+    align_hidden: Optional[int] = field(
+        default=None,
+        metadata={"help": "Hidden size of the head-alignment FFN; None = 4 * num_heads, 0 = linear-only alignment."},
+    )
+    align_activation: AlignActivation = field(
+        default="gelu", metadata={"help": "Activation of the head-alignment FFN: gelu, silu, relu or tanh."}
+    )
+    align_init_permutations: Optional[dict[int, list[int]]] = field(
+        default=None,
+        metadata={
+            "help": "Initial head permutation per shared layer (perm[i] = source head of head i); identity if absent."
+        },
+    )
+    rotary_frequencies: RotaryFrequencies = field(
+        default="first",
+        metadata={"help": "Rotary frequencies of the rank-r query/key: 'first' (highest) or 'strided' (spread)."},
+    )
+    init_lowrank: Literal["zero", "random"] = field(
+        default="zero",
+        metadata={"help": "'zero': the query factor starts at zero (untrained = direct sharing); 'random': both small."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the self-attention modules ('self_attn'); filled in automatically."},
+    )
+    layers_to_transform: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Wrapped decoder layers (shared + their sources); derived from share_layers, do not set."},
+    )
+    layers_pattern: Optional[str] = field(
+        default=None, metadata={"help": "Name of the decoder layer list ('layers'); filled in automatically."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train fully and save with the adapter (standard PEFT)."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Embedding token indices to train (standard PEFT); not used by LiSA itself."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never to wrap (standard PEFT field); LiSA ignores it."}
+    )
+    base_layout: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Layer/head layout of the base model, filled in at creation and checked on load."},
+    )
+    lisa_format_version: int = field(
+        default=LISA_FORMAT_VERSION, metadata={"help": "Version of the saved LiSA adapter format."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LISA_PEFT_TYPE
+        if self.lisa_format_version > LISA_FORMAT_VERSION:
+            raise ValueError(
+                f"This LiSA adapter was saved in format version {self.lisa_format_version}, but the installed peft_lisa "
+                f"reads versions up to {LISA_FORMAT_VERSION}. Upgrade peft_lisa (pip install -U peft-lisa)."
+            )
+        self.share_layers = self._validated_layer_list(self.share_layers)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 2 or self.rank % 2:
+            raise ValueError(
+                f"LiSAConfig.rank must be an even integer >= 2 (rotary embeddings rotate pairs of dimensions), "
+                f"got {self.rank!r}."
+            )
+        if self.align_hidden is not None and (
+            isinstance(self.align_hidden, bool) or not isinstance(self.align_hidden, int) or self.align_hidden < 0
+        ):
+            raise ValueError(f"LiSAConfig.align_hidden must be None or an integer >= 0, got {self.align_hidden!r}.")
+        for name, allowed in (
+            ("align_activation", AlignActivation.__args__),
+            ("rotary_frequencies", RotaryFrequencies.__args__),
+            ("init_lowrank", ("zero", "random")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LiSAConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        self.align_init_permutations = self._validated_permutations(self.align_init_permutations)
+
+    def _validated_layer_list(self, layers: object) -> list[int]:
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers
+        ):
+            raise ValueError(f"LiSAConfig.share_layers must be a list of layer indices (ints), got {layers!r}.")
+        if not layers:
+            raise ValueError(
+                "LiSAConfig.share_layers is empty: name the decoder layers that should share attention, e.g. "
+                "share_layers=[4, 5, 6, 7], or choose them with peft_lisa.choose_share_layers(analysis, ...)."
+            )
+        duplicates = sorted({i for i in layers if list(layers).count(i) > 1})
+        if duplicates:
+            raise ValueError(f"LiSAConfig.share_layers lists layers {duplicates} more than once.")
+        if any(i <= 0 for i in layers):
+            raise ValueError(
+                f"LiSAConfig.share_layers contains {sorted(i for i in layers if i <= 0)}: layer 0 can never share "
+                "(it has no previous layer to take attention from) and indices must be positive."
+            )
+        return sorted(layers)
+
+    def _validated_permutations(self, permutations: object) -> Optional[dict[int, list[int]]]:
+        if permutations is None:
+            return None
+        if not isinstance(permutations, dict):
+            raise ValueError(
+                f"LiSAConfig.align_init_permutations must be a dict {{layer: permutation}}, got {type(permutations)}."
+            )
+        validated: dict[int, list[int]] = {}
+        for layer, perm in permutations.items():
+            layer_idx = int(layer)  # JSON turns the int keys into strings
+            if layer_idx not in self.share_layers:
+                raise ValueError(
+                    f"LiSAConfig.align_init_permutations has an entry for layer {layer_idx}, which is not in "
+                    f"share_layers {self.share_layers}."
+                )
+            perm = [int(h) for h in perm]
+            if sorted(perm) != list(range(len(perm))):
+                raise ValueError(
+                    f"LiSAConfig.align_init_permutations[{layer_idx}] = {perm} is not a permutation of "
+                    f"0..{len(perm) - 1}."
+                )
+            validated[layer_idx] = perm
+        return dict(sorted(validated.items()))
+
+    @property
+    def source_layers(self) -> list[int]:
+        """Full (unshared) layers whose logits feed a shared layer."""
+        shared = set(self.share_layers)
+        return sorted({i - 1 for i in shared} - shared)
+
+    @property
+    def wrapped_layers(self) -> list[int]:
+        """All layers whose attention module the adapter wraps: shared layers and their full sources."""
+        return sorted(set(self.share_layers) | set(self.source_layers))

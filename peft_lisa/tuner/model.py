@@ -1,0 +1,163 @@
+"""``LiSAModel``: the PEFT tuner that injects LiSA into a causal LM, and turns it into a compact model on merge."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..architectures import (
+    SUPPORTED_ATTENTION,
+    attention_of,
+    base_layout,
+    check_model_supported,
+    decoder_layers,
+    layer_attention_type,
+)
+from .config import LiSAConfig
+from .layer import ROLE_SHARED, ROLE_SOURCE, AttentionLayout, LiSALayer, LogitsCarrier, check_single_head_layout
+
+
+class LiSAModel(BaseTuner):
+    """Wraps the self-attention of the shared layers (and of the full layers feeding them) with :class:`LiSALayer`.
+
+    Create it through ``peft.get_peft_model(model, LiSAConfig(...))`` after ``import peft_lisa``. Only the LiSA
+    modules train; the base model stays frozen and untouched: ``disable_adapter()`` and ``unload()`` give it back
+    exactly, and ``merge_and_unload()`` returns a compact model whose shared layers have no ``q_proj``/``k_proj``.
+    """
+
+    prefix: str = "lisa_"
+    tuner_layer_cls = LiSALayer
+    target_module_mapping = {model_type: ["self_attn"] for model_type in SUPPORTED_ATTENTION}
+    # The logits carrier is shared by all wrapped layers of the model.
+    uses_shared_state = True
+
+    def _pre_injection_hook(self, model: nn.Module, config: LiSAConfig, adapter_name: str) -> None:
+        # Every check runs here, before the first module is replaced: a bad config leaves the model untouched.
+        validate_config_for_model(config, model)
+        config.target_modules = ["self_attn"]
+        config.layers_pattern = "layers"
+        config.layers_to_transform = config.wrapped_layers
+        if not hasattr(self, "logits_carrier"):
+            self.logits_carrier = LogitsCarrier()
+
+    def _prepare_adapter_config(self, peft_config: LiSAConfig, model_config: dict) -> LiSAConfig:
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: LiSAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        layer_idx = target.layer_idx
+        role = ROLE_SHARED if layer_idx in peft_config.share_layers else ROLE_SOURCE
+        if isinstance(target, LiSALayer):
+            target.update_layer(adapter_name, role, peft_config)
+            return
+        new_module = LiSALayer(target, self.logits_carrier)
+        new_module.update_layer(adapter_name, role, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.set_adapter(self.active_adapters)  # a new adapter is added inactive, as in peft
+        self._replace_module(parent, target_name, new_module, target)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if self.training:
+            check_gradient_checkpointing(self.model)
+        self.logits_carrier.clear()
+        return self.model(*args, **kwargs)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(
+                f"LiSA adapters replace the attention of their layers, so only one can be active; got {names}."
+            )
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise NotImplementedError(
+            "LiSA cannot be merged in place: merging removes q_proj/k_proj of the shared layers. "
+            "Use model.merge_and_unload(), which returns a compact model."
+        )
+
+    def unmerge_adapter(self) -> None:
+        raise NotImplementedError("LiSA adapters are never merged in place; there is nothing to unmerge.")
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        if not merge:
+            return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        from ..merged import merge_lisa_adapter
+
+        names = adapter_names or self.active_adapters
+        if len(names) != 1:
+            raise ValueError(f"merge_and_unload() merges exactly one LiSA adapter; got {names}. Pass adapter_names=[name].")
+        return merge_lisa_adapter(self.model, self.peft_config[names[0]], names[0])
+
+
+def validate_config_for_model(config: LiSAConfig, model: nn.Module) -> None:
+    """Raise a clear error if ``config`` cannot be applied to ``model``; fills ``config.base_layout``."""
+    check_model_supported(model)
+    layout = base_layout(model)
+    if config.base_layout is not None:
+        saved = {k: config.base_layout.get(k) for k in layout}
+        if saved != layout:
+            diff = {k: (saved[k], layout[k]) for k in layout if saved[k] != layout[k]}
+            raise ValueError(
+                "This LiSA adapter was created for a different base model: "
+                + ", ".join(f"{k} is {new} here but {old} in the adapter" for k, (old, new) in diff.items())
+                + ". Load it onto the base model it was trained on (see base_model_name_or_path in adapter_config.json)."
+            )
+    num_layers = layout["num_hidden_layers"]
+    out_of_range = [i for i in config.share_layers if i >= num_layers]
+    if out_of_range:
+        raise ValueError(
+            f"LiSAConfig.share_layers contains {out_of_range}, but the model has {num_layers} layers: "
+            f"valid indices are 1..{num_layers - 1}."
+        )
+    layers = decoder_layers(model)
+    for layer_idx in config.share_layers:
+        attn_layout = AttentionLayout.from_attention(attention_of(layers[layer_idx]))
+        check_single_head_layout(attn_layout, config.rank, layer_idx)
+        if layer_attention_type(model, layer_idx) != layer_attention_type(model, layer_idx - 1):
+            raise ValueError(
+                f"Layer {layer_idx} uses {layer_attention_type(model, layer_idx)} but layer {layer_idx - 1} uses "
+                f"{layer_attention_type(model, layer_idx - 1)}; LiSA shares only between layers that attend to the "
+                f"same keys. Remove {layer_idx} from share_layers."
+            )
+    for layer_idx, perm in (config.align_init_permutations or {}).items():
+        if len(perm) != layout["num_attention_heads"]:
+            raise ValueError(
+                f"LiSAConfig.align_init_permutations[{layer_idx}] has {len(perm)} entries, but the model has "
+                f"{layout['num_attention_heads']} attention heads."
+            )
+    config.base_layout = layout
+
+
+def check_gradient_checkpointing(model: nn.Module) -> None:
+    """Refuse reentrant gradient checkpointing: it cannot carry the logits handed between layers."""
+    for layer in decoder_layers(model):
+        checkpoint_fn = getattr(layer, "_gradient_checkpointing_func", None)
+        keywords = getattr(checkpoint_fn, "keywords", {}) or {}
+        if getattr(layer, "gradient_checkpointing", False) and keywords.get("use_reentrant", True) is not False:
+            raise ValueError(
+                "LiSA hands attention logits from layer to layer, which reentrant gradient checkpointing drops. "
+                "Enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
+            )
+
+
+def get_lisa_wrappers(model: nn.Module) -> dict[int, LiSALayer]:
+    """The :class:`LiSALayer` wrappers of a model, by layer index."""
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, LiSALayer)}
+
