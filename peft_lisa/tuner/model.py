@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -66,11 +67,21 @@ class LiSAModel(BaseTuner):
             new_module.set_adapter(self.active_adapters)  # a new adapter is added inactive, as in peft
         self._replace_module(parent, target_name, new_module, target)
 
-    def forward(self, *args: Any, **kwargs: Any):
-        if self.training:
-            check_gradient_checkpointing(self.model)
+    def _post_injection_hook(self, model: nn.Module, config: LiSAConfig, adapter_name: str) -> None:
+        # A pre-hook on the wrapped transformers model, not ``forward`` of this tuner: a plain ``PeftModel`` and
+        # ``generate`` call the transformers model directly.
+        if getattr(self, "_forward_pre_hook", None) is None:
+            self._forward_pre_hook = model.register_forward_pre_hook(self._before_model_forward)
+
+    def _before_model_forward(self, model: nn.Module, args: Any) -> None:
+        if model.training and torch.is_grad_enabled():
+            check_gradient_checkpointing(model)
         self.logits_carrier.clear()
-        return self.model(*args, **kwargs)
+
+    def _remove_forward_pre_hook(self) -> None:
+        if getattr(self, "_forward_pre_hook", None) is not None:
+            self._forward_pre_hook.remove()
+            self._forward_pre_hook = None
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -97,13 +108,21 @@ class LiSAModel(BaseTuner):
         adapter_names: Optional[list[str]] = None,
     ) -> nn.Module:
         if not merge:
-            return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+            self._remove_forward_pre_hook()
+            for layer in decoder_layers(self.model):
+                if isinstance(layer.self_attn, LiSALayer):
+                    layer.self_attn = layer.self_attn.get_base_layer()
+            if hasattr(self.model, "peft_config"):
+                del self.model.peft_config
+            return self.model
         from ..merged import merge_lisa_adapter
 
         names = adapter_names or self.active_adapters
         if len(names) != 1:
             raise ValueError(f"merge_and_unload() merges exactly one LiSA adapter; got {names}. Pass adapter_names=[name].")
-        return merge_lisa_adapter(self.model, self.peft_config[names[0]], names[0])
+        merged = merge_lisa_adapter(self.model, self.peft_config[names[0]], names[0])
+        self._remove_forward_pre_hook()
+        return merged
 
 
 def validate_config_for_model(config: LiSAConfig, model: nn.Module) -> None:

@@ -1,0 +1,90 @@
+"""Tiny random-weight models of every supported architecture, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import peft_lisa  # noqa: F401  (registers the tuner)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 128
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if model_type == "llama":
+        return LlamaConfig(**common)
+    if model_type == "mistral":
+        return MistralConfig(**{"sliding_window": None, **common})
+    if model_type == "qwen2":
+        return Qwen2Config(**common)
+    if model_type == "qwen3":
+        return Qwen3Config(**{"head_dim": 24, **common})  # explicit head_dim != hidden / heads
+    raise ValueError(model_type)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation=attn_implementation)
+    # Random init gives near-uniform attention; sharpen q/k so that attention patterns (and errors) are visible.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.eval()
+
+
+def random_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def left_padded_batch(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of lengths 9 and 5, left-padded with pad id 0."""
+    ids = random_ids(2, 9, seed)
+    mask = torch.ones_like(ids)
+    ids[1, :4] = 0
+    mask[1, :4] = 0
+    return ids, mask
+
+
+def randomize_adapter(model, seed: int = 0, scale: float = 0.3) -> None:
+    """Give every LiSA parameter random values, as if trained, so tests see a non-trivial adapter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lisa_" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process (repo on the path) and return the finished process."""
+    script = tmp_path / "fresh_process.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")

@@ -1,0 +1,130 @@
+"""LiSA's forward against a hand-written reference computation of METHOD.md steps 1-6 (no library code reused)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_lisa import LiSAConfig
+
+from .conftest import random_ids, randomize_adapter, tiny_model
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, dims: int, head_dim: int, theta: float, freq_idx) -> torch.Tensor:
+    """Rotate-half rotary embedding of ``x`` (B x heads x T x dims) using the frequencies ``freq_idx``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = positions[:, None].float() * inv_freq[freq_idx][None, :]  # T x dims/2
+    cos, sin = torch.cat([freqs.cos(), freqs.cos()], -1), torch.cat([freqs.sin(), freqs.sin()], -1)
+    x1, x2 = x[..., : dims // 2], x[..., dims // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def reference_logits(model, ids: torch.Tensor, adapters: dict[int, dict]) -> torch.Tensor:
+    """Eager re-implementation of a Llama forward where the layers in ``adapters`` use LiSA attention.
+
+    ``adapters[l]`` holds the LiSA weights of shared layer ``l``: ``P``, ``W1``, ``b1``, ``W2``, ``b2``, ``Wq``,
+    ``Wk``, ``rank``.
+    """
+    cfg = model.config
+    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    theta = cfg.rope_parameters["rope_theta"]
+    batch, length = ids.shape
+    positions = torch.arange(length)
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    h = model.model.embed_tokens(ids)
+    prev_logits = None
+    for idx, layer in enumerate(model.model.layers):
+        attn = getattr(layer.self_attn, "base_layer", layer.self_attn)
+        x = layer.input_layernorm(h)
+        v = attn.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+        if idx in adapters:
+            a = adapters[idx]
+            s = prev_logits.permute(0, 2, 3, 1)  # B x T x T x H: the alignment acts on the head axis
+            aligned = s @ a["P"].T + torch.nn.functional.gelu(s @ a["W1"].T + a["b1"]) @ a["W2"].T + a["b2"]
+            r = a["rank"]
+            qr = (x @ a["Wq"].T).view(batch, length, heads, r).transpose(1, 2)
+            kr = (x @ a["Wk"].T).view(batch, length, kv_heads, r).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            freq_idx = torch.arange(r // 2)
+            qr, kr = rope(qr, positions, r, head_dim, theta, freq_idx), rope(kr, positions, r, head_dim, theta, freq_idx)
+            logits = aligned.permute(0, 3, 1, 2) + (qr @ kr.transpose(-1, -2)) / r**0.5
+        else:
+            q = attn.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            freq_idx = torch.arange(head_dim // 2)
+            q, k = rope(q, positions, head_dim, head_dim, theta, freq_idx), rope(k, positions, head_dim, head_dim, theta, freq_idx)
+            logits = (q @ k.transpose(-1, -2)) / head_dim**0.5
+        probs = torch.softmax(logits + causal, dim=-1)
+        out = (probs @ v).transpose(1, 2).reshape(batch, length, -1)
+        h = h + attn.o_proj(out)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        prev_logits = logits
+    return model.lm_head(model.model.norm(h))
+
+
+def adapter_weights(peft_model, layer_idx: int) -> dict:
+    wrapper = peft_model.base_model.model.model.layers[layer_idx].self_attn
+    align = wrapper.lisa_align["default"]
+    return {
+        "P": align.permute,
+        "W1": align.up.weight,
+        "b1": align.up.bias,
+        "W2": align.down.weight,
+        "b2": align.out_bias,
+        "Wq": wrapper.lisa_q_lowrank["default"].weight,
+        "Wk": wrapper.lisa_k_lowrank["default"].weight,
+        "rank": wrapper.lisa_rank["default"],
+    }
+
+
+def direct_sharing_logits(model, ids: torch.Tensor, share_layers: list[int], perms: dict[int, list[int]]):
+    """Direct sharing: a shared layer takes the previous layer's logits with heads re-indexed, nothing else."""
+    heads = model.config.num_attention_heads
+    adapters = {}
+    for layer in share_layers:
+        perm = perms.get(layer, list(range(heads)))
+        P = torch.zeros(heads, heads)
+        P[torch.arange(heads), torch.tensor(perm)] = 1.0
+        adapters[layer] = dict(P=P, W1=torch.zeros(1, heads), b1=torch.zeros(1), W2=torch.zeros(heads, 1),
+                               b2=torch.zeros(heads), Wq=torch.zeros(2 * heads, model.config.hidden_size),
+                               Wk=torch.zeros(2, model.config.hidden_size).repeat(model.config.num_key_value_heads, 1),
+                               rank=2)
+    return reference_logits(model, ids, adapters)
+
+
+@pytest.mark.parametrize("share_layers", [[2], [2, 3], [1, 3, 4]])
+def test_untrained_adapter_is_direct_sharing_with_permutation(share_layers):
+    model = tiny_model("llama")
+    ids = random_ids()
+    perms = {layer: [(h + layer) % 4 for h in range(4)] for layer in share_layers}
+    with torch.no_grad():
+        expected = direct_sharing_logits(model, ids, share_layers, perms)
+        base = model(ids).logits
+        peft_model = get_peft_model(model, LiSAConfig(share_layers=share_layers, rank=4, align_init_permutations=perms))
+        got = peft_model(ids).logits
+    assert (expected - base).abs().max() > 1e-2, "the reference must differ from the base model to be a test"
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_trained_adapter_matches_reference_steps_1_to_6():
+    model = tiny_model("llama")
+    ids = random_ids()
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    with torch.no_grad():
+        got = peft_model(ids).logits
+        expected = reference_logits(peft_model.get_base_model(), ids, {i: adapter_weights(peft_model, i) for i in (2, 3)})
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_no_information_from_future_positions():
+    """Changing a later token must not change the logits of earlier positions (mask re-applied after alignment)."""
+    peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model, scale=1.0)
+    ids = random_ids(1, 10)
+    changed = ids.clone()
+    changed[0, 7] = (changed[0, 7] + 5) % 128
+    with torch.no_grad():
+        a, b = peft_model(ids).logits, peft_model(changed).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], atol=1e-5, rtol=1e-5)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-4
