@@ -105,9 +105,7 @@ class LiSASharedAttention(nn.Module):
         self.attention_dropout = attention_dropout
         self.align, self.q_lowrank, self.k_lowrank = align, q_lowrank, k_lowrank
         self.v_proj, self.o_proj = v_proj, o_proj
-        self.register_buffer(
-            "frequency_index", lowrank_frequency_index(layout.head_dim, rank, rotary_frequencies), persistent=False
-        )
+        self.frequency_index = lowrank_frequency_index(layout.head_dim, rank, rotary_frequencies)
         self.carrier = carrier
 
     def forward(

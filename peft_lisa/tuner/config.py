@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from ..registration import LISA_PEFT_TYPE
 
@@ -198,6 +200,21 @@ class LiSAConfig(PeftConfig):
             validated[layer_idx] = perm
         return dict(sorted(validated.items()))
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Load the config of a saved LiSA adapter (a local directory or a hub id).
+
+        For a local adapter directory this also checks, before any model is touched, that
+        ``adapter_model.safetensors`` is present, readable and holds the weights of every shared layer; pass
+        ``check_weights=False`` to read a directory holding only ``adapter_config.json``.
+        """
+        check_weights = kwargs.pop("check_weights", True)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if check_weights and os.path.isdir(directory):
+            check_adapter_weights_file(directory, config)
+        return config
+
     @property
     def source_layers(self) -> list[int]:
         """Full (unshared) layers whose logits feed a shared layer."""
@@ -208,3 +225,32 @@ class LiSAConfig(PeftConfig):
     def wrapped_layers(self) -> list[int]:
         """All layers whose attention module the adapter wraps: shared layers and their full sources."""
         return sorted(set(self.share_layers) | set(self.source_layers))
+
+
+def check_adapter_weights_file(directory: str, config: LiSAConfig) -> None:
+    """Raise a clear error if a local adapter directory lacks a readable weights file with every shared layer."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"The LiSA adapter directory {directory!r} has adapter_config.json but no {SAFETENSORS_WEIGHTS_NAME}: it "
+            "is incomplete (an interrupted save or copy?). Save the adapter again with model.save_pretrained(...)."
+        )
+    try:
+        with safe_open(path, framework="pt") as weights:
+            keys = list(weights.keys())
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"The LiSA adapter weights {path!r} are corrupt or truncated ({exc}). Save or download the adapter again."
+        ) from exc
+    missing = [
+        layer
+        for layer in config.share_layers
+        if not any(f"layers.{layer}.self_attn.lisa_align" in key for key in keys)
+    ]
+    if missing:
+        raise ValueError(
+            f"The LiSA adapter weights {path!r} hold no weights for shared layers {missing} listed in "
+            "adapter_config.json: the file does not belong to this config. Save the adapter again."
+        )

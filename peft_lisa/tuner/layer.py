@@ -127,7 +127,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def lowrank_frequency_index(head_dim: int, rank: int, rotary_frequencies: str) -> torch.Tensor:
+def lowrank_frequency_index(head_dim: int, rank: int, rotary_frequencies: str) -> tuple[int, ...]:
     """Indices of the ``rank/2`` rotary frequencies (out of ``head_dim/2``) the rank-``r`` query/key use.
 
     ``"first"`` takes the first (highest) frequencies, as METHOD.md step 3 suggests; ``"strided"`` spreads them over
@@ -135,17 +135,17 @@ def lowrank_frequency_index(head_dim: int, rank: int, rotary_frequencies: str) -
     """
     half_rank, half_dim = rank // 2, head_dim // 2
     if rotary_frequencies == "first":
-        return torch.arange(half_rank)
-    return torch.linspace(0, half_dim - 1, half_rank).round().long()
+        return tuple(range(half_rank))
+    return tuple(round(i * (half_dim - 1) / max(half_rank - 1, 1)) for i in range(half_rank))
 
 
 def lowrank_rotary(
-    position_embeddings: tuple[torch.Tensor, torch.Tensor], frequency_index: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor], frequency_index: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the rotary ``cos``/``sin`` (B x T x d_h, laid out ``[f, f]``) of the chosen frequencies: B x T x r."""
     cos, sin = position_embeddings
-    frequency_index = frequency_index.to(cos.device)
-    cos_half, sin_half = cos[..., frequency_index], sin[..., frequency_index]
+    index = torch.tensor(frequency_index, device=cos.device)
+    cos_half, sin_half = cos[..., index], sin[..., index]
     return torch.cat((cos_half, cos_half), dim=-1), torch.cat((sin_half, sin_half), dim=-1)
 
 
@@ -260,7 +260,7 @@ def shared_attention(
     o_proj: nn.Module,
     layout: AttentionLayout,
     rank: int,
-    frequency_index: torch.Tensor,
+    frequency_index: tuple[int, ...],
     carrier: LogitsCarrier,
     layer_idx: int,
     hidden_states: torch.Tensor,
@@ -323,7 +323,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
         self.lisa_k_lowrank = nn.ModuleDict()
         self.lisa_role: dict[str, str] = {}
         self.lisa_rank: dict[str, int] = {}
-        self.lisa_frequency_index: dict[str, torch.Tensor] = {}
+        self.lisa_frequency_index: dict[str, tuple[int, ...]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 

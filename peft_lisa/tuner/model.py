@@ -35,13 +35,16 @@ class LiSAModel(BaseTuner):
     uses_shared_state = True
 
     def _pre_injection_hook(self, model: nn.Module, config: LiSAConfig, adapter_name: str) -> None:
-        # Every check runs here, before the first module is replaced: a bad config leaves the model untouched.
-        validate_config_for_model(config, model)
-        config.target_modules = ["self_attn"]
-        config.layers_pattern = "layers"
-        config.layers_to_transform = config.wrapped_layers
         if not hasattr(self, "logits_carrier"):
             self.logits_carrier = LogitsCarrier()
+
+    def _prepare_model(self, peft_config: LiSAConfig, model: nn.Module) -> None:
+        # Runs for every adapter (get_peft_model, add_adapter, load_adapter) before the first module is replaced, so
+        # a bad config leaves the model untouched.
+        validate_config_for_model(peft_config, model)
+        peft_config.target_modules = ["self_attn"]
+        peft_config.layers_pattern = "layers"
+        peft_config.layers_to_transform = peft_config.wrapped_layers
 
     def _prepare_adapter_config(self, peft_config: LiSAConfig, model_config: dict) -> LiSAConfig:
         return peft_config

@@ -1,0 +1,115 @@
+"""merge_and_unload(): a compact model equal to the adapter, without q_proj/k_proj in shared layers, that reloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peft_lisa import LiSAConfig, LiSASharedAttention, merged_layers, qk_compression_report
+
+from .conftest import left_padded_batch, random_ids, randomize_adapter, run_python, tiny_model
+
+SHARE = [2, 3]
+
+
+def trained_lisa(model_type: str = "llama"):
+    peft_model = get_peft_model(tiny_model(model_type), LiSAConfig(share_layers=SHARE, rank=4))
+    randomize_adapter(peft_model)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_merged_equals_adapter_and_drops_qk(model_type):
+    peft_model = trained_lisa(model_type)
+    ids = random_ids()
+    base_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lisa_" not in n)
+    report = qk_compression_report(peft_model)
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    merged = peft_model.merge_and_unload()
+    assert type(merged).__name__ == f"LiSA{type(tiny_model(model_type)).__name__}"
+    assert merged.config.model_type == f"lisa_{model_type}"
+    for idx in SHARE:
+        attn = merged.model.layers[idx].self_attn
+        assert isinstance(attn, LiSASharedAttention)
+        assert not hasattr(attn, "q_proj") and not hasattr(attn, "k_proj")
+    assert merged_layers(merged) == {1: "source", 2: "shared", 3: "shared"}
+    merged_params = sum(p.numel() for p in merged.parameters())
+    assert merged_params == base_params - report.qk_params_original + report.qk_params_lisa
+    with torch.no_grad():
+        # Same functions, same weights: equal up to float32 summation order (tolerance 1e-5).
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert qk_compression_report(merged).to_dict() == report.to_dict()
+
+
+def test_compression_report_numbers():
+    report = qk_compression_report(trained_lisa("llama"))
+    hidden, heads, kv_heads, head_dim, rank, m = 64, 4, 2, 16, 4, 16
+    original = hidden * (heads + kv_heads) * head_dim
+    lisa = hidden * (heads + kv_heads) * rank + heads * heads + heads + heads * m + m + m * heads
+    assert [row.layer for row in report.layers] == SHARE
+    assert report.layers[0].qk_params_original == original and report.layers[0].qk_params_lisa == lisa
+    assert report.ratio == pytest.approx(original / lisa)
+    assert report.layers[0].key_cache_dims_lisa * 4 == report.layers[0].key_cache_dims_original
+    assert "| **shared layers** |" in report.to_markdown()
+
+
+def test_merged_model_saves_and_reloads_in_fresh_process(tmp_path):
+    merged = trained_lisa("llama").merge_and_unload()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        logits = merged(input_ids=ids, attention_mask=mask).logits
+        tokens = merged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(reloaded) is type(merged)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, logits)
+    torch.save({"ids": ids, "mask": mask, "logits": logits, "tokens": tokens}, tmp_path / "expected.pt")
+    result = run_python(
+        f"""
+import torch, peft_lisa
+from transformers import AutoModelForCausalLM
+e = torch.load({str(tmp_path / "expected.pt")!r})
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}).eval()
+assert not hasattr(model.model.layers[2].self_attn, "q_proj")
+with torch.no_grad():
+    assert torch.equal(model(input_ids=e["ids"], attention_mask=e["mask"]).logits, e["logits"])
+    out = model.generate(input_ids=e["ids"], attention_mask=e["mask"], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, e["tokens"]), (out, e["tokens"])
+print("FRESH-OK")
+""",
+        tmp_path,
+    )
+    assert "FRESH-OK" in result.stdout, result.stderr
+
+
+def test_merged_generation_cache_equals_no_cache():
+    merged = trained_lisa("qwen2").merge_and_unload()
+    ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(
+            merged.generate(input_ids=ids, use_cache=True, **kwargs),
+            merged.generate(input_ids=ids, use_cache=False, **kwargs),
+        )
+
+
+def test_merged_model_without_import_fails_naming_model_type(tmp_path):
+    trained_lisa("llama").merge_and_unload().save_pretrained(tmp_path / "merged")
+    result = run_python(
+        f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r})",
+        tmp_path,
+    )
+    assert result.returncode != 0 and "lisa_llama" in result.stderr
+
+
+def test_merge_refuses_two_adapters_and_keeps_model():
+    peft_model = trained_lisa("llama")
+    peft_model.add_adapter("other", LiSAConfig(share_layers=[4], rank=2))
+    with pytest.raises(ValueError, match="exactly one LiSA adapter"):
+        peft_model.base_model.merge_and_unload(adapter_names=["default", "other"])
+    with torch.no_grad():
+        assert torch.isfinite(peft_model(random_ids()).logits).all()
