@@ -5,11 +5,11 @@ transformers; do it before ``PeftModel.from_pretrained`` or ``AutoModelForCausal
 adapter or merged model.
 """
 
+from .architectures import SUPPORTED_ATTENTION, UnsupportedModelError
+from .compression import CompressionReport, qk_compression_report
+from .merged import LiSASharedAttention, LiSASourceAttention, merged_layers, register_merged_models
 from .registration import LISA_PEFT_TYPE, register_lisa_method
 from .tuner import HeadAlign, LiSAConfig, LiSALayer, LiSAModel
-from .merged import LiSASharedAttention, LiSASourceAttention, merged_layers, register_merged_models
-from .compression import CompressionReport, qk_compression_report
-from .architectures import SUPPORTED_ATTENTION, UnsupportedModelError
 
 register_lisa_method()
 register_merged_models()

@@ -57,7 +57,7 @@ class CompressionReport:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for row, layer in zip(out["layers"], self.layers):
+        for row, layer in zip(out["layers"], self.layers, strict=True):
             row["ratio"] = layer.ratio
         out.update(
             qk_params_original=self.qk_params_original,
@@ -104,14 +104,17 @@ def qk_compression_report(model: nn.Module, adapter_name: Optional[str] = None) 
     hidden_size = base.config.hidden_size
     for idx, layer in enumerate(decoder_layers(base)):
         attn = layer.self_attn
-        layout = AttentionLayout.from_attention(attention_of(layer)) if not isinstance(
-            attn, LiSASharedAttention
-        ) else attn.layout
+        layout = (
+            AttentionLayout.from_attention(attention_of(layer))
+            if not isinstance(attn, LiSASharedAttention)
+            else attn.layout
+        )
         original = _original_qk_params(base, layout, hidden_size)
         report.qk_params_original_model += original
         if isinstance(attn, LiSALayer) and attn.lisa_role.get(adapter_name) == ROLE_SHARED:
-            modules, rank = [m[adapter_name] for m in (attn.lisa_align, attn.lisa_q_lowrank, attn.lisa_k_lowrank)], (
-                attn.lisa_rank[adapter_name]
+            modules, rank = (
+                [m[adapter_name] for m in (attn.lisa_align, attn.lisa_q_lowrank, attn.lisa_k_lowrank)],
+                (attn.lisa_rank[adapter_name]),
             )
         elif isinstance(attn, LiSASharedAttention):
             modules, rank = [attn.align, attn.q_lowrank, attn.k_lowrank], attn.rank

@@ -3,9 +3,9 @@
 A merged shared layer holds only ``align``, the rank-r ``q_lowrank``/``k_lowrank``, ``v_proj`` and ``o_proj``; its
 ``q_proj``/``k_proj`` are gone. The full layer feeding it keeps all four projections and hands its logits on.
 
-Merged models are ordinary transformers models of their own ``model_type`` (``lisa_llama``, ``lisa_qwen3``...), which
-``import peft_lisa`` registers with ``AutoConfig``/``AutoModelForCausalLM``: they save with ``save_pretrained`` and load
-with ``AutoModelForCausalLM.from_pretrained`` once ``peft_lisa`` is imported.
+Merged models are ordinary transformers models of their own ``model_type`` (``lisa_llama``, ``lisa_qwen3``...),
+which ``import peft_lisa`` registers with ``AutoConfig``/``AutoModelForCausalLM``: they save with
+``save_pretrained`` and load with ``AutoModelForCausalLM.from_pretrained`` once ``peft_lisa`` is imported.
 """
 
 from __future__ import annotations
@@ -220,7 +220,9 @@ def _merged_classes(model_type: str) -> tuple[type, type]:
     return config_cls, model_cls
 
 
-MERGED_CLASSES: dict[str, tuple[type, type]] = {model_type: _merged_classes(model_type) for model_type in _BASE_CLASSES}
+MERGED_CLASSES: dict[str, tuple[type, type]] = {
+    model_type: _merged_classes(model_type) for model_type in _BASE_CLASSES
+}
 globals().update({cls.__name__: cls for pair in MERGED_CLASSES.values() for cls in pair})  # importable by name
 
 

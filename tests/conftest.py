@@ -45,7 +45,9 @@ def tiny_config(model_type: str = "llama", **overrides):
 
 def tiny_model(model_type: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(model_type, **overrides), attn_implementation=attn_implementation
+    )
     # Random init gives near-uniform attention; sharpen q/k so that attention patterns (and errors) are visible.
     with torch.no_grad():
         for layer in model.model.layers:

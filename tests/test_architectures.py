@@ -71,10 +71,13 @@ def test_shared_layers_cache_low_rank_keys():
     with torch.no_grad():
         cache = peft_model(ids, use_cache=True).past_key_values
     layers = cache.layers
+
     def key_bytes(i):
         return layers[i].keys.numel() * layers[i].keys.element_size()
+
     def value_bytes(i):
         return layers[i].values.numel() * layers[i].values.element_size()
+
     full_key, shared_key = key_bytes(1), key_bytes(2)
     assert shared_key * 4 == full_key
     assert key_bytes(3) == shared_key and key_bytes(0) == full_key == key_bytes(4)

@@ -77,7 +77,9 @@ model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}).eval(
 assert not hasattr(model.model.layers[2].self_attn, "q_proj")
 with torch.no_grad():
     assert torch.equal(model(input_ids=e["ids"], attention_mask=e["mask"]).logits, e["logits"])
-    out = model.generate(input_ids=e["ids"], attention_mask=e["mask"], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        input_ids=e["ids"], attention_mask=e["mask"], max_new_tokens=8, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(out, e["tokens"]), (out, e["tokens"])
 print("FRESH-OK")
 """,
@@ -100,7 +102,8 @@ def test_merged_generation_cache_equals_no_cache():
 def test_merged_model_without_import_fails_naming_model_type(tmp_path):
     trained_lisa("llama").merge_and_unload().save_pretrained(tmp_path / "merged")
     result = run_python(
-        f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r})",
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r})",
         tmp_path,
     )
     assert result.returncode != 0 and "lisa_llama" in result.stderr

@@ -27,7 +27,11 @@ def reference_logits(model, ids: torch.Tensor, adapters: dict[int, dict]) -> tor
     ``Wk``, ``rank``.
     """
     cfg = model.config
-    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    heads, kv_heads, head_dim = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.hidden_size // cfg.num_attention_heads,
+    )
     theta = cfg.rope_parameters["rope_theta"]
     batch, length = ids.shape
     positions = torch.arange(length)
@@ -37,22 +41,43 @@ def reference_logits(model, ids: torch.Tensor, adapters: dict[int, dict]) -> tor
     for idx, layer in enumerate(model.model.layers):
         attn = getattr(layer.self_attn, "base_layer", layer.self_attn)
         x = layer.input_layernorm(h)
-        v = attn.v_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+        v = (
+            attn.v_proj(x)
+            .view(batch, length, kv_heads, head_dim)
+            .transpose(1, 2)
+            .repeat_interleave(heads // kv_heads, 1)
+        )
         if idx in adapters:
             a = adapters[idx]
             s = prev_logits.permute(0, 2, 3, 1)  # B x T x T x H: the alignment acts on the head axis
             aligned = s @ a["P"].T + torch.nn.functional.gelu(s @ a["W1"].T + a["b1"]) @ a["W2"].T + a["b2"]
             r = a["rank"]
             qr = (x @ a["Wq"].T).view(batch, length, heads, r).transpose(1, 2)
-            kr = (x @ a["Wk"].T).view(batch, length, kv_heads, r).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            kr = (
+                (x @ a["Wk"].T)
+                .view(batch, length, kv_heads, r)
+                .transpose(1, 2)
+                .repeat_interleave(heads // kv_heads, 1)
+            )
             freq_idx = torch.arange(r // 2)
-            qr, kr = rope(qr, positions, r, head_dim, theta, freq_idx), rope(kr, positions, r, head_dim, theta, freq_idx)
+            qr, kr = (
+                rope(qr, positions, r, head_dim, theta, freq_idx),
+                rope(kr, positions, r, head_dim, theta, freq_idx),
+            )
             logits = aligned.permute(0, 3, 1, 2) + (qr @ kr.transpose(-1, -2)) / r**0.5
         else:
             q = attn.q_proj(x).view(batch, length, heads, head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, length, kv_heads, head_dim).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+            k = (
+                attn.k_proj(x)
+                .view(batch, length, kv_heads, head_dim)
+                .transpose(1, 2)
+                .repeat_interleave(heads // kv_heads, 1)
+            )
             freq_idx = torch.arange(head_dim // 2)
-            q, k = rope(q, positions, head_dim, head_dim, theta, freq_idx), rope(k, positions, head_dim, head_dim, theta, freq_idx)
+            q, k = (
+                rope(q, positions, head_dim, head_dim, theta, freq_idx),
+                rope(k, positions, head_dim, head_dim, theta, freq_idx),
+            )
             logits = (q @ k.transpose(-1, -2)) / head_dim**0.5
         probs = torch.softmax(logits + causal, dim=-1)
         out = (probs @ v).transpose(1, 2).reshape(batch, length, -1)
@@ -85,10 +110,16 @@ def direct_sharing_logits(model, ids: torch.Tensor, share_layers: list[int], per
         perm = perms.get(layer, list(range(heads)))
         P = torch.zeros(heads, heads)
         P[torch.arange(heads), torch.tensor(perm)] = 1.0
-        adapters[layer] = dict(P=P, W1=torch.zeros(1, heads), b1=torch.zeros(1), W2=torch.zeros(heads, 1),
-                               b2=torch.zeros(heads), Wq=torch.zeros(2 * heads, model.config.hidden_size),
-                               Wk=torch.zeros(2, model.config.hidden_size).repeat(model.config.num_key_value_heads, 1),
-                               rank=2)
+        adapters[layer] = dict(
+            P=P,
+            W1=torch.zeros(1, heads),
+            b1=torch.zeros(1),
+            W2=torch.zeros(heads, 1),
+            b2=torch.zeros(heads),
+            Wq=torch.zeros(2 * heads, model.config.hidden_size),
+            Wk=torch.zeros(2, model.config.hidden_size).repeat(model.config.num_key_value_heads, 1),
+            rank=2,
+        )
     return reference_logits(model, ids, adapters)
 
 
@@ -100,7 +131,9 @@ def test_untrained_adapter_is_direct_sharing_with_permutation(share_layers):
     with torch.no_grad():
         expected = direct_sharing_logits(model, ids, share_layers, perms)
         base = model(ids).logits
-        peft_model = get_peft_model(model, LiSAConfig(share_layers=share_layers, rank=4, align_init_permutations=perms))
+        peft_model = get_peft_model(
+            model, LiSAConfig(share_layers=share_layers, rank=4, align_init_permutations=perms)
+        )
         got = peft_model(ids).logits
     assert (expected - base).abs().max() > 1e-2, "the reference must differ from the base model to be a test"
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -113,7 +146,9 @@ def test_trained_adapter_matches_reference_steps_1_to_6():
     randomize_adapter(peft_model)
     with torch.no_grad():
         got = peft_model(ids).logits
-        expected = reference_logits(peft_model.get_base_model(), ids, {i: adapter_weights(peft_model, i) for i in (2, 3)})
+        expected = reference_logits(
+            peft_model.get_base_model(), ids, {i: adapter_weights(peft_model, i) for i in (2, 3)}
+        )
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -97,7 +97,9 @@ class LiSAConfig(PeftConfig):
     )
     init_lowrank: Literal["zero", "random"] = field(
         default="zero",
-        metadata={"help": "'zero': the query factor starts at zero (untrained = direct sharing); 'random': both small."},
+        metadata={
+            "help": "'zero': the query factor starts at zero (untrained = direct sharing); 'random': both small."
+        },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -132,8 +134,8 @@ class LiSAConfig(PeftConfig):
         self.peft_type = LISA_PEFT_TYPE
         if self.lisa_format_version > LISA_FORMAT_VERSION:
             raise ValueError(
-                f"This LiSA adapter was saved in format version {self.lisa_format_version}, but the installed peft_lisa "
-                f"reads versions up to {LISA_FORMAT_VERSION}. Upgrade peft_lisa (pip install -U peft-lisa)."
+                f"This LiSA adapter was saved in format version {self.lisa_format_version}, but the installed "
+                f"peft_lisa reads versions up to {LISA_FORMAT_VERSION}. Upgrade peft_lisa (pip install -U peft-lisa)."
             )
         self.share_layers = self._validated_layer_list(self.share_layers)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 2 or self.rank % 2:

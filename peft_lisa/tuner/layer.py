@@ -171,7 +171,9 @@ def grouped_attend(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(batch, q_len, -1)
 
 
-def additive_mask(attention_mask: Optional[torch.Tensor], q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+def additive_mask(
+    attention_mask: Optional[torch.Tensor], q_len: int, k_len: int, device: torch.device
+) -> torch.Tensor:
     """The mask ``M`` as a float32 additive tensor (0 where allowed), broadcastable to B x H x T_q x T_k.
 
     Accepts what transformers hands an attention layer: an additive float mask (eager), a boolean mask with True where
@@ -447,4 +449,3 @@ def check_single_head_layout(layout: AttentionLayout, rank: int, layer_idx: int)
             f"LiSAConfig.rank={rank} is larger than the head size {layout.head_dim} of layer {layer_idx}; a low-rank "
             f"query/key must have rank <= head size. Use rank <= {layout.head_dim}."
         )
-

@@ -122,7 +122,9 @@ class LiSAModel(BaseTuner):
 
         names = adapter_names or self.active_adapters
         if len(names) != 1:
-            raise ValueError(f"merge_and_unload() merges exactly one LiSA adapter; got {names}. Pass adapter_names=[name].")
+            raise ValueError(
+                f"merge_and_unload() merges exactly one LiSA adapter; got {names}. Pass adapter_names=[name]."
+            )
         merged = merge_lisa_adapter(self.model, self.peft_config[names[0]], names[0])
         self._remove_forward_pre_hook()
         return merged
@@ -139,7 +141,7 @@ def validate_config_for_model(config: LiSAConfig, model: nn.Module) -> None:
             raise ValueError(
                 "This LiSA adapter was created for a different base model: "
                 + ", ".join(f"{k} is {new} here but {old} in the adapter" for k, (old, new) in diff.items())
-                + ". Load it onto the base model it was trained on (see base_model_name_or_path in adapter_config.json)."
+                + ". Load it onto the base model it was trained on (base_model_name_or_path in adapter_config.json)."
             )
     num_layers = layout["num_hidden_layers"]
     out_of_range = [i for i in config.share_layers if i >= num_layers]
@@ -182,4 +184,3 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
 def get_lisa_wrappers(model: nn.Module) -> dict[int, LiSALayer]:
     """The :class:`LiSALayer` wrappers of a model, by layer index."""
     return {m.layer_idx: m for m in model.modules() if isinstance(m, LiSALayer)}
-
