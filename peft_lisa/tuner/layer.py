@@ -11,6 +11,7 @@ modules of :mod:`peft_lisa.merged` (deployment), so both compute exactly the sam
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -56,9 +57,15 @@ class LogitsCarrier:
 
     def __init__(self) -> None:
         self._logits: dict[int, torch.Tensor] = {}
+        self.observers: list[Callable[[SharedLayerCall], None]] = []
 
     def put(self, layer_idx: int, logits: torch.Tensor) -> None:
         self._logits[layer_idx] = logits
+
+    def observe(self, call: SharedLayerCall) -> None:
+        """Hand a shared layer's call to the observers (e.g. attention distillation); no-op without any."""
+        for observer in self.observers:
+            observer(call)
 
     def take(self, layer_idx: int) -> torch.Tensor:
         if layer_idx not in self._logits:
@@ -72,6 +79,21 @@ class LogitsCarrier:
 
     def clear(self) -> None:
         self._logits.clear()
+
+
+@dataclass
+class SharedLayerCall:
+    """What a shared layer computed in one call, for observers such as attention distillation.
+
+    ``logits`` are the LiSA logits S_l (B x H x T_q x T_k, float32, before the mask); ``hidden_states`` and
+    ``position_embeddings`` are the layer's inputs, from which the layer's original attention can be recomputed.
+    """
+
+    layer_idx: int
+    logits: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
 
 
 class HeadAlign(nn.Module):
@@ -298,6 +320,8 @@ def shared_attention(
     # Steps 2-4: S_l = align(S_{l-1}) + scale_r Q_r K_r^T; the mask is applied after alignment.
     logits = align(source_logits) + grouped_scores(q_small, k_small, rank**-0.5)
     carrier.put(layer_idx, logits)
+    if carrier.observers:
+        carrier.observe(SharedLayerCall(layer_idx, logits, attention_mask, hidden_states, position_embeddings))
     # Step 5: the layer's own values and output projection.
     attn_output = attend_from_logits(logits, attention_mask, value, dropout, training)
     return o_proj(attn_output.to(hidden_states.dtype)), None
