@@ -91,6 +91,7 @@ class LiSASharedAttention(nn.Module):
         rank: int,
         rotary_frequencies: str,
         attention_dropout: float,
+        hands_on: bool,
         align: HeadAlign,
         q_lowrank: nn.Linear,
         k_lowrank: nn.Linear,
@@ -103,6 +104,7 @@ class LiSASharedAttention(nn.Module):
         self.layout = layout
         self.rank = rank
         self.attention_dropout = attention_dropout
+        self.hands_on = hands_on
         self.align, self.q_lowrank, self.k_lowrank = align, q_lowrank, k_lowrank
         self.v_proj, self.o_proj = v_proj, o_proj
         self.frequency_index = lowrank_frequency_index(layout.head_dim, rank, rotary_frequencies)
@@ -136,6 +138,7 @@ class LiSASharedAttention(nn.Module):
             kwargs=kwargs,
             dropout=self.attention_dropout if self.training else 0.0,
             training=self.training,
+            hands_on=self.hands_on,
         )
 
 
@@ -166,6 +169,7 @@ def _shared_attention_from(
         rank=spec["rank"],
         rotary_frequencies=spec["rotary_frequencies"],
         attention_dropout=attn.attention_dropout,
+        hands_on=attn.layer_idx + 1 in spec["share_layers"],
         align=align,
         q_lowrank=q_lowrank,
         k_lowrank=k_lowrank,

@@ -163,3 +163,16 @@ def test_no_information_from_future_positions():
         a, b = peft_model(ids).logits, peft_model(changed).logits
     torch.testing.assert_close(a[:, :7], b[:, :7], atol=1e-5, rtol=1e-5)
     assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-4
+
+
+def test_long_prefill_spanning_several_query_blocks_matches_reference():
+    """300 queries run as 256 + 44 blocks in the shared layers; the result must not depend on the blocking."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 300)
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    with torch.no_grad():
+        got = peft_model(ids).logits
+        weights = {i: adapter_weights(peft_model, i) for i in (2, 3)}
+        expected = reference_logits(peft_model.get_base_model(), ids, weights)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)

@@ -23,6 +23,8 @@ from torch import nn
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
 ROLE_SHARED = "shared"  # the layer's attention is replaced by LiSA
 ROLE_SOURCE = "source"  # a full layer whose logits feed the next (shared) layer
+# Queries per block in a shared layer's attention: bounds the alignment FFN's activations on long prefills.
+QUERY_BLOCK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -294,10 +296,13 @@ def shared_attention(
     kwargs: dict,
     dropout: float,
     training: bool,
+    hands_on: bool = True,
+    query_block_size: int = QUERY_BLOCK_SIZE,
 ) -> tuple[torch.Tensor, None]:
     """LiSA attention of a shared layer, METHOD.md steps 1-5.
 
-    The cache of a shared layer holds the rank-r rotary keys K_r (B x H_kv x T x r) and the values.
+    The cache of a shared layer holds the rank-r rotary keys K_r (B x H_kv x T x r) and the values. ``hands_on``
+    says whether the next layer shares too and so needs this layer's logits S_l.
     """
     batch, q_len, _ = hidden_states.shape
     # Step 3: low-rank rotary query/key of the current layer's input.
@@ -312,18 +317,32 @@ def shared_attention(
 
     # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too).
     source_logits = carrier.take(layer_idx - 1)  # B x H x T_q x T_k
-    if source_logits.shape[-2:] != (q_len, k_small.shape[-2]) or source_logits.shape[0] != batch:
+    k_len = k_small.shape[-2]
+    if source_logits.shape[-2:] != (q_len, k_len) or source_logits.shape[0] != batch:
         raise RuntimeError(
             f"LiSA layer {layer_idx}: logits of layer {layer_idx - 1} have shape {tuple(source_logits.shape)}, "
-            f"expected (batch={batch}, heads, {q_len}, {k_small.shape[-2]}). Both layers must see the same keys."
+            f"expected (batch={batch}, heads, {q_len}, {k_len}). Both layers must see the same keys."
         )
-    # Steps 2-4: S_l = align(S_{l-1}) + scale_r Q_r K_r^T; the mask is applied after alignment.
-    logits = align(source_logits) + grouped_scores(q_small, k_small, rank**-0.5)
-    carrier.put(layer_idx, logits)
-    if carrier.observers:
-        carrier.observe(SharedLayerCall(layer_idx, logits, attention_mask, hidden_states, position_embeddings))
-    # Step 5: the layer's own values and output projection.
-    attn_output = attend_from_logits(logits, attention_mask, value, dropout, training)
+    keep_logits = hands_on or bool(carrier.observers)
+    mask = additive_mask(attention_mask, q_len, k_len, hidden_states.device)  # broadcastable to B x H x T_q x T_k
+    logits_blocks, output_blocks = [], []
+    # Steps 2-5 one block of queries at a time, so that the alignment FFN's B x m x block x T_k hidden activations
+    # stay bounded during long prefills. The alignment never mixes positions, so blocks are independent.
+    for start in range(0, q_len, query_block_size):
+        rows = slice(start, min(start + query_block_size, q_len))
+        # Steps 2-4: S_l = align(S_{l-1}) + scale_r Q_r K_r^T; the mask is applied after alignment.
+        logits = align(source_logits[:, :, rows]) + grouped_scores(q_small[:, :, rows], k_small, rank**-0.5)
+        if keep_logits:
+            logits_blocks.append(logits)
+        probs = torch.softmax(logits + mask[..., rows, :], dim=-1).to(value.dtype)
+        probs = F.dropout(probs, p=dropout, training=training)
+        output_blocks.append(grouped_attend(probs, value))  # Step 5: the layer's own values
+    if keep_logits:
+        logits = torch.cat(logits_blocks, dim=2) if len(logits_blocks) > 1 else logits_blocks[0]
+        carrier.put(layer_idx, logits)
+        if carrier.observers:
+            carrier.observe(SharedLayerCall(layer_idx, logits, attention_mask, hidden_states, position_embeddings))
+    attn_output = torch.cat(output_blocks, dim=1) if len(output_blocks) > 1 else output_blocks[0]
     return o_proj(attn_output.to(hidden_states.dtype)), None
 
 
@@ -336,7 +355,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("lisa_align", "lisa_q_lowrank", "lisa_k_lowrank")
-    other_param_names = ("lisa_role", "lisa_rank", "lisa_frequency_index")
+    other_param_names = ("lisa_role", "lisa_rank", "lisa_frequency_index", "lisa_hands_on")
 
     def __init__(self, base_layer: nn.Module, carrier: LogitsCarrier) -> None:
         super().__init__()
@@ -350,6 +369,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
         self.lisa_role: dict[str, str] = {}
         self.lisa_rank: dict[str, int] = {}
         self.lisa_frequency_index: dict[str, tuple[int, ...]] = {}
+        self.lisa_hands_on: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -368,6 +388,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
             self.lisa_k_lowrank[adapter_name] = nn.Linear(hidden_size, layout.num_kv_heads * rank, bias=False)
             init_lowrank(self.lisa_q_lowrank[adapter_name], self.lisa_k_lowrank[adapter_name], config.init_lowrank)
             self.lisa_rank[adapter_name] = rank
+            self.lisa_hands_on[adapter_name] = self.layer_idx + 1 in config.share_layers
             self.lisa_frequency_index[adapter_name] = lowrank_frequency_index(
                 layout.head_dim, rank, config.rotary_frequencies
             )
@@ -442,6 +463,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
             kwargs=kwargs,
             dropout=base.attention_dropout if self.training else 0.0,
             training=self.training,
+            hands_on=self.lisa_hands_on[adapter],
         )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
