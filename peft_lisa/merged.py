@@ -10,6 +10,7 @@ which ``import peft_lisa`` registers with ``AutoConfig``/``AutoModelForCausalLM`
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -152,6 +153,7 @@ def lisa_spec(config: LiSAConfig, num_heads: int) -> dict[str, Any]:
         "align_hidden": 4 * num_heads if config.align_hidden is None else config.align_hidden,
         "align_activation": config.align_activation,
         "rotary_frequencies": config.rotary_frequencies,
+        "base_model": config.base_model_name_or_path,
     }
 
 
@@ -211,6 +213,20 @@ class LiSAMergedMixin:
     def __init__(self, config: PreTrainedConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         install_merged_attention(self, config.lisa)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, metrics: Optional[dict[str, Any]] = None, **kwargs: Any
+    ) -> None:
+        """``save_pretrained`` that writes atomically (see ``atomic_directory``) and adds a LiSA model card.
+
+        ``metrics`` (e.g. ``{"perplexity (pydoc, window 256)": 19.3}``) are written into the model card.
+        """
+        from .artifacts import atomic_directory, model_card
+
+        with atomic_directory(save_directory) as scratch:
+            super().save_pretrained(scratch, *args, **kwargs)
+            card = model_card(self, kind="merged", base_model=self.config.lisa.get("base_model"), metrics=metrics)
+            (scratch / "README.md").write_text(card)
 
 
 def _merged_classes(model_type: str) -> tuple[type, type]:
