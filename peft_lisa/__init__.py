@@ -5,7 +5,9 @@ transformers; do it before ``PeftModel.from_pretrained`` or ``AutoModelForCausal
 adapter or merged model.
 """
 
+from .analysis import AttentionAnalysis, analyze, choose_share_layers
 from .architectures import SUPPORTED_ATTENTION, UnsupportedModelError
+from .artifacts import atomic_directory, save_adapter
 from .compression import CompressionReport, qk_compression_report
 from .merged import LiSASharedAttention, LiSASourceAttention, merged_layers, register_merged_models
 from .registration import LISA_PEFT_TYPE, register_lisa_method
@@ -17,6 +19,11 @@ register_merged_models()
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionAnalysis",
+    "analyze",
+    "atomic_directory",
+    "choose_share_layers",
+    "save_adapter",
     "LISA_PEFT_TYPE",
     "SUPPORTED_ATTENTION",
     "CompressionReport",

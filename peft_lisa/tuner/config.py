@@ -228,6 +228,48 @@ class LiSAConfig(PeftConfig):
         """All layers whose attention module the adapter wraps: shared layers and their full sources."""
         return sorted(set(self.share_layers) | set(self.source_layers))
 
+    @classmethod
+    def from_analysis(
+        cls,
+        analysis: Any,
+        *,
+        fraction: Optional[float] = None,
+        threshold: Optional[float] = None,
+        keep_first: int = 2,
+        score: str = "js_matched",
+        **kwargs: Any,
+    ) -> LiSAConfig:
+        """A config whose shared layers and initial head permutations come from a calibration analysis.
+
+        METHOD.md (b), "Layer choice": ``share_layers`` is chosen by ``peft_lisa.analysis.choose_share_layers``
+        (the layers ``>= keep_first`` with the lowest ``score``: the best ``round(fraction * num_layers)`` and/or
+        those at most ``threshold``), and ``align_init_permutations`` takes the analysis' best head permutation of
+        each chosen layer (METHOD.md step 2). Both are explicit fields, so the saved ``adapter_config.json`` holds the
+        chosen layers and permutations.
+
+        Args:
+            analysis: a ``peft_lisa.analysis.AttentionAnalysis`` or the path of its JSON.
+            fraction, threshold, keep_first, score: see ``peft_lisa.analysis.choose_share_layers``.
+            **kwargs: any other ``LiSAConfig`` field (``rank``, ``align_hidden``, ...).
+        """
+        from ..analysis import AttentionAnalysis, choose_share_layers
+
+        conflicting = sorted({"share_layers", "align_init_permutations"} & set(kwargs))
+        if conflicting:
+            raise ValueError(
+                f"LiSAConfig.from_analysis chooses {' and '.join(conflicting)} itself; use LiSAConfig(...) directly "
+                "to set them by hand."
+            )
+        if not isinstance(analysis, AttentionAnalysis):
+            analysis = AttentionAnalysis.from_json(analysis)
+        layers = choose_share_layers(
+            analysis, fraction=fraction, threshold=threshold, keep_first=keep_first, score=score
+        )
+        permutations = {
+            layer: list(analysis.permutations[layer]) for layer in layers if analysis.permutations[layer] is not None
+        }
+        return cls(share_layers=layers, align_init_permutations=permutations or None, **kwargs)
+
 
 def check_adapter_weights_file(directory: str, config: LiSAConfig) -> None:
     """Raise a clear error if a local adapter directory lacks a readable weights file with every shared layer."""
