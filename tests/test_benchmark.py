@@ -1,0 +1,252 @@
+"""The benchmark (peft_lisa.benchmark, examples/benchmark.py): structure, cache accounting, outputs, skip logic.
+
+Tiny models and sizes only; nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_lisa import LiSAConfig
+from peft_lisa.benchmark import (
+    BenchmarkResult,
+    ModelShape,
+    PeakMemory,
+    analytic_breakdown,
+    cache_bytes,
+    default_share_layers,
+    estimate_working_bytes,
+    run_benchmark,
+    synthetic_cache,
+)
+
+from .conftest import REPO_ROOT, tiny_model
+
+SHARE, RANK = [2, 3], 4
+SMALL = dict(batch_sizes=(1, 2), contexts=(8, 16), decode_tokens=2, repeats=1, warmup=0, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the shared CI machines make multi-threaded tiny ops very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = tiny_model("llama")
+    merged = get_peft_model(copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK)).merge_and_unload()
+    return base, merged.eval()
+
+
+@pytest.fixture(scope="module")
+def result(models) -> BenchmarkResult:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_benchmark(*models, device="cpu", **SMALL)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def analytic_bytes_per_token(config, share_layers, rank, element_bytes=4):
+    kv_heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    full = 2 * kv_heads * head_dim * element_bytes
+    shared = kv_heads * (rank + head_dim) * element_bytes
+    return (config.num_hidden_layers - len(share_layers)) * full + len(share_layers) * shared
+
+
+def test_result_structure(result):
+    assert {(r.model, r.batch, r.context) for r in result.runs} == {
+        (model, batch, context) for model in ("base", "merged") for batch in (1, 2) for context in (8, 16)
+    }
+    for run in result.runs:
+        assert len(run.prefill_seconds) == len(run.decode_seconds) == 1
+        assert run.prefill_tokens_per_s > 0 and run.decode_tokens_per_s > 0
+        assert run.decode_cache == "prefill"
+        assert run.peak_memory_bytes >= result.models[run.model].weight_bytes
+    assert not result.skipped
+    assert result.machine["torch"] == torch.__version__ and result.machine["cpu"]
+    assert result.machine["torch_threads"] == 1
+    assert result.models["base"].attn_implementation == "sdpa"
+    assert result.models["merged"].share_layers == SHARE and result.models["merged"].source_layers == [1]
+    assert result.models["merged"].num_parameters < result.models["base"].num_parameters
+    assert result.compression["ratio"] > 1
+
+
+def test_cache_bytes_per_token_match_the_config(result, models):
+    config = models[0].config
+    expected_base = analytic_bytes_per_token(config, [], RANK)
+    expected_merged = analytic_bytes_per_token(config, SHARE, RANK)
+    assert expected_merged < expected_base
+    for run in result.runs:
+        expected = expected_base if run.model == "base" else expected_merged
+        assert run.kv_cache_bytes_per_token == expected
+        assert run.kv_cache_bytes == expected * run.batch * run.context
+    assert result.models["base"].kv_cache_bytes_per_token_analytic == expected_base
+    assert result.models["merged"].kv_cache_bytes_per_token_analytic == expected_merged
+
+
+def test_max_throughput(result):
+    mt = result.max_throughput
+    assert mt is not None and mt.context == 16
+    base, merged = mt.points["base"], mt.points["merged"]
+    assert base.max_batch == 2  # the default budget is the base model at the largest batch and context
+    assert merged.max_batch >= base.max_batch
+    for point in (base, merged):
+        assert point.method.startswith("measured") and point.decode_tokens_per_s > 0
+        assert point.weight_bytes + point.kv_cache_bytes <= mt.budget_bytes
+    assert mt.ratio == pytest.approx(merged.decode_tokens_per_s / base.decode_tokens_per_s)
+
+
+def test_outputs_written(result, tmp_path):
+    data = json.loads(result.to_json(tmp_path / "out" / "results.json").read_text())
+    assert set(data) >= {"machine", "settings", "models", "runs", "skipped", "compression", "max_throughput"}
+    assert data["runs"][0]["prefill_tokens_per_s"] > 0 and "kv_cache_bytes_per_token" in data["runs"][0]
+    assert data["max_throughput"]["ratio"] > 0
+    markdown = result.to_markdown()
+    assert "| batch | context |" in markdown and result.machine["cpu"] in markdown
+    assert "Analytic cost per query token" in markdown and "align FFN" in markdown
+    png = result.plot(tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_skip_logic(models):
+    base, merged = models
+    shapes = {"base": ModelShape.of(base), "merged": ModelShape.of(merged)}
+    # A limit between the two models' prefill needs at (2, 16): the merged prefill is skipped, its decode runs on a
+    # synthetic cache; the base runs normally.
+    merged_prefill = estimate_working_bytes(shapes["merged"], 2, 16, 2, "prefill")
+    limit = merged_prefill - 1
+    assert estimate_working_bytes(shapes["base"], 2, 16, 2, "prefill") <= limit
+    assert estimate_working_bytes(shapes["merged"], 2, 16, 2, "decode") <= limit
+    assert estimate_working_bytes(shapes["merged"], 1, 16, 2, "prefill") <= limit
+    result = run_benchmark(base, merged, device="cpu", memory_limit_bytes=limit, **{**SMALL, "batch_sizes": (1, 2)})
+    skipped = {(s.model, s.batch, s.context, s.phase) for s in result.skipped}
+    assert ("merged", 2, 16, "prefill") in skipped
+    assert all(s.estimated_bytes > s.limit_bytes == limit and "exceeds the limit" in s.reason for s in result.skipped)
+    run = result.run("merged", 2, 16)
+    assert run.decode_cache == "synthetic" and run.prefill_tokens_per_s is None and run.decode_tokens_per_s > 0
+    assert result.run("base", 2, 16).decode_cache == "prefill"
+    markdown = result.to_markdown()
+    assert "### Skipped" in markdown and "synthetic cache" in markdown
+
+    capped = run_benchmark(base, merged, device="cpu", max_prefill_tokens=16, max_throughput=False, **SMALL)
+    assert {(r.batch, r.context) for r in capped.runs} == {(1, 8), (2, 8), (1, 16)}
+    [cap] = capped.skipped
+    assert (cap.model, cap.batch, cap.context) == ("both", 2, 16) and "max_prefill_tokens=16" in cap.reason
+    assert capped.max_throughput is None
+
+    # Nothing fits: everything is listed as skipped, the outputs still render.
+    nothing = run_benchmark(base, merged, device="cpu", memory_limit_bytes=1, **SMALL)
+    assert not nothing.runs
+    grid_skips = {(s.batch, s.context) for s in nothing.skipped if s.phase != "max-throughput decode"}
+    assert grid_skips == {(b, c) for b in (1, 2) for c in (8, 16)}
+    assert all(not p.method.startswith("measured") for p in nothing.max_throughput.points.values())
+    assert "### Skipped" in nothing.to_markdown()
+
+
+def test_max_throughput_extrapolates_when_too_big(models):
+    base, merged = models
+    shape = ModelShape.of(merged)
+    limit = estimate_working_bytes(shape, 2, 16, 2, "prefill")  # the grid fits ...
+    budget = shape.weight_bytes + 100 * shape.cache_bytes_per_token * 18  # ... a batch of ~100 at context 16 does not
+    result = run_benchmark(
+        base, merged, device="cpu", memory_limit_bytes=limit, memory_budget_bytes=budget, **SMALL
+    )  # fmt: skip
+    for point in result.max_throughput.points.values():
+        assert point.max_batch > 2
+        assert point.method.startswith("EXTRAPOLATED") and point.decode_tokens_per_s > 0
+    assert "EXTRAPOLATED" in result.to_markdown()
+
+
+def test_synthetic_cache_has_the_prefill_shapes(models):
+    _, merged = models
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.inference_mode():
+        real = merged(input_ids=ids, use_cache=True).cache
+        fake = synthetic_cache(merged, 2, 7, torch.device("cpu"))
+    shapes = [[(layer.keys.shape, layer.values.shape) for layer in cache.layers] for cache in (real, fake)]
+    assert shapes[0] == shapes[1]
+    assert [layer.keys.shape[-1] for layer in fake.layers] == [16, 16, RANK, RANK, 16]
+    assert cache_bytes(fake) == cache_bytes(real) == ModelShape.of(merged).cache_bytes_per_token * 2 * 7
+
+
+def test_analytic_breakdown(models):
+    _, merged = models
+    shape = ModelShape.of(merged)
+    heads, m, dh, r = 4, 16, 16, RANK
+    assert shape.align_hidden == m and shape.rank == r
+    analytic = analytic_breakdown(shape, contexts=(8, 64))
+    rows = {row["layer_type"]: row for row in analytic["layer_types"]}
+    shared = rows["shared (LiSA)"]
+    assert shared["per_key_flops"]["align P"] == 2 * heads * heads
+    assert shared["per_key_flops"]["align FFN"] >= 4 * heads * m
+    assert shared["per_key_flops"]["low-rank QK^T"] == 2 * heads * r
+    assert rows["full (sdpa)"]["per_key_flops"] == {"QK^T": 2 * heads * dh, "AV": 2 * heads * dh}
+    assert shared["kv_cache_bytes_per_token"] == 2 * (r + dh) * 4
+    assert rows["full (sdpa)"]["layers_merged"] + rows["source (full, explicit logits)"]["layers_merged"] == 3
+    assert shared["projection_flops"] < rows["full (sdpa)"]["projection_flops"]
+    for row in analytic["per_context"]:
+        assert row["kv_read_ratio_base_over_merged"] > 1
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(8 * 1024 * 1024)  # 32 MiB, touched
+        del block
+    if peak.method.startswith("psutil"):
+        pytest.skip("RSS sampling can miss short peaks")
+    assert peak.peak >= 24 * 1024 * 1024
+
+
+def test_default_share_layers():
+    assert default_share_layers(30, 0.5) == list(range(1, 30, 2))
+    assert default_share_layers(30, 0.25) == [14, 16, 18, 20, 23, 25, 27, 29]
+    for layers, fraction in ((30, 0.84), (5, 0.5), (2, 0.5), (12, 0.1)):
+        chosen = default_share_layers(layers, fraction)
+        assert 0 not in chosen and len(chosen) == len(set(chosen)) == max(1, min(round(fraction * layers), layers - 1))
+    with pytest.raises(ValueError):
+        default_share_layers(30, 1.0)
+
+
+def test_example_script_quick(tmp_path, capsys):
+    """examples/benchmark.py end to end on a saved tiny model."""
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    out = tmp_path / "bench"
+    spec = importlib.util.spec_from_file_location("benchmark_example", REPO_ROOT / "examples" / "benchmark.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--model", str(model_dir), "--share-layers", "2,3", "--rank", "4", "--quick", "--batch-sizes", "1"]
+    argv += ["--contexts", "8", "--threads", "1", "--device", "cpu", "--quiet", "--output-dir", str(out)]
+    assert example.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["models"]["merged"]["share_layers"] == [2, 3] and data["settings"]["batch_sizes"] == [1]
+    assert data["settings"]["decode_tokens"] == 4 and data["settings"]["repeats"] == 1  # --quick defaults
+    assert "--share-layers" in data["settings"]["command"]
+    assert (out / "results.md").read_text().startswith("# LiSA benchmark")
+    assert (out / "benchmark.png").stat().st_size > 0
+    assert "| batch | context |" in capsys.readouterr().out
+
+
+def test_cache_accounting_follows_the_lowrank_dtype():
+    """A bf16 base merged without a cast keeps float32 LiSA modules: their rank-r keys are cached in float32."""
+    base = tiny_model("llama").to(torch.bfloat16)
+    merged = get_peft_model(copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK)).merge_and_unload()
+    for model, key_bytes in ((merged, 4), (copy.deepcopy(merged).to(torch.bfloat16), 2)):
+        shape = ModelShape.of(model)
+        assert shape.element_bytes == 2 and shape.lowrank_key_bytes == key_bytes
+        assert shape.mixed_dtype == (key_bytes == 4)
+        with torch.inference_mode():
+            cache = model(input_ids=torch.randint(3, 100, (2, 5)), use_cache=True).cache
+        assert cache_bytes(cache) == shape.cache_bytes_per_token * 2 * 5
