@@ -282,6 +282,13 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
             layer.self_attn = LiSASourceAttention(base, carrier)
         else:
             layer.self_attn = base
+    # The LiSA modules trained in float32 take the base model's dtype, so that a bf16 model caches bf16 rank-r keys.
+    base_dtype = next(iter(layers[0].self_attn.v_proj.parameters())).dtype
+    if base_dtype.is_floating_point:
+        for module in model.modules():
+            if isinstance(module, LiSASharedAttention):
+                for part in (module.align, module.q_lowrank, module.k_lowrank):
+                    part.to(base_dtype)
     config_cls, model_cls = MERGED_CLASSES[model_type]
     merged_config = config_cls.from_dict({**_without_model_type(model.config.to_dict()), "lisa": spec})
     merged_config._attn_implementation = model.config._attn_implementation

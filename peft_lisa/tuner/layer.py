@@ -60,6 +60,19 @@ class LogitsCarrier:
     def __init__(self) -> None:
         self._logits: dict[int, torch.Tensor] = {}
         self.observers: list[Callable[[SharedLayerCall], None]] = []
+        self._mask_cache: Optional[tuple[Any, tuple, torch.Tensor]] = None
+
+    def additive_mask(
+        self, attention_mask: Optional[torch.Tensor], q_len: int, k_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """:func:`additive_mask`, built once per forward pass: every wrapped layer gets the same mask object."""
+        key = (q_len, k_len, device)
+        cached = self._mask_cache
+        if cached is not None and cached[0] is attention_mask and cached[1] == key:
+            return cached[2]
+        mask = additive_mask(attention_mask, q_len, k_len, device)
+        self._mask_cache = (attention_mask, key, mask)  # holds the mask object, so its id cannot be reused
+        return mask
 
     def put(self, layer_idx: int, logits: torch.Tensor) -> None:
         self._logits[layer_idx] = logits
@@ -81,6 +94,7 @@ class LogitsCarrier:
 
     def clear(self) -> None:
         self._logits.clear()
+        self._mask_cache = None
 
 
 @dataclass
@@ -124,13 +138,19 @@ class HeadAlign(nn.Module):
             nn.init.zeros_(self.down.weight)
 
     def forward(self, source_logits: torch.Tensor) -> torch.Tensor:
-        # source_logits: B x H x T_q x T_k -> aligned: B x H x T_q x T_k
-        source_logits = source_logits.to(self.permute.dtype)
-        aligned = torch.einsum("gh,bhqk->bgqk", self.permute, source_logits)
-        if self.hidden > 0:
-            hidden = torch.einsum("mh,bhqk->bmqk", self.up.weight, source_logits) + self.up.bias[:, None, None]
-            aligned = aligned + torch.einsum("hm,bmqk->bhqk", self.down.weight, self.act(hidden))
-        return aligned + self.out_bias[:, None, None]
+        # source_logits: B x H x T_q x T_k -> aligned: B x H x T_q x T_k, computed in float32 whatever the
+        # parameters' dtype (a merged bf16 model keeps them in bf16).
+        source_logits = source_logits.float()
+        if self.hidden == 0:
+            aligned = torch.einsum("gh,bhqk->bgqk", self.permute.float(), source_logits)
+            return aligned + self.out_bias.float()[:, None, None]
+        # P and W1 read the logits in one pass: [P; W1] is (H + m) x H.
+        stacked = torch.cat([self.permute, self.up.weight]).float()
+        projected = torch.einsum("gh,bhqk->bgqk", stacked, source_logits)  # B x (H + m) x T_q x T_k
+        aligned, hidden = projected[:, : self.num_heads], projected[:, self.num_heads :]
+        hidden = self.act(hidden + self.up.bias.float()[:, None, None])
+        aligned = aligned + torch.einsum("hm,bmqk->bhqk", self.down.weight.float(), hidden)
+        return aligned + self.out_bias.float()[:, None, None]
 
 
 def permutation_matrix(permutation: list[int]) -> torch.Tensor:
@@ -220,14 +240,10 @@ def additive_mask(
 
 
 def attend_from_logits(
-    logits: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    value: torch.Tensor,
-    dropout: float,
-    training: bool,
+    logits: torch.Tensor, mask: torch.Tensor, value: torch.Tensor, dropout: float, training: bool
 ) -> torch.Tensor:
-    """``softmax(S + M) V`` (METHOD.md steps 4-5) from float32 logits S: B x H x T_q x T_k -> B x T_q x (H d)."""
-    mask = additive_mask(attention_mask, logits.shape[-2], logits.shape[-1], logits.device)
+    """``softmax(S + M) V`` (METHOD.md steps 4-5) from float32 logits S (B x H x T_q x T_k) and the additive mask M
+    -> B x T_q x (H d)."""
     probs = torch.softmax(logits + mask, dim=-1).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
     return grouped_attend(probs, value)
@@ -273,7 +289,8 @@ def source_attention(
     logits = grouped_scores(query, key, attn.scaling)  # B x H x T_q x T_k
     carrier.put(layer_idx, logits)
     dropout = attn.attention_dropout if attn.training else 0.0
-    attn_output = attend_from_logits(logits, attention_mask, value, dropout, attn.training)
+    mask = carrier.additive_mask(attention_mask, logits.shape[-2], logits.shape[-1], logits.device)
+    attn_output = attend_from_logits(logits, mask, value, dropout, attn.training)
     return attn.o_proj(attn_output), None
 
 
@@ -324,7 +341,7 @@ def shared_attention(
             f"expected (batch={batch}, heads, {q_len}, {k_len}). Both layers must see the same keys."
         )
     keep_logits = hands_on or bool(carrier.observers)
-    mask = additive_mask(attention_mask, q_len, k_len, hidden_states.device)  # broadcastable to B x H x T_q x T_k
+    mask = carrier.additive_mask(attention_mask, q_len, k_len, hidden_states.device)  # broadcasts to B x H x T_q x T_k
     logits_blocks, output_blocks = [], []
     # Steps 2-5 one block of queries at a time, so that the alignment FFN's B x m x block x T_k hidden activations
     # stay bounded during long prefills. The alignment never mixes positions, so blocks are independent.
@@ -334,9 +351,7 @@ def shared_attention(
         logits = align(source_logits[:, :, rows]) + grouped_scores(q_small[:, :, rows], k_small, rank**-0.5)
         if keep_logits:
             logits_blocks.append(logits)
-        probs = torch.softmax(logits + mask[..., rows, :], dim=-1).to(value.dtype)
-        probs = F.dropout(probs, p=dropout, training=training)
-        output_blocks.append(grouped_attend(probs, value))  # Step 5: the layer's own values
+        output_blocks.append(attend_from_logits(logits, mask[..., rows, :], value, dropout, training))  # Step 5
     if keep_logits:
         logits = torch.cat(logits_blocks, dim=2) if len(logits_blocks) > 1 else logits_blocks[0]
         carrier.put(layer_idx, logits)

@@ -1,0 +1,250 @@
+"""The LiSA experiment: perplexity of base, direct sharing, permutation-only sharing and trained LiSA (LM loss, and LM
+loss + attention distillation) at about 30%, 50% and 70% of SmolLM2-135M-Instruct's layers shared.
+
+Every run is cached as a JSON file under ``--output-dir``: a re-run only computes what is missing, and ``--only``
+runs a subset (e.g. ``--only 0.5:lisa_lm``). At the end it writes ``results.md`` (table), ``results.json`` and two
+plots: perplexity against shared fraction, and perplexity against training tokens (the 50% LM run evaluates along
+the way).
+
+    python examples/experiment.py                      # everything (about 2 CPU-hours on 2 cores)
+    python examples/experiment.py --only 0.5:lisa_lm   # one run
+
+Data: the built-in pydoc text; training uses the train split, perplexity the held-out topics (never trained on),
+sliding windows of 256 tokens with stride 128. Layers and initial head permutations come from the calibration
+analysis (``peft_lisa.analyze``) on training text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model
+from transformers import TrainerCallback
+
+import peft_lisa  # noqa: F401  (registers the tuner)
+from peft_lisa import AttentionAnalysis, LiSAConfig, analyze, choose_share_layers
+from peft_lisa.evaluation import perplexity
+from peft_lisa.resources import load_model_and_tokenizer, load_texts
+from peft_lisa.training import LiSADistillationConfig, LiSATrainer, lisa_sft_config, text_dataset
+
+FRACTIONS = (0.3, 0.5, 0.7)
+METHODS = ("direct", "permutation", "lisa_lm", "lisa_lm_attn_kl")
+# The order runs are computed in: the headline comparison first, so a partial run is already useful.
+PRIORITY = [(0.5, m) for m in METHODS] + [(f, m) for f in (0.3, 0.7) for m in METHODS]
+
+
+def evaluate(model, tokenizer, texts: list[str], args: argparse.Namespace, max_tokens=None) -> dict[str, Any]:
+    result = perplexity(
+        model,
+        tokenizer,
+        texts,
+        window=args.window,
+        stride=args.stride,
+        max_tokens=max_tokens or args.eval_tokens,
+        progress=False,
+    )
+    return result.to_dict()
+
+
+class PerplexityCurve(TrainerCallback):
+    """Evaluates held-out perplexity every ``every`` steps: the perplexity-against-training-tokens curve."""
+
+    def __init__(self, model, tokenizer, texts, args, tokens_per_step: int, every: int) -> None:
+        self.model, self.tokenizer, self.texts, self.args = model, tokenizer, texts, args
+        self.tokens_per_step, self.every, self.points = tokens_per_step, every, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            was_training = self.model.training
+            self.model.eval()
+            ppl = evaluate(self.model, self.tokenizer, self.texts, self.args, self.args.curve_tokens)["ppl"]
+            self.model.train(was_training)
+            self.points.append(
+                {"step": state.global_step, "tokens": state.global_step * self.tokens_per_step, "ppl": ppl}
+            )
+            print(f"  step {state.global_step}: held-out perplexity {ppl:.2f}", flush=True)
+
+
+def lisa_config(analysis: AttentionAnalysis, fraction: float, method: str, args: argparse.Namespace) -> LiSAConfig:
+    if method == "direct":
+        layers = choose_share_layers(analysis, fraction=fraction)
+        return LiSAConfig(share_layers=layers, rank=args.rank, align_hidden=args.align_hidden)
+    return LiSAConfig.from_analysis(analysis, fraction=fraction, rank=args.rank, align_hidden=args.align_hidden)
+
+
+def run_one(fraction: float, method: str, analysis, args, test_texts, train_texts) -> dict[str, Any]:
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    config = lisa_config(analysis, fraction, method, args)
+    record: dict[str, Any] = {"fraction": fraction, "method": method, "share_layers": config.share_layers}
+    start = time.perf_counter()
+    if method in ("direct", "permutation"):
+        peft_model = get_peft_model(model, config).eval()
+        record["eval"] = evaluate(peft_model, tokenizer, test_texts, args)
+        record["trainable_fraction"] = peft_model.get_nb_trainable_parameters()[0] / sum(
+            p.numel() for p in peft_model.parameters()
+        )
+        return record
+    distillation = LiSADistillationConfig()
+    if method == "lisa_lm_attn_kl":
+        distillation = LiSADistillationConfig(
+            attn_kl_weight=args.attn_kl_weight, attn_kl_schedule="linear_decay", attn_kl_warmup_steps=args.steps // 2
+        )
+    out = Path(args.output_dir) / f"train_{fraction}_{method}"
+    sft_args = lisa_sft_config(
+        out, max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.lr
+    )
+    trainer = LiSATrainer(
+        model=model,
+        args=sft_args,
+        train_dataset=text_dataset(train_texts),
+        processing_class=tokenizer,
+        peft_config=config,
+        distillation=distillation,
+    )
+    tokens_per_step = args.seq_len * args.batch_size
+    curve = None
+    if fraction == 0.5 and method == "lisa_lm":
+        curve = PerplexityCurve(trainer.model, tokenizer, test_texts, args, tokens_per_step, 20)
+        trainer.add_callback(curve)
+    trainer.train()
+    record["train_minutes"] = (time.perf_counter() - start) / 60
+    record["train_tokens"] = args.steps * tokens_per_step
+    record["steps"], record["lr"], record["seq_len"], record["batch_size"] = (
+        args.steps,
+        args.lr,
+        args.seq_len,
+        args.batch_size,
+    )
+    record["distillation"] = distillation.to_dict()
+    trainer.model.eval()
+    record["eval"] = evaluate(trainer.model, tokenizer, test_texts, args)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    record["trainable_fraction"] = trainable / total
+    if curve is not None:
+        record["curve"] = curve.points
+    trainer.model.save_pretrained(out / "adapter")
+    return record
+
+
+def cached(path: Path, compute) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result
+
+
+def report(results: dict[tuple[float, str], dict], base: dict, out: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_ppl = base["eval"]["ppl"]
+    lines = [
+        f"Held-out pydoc perplexity (first {args.eval_tokens} tokens of the held-out topics), window {args.window}, "
+        f"stride {args.stride}; training: {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len} tokens = {args.steps * args.batch_size * args.seq_len:,} tokens, lr "
+        f"{args.lr}, rank {args.rank}.",
+        "",
+        "| shared | layers | method | perplexity | vs base | train min |",
+        "|---:|---|---|---:|---:|---:|",
+        f"| 0 | - | base | {base_ppl:.2f} | - | - |",
+    ]
+    for (fraction, method), record in sorted(results.items()):
+        ppl = record["eval"]["ppl"]
+        minutes = f"{record['train_minutes']:.1f}" if "train_minutes" in record else "-"
+        lines.append(
+            f"| {len(record['share_layers'])} ({fraction:.0%}) | {record['share_layers']} | {method} | {ppl:.2f} | "
+            f"{(ppl / base_ppl - 1) * 100:+.0f}% | {minutes} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"base": base, "runs": [r for _, r in sorted(results.items())]}, indent=2)
+    )
+    print("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        points = sorted((f, r["eval"]["ppl"]) for (f, m), r in results.items() if m == method)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax.axhline(base_ppl, color="black", linestyle="--", label=f"base ({base_ppl:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of layers shared")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("SmolLM2-135M-Instruct, pydoc held-out")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "perplexity_vs_fraction.png", dpi=120)
+
+    curve = results.get((0.5, "lisa_lm"), {}).get("curve")
+    if curve:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], marker="o", label="LiSA (LM loss), 50%")
+        ax.axhline(base_ppl, color="black", linestyle="--", label="base")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(f"held-out perplexity (first {args.curve_tokens} tokens)")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "perplexity_vs_tokens.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model path or hub id (default: built-in SmolLM2-135M)")
+    parser.add_argument("--output-dir", default="runs/experiment")
+    parser.add_argument("--only", nargs="*", default=None, help="runs to compute, as FRACTION:METHOD")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--align-hidden", type=int, default=None)
+    parser.add_argument("--attn-kl-weight", type=float, default=1.0)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per evaluation")
+    parser.add_argument("--curve-tokens", type=int, default=4096, help="held-out tokens scored along the curve")
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    train_texts, test_texts = load_texts(split="train"), load_texts(split="test")
+
+    def compute_analysis() -> dict:
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        return analyze(model, tokenizer, train_texts).to_dict()
+
+    analysis = AttentionAnalysis.from_dict(cached(out / "analysis.json", compute_analysis))
+
+    def compute_base() -> dict:
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        return {"method": "base", "eval": evaluate(model.eval(), tokenizer, test_texts, args)}
+
+    base = cached(out / "base.json", compute_base)
+    wanted = PRIORITY
+    if args.only:
+        wanted = [(float(f), m) for f, m in (item.split(":") for item in args.only)]
+    results = {}
+    for fraction, method in PRIORITY:
+        path = out / f"run_{fraction}_{method}.json"
+        if (fraction, method) in wanted or path.exists():
+            print(f"== {fraction:.0%} shared, {method}", flush=True)
+            results[(fraction, method)] = cached(
+                path, lambda f=fraction, m=method: run_one(f, m, analysis, args, test_texts, train_texts)
+            )
+    report(results, base, out, args)
+
+
+if __name__ == "__main__":
+    main()
