@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--align-hidden", type=int, default=None)
     parser.add_argument("--attn-kl-weight", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing a small machine)")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per evaluation")
@@ -218,6 +219,8 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     train_texts, test_texts = load_texts(split="train"), load_texts(split="test")
 

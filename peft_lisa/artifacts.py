@@ -51,7 +51,7 @@ def model_card(
     """A README.md for a LiSA adapter (``kind="adapter"``) or merged model (``kind="merged"``)."""
     report = qk_compression_report(model)
     shared = [row.layer for row in report.layers]
-    rank = next(iter({row.key_cache_dims_lisa for row in report.layers}), 0)
+    key_dims = next(iter({row.key_cache_dims_lisa for row in report.layers}), 0)
     base_line = f"base_model: {base_model}\n" if base_model else ""
     load = (
         "import peft_lisa  # registers LiSA with peft\n"
@@ -76,11 +76,10 @@ def model_card(
         "",
         "Cross-layer attention sharing (LiSA, arXiv 2408.01890) made with peft-lisa: the shared layers below compute "
         "their attention from the previous layer's logits, realigned by a small head-alignment network, plus a "
-        "low-rank rotary Q/K correction."
-        + (" Their `q_proj`/`k_proj` are removed." if kind == "merged" else ""),
+        "low-rank rotary Q/K correction." + (" Their `q_proj`/`k_proj` are removed." if kind == "merged" else ""),
         "",
         f"- Shared layers ({len(shared)}): {shared}",
-        f"- Key-cache dims per token in a shared layer: {rank} (full layers: "
+        f"- Key-cache dims per token in a shared layer: {key_dims} (full layers: "
         f"{report.layers[0].key_cache_dims_original if report.layers else 0})",
         f"- Q/K parameters of the shared layers: {report.qk_params_original:,} -> {report.qk_params_lisa:,} "
         f"(**{report.ratio:.2f}x** compression)",

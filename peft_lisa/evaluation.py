@@ -1,0 +1,211 @@
+"""Evaluation of a (LiSA) causal LM: sliding-window perplexity on held-out text, and greedy sample generations.
+
+Both functions take any causal LM that ``transformers`` can run: a plain model, a ``PeftModel`` with a LiSA adapter
+(active or inside ``disable_adapter()``), a merged LiSA model, or a 4-bit quantized one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "What is a Python decorator?",
+    "Explain the difference between a list and a tuple.",
+    "Write a haiku about the sea.",
+    "What does the `with` statement do?",
+)
+"""A few short prompts for :func:`generate_samples`: Python questions (in-domain for the pydoc texts) and one not."""
+
+
+@dataclass
+class PerplexityResult:
+    """Result of :func:`perplexity`.
+
+    Attributes:
+        ppl: ``exp(nll)``.
+        nll: Mean negative log-likelihood (nats) per scored token.
+        num_tokens: Number of scored tokens (each scored exactly once).
+        window: Window length (tokens of context + scored tokens per forward).
+        stride: Step between window starts; tokens after the first window see at least ``window - stride`` tokens
+            of context.
+    """
+
+    ppl: float
+    nll: float
+    num_tokens: int
+    window: int
+    stride: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _stream_ids(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Token ids of the texts joined by blank lines (as in the Hugging Face perplexity guide), no special tokens."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = [text for text in texts if text and text.strip()]
+    if not texts:
+        raise ValueError("perplexity() got no non-empty texts to evaluate on.")
+    return list(tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows ``(begin, end, first_scored)`` of the standard sliding-window evaluation over ``num_tokens``.
+
+    Window ``i`` feeds tokens ``[begin, end)`` to the model and scores the predictions of tokens
+    ``[first_scored, end)``: the tokens not scored by an earlier window. Token 0 is never scored (nothing predicts
+    it); with ``stride < window`` every other token is scored exactly once, with at least ``window - stride`` tokens
+    of context from the second window on. With ``stride == window`` (disjoint windows) the first token of each
+    window has no context and is not scored.
+    """
+    if window < 2:
+        raise ValueError(f"window must be >= 2, got {window}")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    if num_tokens < 2:
+        raise ValueError(f"Need at least 2 tokens for a perplexity, got {num_tokens}.")
+    windows = []
+    previous_end = 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + window, num_tokens)
+        windows.append((begin, end, max(previous_end, begin + 1)))
+        previous_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    window: int = 256,
+    stride: int = 128,
+    batch_size: int = 8,
+    max_tokens: Optional[int] = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Sliding-window perplexity of ``model`` on ``texts`` (the Hugging Face "perplexity of fixed-length models").
+
+    The texts are joined by blank lines and tokenised once, without special tokens. Windows of ``window`` tokens
+    start every ``stride`` tokens; the first window scores all its tokens (but the first), every later window only
+    the ``stride`` tokens that are new to it, so each token is scored once, with at least ``window - stride`` tokens
+    of context. Windows of equal length run in batches of ``batch_size``. Returns ``exp`` of the mean negative
+    log-likelihood over all scored tokens. ``max_tokens`` keeps only the first ``max_tokens`` tokens of the stream
+    (a cheaper, still deterministic evaluation); ``None`` uses all.
+
+    Raises:
+        ValueError: ``texts`` is empty or gives fewer than two tokens, or ``window`` / ``stride`` are invalid.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = _stream_ids(tokenizer, texts)
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2 (or None), got {max_tokens}")
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError(f"The texts give {len(ids)} token(s); a perplexity needs at least 2.")
+    windows = sliding_windows(len(ids), window, stride)
+    stream = torch.tensor(ids, dtype=torch.long)
+    device = _model_device(model)
+
+    # Group windows of equal length (all but possibly the last) so that batches need no padding.
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for item in windows:
+        groups.setdefault(item[1] - item[0], []).append(item)
+    batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        iterator = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc=f"perplexity (window {window}, stride {stride})", unit="batch")
+        for batch in iterator:
+            input_ids = torch.stack([stream[begin:end] for begin, end, _ in batch]).to(device)
+            logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+            # Position p of the logits predicts token p + 1; score the new tokens [first, end) of each window.
+            for row, (begin, end, first) in enumerate(batch):
+                scored_logits = logits[row, first - begin - 1 : end - begin - 1].float()
+                targets = input_ids[row, first - begin : end - begin]
+                total_nll += F.cross_entropy(scored_logits, targets, reduction="sum").item()
+                total_tokens += end - first
+    finally:
+        model.train(was_training)
+    nll = total_nll / total_tokens
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=total_tokens, window=window, stride=stride)
+
+
+@torch.no_grad()
+def generate_samples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    max_new_tokens: int = 40,
+) -> list[str]:
+    """Greedy completions of ``prompts``, one string (the new text only) per prompt.
+
+    Each prompt is wrapped as a user turn with the tokenizer's chat template when it has one (with the generation
+    prompt), and used as plain text otherwise. Prompts are batched with left padding.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        inputs = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            for prompt in prompts
+        ]
+        add_special_tokens = False  # the template already holds them
+    else:
+        inputs, add_special_tokens = prompts, True
+    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        encoded = tokenizer(inputs, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = padding_side
+        if pad_token is None:
+            tokenizer.pad_token = pad_token
+    encoded = {key: value.to(_model_device(model)) for key, value in encoded.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    finally:
+        model.train(was_training)
+    new_tokens = output[:, encoded["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

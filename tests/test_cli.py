@@ -1,0 +1,536 @@
+"""The ``peft-lisa`` command (peft_lisa.cli): help, argument errors, and the whole flow analyze -> train -> resume ->
+eval -> merge -> eval --merged -> bench on a tiny random model saved to disk with a tiny word-level tokenizer.
+
+Everything runs in-process through ``main(argv)`` (one subprocess checks the module entry point), on tiny sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from peft_lisa.analysis import choose_share_layers
+from peft_lisa.cli import main
+
+from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
+
+COMMANDS = ("analyze", "train", "eval", "merge", "bench")
+WORDS = [f"w{i}" for i in range(100)]
+RANK = 4
+TRAIN = ["--seq-len", "32", "--batch-size", "2", "--logging-steps", "1", "--save-steps", "1"]
+EVAL = ["--eval-window", "32", "--eval-stride", "16"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny ops on the shared 2-core machines are much slower multi-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0 .. w99`` whose special ids match ``tests.conftest.tiny_config``."""
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, "user": 4, "assistant": 5, "system": 6, ":": 7}
+    vocab.update({word: len(vocab) + i for i, word in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+    )
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A directory with ``tiny/`` (a 5-layer llama + tokenizer), ``data.txt``, ``data.jsonl`` and ``hf/``."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_model("llama").save_pretrained(root / "tiny")
+    word_tokenizer().save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(20, 80))) for _ in range(40)]
+    (root / "data.txt").write_text("\n\n".join(docs))
+    lines = "".join(json.dumps({"text": doc}) + "\n" for doc in docs)
+    (root / "data.jsonl").write_text(lines)
+    (root / "hf").mkdir()
+    (root / "hf" / "train.jsonl").write_text(lines)
+    return root
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(item) for item in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def ok(capsys, *argv) -> str:
+    code, out, err = run(capsys, *argv)
+    assert code == 0, f"exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Help and argument errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: peft-lisa {command}")
+    assert "--model" in out and "--debug" in out
+
+
+def test_main_help_lists_the_commands(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert all(command in out for command in COMMANDS)
+
+
+def test_no_command_is_a_usage_error(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and not out
+    message = "peft-lisa: error: choose a command: analyze, train, eval, merge, bench (see 'peft-lisa --help')"
+    assert err.strip().splitlines() == [message]
+
+
+def bad_argument_cases(work):
+    lora = work / "lora"
+    lora.mkdir(exist_ok=True)
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (work / "empty").mkdir(exist_ok=True)
+    return [
+        (["train", "--share-layers", "0,1"], "train", "layer 0 can never share"),
+        (["train", "--share-layers", "2,x"], "train", "expected comma-separated layer indices"),
+        (["train", "--share-layers", "2,2"], "train", "more than once"),
+        (["train", "--share-layers", "2", "--share-fraction", "0.5"], "train", "not allowed with argument"),
+        (["train", "--share-fraction", "1.5"], "train", "strictly between 0 and 1"),
+        (["train", "--rank", "3"], "train", "must be even"),
+        (["train", "--model", work / "missing"], "train", "no such directory"),
+        (["train", "--data", work / "missing.jsonl"], "train", "no such file"),
+        (["train", "--output-dir", work / "empty", "--resume"], "train", "no checkpoint-"),
+        (["train", "--resume", work / "empty"], "train", "not a training checkpoint"),
+        (["train", "--analysis", work / "missing.json"], "train", "no such file"),
+        (["analyze", "--model", work / "data.txt"], "analyze", "not a model directory"),
+        (["eval", "--adapter", work / "missing"], "eval", "no such directory"),
+        (["eval", "--adapter", lora], "eval", "not a LiSA adapter (its peft_type is 'LORA'"),
+        (["eval", "--adapter", work / "tiny"], "eval", "no adapter_config.json"),
+        (["eval", "--merged", work / "tiny"], "eval", "not a merged LiSA model"),
+        (["eval", "--adapter", lora, "--merged", work / "tiny"], "eval", "not allowed with argument"),
+        (["eval", "--compare-base"], "eval", "--compare-base needs --adapter"),
+        (["eval", "--window", "8", "--stride", "16"], "eval", "larger than the window"),
+        (["merge", "--adapter", lora, "--output", work / "out"], "merge", "not a LiSA adapter"),
+        (["merge", "--adapter", lora], "merge", "required: --output"),
+        (["bench", "--merged", lora], "bench", "not a model directory"),
+        (["bench", "--share-layers", "0"], "bench", "layer 0 can never share"),
+        (["bench", "--batch-sizes", "1,-2"], "bench", "positive integers"),
+        (["frobnicate"], None, "invalid choice"),
+    ]
+
+
+def test_bad_arguments_give_one_line_and_exit_code_2(capsys, work):
+    for argv, command, message in bad_argument_cases(work):
+        code, out, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        prefix = f"peft-lisa {command}: error: " if command else "peft-lisa: error: "
+        assert code == 2, (argv, code, err)
+        assert len(lines) == 1 and lines[0].startswith(prefix) and message in lines[0], (argv, err)
+        assert "Traceback" not in err and not out
+
+
+def test_share_layers_beyond_the_model_is_a_usage_error(capsys, work):
+    code, _, err = run(
+        capsys,
+        "train",
+        "--model",
+        work / "tiny",
+        "--data",
+        work / "data.txt",
+        "--share-layers",
+        "2,7",
+        "--output-dir",
+        work / "never",
+    )
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "peft-lisa train: error: --share-layers [7] out of range: the model has 5 layers (valid: 1..4)"
+    )
+    assert not (work / "never").exists()
+
+
+def test_module_entry_point_and_no_traceback(work):
+    """``python -m peft_lisa.cli``: help exits 0; a bad argument exits 2 with the error as last stderr line."""
+    command = [sys.executable, "-m", "peft_lisa.cli"]
+    done = subprocess.run([*command, "merge", "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 0 and "usage: peft-lisa merge" in done.stdout
+    done = subprocess.run(
+        [*command, "eval", "--adapter", str(work / "tiny")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("peft-lisa eval: error: --adapter")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The flow: analyze -> train -> resume -> eval -> merge -> eval --merged -> bench
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analysis_dir(work):
+    out = work / "analysis"
+    code = main(
+        [
+            "analyze",
+            "--model",
+            str(work / "tiny"),
+            "--data",
+            str(work / "data.txt"),
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-batches",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(work, analysis_dir):
+    """Two training steps with a checkpoint after each; layers from the analysis."""
+    out = work / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(work / "tiny"),
+            "--data",
+            str(work / "data.txt"),
+            "--analysis",
+            str(analysis_dir / "analysis.json"),
+            "--share-fraction",
+            "0.5",
+            "--rank",
+            str(RANK),
+            "--max-steps",
+            "2",
+            *TRAIN,
+            *EVAL,
+            "--eval-base",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged_dir(work, run_dir):
+    out = work / "merged"
+    assert main(["merge", "--adapter", str(run_dir / "adapter"), "--output", str(out)]) == 0
+    return out
+
+
+def test_analyze_writes_json_and_plots(capsys, work, analysis_dir):
+    assert {p.name for p in analysis_dir.iterdir()} >= {
+        "analysis.json",
+        "attention_heatmap.png",
+        "attention_layers.png",
+    }
+    data = json.loads((analysis_dir / "analysis.json").read_text())
+    assert data["num_layers"] == 5 and data["sensitivity_direct"] is not None
+    out = ok(
+        capsys,
+        "analyze",
+        "--model",
+        work / "tiny",
+        "--data",
+        work / "data.jsonl",
+        "--seq-len",
+        "16",
+        "--max-batches",
+        "1",
+        "--no-sensitivity",
+        "--fraction",
+        "0.25",
+        "--output-dir",
+        work / "analysis2",
+    )
+    assert "| layer | JS indexed |" in out
+    expected = choose_share_layers(work / "analysis2" / "analysis.json", fraction=0.25)
+    assert (
+        f"suggested share_layers (1 of 5 layers, fraction 0.25, lowest js_matched, first 2 kept full): {expected[0]}\n"
+        in out
+    )
+
+
+def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):
+    shared = choose_share_layers(analysis_dir / "analysis.json", fraction=0.5)
+    adapter = run_dir / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lisa_metrics.json"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    assert (adapter / "tokenizer_config.json").is_file()
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(run_dir.parent.glob(".adapter.tmp-*"))  # atomic save cleaned up
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LISA" and config["share_layers"] == shared and config["rank"] == RANK
+    assert config["base_model_name_or_path"] == str((run_dir.parent / "tiny").resolve())
+    card = (adapter / "README.md").read_text()
+    assert f"- Shared layers ({len(shared)}): {shared}" in card
+    assert "compression" in card and f"- LiSA rank r (per head): {RANK}" in card
+    metrics = json.loads((adapter / "lisa_metrics.json").read_text())
+    ppl = metrics["perplexity"]
+    assert ppl["window"] == 32 and ppl["stride"] == 16 and math.isfinite(ppl["ppl"])
+    assert f"stride 16): {ppl['ppl']:.2f}" in card and "; base model)" in card
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["training"]["global_step"] == 2 and results["share_layers"] == shared
+
+
+def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):
+    # From an explicit checkpoint with no steps left: the saved adapter is exactly the checkpoint's weights.
+    out = work / "resumed-explicit"
+    ok(
+        capsys,
+        "train",
+        "--model",
+        work / "tiny",
+        "--data",
+        work / "data.txt",
+        "--max-steps",
+        "2",
+        *TRAIN,
+        "--no-eval",
+        "--resume",
+        run_dir / "checkpoint-2",
+        "--output-dir",
+        out,
+    )
+    expected = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    actual = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    # A conflicting layer choice is refused.
+    code, _, err = run(
+        capsys,
+        "train",
+        "--model",
+        work / "tiny",
+        "--data",
+        work / "data.txt",
+        "--share-layers",
+        "1",
+        "--resume",
+        run_dir / "checkpoint-2",
+        "--output-dir",
+        out,
+    )
+    assert code == 2 and "differs from the checkpoint's share_layers" in err.strip().splitlines()[-1]
+    # --resume latest continues the run to step 3.
+    resumed = work / "resumed-latest"
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        shutil.copytree(checkpoint, resumed / checkpoint.name)
+    printed = ok(
+        capsys,
+        "train",
+        "--model",
+        work / "tiny",
+        "--data",
+        work / "data.txt",
+        "--max-steps",
+        "3",
+        *TRAIN,
+        "--no-eval",
+        "--output-dir",
+        resumed,
+        "--resume",
+    )
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["training"]["global_step"] == 3
+    assert results["training"]["resumed_from"] == str(resumed / "checkpoint-2")
+    assert "trained to step 3" in printed
+    assert (resumed / "checkpoint-3").is_dir()
+    assert "Perplexity: not measured for this artifact" in (resumed / "adapter" / "README.md").read_text()
+
+
+def test_eval_adapter_prints_perplexity_and_generations(capsys, work, run_dir):
+    report = work / "eval.json"
+    out = ok(
+        capsys,
+        "eval",
+        "--adapter",
+        run_dir / "adapter",
+        "--data",
+        work / "data.txt",
+        "--window",
+        "32",
+        "--stride",
+        "16",
+        "--compare-base",
+        "--max-new-tokens",
+        "4",
+        "--prompts",
+        "w1 w2",
+        "w3",
+        "--json",
+        report,
+    )
+    results = json.loads(report.read_text())
+    trained = json.loads((run_dir / "adapter" / "lisa_metrics.json").read_text())["perplexity"]
+    assert results["perplexity"]["ppl"] == pytest.approx(trained["ppl"], rel=1e-6)
+    assert results["base_perplexity"]["num_tokens"] == results["perplexity"]["num_tokens"]
+    assert f"perplexity: {trained['ppl']:.2f} (" in out and "window 32, stride 16" in out
+    assert [g["prompt"] for g in results["generations"]] == ["w1 w2", "w3"]
+    assert ">>> w1 w2" in out and "[LiSA adapter]" in out and "[base model]" in out
+
+
+@pytest.mark.parametrize("data", ["data.jsonl", "hf"])
+def test_eval_base_model_on_jsonl_and_dataset_inputs(capsys, work, data):
+    out = ok(
+        capsys,
+        "eval",
+        "--model",
+        work / "tiny",
+        "--data",
+        work / data,
+        "--split",
+        "all",
+        "--window",
+        "32",
+        "--stride",
+        "32",
+        "--max-new-tokens",
+        "0",
+    )
+    assert re.search(r"perplexity: [0-9.]+ \(\S+ all, [0-9,]+ tokens, window 32, stride 32\)", out)
+    assert ">>>" not in out
+
+
+def test_merge_writes_a_compact_model_that_reloads(work, run_dir, merged_dir):
+    from peft import PeftModel
+
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= {
+        p.name for p in merged_dir.iterdir()
+    }
+    config = json.loads((merged_dir / "config.json").read_text())
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["model_type"] == "lisa_llama"
+    assert config["lisa"]["share_layers"] == adapter_config["share_layers"] and config["lisa"]["rank"] == RANK
+    card = (merged_dir / "README.md").read_text()
+    assert f"- Shared layers ({len(adapter_config['share_layers'])}): {adapter_config['share_layers']}" in card
+    assert "compression" in card and "measured with the adapter" in card
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "tiny"), run_dir / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(random_ids()).logits, reference.eval()(random_ids()).logits)
+    for layer in adapter_config["share_layers"]:
+        assert not hasattr(merged.model.layers[layer].self_attn, "q_proj")
+
+
+def test_model_card_one_liners_load_in_a_fresh_process(tmp_path, run_dir, merged_dir):
+    """The ``## Load`` snippet of each model card, with PATH filled in, runs in a fresh interpreter."""
+    snippets = []
+    for directory in (run_dir / "adapter", merged_dir):
+        card = (directory / "README.md").read_text()
+        snippets.append(card.split("```python\n")[1].split("```")[0].replace("PATH", str(directory)))
+    code = "\n".join(snippets) + "\nprint(type(model).__name__)\n"
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "LiSALlamaForCausalLM"
+
+
+def test_eval_merged_matches_the_adapter(capsys, work, run_dir, merged_dir):
+    report = work / "eval-merged.json"
+    ok(
+        capsys,
+        "eval",
+        "--merged",
+        merged_dir,
+        "--data",
+        work / "data.txt",
+        "--window",
+        "32",
+        "--stride",
+        "16",
+        "--max-new-tokens",
+        "3",
+        "--prompts",
+        "w1 w2",
+        "--json",
+        report,
+    )
+    results = json.loads(report.read_text())
+    trained = json.loads((run_dir / "adapter" / "lisa_metrics.json").read_text())["perplexity"]
+    assert results["kind"] == "merged LiSA model"
+    assert results["perplexity"]["ppl"] == pytest.approx(trained["ppl"], rel=1e-4)
+
+
+def test_merge_with_eval_and_bench_quick(capsys, work, run_dir, merged_dir):
+    out_dir = work / "merged-eval"
+    printed = ok(
+        capsys,
+        "merge",
+        "--adapter",
+        run_dir / "adapter",
+        "--output",
+        out_dir,
+        "--eval",
+        "--data",
+        work / "data.txt",
+        *EVAL,
+        "--no-verify",
+    )
+    assert "Q/K of the shared layers" in printed and "| **shared layers** |" in printed
+    assert "measured with the adapter" not in (out_dir / "README.md").read_text()
+
+    bench = work / "bench"
+    printed = ok(capsys, "bench", "--merged", merged_dir, "--quick", "--no-max-throughput", "--output-dir", bench)
+    results = json.loads((bench / "results.json").read_text())
+    assert {run["model"] for run in results["runs"]} == {"base", "merged"}
+    assert results["settings"]["command"].startswith("peft-lisa bench --merged")
+    assert (bench / "results.md").is_file()
+
+    bench2 = work / "bench-untrained"
+    ok(
+        capsys,
+        "bench",
+        "--model",
+        work / "tiny",
+        "--share-layers",
+        "3,4",
+        "--rank",
+        "4",
+        "--quick",
+        "--batch-sizes",
+        "1",
+        "--contexts",
+        "16",
+        "--no-max-throughput",
+        "--output-dir",
+        bench2,
+    )
+    results = json.loads((bench2 / "results.json").read_text())
+    assert results["models"]["merged"]["share_layers"] == [3, 4]

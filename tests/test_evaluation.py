@@ -1,0 +1,125 @@
+"""Sliding-window perplexity and greedy sample generation (``peft_lisa.evaluation``) on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+
+from peft_lisa import LiSAConfig
+from peft_lisa.evaluation import DEFAULT_PROMPTS, PerplexityResult, generate_samples, perplexity, sliding_windows
+
+from .conftest import randomize_adapter, tiny_model
+from .test_training import random_texts, tiny_tokenizer
+
+
+def stream(tokenizer, texts) -> torch.Tensor:
+    return torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+
+
+def test_perplexity_is_exp_mean_nll_with_one_window():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    texts = random_texts(3, seed=5)
+    ids = stream(tokenizer, texts)
+    assert 40 < len(ids) < 256
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0]
+    nll = F.cross_entropy(logits[:-1], ids[1:]).item()
+    result = perplexity(model, tokenizer, texts, window=256, stride=128, progress=False)
+    assert isinstance(result, PerplexityResult)
+    assert result.num_tokens == len(ids) - 1
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(nll), rel=1e-5)
+    assert (result.window, result.stride) == (256, 128)
+    assert result.to_dict()["ppl"] == result.ppl
+
+
+@pytest.mark.parametrize(("num_tokens", "window", "stride"), [(100, 16, 8), (101, 16, 5), (16, 16, 4), (17, 8, 1)])
+def test_sliding_windows_score_every_token_once(num_tokens, window, stride):
+    windows = sliding_windows(num_tokens, window, stride)
+    scored = [t for _, end, first in windows for t in range(first, end)]
+    assert scored == list(range(1, num_tokens))  # every token but the first, once, in order
+    for index, (begin, end, first) in enumerate(windows):
+        assert end - begin <= window and begin < first
+        if index:  # after the first window, every scored token has >= window - stride tokens of context
+            assert first - begin >= min(window - stride, first)
+    assert windows[-1][1] == num_tokens
+
+
+def test_sliding_window_perplexity_matches_a_hand_computation():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    texts = random_texts(4, seed=7)
+    ids = stream(tokenizer, texts)
+    window, stride = 32, 12
+    total, count, previous_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), stride):  # the Hugging Face guide's loop, written out
+            end = min(begin + window, len(ids))
+            new = end - max(previous_end, begin + 1)
+            logits = model(input_ids=ids[None, begin:end]).logits[0]
+            total += F.cross_entropy(logits[-new - 1 : -1], ids[end - new : end], reduction="sum").item()
+            count += new
+            previous_end = end
+            if end == len(ids):
+                break
+    batched = perplexity(model, tokenizer, texts, window=window, stride=stride, batch_size=3, progress=False)
+    single = perplexity(model, tokenizer, texts, window=window, stride=stride, batch_size=1, progress=False)
+    assert batched.num_tokens == count == len(ids) - 1
+    assert batched.nll == pytest.approx(total / count, rel=1e-5)
+    assert single.nll == pytest.approx(batched.nll, rel=1e-5)
+    # More context per scored token (a smaller stride) changes the number, not the token count.
+    assert perplexity(model, tokenizer, texts, window=window, stride=4, progress=False).num_tokens == count
+    # max_tokens evaluates a prefix of the stream.
+    prefix = perplexity(model, tokenizer, texts, window=window, stride=stride, max_tokens=50, progress=False)
+    assert prefix.num_tokens == 49
+
+
+def test_perplexity_of_peft_merged_and_disabled_models():
+    tokenizer, texts = tiny_tokenizer(), random_texts(4, seed=2)
+    base = tiny_model()
+    base_ppl = perplexity(base, tokenizer, texts, window=32, stride=16, progress=False).ppl
+    peft_model = get_peft_model(base, LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    peft_ppl = perplexity(peft_model, tokenizer, texts, window=32, stride=16, progress=False).ppl
+    with peft_model.disable_adapter():
+        assert perplexity(peft_model, tokenizer, texts, window=32, stride=16, progress=False).ppl == pytest.approx(
+            base_ppl, rel=1e-6
+        )
+    assert abs(peft_ppl - base_ppl) > 1e-4  # the (random) adapter is active
+    merged = peft_model.merge_and_unload()
+    assert perplexity(merged, tokenizer, texts, window=32, stride=16, progress=False).ppl == pytest.approx(
+        peft_ppl, rel=1e-4
+    )
+
+
+def test_perplexity_errors():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    with pytest.raises(ValueError, match="no non-empty texts"):
+        perplexity(model, tokenizer, [], progress=False)
+    with pytest.raises(ValueError, match="no non-empty texts"):
+        perplexity(model, tokenizer, ["", "  \n"], progress=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        perplexity(model, tokenizer, ["w1"], progress=False)
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, tokenizer, random_texts(2), window=16, stride=32, progress=False)
+    with pytest.raises(ValueError, match="window"):
+        perplexity(model, tokenizer, random_texts(2), window=1, stride=1, progress=False)
+
+
+def test_generate_samples_greedy_left_padded():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    prompts = ["w1 w2 w3 w4 w5 w6", "w7"]
+    padding_side = tokenizer.padding_side
+    batched = generate_samples(peft_model, tokenizer, prompts, max_new_tokens=6)
+    assert tokenizer.padding_side == padding_side  # restored
+    assert len(batched) == 2 and all(isinstance(text, str) for text in batched)
+    # Left padding: the short prompt's completion does not depend on its batch mate.
+    assert generate_samples(peft_model, tokenizer, prompts[1:], max_new_tokens=6) == batched[1:]
+    assert generate_samples(peft_model, tokenizer, prompts, max_new_tokens=6) == batched  # greedy: deterministic
+    assert generate_samples(peft_model, tokenizer, []) == []
+    assert len(DEFAULT_PROMPTS) >= 3

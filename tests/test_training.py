@@ -1,0 +1,506 @@
+"""Training LiSA adapters through TRL's SFTTrainer (plain text with packing, chat data, 4-bit base) and the optional
+distillation losses of ``peft_lisa.training``. Tiny random models and a tiny word-level tokenizer: no downloads."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from peft import get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from peft_lisa import LiSAConfig
+from peft_lisa.training import (
+    AttentionDistiller,
+    LiSADistillationConfig,
+    LiSATrainer,
+    adapter_parameters,
+    attention_kl,
+    chat_dataset,
+    evaluation_texts,
+    lisa_sft_config,
+    load_sft_dataset,
+    output_kl,
+    text_dataset,
+)
+
+from .conftest import random_ids, randomize_adapter, tiny_model
+
+WORDS = [f"w{i}" for i in range(100)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0 .. w99`` (ids < 128, the tiny models' vocabulary) with a chat template.
+
+    Special ids match ``tests.conftest.tiny_config``: pad 0, eos 1, bos 2.
+    """
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, "user": 4, "assistant": 5, "system": 6, ":": 7}
+    vocab.update({word: len(vocab) + i for i, word in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def random_texts(count: int = 40, seed: int = 0, words: int = 20) -> list[str]:
+    """Documents of 20-80 words drawn from a small vocabulary (learnable: the LM loss can fall)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS[:words]) for _ in range(rng.randint(20, 80))) for _ in range(count)]
+
+
+def random_conversations(count: int = 16, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    return [
+        [
+            {"role": "user", "content": " ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(3, 10)))},
+            {"role": "assistant", "content": " ".join(rng.choice(WORDS[20:40]) for _ in range(rng.randint(3, 12)))},
+        ]
+        for _ in range(count)
+    ]
+
+
+def lisa_config(**kwargs) -> LiSAConfig:
+    return LiSAConfig(share_layers=[2, 3], rank=4, task_type="CAUSAL_LM", **kwargs)
+
+
+def sft_args(tmp_path, **overrides):
+    settings = dict(max_steps=3, seq_len=32, batch_size=2, learning_rate=1e-2, logging_steps=1, warmup_steps=0)
+    settings.update(overrides)
+    return lisa_sft_config(tmp_path / "out", **settings)
+
+
+def base_snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def check_only_adapter_changed(peft_model, before: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> None:
+    """``before``: the base model's parameters before get_peft_model; ``initial``: the adapter's before training."""
+    changed_adapter = 0
+    for name, param in peft_model.named_parameters():
+        if "lisa_" in name:
+            assert param.requires_grad, name
+            changed_adapter += int(not torch.equal(param.detach(), initial[name]))
+            continue
+        assert not param.requires_grad, name
+        base_name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        assert torch.equal(param.detach(), before[base_name]), f"base weight {name} changed"
+    assert changed_adapter > 0, "no adapter weight changed"
+
+
+def train_and_check(trainer, before: dict[str, torch.Tensor]) -> None:
+    initial = adapter_parameters(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == trainer.args.max_steps
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    check_only_adapter_changed(trainer.model, before, initial)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SFTTrainer with a LiSAConfig
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_plain_sft_trainer_with_lisa_config_plain_text_packing(tmp_path):
+    """trl.SFTTrainer itself (no subclass) wraps the model with get_peft_model(LiSAConfig), packs plain text and
+    trains only the adapter; gradient checkpointing on (non-reentrant, set by lisa_sft_config)."""
+    from trl import SFTTrainer
+
+    model = tiny_model()
+    before = base_snapshot(model)
+    args = sft_args(tmp_path, gradient_checkpointing=True)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=text_dataset(random_texts()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape == (2, 32)  # wrapped packing: full blocks, no padding
+    assert bool(batch["attention_mask"].all())
+    train_and_check(trainer, before)
+
+
+def test_lisa_trainer_chat_data(tmp_path):
+    model = tiny_model()
+    before = base_snapshot(model)
+    trainer = LiSATrainer(
+        model=model,
+        args=sft_args(tmp_path, packing=False),
+        train_dataset=chat_dataset(random_conversations()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["input_ids"] == 4).any()  # the chat template's "user" token: the conversation was rendered
+    train_and_check(trainer, before)
+
+
+def test_lisa_trainer_refuses_reentrant_checkpointing(tmp_path):
+    args = sft_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        LiSATrainer(
+            model=tiny_model(),
+            args=args,
+            train_dataset=text_dataset(random_texts()),
+            processing_class=tiny_tokenizer(),
+            peft_config=lisa_config(),
+        )
+
+
+def test_lisa_trainer_4bit_nf4_base_on_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model(intermediate_size=128).save_pretrained(tmp_path / "tiny")  # whole 64-blocks, see tiny_checkpoint
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", quantization_config=quantization)
+    assert model.is_loaded_in_4bit
+    assert type(model.model.layers[2].self_attn.q_proj).__name__ == "Linear4bit"
+    packed_before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = LiSATrainer(
+        model=model,
+        args=sft_args(tmp_path),
+        train_dataset=text_dataset(random_texts()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+        distillation=LiSADistillationConfig(attn_kl_weight=0.1),  # teacher Q/K are 4-bit layers
+    )
+    # SFTTrainer casts trainable parameters of a quantized model to bf16; LiSATrainer keeps the adapter in fp32.
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "lisa_" in n} == {torch.float32}
+    initial = adapter_parameters(trainer.model)
+    trainer.train()
+    final = adapter_parameters(trainer.model)
+    assert any(not torch.equal(initial[name], final[name]) for name in initial)
+    for name, param in trainer.model.named_parameters():
+        if "lisa_" not in name:
+            base_name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+            assert torch.equal(param.detach(), packed_before[base_name]), name
+    assert any("attn_kl" in entry for entry in trainer.state.log_history)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distillation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_attention_kl_properties():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 6, 6, generator=generator)
+    teacher = torch.randn(2, 4, 6, 6, generator=generator)
+    assert attention_kl(student, teacher, None).item() > 0
+    assert attention_kl(teacher, teacher, None).item() == pytest.approx(0.0, abs=1e-6)
+    # Entries above the diagonal (future keys) are masked: changing them changes nothing.
+    future = torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1)
+    assert attention_kl(student.masked_fill(future, 50.0), teacher, None).item() == pytest.approx(
+        attention_kl(student, teacher, None).item(), rel=1e-6
+    )
+    # Padding query rows (query_mask False) do not count; a fully masked row is skipped, not NaN.
+    query_mask = torch.ones(2, 6, dtype=torch.bool)
+    query_mask[1, :3] = False
+    bool_mask = ~future[None, None].expand(2, 1, 6, 6).clone()
+    bool_mask[1, :, :3, :] = False
+    value = attention_kl(student, teacher, bool_mask, query_mask)
+    assert torch.isfinite(value) and value.item() > 0
+
+
+def test_attention_distillation_decreases_kl_when_optimised_alone():
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_model(), lisa_config()).train()
+    distiller = AttentionDistiller(peft_model)
+    ids = random_ids(2, 16)
+    params = [p for n, p in peft_model.named_parameters() if "lisa_" in n]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    values = []
+    for _ in range(12):
+        with distiller.collect():
+            peft_model(input_ids=ids)
+        assert sorted(distiller.calls) == [2, 3]
+        loss = distiller.loss()
+        assert loss.item() >= 0
+        values.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert values[-1] < 0.7 * values[0], values
+    # Outside collect() the observer records nothing (generation, evaluation).
+    with distiller.collect():
+        pass
+    peft_model(input_ids=ids)
+    assert distiller.calls == {}
+    distiller.remove()
+    assert not peft_model.base_model.logits_carrier.observers
+
+
+def test_layer_reduction_mean_and_sum():
+    peft_model = get_peft_model(tiny_model(), lisa_config())
+    means, sums = AttentionDistiller(peft_model, "mean"), AttentionDistiller(peft_model, "sum")
+    with means.collect(), sums.collect():
+        peft_model(input_ids=random_ids(2, 10))
+    per_layer = torch.stack(list(means.layer_losses().values()))
+    assert means.loss().item() == pytest.approx(per_layer.mean().item())
+    assert sums.loss().item() == pytest.approx(per_layer.sum().item())
+
+
+def test_output_kl_properties():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 11, generator=generator), torch.randn(5, 11, generator=generator)
+    assert output_kl(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert output_kl(a, b).item() > 0
+    manual = (torch.softmax(b / 2, -1) * (torch.log_softmax(b / 2, -1) - torch.log_softmax(a / 2, -1))).sum(-1)
+    assert output_kl(a, b, temperature=2.0).item() == pytest.approx(4 * manual.mean().item(), rel=1e-5)
+
+
+def test_distillation_config_schedule_and_validation():
+    config = LiSADistillationConfig(attn_kl_weight=0.4, attn_kl_schedule="linear_decay", attn_kl_warmup_steps=10)
+    assert [config.attn_kl_weight_at(s) for s in (0, 5, 10, 20)] == pytest.approx([0.4, 0.2, 0.0, 0.0])
+    assert LiSADistillationConfig(attn_kl_weight=0.3).attn_kl_weight_at(1000) == 0.3
+    assert not LiSADistillationConfig().enabled
+    with pytest.raises(ValueError, match="warmup"):
+        LiSADistillationConfig(attn_kl_weight=1.0, attn_kl_schedule="linear_decay")
+    with pytest.raises(ValueError, match="schedule"):
+        LiSADistillationConfig(attn_kl_schedule="cosine")
+    with pytest.raises(ValueError, match="temperature"):
+        LiSADistillationConfig(temperature=0.0)
+
+
+def make_trainer(tmp_path, distillation=None, **args):
+    return LiSATrainer(
+        model=tiny_model(),
+        args=sft_args(tmp_path, **args),
+        train_dataset=text_dataset(random_texts()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+        distillation=distillation,
+    )
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_zero_weights_give_exactly_the_sft_trainer_loss(tmp_path):
+    from trl import SFTTrainer
+
+    sft = SFTTrainer(
+        model=tiny_model(),
+        args=sft_args(tmp_path),
+        train_dataset=text_dataset(random_texts()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+    )
+    lisa = make_trainer(tmp_path, LiSADistillationConfig(attn_kl_weight=0.0, output_kl_weight=0.0))
+    for trainer in (sft, lisa):
+        randomize_adapter(trainer.model, seed=3)
+        trainer.model.train()
+    batch = first_batch(sft)
+    assert torch.equal(batch["input_ids"], first_batch(lisa)["input_ids"])
+    expected = sft.compute_loss(sft.model, dict(batch))
+    assert torch.equal(lisa.compute_loss(lisa.model, dict(batch)), expected)
+    assert "attn_kl" not in lisa._metrics["train"] and "output_kl" not in lisa._metrics["train"]
+
+    # Non-zero weights add exactly weight * term to that loss, and log the terms.
+    weighted = make_trainer(tmp_path, LiSADistillationConfig(attn_kl_weight=0.5, output_kl_weight=0.25))
+    randomize_adapter(weighted.model, seed=3)
+    weighted.model.train()
+    loss = weighted.compute_loss(weighted.model, dict(batch))
+    metrics = weighted._metrics["train"]
+    assert metrics["lm_loss"][-1] == pytest.approx(expected.item(), rel=1e-6)
+    assert metrics["attn_kl"][-1] > 0 and metrics["output_kl"][-1] > 0
+    total = expected.item() + 0.5 * metrics["attn_kl"][-1] + 0.25 * metrics["output_kl"][-1]
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_output_kl_is_zero_when_the_student_is_the_teacher(tmp_path):
+    trainer = make_trainer(tmp_path, LiSADistillationConfig(output_kl_weight=1.0))
+    randomize_adapter(trainer.model, seed=1)
+    batch = first_batch(trainer)
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert trainer._metrics["train"]["output_kl"][-1] > 1e-4  # a random adapter differs from the base
+    with trainer.model.disable_adapter():
+        trainer.compute_loss(trainer.model, dict(batch))
+    assert trainer._metrics["train"]["output_kl"][-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_attention_kl_training_with_checkpointing_and_schedule(tmp_path):
+    """Recomputation by (non-reentrant) gradient checkpointing does not record extra layers; the schedule logs."""
+    distillation = LiSADistillationConfig(attn_kl_weight=1.0, attn_kl_schedule="linear_decay", attn_kl_warmup_steps=2)
+    trainer = make_trainer(tmp_path, distillation, gradient_checkpointing=True)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry.get("attn_kl_weight") for entry in logged] == [1.0, 0.5, None]
+    assert all(entry["attn_kl"] >= 0 for entry in logged[:2])
+    assert sorted(trainer.attention_distiller.last_layer_kls) == [2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_dataset_helpers(tmp_path):
+    text_file = tmp_path / "docs.txt"
+    text_file.write_text("\n\n".join(random_texts(20)))
+    train, test = load_sft_dataset(text_file, "train"), load_sft_dataset(text_file, "test")
+    assert train.column_names == ["text"] and len(train) + len(test) == 20
+    assert not set(train["text"]) & set(test["text"])
+
+    chat_file = tmp_path / "chat.jsonl"
+    conversations = random_conversations(20)
+    chat_file.write_text("\n".join(json.dumps({"messages": messages}) for messages in conversations))
+    chat_train, chat_test = load_sft_dataset(chat_file, "train"), load_sft_dataset(chat_file, "test")
+    assert chat_train.column_names == ["messages"] and len(chat_train) + len(chat_test) == 20
+    rendered = evaluation_texts(chat_test, tiny_tokenizer())
+    assert rendered[0].startswith("<s> user :")
+    assert evaluation_texts(test) == test["text"]
+
+    with pytest.raises(ValueError, match="role"):
+        chat_dataset([[{"content": "w1"}]])
+    with pytest.raises(ValueError, match="no non-empty"):
+        text_dataset(["", "  "])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# examples/train_lisa.py
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_script():
+    import importlib.util
+
+    from .conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("train_lisa_script", REPO_ROOT / "examples" / "train_lisa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    directory = tmp_path / "tiny"
+    # in_features multiple of 64: bitsandbytes' CPU inference kernel (avx512-bf16 CPUs, eval mode) needs whole blocks.
+    tiny_model(intermediate_size=128).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+SCRIPT_FAST = ["--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--logging-steps", "1"]
+SCRIPT_EVAL = ["--eval-window", "32", "--eval-stride", "16", "--eval-max-tokens", "200", "--max-new-tokens", "4"]
+
+
+def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_path):
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(random_texts(60)))
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_checkpoint), "--data", str(data), "--share-fraction", "0.4", "--rank", "4"]
+    args += [
+        "--analysis-batches",
+        "1",
+        "--attn-kl-weight",
+        "0.1",
+        "--output-kl-weight",
+        "0.1",
+        "--output-dir",
+        str(out),
+    ]
+    results = load_script().main(args + SCRIPT_FAST + SCRIPT_EVAL)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["share_layers"] == results["share_layers"] and len(saved["share_layers"]) == 2
+    assert min(saved["share_layers"]) >= 2  # --keep-first 2
+    assert saved["layer_choice"]["method"].startswith("analysis")
+    assert set(saved["perplexity"]) == {"base", "untrained_lisa", "trained_lisa"}
+    assert saved["perplexity"]["trained_lisa"]["window"] == 32 and saved["perplexity"]["base"]["num_tokens"] == 199
+    assert saved["training"]["tokens_seen"] == 2 * 2 * 32
+    assert any("attn_kl" in entry and "output_kl" in entry for entry in saved["training"]["log_history"])
+    assert len(saved["generations"]["trained_lisa"]) == len(saved["generations"]["prompts"])
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "analysis.json").is_file()
+
+
+def test_script_chat_data_on_4bit_base(tiny_checkpoint, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in random_conversations(30)))
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_checkpoint), "--data", str(data), "--share-layers", "2,3", "--rank", "4"]
+    args += ["--load-in-4bit", "--output-dir", str(out)]
+    results = load_script().main(args + SCRIPT_FAST + SCRIPT_EVAL)
+    assert results["data_format"] == "chat" and results["packing"] is False and results["load_in_4bit"]
+    assert set(results["perplexity"]) == {"base", "untrained_lisa", "trained_lisa"}
+    assert results["perplexity"]["trained_lisa"]["ppl"] != results["perplexity"]["untrained_lisa"]["ppl"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_script_help_lists_the_options():
+    help_text = load_script().build_parser().format_help()
+    for option in ("--share-fraction", "--load-in-4bit", "--attn-kl-weight", "--output-kl-weight", "--eval-stride"):
+        assert option in help_text
+
+
+def test_4bit_training_after_an_evaluation_still_gets_gradients(tmp_path):
+    """bitsandbytes repacks 4-bit CPU weights for inference on the first no-grad eval forward (on AVX512-BF16
+    CPUs), after which gradients stop flowing; keep_4bit_weights_trainable prevents that, and undoes it."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peft_lisa.training import keep_4bit_weights_trainable
+
+    tiny_model(intermediate_size=128).save_pretrained(tmp_path / "tiny")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    ids = random_ids(2, 12)
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", quantization_config=quantization)
+        torch.manual_seed(0)  # the same adapter initialisation every time
+        peft_model = get_peft_model(model, lisa_config())
+        randomize_adapter(peft_model)  # a zero-initialised low-rank query would give the key factor no gradient
+        return peft_model
+
+    def evaluate(peft_model):
+        peft_model.eval()
+        with torch.no_grad():
+            peft_model(input_ids=ids)  # repacks the 4-bit weights on CPUs with AVX512-BF16
+        peft_model.train()
+
+    def check_gradients(peft_model):
+        peft_model.zero_grad()
+        peft_model(input_ids=ids).logits.float().pow(2).mean().backward()
+        grads = [p.grad for n, p in peft_model.named_parameters() if "lisa_" in n]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+    # Prevented: called before any evaluation, the weights are never repacked and compute exactly as before.
+    peft_model = load().train()
+    reference = peft_model(input_ids=ids).logits.detach()
+    keep_4bit_weights_trainable(peft_model)
+    evaluate(peft_model)
+    layers = [m for m in peft_model.modules() if isinstance(m, Linear4bit)]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert torch.equal(peft_model(input_ids=ids).logits.detach(), reference)
+    check_gradients(peft_model)
+
+    # Undone: after a repacking, the weights are unpacked again (bitsandbytes rounded their scales to bf16).
+    peft_model = load()
+    evaluate(peft_model)
+    keep_4bit_weights_trainable(peft_model)
+    layers = [m for m in peft_model.modules() if isinstance(m, Linear4bit)]
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    difference = peft_model(input_ids=ids).logits.detach() - reference
+    assert difference.norm() < 0.02 * reference.norm()
+    check_gradients(peft_model)
