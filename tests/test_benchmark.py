@@ -240,10 +240,15 @@ def test_example_script_quick(tmp_path, capsys):
 
 
 def test_cache_accounting_follows_the_lowrank_dtype():
-    """A bf16 base merged without a cast keeps float32 LiSA modules: their rank-r keys are cached in float32."""
+    """Merging a bf16 base casts the LiSA modules to bf16 (rank-r keys cached in bf16); casting them back to float32
+    by hand gives float32 keys, and the accounting follows either way."""
     base = tiny_model("llama").to(torch.bfloat16)
     merged = get_peft_model(copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK)).merge_and_unload()
-    for model, key_bytes in ((merged, 4), (copy.deepcopy(merged).to(torch.bfloat16), 2)):
+    mixed = copy.deepcopy(merged)
+    for layer_idx in SHARE:
+        for part in ("q_lowrank", "k_lowrank"):
+            getattr(mixed.model.layers[layer_idx].self_attn, part).float()
+    for model, key_bytes in ((merged, 2), (mixed, 4)):
         shape = ModelShape.of(model)
         assert shape.element_bytes == 2 and shape.lowrank_key_bytes == key_bytes
         assert shape.mixed_dtype == (key_bytes == 4)
