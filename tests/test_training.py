@@ -400,6 +400,7 @@ def tiny_checkpoint(tmp_path):
 
 
 SCRIPT_FAST = ["--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--logging-steps", "1"]
+SCRIPT_FAST += ["--threads", str(torch.get_num_threads())]  # main() sets the thread count of this process
 SCRIPT_EVAL = ["--eval-window", "32", "--eval-stride", "16", "--eval-max-tokens", "200", "--max-new-tokens", "4"]
 
 
