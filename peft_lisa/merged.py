@@ -29,7 +29,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .architectures import attention_of, base_model_type, decoder_layers
+from .architectures import base_model_type, decoder_layers
 from .tuner.config import LISA_FORMAT_VERSION, LiSAConfig
 from .tuner.layer import (
     ROLE_SHARED,
@@ -327,5 +327,4 @@ __all__ = [
     "merge_lisa_adapter",
     "merged_layers",
     "register_merged_models",
-    "attention_of",
 ]

@@ -179,8 +179,3 @@ def check_gradient_checkpointing(model: nn.Module) -> None:
                 "LiSA hands attention logits from layer to layer, which reentrant gradient checkpointing drops. "
                 "Enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
             )
-
-
-def get_lisa_wrappers(model: nn.Module) -> dict[int, LiSALayer]:
-    """The :class:`LiSALayer` wrappers of a model, by layer index."""
-    return {m.layer_idx: m for m in model.modules() if isinstance(m, LiSALayer)}
