@@ -8,6 +8,10 @@ the way).
 
     python examples/experiment.py                      # everything (about 2 CPU-hours on 2 cores)
     python examples/experiment.py --only 0.5:lisa_lm   # one run
+    python examples/experiment.py --only 0.5:lisa_lm --align-hidden 0 --tag linear   # a variant, reported apart
+
+A ``--tag`` names a variant (other alignment width, rank, learning rate, budget): it is cached under its own name
+and listed in a second table with its settings, so the main table always compares like with like.
 
 Data: the built-in pydoc text; training uses the train split, perplexity the held-out topics (never trained on),
 sliding windows of 256 tokens with stride 128. Layers and initial head permutations come from the calibration
@@ -57,9 +61,11 @@ class PerplexityCurve(TrainerCallback):
     def __init__(self, model, tokenizer, texts, args, tokens_per_step: int, every: int) -> None:
         self.model, self.tokenizer, self.texts, self.args = model, tokenizer, texts, args
         self.tokens_per_step, self.every, self.points = tokens_per_step, every, []
+        self.seconds = 0.0  # time spent evaluating, kept out of the training minutes
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
+            start = time.perf_counter()
             was_training = self.model.training
             self.model.eval()
             ppl = evaluate(self.model, self.tokenizer, self.texts, self.args, self.args.curve_tokens)["ppl"]
@@ -68,6 +74,7 @@ class PerplexityCurve(TrainerCallback):
                 {"step": state.global_step, "tokens": state.global_step * self.tokens_per_step, "ppl": ppl}
             )
             print(f"  step {state.global_step}: held-out perplexity {ppl:.2f}", flush=True)
+            self.seconds += time.perf_counter() - start
 
 
 def lisa_config(analysis: AttentionAnalysis, fraction: float, method: str, args: argparse.Namespace) -> LiSAConfig:
@@ -77,10 +84,21 @@ def lisa_config(analysis: AttentionAnalysis, fraction: float, method: str, args:
     return LiSAConfig.from_analysis(analysis, fraction=fraction, rank=args.rank, align_hidden=args.align_hidden)
 
 
+def run_name(fraction: float, method: str, tag: str) -> str:
+    return f"{fraction}_{method}" + (f"_{tag}" if tag else "")
+
+
 def run_one(fraction: float, method: str, analysis, args, test_texts, train_texts) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(args.model)
     config = lisa_config(analysis, fraction, method, args)
-    record: dict[str, Any] = {"fraction": fraction, "method": method, "share_layers": config.share_layers}
+    record: dict[str, Any] = {
+        "fraction": fraction,
+        "method": method,
+        "tag": args.tag,
+        "share_layers": config.share_layers,
+        "rank": config.rank,
+        "align_hidden": config.align_hidden,
+    }
     start = time.perf_counter()
     if method in ("direct", "permutation"):
         peft_model = get_peft_model(model, config).eval()
@@ -94,7 +112,7 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
         distillation = LiSADistillationConfig(
             attn_kl_weight=args.attn_kl_weight, attn_kl_schedule="linear_decay", attn_kl_warmup_steps=args.steps // 2
         )
-    out = Path(args.output_dir) / f"train_{fraction}_{method}"
+    out = Path(args.output_dir) / f"train_{run_name(fraction, method, args.tag)}"
     sft_args = lisa_sft_config(
         out, max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.lr
     )
@@ -108,11 +126,12 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
     )
     tokens_per_step = args.seq_len * args.batch_size
     curve = None
-    if fraction == 0.5 and method == "lisa_lm":
-        curve = PerplexityCurve(trainer.model, tokenizer, test_texts, args, tokens_per_step, 20)
+    if args.curve_every or (fraction == 0.5 and method == "lisa_lm" and not args.tag):
+        curve = PerplexityCurve(trainer.model, tokenizer, test_texts, args, tokens_per_step, args.curve_every or 20)
         trainer.add_callback(curve)
     trainer.train()
-    record["train_minutes"] = (time.perf_counter() - start) / 60
+    # Wall minutes of set-up + training with one process per core; curve evaluations are not counted.
+    record["train_minutes"] = (time.perf_counter() - start - (curve.seconds if curve else 0.0)) / 60
     record["train_tokens"] = args.steps * tokens_per_step
     record["steps"], record["lr"], record["seq_len"], record["batch_size"] = (
         args.steps,
@@ -141,30 +160,62 @@ def cached(path: Path, compute) -> dict[str, Any]:
     return result
 
 
-def report(results: dict[tuple[float, str], dict], base: dict, out: Path, args: argparse.Namespace) -> None:
+def _align_width(record: dict) -> str:
+    width = record.get("align_hidden")
+    return "4H" if width is None else str(width)
+
+
+def _row(record: dict, base_ppl: float) -> tuple[str, str]:
+    ppl = record["eval"]["ppl"]
+    minutes = f"{record['train_minutes']:.1f}" if "train_minutes" in record else "-"
+    tokens = f"{record['train_tokens']:,}" if "train_tokens" in record else "-"
+    shared = f"{len(record['share_layers'])} ({record['fraction']:.0%})"
+    return shared, f"{ppl:.2f} | {(ppl / base_ppl - 1) * 100:+.0f}% | {tokens} | {minutes}"
+
+
+def report(results: dict[tuple[float, str, str], dict], base: dict, out: Path, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base_ppl = base["eval"]["ppl"]
+    main_runs = {(f, m): r for (f, m, tag), r in results.items() if not tag}
+    variants = {key: r for key, r in results.items() if key[2]}
+    trained = next((r for (_, m), r in sorted(main_runs.items()) if "steps" in r), None)
+    settings = (
+        f"; training: {trained['steps']} steps x {trained['batch_size']} x {trained['seq_len']} tokens, "
+        f"lr {trained['lr']}, rank {trained.get('rank', args.rank)}, align_hidden {_align_width(trained)}"
+        if trained
+        else ""
+    )
     lines = [
         f"Held-out pydoc perplexity (first {args.eval_tokens} tokens of the held-out topics), window {args.window}, "
-        f"stride {args.stride}; training: {args.steps} steps x "
-        f"{args.batch_size} x {args.seq_len} tokens = {args.steps * args.batch_size * args.seq_len:,} tokens, lr "
-        f"{args.lr}, rank {args.rank}.",
+        f"stride {args.stride}{settings}. Train min: wall minutes of one process on one thread (2-core machine), "
+        "evaluations excluded.",
         "",
-        "| shared | layers | method | perplexity | vs base | train min |",
-        "|---:|---|---|---:|---:|---:|",
-        f"| 0 | - | base | {base_ppl:.2f} | - | - |",
+        "| shared | layers | method | perplexity | vs base | train tokens | train min |",
+        "|---:|---|---|---:|---:|---:|---:|",
+        f"| 0 | - | base | {base_ppl:.2f} | - | - | - |",
     ]
-    for (fraction, method), record in sorted(results.items()):
-        ppl = record["eval"]["ppl"]
-        minutes = f"{record['train_minutes']:.1f}" if "train_minutes" in record else "-"
-        lines.append(
-            f"| {len(record['share_layers'])} ({fraction:.0%}) | {record['share_layers']} | {method} | {ppl:.2f} | "
-            f"{(ppl / base_ppl - 1) * 100:+.0f}% | {minutes} |"
-        )
+    for (_, method), record in sorted(main_runs.items()):
+        shared, cells = _row(record, base_ppl)
+        lines.append(f"| {shared} | {record['share_layers']} | {method} | {cells} |")
+    if variants:
+        lines += [
+            "",
+            "Variants (`--tag`): other alignment widths, ranks, learning rates or budgets, same layers and data.",
+            "",
+            "| tag | shared | method | align_hidden | rank | lr | steps | perplexity | vs base | train tokens "
+            "| train min |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for (_, method, tag), record in sorted(variants.items()):
+            shared, cells = _row(record, base_ppl)
+            lines.append(
+                f"| {tag} | {shared} | {method} | {_align_width(record)} | {record.get('rank', '-')} | "
+                f"{record.get('lr', '-')} | {record.get('steps', '-')} | {cells} |"
+            )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(
         json.dumps({"base": base, "runs": [r for _, r in sorted(results.items())]}, indent=2)
@@ -173,7 +224,7 @@ def report(results: dict[tuple[float, str], dict], base: dict, out: Path, args: 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in METHODS:
-        points = sorted((f, r["eval"]["ppl"]) for (f, m), r in results.items() if m == method)
+        points = sorted((f, r["eval"]["ppl"]) for (f, m), r in main_runs.items() if m == method)
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
     ax.axhline(base_ppl, color="black", linestyle="--", label=f"base ({base_ppl:.1f})")
@@ -185,11 +236,14 @@ def report(results: dict[tuple[float, str], dict], base: dict, out: Path, args: 
     fig.tight_layout()
     fig.savefig(out / "perplexity_vs_fraction.png", dpi=120)
 
-    curve = results.get((0.5, "lisa_lm"), {}).get("curve")
-    if curve:
+    curves = {key: r["curve"] for key, r in sorted(results.items()) if r.get("curve")}
+    if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], marker="o", label="LiSA (LM loss), 50%")
+        for (fraction, method, tag), curve in curves.items():
+            label = f"{method}, {fraction:.0%}" + (f" ({tag})" if tag else "")
+            ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], marker="o", label=label)
         ax.axhline(base_ppl, color="black", linestyle="--", label="base")
+        ax.axhline(base_ppl * 1.1, color="grey", linestyle=":", label="base +10%")
         ax.set_xlabel("training tokens")
         ax.set_ylabel(f"held-out perplexity (first {args.curve_tokens} tokens)")
         ax.set_yscale("log")
@@ -202,7 +256,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model path or hub id (default: built-in SmolLM2-135M)")
     parser.add_argument("--output-dir", default="runs/experiment")
-    parser.add_argument("--only", nargs="*", default=None, help="runs to compute, as FRACTION:METHOD")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="runs to compute, as FRACTION:METHOD (none: only rebuild the report from the cache)",
+    )
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -215,6 +274,8 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per evaluation")
     parser.add_argument("--curve-tokens", type=int, default=4096, help="held-out tokens scored along the curve")
+    parser.add_argument("--curve-every", type=int, default=0, help="evaluate along training every N steps")
+    parser.add_argument("--tag", default="", help="name of a variant run (cached and reported apart)")
     args = parser.parse_args()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,16 +297,21 @@ def main() -> None:
 
     base = cached(out / "base.json", compute_base)
     wanted = PRIORITY
-    if args.only:
+    if args.only is not None:  # `--only` with nothing after it: just the report from the cache
         wanted = [(float(f), m) for f, m in (item.split(":") for item in args.only)]
+        unknown = [m for _, m in wanted if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown} in --only; choose from {list(METHODS)}")
+    for fraction, method in wanted:
+        print(f"== {fraction:.0%} shared, {method}" + (f" [{args.tag}]" if args.tag else ""), flush=True)
+        cached(
+            out / f"run_{run_name(fraction, method, args.tag)}.json",
+            lambda f=fraction, m=method: run_one(f, m, analysis, args, test_texts, train_texts),
+        )
     results = {}
-    for fraction, method in PRIORITY:
-        path = out / f"run_{fraction}_{method}.json"
-        if (fraction, method) in wanted or path.exists():
-            print(f"== {fraction:.0%} shared, {method}", flush=True)
-            results[(fraction, method)] = cached(
-                path, lambda f=fraction, m=method: run_one(f, m, analysis, args, test_texts, train_texts)
-            )
+    for path in sorted(out.glob("run_*.json")):
+        record = json.loads(path.read_text())
+        results[(record["fraction"], record["method"], record.get("tag", ""))] = record
     report(results, base, out, args)
 
 

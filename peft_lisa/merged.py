@@ -52,12 +52,17 @@ _BASE_CLASSES = {
 
 
 class LiSASourceAttention(nn.Module):
-    """A full attention layer that also hands its pre-softmax logits to the shared layer after it."""
+    """A full attention layer (the model's own attention kernel) that also hands its rotary query and key to the
+    shared layer after it, which computes this layer's logits from them."""
 
     def __init__(self, attn: nn.Module, carrier: LogitsCarrier) -> None:
         super().__init__()
         self.config = attn.config
         self.layer_idx: int = attn.layer_idx
+        # What transformers' attention kernels read from the module.
+        self.num_key_value_groups: int = attn.num_key_value_groups
+        self.is_causal: bool = getattr(attn, "is_causal", True)
+        self.sliding_window: Optional[int] = getattr(attn, "sliding_window", None)
         self.head_dim: int = attn.head_dim
         self.scaling: float = attn.scaling
         self.attention_dropout: float = attn.attention_dropout

@@ -176,3 +176,31 @@ def test_long_prefill_spanning_several_query_blocks_matches_reference():
         weights = {i: adapter_weights(peft_model, i) for i in (2, 3)}
         expected = reference_logits(peft_model.get_base_model(), ids, weights)
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_source_layer_attends_with_the_models_own_kernel_and_hands_no_logits_tensor(attn_implementation, monkeypatch):
+    """A full layer feeding a shared one is the base layer, bit for bit, with the model's attention implementation;
+    it hands its rotary query/key on, so no B x H x T x T tensor lives between layers."""
+    from peft_lisa.tuner.layer import LogitsCarrier, ScoresFromQueryKey
+
+    model = tiny_model("llama", attn_implementation=attn_implementation)
+    ids = random_ids(2, 20)
+    captured = {}
+    hook = model.model.layers[2].self_attn.register_forward_hook(lambda m, a, out: captured.update(base=out[0]))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[3], rank=4))
+    handed = []
+    original_put = LogitsCarrier.put
+    monkeypatch.setattr(
+        LogitsCarrier, "put", lambda self, idx, logits: handed.append((idx, logits)) or original_put(self, idx, logits)
+    )
+    source = peft_model.get_base_model().model.layers[2].self_attn
+    source.register_forward_hook(lambda m, a, out: captured.update(lisa=out[0]))
+    with torch.no_grad():
+        peft_model(ids)
+    assert torch.equal(captured["lisa"], captured["base"])
+    assert [idx for idx, _ in handed] == [2]
+    assert isinstance(handed[0][1], ScoresFromQueryKey) and handed[0][1].shape == (2, 4, 20, 20)

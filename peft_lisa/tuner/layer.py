@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
 ROLE_SHARED = "shared"  # the layer's attention is replaced by LiSA
@@ -58,7 +60,7 @@ class LogitsCarrier:
     """
 
     def __init__(self) -> None:
-        self._logits: dict[int, torch.Tensor] = {}
+        self._logits: dict[int, SourceLogits] = {}
         self.observers: list[Callable[[SharedLayerCall], None]] = []
         self._mask_cache: Optional[tuple[Any, tuple, torch.Tensor]] = None
 
@@ -74,7 +76,7 @@ class LogitsCarrier:
         self._mask_cache = (attention_mask, key, mask)  # holds the mask object, so its id cannot be reused
         return mask
 
-    def put(self, layer_idx: int, logits: torch.Tensor) -> None:
+    def put(self, layer_idx: int, logits: SourceLogits) -> None:
         self._logits[layer_idx] = logits
 
     def observe(self, call: SharedLayerCall) -> None:
@@ -82,7 +84,7 @@ class LogitsCarrier:
         for observer in self.observers:
             observer(call)
 
-    def take(self, layer_idx: int) -> torch.Tensor:
+    def take(self, layer_idx: int) -> SourceLogits:
         if layer_idx not in self._logits:
             raise RuntimeError(
                 f"LiSA: layer {layer_idx + 1} shares attention but layer {layer_idx} handed it no logits in this "
@@ -95,6 +97,43 @@ class LogitsCarrier:
     def clear(self) -> None:
         self._logits.clear()
         self._mask_cache = None
+
+
+class SourceLogits:
+    """The logits S_{l-1} a shared layer reads (METHOD.md step 1), one block of queries at a time.
+
+    ``shape`` is B x H x T_q x T_k; ``rows(rows)`` gives the float32 logits of those queries, B x H x len(rows) x T_k.
+    """
+
+    shape: torch.Size
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MaterializedLogits(SourceLogits):
+    """Logits held as one tensor: those a shared layer reconstructed and hands on to the next shared layer."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits, self.shape = logits, logits.shape
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        return self.logits[:, :, rows]
+
+
+class ScoresFromQueryKey(SourceLogits):
+    """A full layer's logits ``scale Q K^T``, kept as its rotary query and key and computed block by block on demand.
+
+    The full layer itself attends with the model's own kernel (sdpa), so no T_q x T_k tensor exists between layers.
+    """
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        # query: B x H x T_q x d_h, key: B x H_kv x T_k x d_h (cached keys included)
+        self.query, self.key, self.scaling = query, key, scaling
+        self.shape = torch.Size((query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        return grouped_scores(self.query[:, :, rows], self.key, self.scaling)
 
 
 @dataclass
@@ -283,15 +322,29 @@ def source_attention(
     cache: Any,
     kwargs: dict,
 ) -> tuple[torch.Tensor, None]:
-    """A full layer that computes its logits explicitly and hands them on: S_l = scale Q_l K_l^T."""
+    """A full layer whose logits S_l = scale Q_l K_l^T feed the next (shared) layer.
+
+    It attends exactly as the base layer does, with the model's own attention implementation, and hands on its rotary
+    query and key: the shared layer computes S_l from them one block of queries at a time.
+    """
+    batch, q_len, _ = hidden_states.shape
     query, key, value = project_full_qkv(attn, hidden_states, position_embeddings)
     key, value = update_cache(cache, key, value, layer_idx, kwargs)
-    logits = grouped_scores(query, key, attn.scaling)  # B x H x T_q x T_k
-    carrier.put(layer_idx, logits)
-    dropout = attn.attention_dropout if attn.training else 0.0
-    mask = carrier.additive_mask(attention_mask, logits.shape[-2], logits.shape[-1], logits.device)
-    attn_output = attend_from_logits(logits, mask, value, dropout, attn.training)
-    return attn.o_proj(attn_output), None
+    carrier.put(layer_idx, ScoresFromQueryKey(query, key, attn.scaling))
+    implementation = attn.config._attn_implementation
+    attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    attn_output, _ = attention(
+        attn,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=attn.attention_dropout if attn.training else 0.0,
+        scaling=attn.scaling,
+        sliding_window=getattr(attn, "sliding_window", None),
+        **kwargs,
+    )  # B x T_q x H x d_h
+    return attn.o_proj(attn_output.reshape(batch, q_len, -1)), None
 
 
 def shared_attention(
@@ -332,7 +385,7 @@ def shared_attention(
     value = v_proj(hidden_states).view(batch, q_len, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
     k_small, value = update_cache(cache, k_small, value, layer_idx, kwargs)
 
-    # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too).
+    # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too), read block by block.
     source_logits = carrier.take(layer_idx - 1)  # B x H x T_q x T_k
     k_len = k_small.shape[-2]
     if source_logits.shape[-2:] != (q_len, k_len) or source_logits.shape[0] != batch:
@@ -348,13 +401,13 @@ def shared_attention(
     for start in range(0, q_len, query_block_size):
         rows = slice(start, min(start + query_block_size, q_len))
         # Steps 2-4: S_l = align(S_{l-1}) + scale_r Q_r K_r^T; the mask is applied after alignment.
-        logits = align(source_logits[:, :, rows]) + grouped_scores(q_small[:, :, rows], k_small, rank**-0.5)
+        logits = align(source_logits.rows(rows)) + grouped_scores(q_small[:, :, rows], k_small, rank**-0.5)
         if keep_logits:
             logits_blocks.append(logits)
         output_blocks.append(attend_from_logits(logits, mask[..., rows, :], value, dropout, training))  # Step 5
     if keep_logits:
         logits = torch.cat(logits_blocks, dim=2) if len(logits_blocks) > 1 else logits_blocks[0]
-        carrier.put(layer_idx, logits)
+        carrier.put(layer_idx, MaterializedLogits(logits))
         if carrier.observers:
             carrier.observe(SharedLayerCall(layer_idx, logits, attention_mask, hidden_states, position_embeddings))
     attn_output = torch.cat(output_blocks, dim=1) if len(output_blocks) > 1 else output_blocks[0]
