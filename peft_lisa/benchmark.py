@@ -408,8 +408,8 @@ def estimate_working_bytes(shape: ModelShape, batch: int, context: int, decode_t
     cache of ``context`` tokens). Counted: the KV cache, one layer's transient activations, the last-position logits
     and, for LiSA layers, the ``B x H x T_q x T_k`` float32 logits and the ``B x m x T_q x T_k`` hidden tensor of the
     head-alignment FFN that the unfused implementation materialises (``m + 3H`` float32 values per (query, key)
-    entry at the peak of a shared layer, ``2H`` in a source layer; about ``m + 1.5H`` was measured on SmolLM2-135M
-    on CPU). sdpa layers are taken as fused (no ``T_q x T_k`` tensor).
+    entry at the peak of a shared layer; about ``m + 1.5H`` was measured on SmolLM2-135M on CPU). sdpa layers,
+    source layers included, are taken as fused (no ``T_q x T_k`` tensor).
     """
     heads, kv_heads, head_dim, e = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.element_bytes
     q_len = context if phase == "prefill" else 1
@@ -418,12 +418,7 @@ def estimate_working_bytes(shape: ModelShape, batch: int, context: int, decode_t
     per_token = 4 * shape.hidden + 3 * shape.intermediate + (heads + 2 * kv_heads) * head_dim
     activations = 3 * batch * q_len * per_token * e  # x3: temporaries and allocator slack, measured on SmolLM2
     logits = batch * shape.vocab * 4 * 2
-    if shape.share_layers:
-        entry_floats = shape.align_hidden + 3 * heads
-    elif shape.source_layers:
-        entry_floats = 2 * heads
-    else:
-        entry_floats = 0
+    entry_floats = shape.align_hidden + 3 * heads if shape.share_layers else 0
     explicit = batch * q_len * k_len * 4 * entry_floats
     return cache + activations + logits + explicit
 
@@ -979,14 +974,16 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
 
     * full layer: projections ``2d(H d_h) + 2 * 2d(H_kv d_h) + 2(H d_h)d``; per key ``QK^T`` ``2 H d_h`` and ``AV``
       ``2 H d_h``.
+    * source layer (a full layer feeding a shared one): a full layer run by sdpa, handing its rotary Q/K on.
     * shared layer: projections ``2d(H r) + 2d(H_kv r) + 2d(H_kv d_h) + 2(H d_h)d``; per key the alignment, which
       runs on every (query, key) entry of all H heads: ``P`` ``2H^2``, FFN ``W1`` and ``W2`` ``4Hm`` (plus ``m``
-      activations and biases); low-rank ``QK^T`` ``2 H r``; ``AV`` ``2 H d_h``.
+      activations and biases); low-rank ``QK^T`` ``2 H r``; ``AV`` ``2 H d_h``. The first shared layer of a run also
+      computes its source layer's logits ``QK^T`` (``2 H d_h``), block by block, from the handed Q/K.
     * every layer also runs its MLP, ``6 d I``; the LM head adds ``2 d V`` per token.
 
     ``materialised_fp32_per_entry`` counts the float32 tensors of size ``T_q x T_k`` per head-like channel the
-    current (unfused) implementation writes per (query, key) entry: fused sdpa writes none, a source layer about
-    ``4H`` (logits, masked logits, probabilities, cast), a shared layer about ``3m + 8H``.
+    current (unfused) implementation writes per (query, key) entry: fused sdpa writes none, a shared layer about
+    ``3m + 8H``.
     """
     d, inter, vocab = shape.hidden, shape.intermediate, shape.vocab
     heads, kv_heads, dh, r, m = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rank, shape.align_hidden
@@ -1001,6 +998,7 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
         "low-rank QK^T": 2 * heads * r,
         "AV": 2 * heads * dh,
     }
+    first_shared_key = {"source QK^T": 2 * heads * dh, **shared_key}
     n_shared, n_source = len(shape.share_layers), len(shape.source_layers)
     layer_types = [
         {
@@ -1015,7 +1013,7 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
             "materialised_fp32_per_entry": 0,
         },
         {
-            "layer_type": "source (full, explicit logits)",
+            "layer_type": "source (sdpa, hands Q/K on)",
             "layers_base": 0,
             "layers_merged": n_source,
             "projection_flops": full_proj,
@@ -1023,12 +1021,23 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
             "per_key_flops": full_key,
             "per_key_flops_total": sum(full_key.values()),
             "kv_cache_bytes_per_token": 2 * kv_heads * dh * e,
-            "materialised_fp32_per_entry": 4 * heads,
+            "materialised_fp32_per_entry": 0,
         },
         {
-            "layer_type": "shared (LiSA)",
+            "layer_type": "shared (LiSA), after a source layer",
             "layers_base": 0,
-            "layers_merged": n_shared,
+            "layers_merged": n_source,
+            "projection_flops": shared_proj,
+            "mlp_flops": mlp,
+            "per_key_flops": first_shared_key,
+            "per_key_flops_total": sum(first_shared_key.values()),
+            "kv_cache_bytes_per_token": shape.shared_layer_cache_bytes,
+            "materialised_fp32_per_entry": 3 * m + 8 * heads,
+        },
+        {
+            "layer_type": "shared (LiSA), after a shared layer",
+            "layers_base": 0,
+            "layers_merged": n_shared - n_source,
             "projection_flops": shared_proj,
             "mlp_flops": mlp,
             "per_key_flops": shared_key,
