@@ -694,14 +694,17 @@ def run_benchmark(
             _warm_start(models, device, vocab, seed)
             for context in contexts:
                 for batch in batch_sizes:
-                    if max_prefill_tokens is not None and batch * context > max_prefill_tokens:
+                    prefill_allowed = max_prefill_tokens is None or batch * context <= max_prefill_tokens
+                    if not prefill_allowed:
+                        # Decoding is still timed, on a synthetic cache of the same size (no prefill needed).
                         reason = f"B*T = {batch * context} tokens above max_prefill_tokens={max_prefill_tokens}"
-                        skipped.append(Skipped("both", batch, context, "prefill+decode", reason + " (run-time cap)"))
-                        log(f"B={batch} T={context}: skipped ({reason})")
-                        continue
+                        skipped.append(Skipped("both", batch, context, "prefill", reason + " (run-time cap)"))
+                        log(f"B={batch} T={context}: prefill skipped ({reason}); decode on a synthetic cache")
+                        if not decode_tokens:
+                            continue
                     _run_config(
                         models, shapes, batch, context, decode_tokens, repeats, warmup, limit, device, seed, runs,
-                        skipped, log,
+                        skipped, log, prefill_allowed,
                     )  # fmt: skip
             throughput = None
             if max_throughput:
@@ -780,21 +783,28 @@ def _run_config(
     runs: list[Run],
     skipped: list[Skipped],
     log: _Log,
+    prefill_allowed: bool = True,
 ) -> None:
-    """Measure both models at one (batch, context), alternating; skip what is estimated not to fit."""
+    """Measure both models at one (batch, context), alternating; skip what is estimated not to fit.
+
+    Without ``prefill_allowed`` (the run-time cap), or when the prefill would not fit, decoding is timed on a
+    synthetic cache of the same size.
+    """
     mode: dict[str, str] = {}
     estimates: dict[str, int] = {}
     for key, shape in shapes.items():
         prefill_estimate = estimate_working_bytes(shape, batch, context, decode_tokens, "prefill")
         decode_estimate = estimate_working_bytes(shape, batch, context, decode_tokens, "decode")
-        if prefill_estimate <= limit:
+        if prefill_allowed and prefill_estimate <= limit:
             mode[key], estimates[key] = "prefill", max(prefill_estimate, decode_estimate)
             continue
-        skipped.append(
-            Skipped(
-                key, batch, context, "prefill", _too_big("prefill", prefill_estimate, limit), prefill_estimate, limit
-            )
-        )
+        if prefill_allowed:
+            skipped.append(
+                Skipped(
+                    key, batch, context, "prefill", _too_big("prefill", prefill_estimate, limit), prefill_estimate,
+                    limit,
+                )
+            )  # fmt: skip
         if decode_tokens and decode_estimate <= limit:
             mode[key], estimates[key] = "synthetic", decode_estimate
         else:

@@ -141,9 +141,15 @@ def test_skip_logic(models):
     assert "### Skipped" in markdown and "synthetic cache" in markdown
 
     capped = run_benchmark(base, merged, device="cpu", max_prefill_tokens=16, max_throughput=False, **SMALL)
-    assert {(r.batch, r.context) for r in capped.runs} == {(1, 8), (2, 8), (1, 16)}
+    # Above the cap the prefill is skipped and decoding is timed on a synthetic cache of the same size.
+    assert {(r.batch, r.context) for r in capped.runs} == {(1, 8), (2, 8), (1, 16), (2, 16)}
     [cap] = capped.skipped
-    assert (cap.model, cap.batch, cap.context) == ("both", 2, 16) and "max_prefill_tokens=16" in cap.reason
+    assert (cap.model, cap.batch, cap.context, cap.phase) == ("both", 2, 16, "prefill")
+    assert "max_prefill_tokens=16" in cap.reason
+    for key in ("base", "merged"):
+        run = capped.run(key, 2, 16)
+        assert run.decode_cache == "synthetic" and run.prefill_tokens_per_s is None and run.decode_tokens_per_s > 0
+        assert capped.run(key, 1, 16).decode_cache == "prefill"
     assert capped.max_throughput is None
 
     # Nothing fits: everything is listed as skipped, the outputs still render.
