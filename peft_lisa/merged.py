@@ -1,7 +1,8 @@
 """The compact model that ``merge_and_unload()`` returns (METHOD.md step 6).
 
 A merged shared layer holds only ``align``, the rank-r ``q_lowrank``/``k_lowrank``, ``v_proj`` and ``o_proj``; its
-``q_proj``/``k_proj`` are gone. The full layer feeding it keeps all four projections and hands its logits on.
+``q_proj``/``k_proj`` are gone. The full layer feeding it keeps all four projections, attends with the model's own
+kernel and hands its rotary query/key on.
 
 Merged models are ordinary transformers models of their own ``model_type`` (``lisa_llama``, ``lisa_qwen3``...),
 which ``import peft_lisa`` registers with ``AutoConfig``/``AutoModelForCausalLM``: they save with
@@ -40,6 +41,7 @@ from .tuner.layer import (
     LogitsCarrier,
     lowrank_frequency_index,
     shared_attention,
+    sliding_window_of,
     source_attention,
 )
 
@@ -62,7 +64,7 @@ class LiSASourceAttention(nn.Module):
         # What transformers' attention kernels read from the module.
         self.num_key_value_groups: int = attn.num_key_value_groups
         self.is_causal: bool = getattr(attn, "is_causal", True)
-        self.sliding_window: Optional[int] = getattr(attn, "sliding_window", None)
+        self.sliding_window: Optional[int] = sliding_window_of(attn)
         self.head_dim: int = attn.head_dim
         self.scaling: float = attn.scaling
         self.attention_dropout: float = attn.attention_dropout
@@ -78,9 +80,7 @@ class LiSASourceAttention(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         cache: Any = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        kwargs.pop("position_ids", None)
-        kwargs.pop("use_cache", None)
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return source_attention(
             self, self.carrier, self.layer_idx, hidden_states, position_embeddings, attention_mask, cache, kwargs
         )
@@ -186,6 +186,11 @@ def _shared_attention_from(
     )
 
 
+def _clear_logits_carrier(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook: nothing a forward handed on outlives it (with autograd the carrier keeps its entries)."""
+    model.lisa_logits_carrier.clear()
+
+
 def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
     """Give a freshly built base model the merged LiSA layers described by ``spec`` (weights to be loaded)."""
     if spec.get("format_version", 1) > LISA_FORMAT_VERSION:
@@ -210,6 +215,7 @@ def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
             k_lowrank=nn.Linear(hidden_size, layout.num_kv_heads * rank, bias=False),
         )
     model.lisa_logits_carrier = carrier
+    model.register_forward_pre_hook(_clear_logits_carrier)
 
 
 class LiSAMergedMixin:
@@ -297,12 +303,17 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
     config_cls, model_cls = MERGED_CLASSES[model_type]
     merged_config = config_cls.from_dict({**_without_model_type(model.config.to_dict()), "lisa": spec})
     merged_config._attn_implementation = model.config._attn_implementation
-    model.config = merged_config
-    model.model.config = merged_config
+    # Every module that read the old config (attention layers, rotary embedding...) reads the merged one, so that
+    # e.g. set_attn_implementation() reaches all of them.
+    old_config = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is old_config:
+            module.config = merged_config
     # The merged class adds no state of its own beyond what was just installed; switching the class of the existing
     # instance avoids a second copy of the weights.
     model.__class__ = model_cls
     model.lisa_logits_carrier = carrier
+    model.register_forward_pre_hook(_clear_logits_carrier)
     if hasattr(model, "peft_config"):
         del model.peft_config
     for param in model.parameters():

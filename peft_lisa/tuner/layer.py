@@ -1,8 +1,8 @@
 """The math of LiSA attention (``shared/METHOD.md`` part (b), steps 1-6) and the PEFT layer that applies it.
 
 Notation (METHOD.md): B batch, H query heads, H_kv key/value heads, d_h head size, r low-rank size, T_q queries,
-T_k keys (cached + new). Logits are the pre-softmax, pre-mask scores ``scale * Q K^T``; they are kept in float32
-from the moment they are computed, so bf16/fp16 models hand finite, precise logits from layer to layer.
+T_k keys (cached + new). Logits are the pre-softmax, pre-mask scores ``scale * Q K^T``; they are cast to float32 as
+soon as the matmul in the model's dtype returns, so bf16/fp16 models hand finite logits from layer to layer.
 
 The functions here are shared by the PEFT wrapper :class:`LiSALayer` (training, several adapters) and by the merged
 modules of :mod:`peft_lisa.merged` (deployment), so both compute exactly the same thing.
@@ -21,6 +21,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from ..architectures import SUPPORTED_ATTN_IMPLEMENTATIONS, UnsupportedModelError
 
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
 ROLE_SHARED = "shared"  # the layer's attention is replaced by LiSA
@@ -53,10 +55,12 @@ class AttentionLayout:
 class LogitsCarrier:
     """Hands the pre-softmax logits of one wrapped layer to the next within a forward pass (METHOD.md step 1).
 
-    A model owns exactly one carrier, shared by its wrapped attention modules. Logits are keyed by the index of the
-    layer that produced them. Without autograd the reader pops them at once, so prefill memory holds at most two
-    layers' logits. With autograd they stay until overwritten by the next forward: the backward pass keeps them alive
-    anyway, and gradient checkpointing re-runs a shared layer, which must read them again.
+    A model owns exactly one carrier, shared by its wrapped attention modules. It holds :class:`SourceLogits` keyed
+    by the index of the layer that produced them: a full layer's rotary query/key (the logits are computed block by
+    block by the reader), or the logits a shared layer reconstructed when the next layer shares too. Without
+    autograd the reader pops them at once. With autograd they stay until the model's next forward clears the
+    carrier: the backward pass keeps them alive anyway, and gradient checkpointing re-runs a shared layer, which
+    must read them again.
     """
 
     def __init__(self) -> None:
@@ -124,7 +128,8 @@ class MaterializedLogits(SourceLogits):
 class ScoresFromQueryKey(SourceLogits):
     """A full layer's logits ``scale Q K^T``, kept as its rotary query and key and computed block by block on demand.
 
-    The full layer itself attends with the model's own kernel (sdpa), so no T_q x T_k tensor exists between layers.
+    The full layer itself attends with the model's own kernel (sdpa or eager), so no T_q x T_k tensor is handed
+    between the layers.
     """
 
     def __init__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
@@ -321,19 +326,25 @@ def source_attention(
     attention_mask: Optional[torch.Tensor],
     cache: Any,
     kwargs: dict,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A full layer whose logits S_l = scale Q_l K_l^T feed the next (shared) layer.
 
     It attends exactly as the base layer does, with the model's own attention implementation, and hands on its rotary
     query and key: the shared layer computes S_l from them one block of queries at a time.
     """
+    implementation = attn.config._attn_implementation or "eager"
+    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        # Shared layers read the eager/sdpa mask format; flash/flex masks would be misread.
+        raise UnsupportedModelError(
+            f"LiSA layers need the 'eager' or 'sdpa' attention implementation, but the model now uses "
+            f"{implementation!r}: call model.set_attn_implementation('sdpa')."
+        )
     batch, q_len, _ = hidden_states.shape
     query, key, value = project_full_qkv(attn, hidden_states, position_embeddings)
     key, value = update_cache(cache, key, value, layer_idx, kwargs)
     carrier.put(layer_idx, ScoresFromQueryKey(query, key, attn.scaling))
-    implementation = attn.config._attn_implementation
-    attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-    attn_output, _ = attention(
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    attn_output, attn_weights = attention(
         attn,
         query,
         key,
@@ -341,10 +352,18 @@ def source_attention(
         attention_mask,
         dropout=attn.attention_dropout if attn.training else 0.0,
         scaling=attn.scaling,
-        sliding_window=getattr(attn, "sliding_window", None),
+        sliding_window=sliding_window_of(attn),
         **kwargs,
     )  # B x T_q x H x d_h
-    return attn.o_proj(attn_output.reshape(batch, q_len, -1)), None
+    return attn.o_proj(attn_output.reshape(batch, q_len, -1)), attn_weights
+
+
+def sliding_window_of(attn: nn.Module) -> Optional[int]:
+    """The sliding window the base attention passes its kernel: a per-layer attribute (Qwen2) or the config's
+    (Mistral)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
 
 
 def shared_attention(
@@ -418,7 +437,8 @@ class LiSALayer(nn.Module, BaseTunerLayer):
     """PEFT wrapper of a decoder layer's self-attention module.
 
     Per adapter, the wrapped layer either *shares* (LiSA attention with its own align / low-rank Q/K modules) or is a
-    *source* (a full layer that computes its logits explicitly to hand them to the next, shared, layer). With the
+    *source* (a full layer that attends with the model's own kernel and hands its rotary Q/K to the next, shared,
+    layer). With the
     adapter disabled, or none of the active adapters touching this layer, the base attention runs untouched.
     """
 
@@ -499,9 +519,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
                 cache=cache,
                 **kwargs,
             )
-        kwargs.pop("position_ids", None)
-        kwargs.pop("use_cache", None)
-        if self.lisa_role[adapter] == ROLE_SOURCE:
+        if self.lisa_role[adapter] == ROLE_SOURCE:  # the base kernel gets the base layer's kwargs
             return source_attention(
                 self.base_layer,
                 self.carrier,
@@ -512,6 +530,8 @@ class LiSALayer(nn.Module, BaseTunerLayer):
                 cache,
                 kwargs,
             )
+        kwargs.pop("position_ids", None)
+        kwargs.pop("use_cache", None)
         base = self.base_layer
         return shared_attention(
             align=self.lisa_align[adapter],
