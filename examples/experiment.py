@@ -61,11 +61,11 @@ class PerplexityCurve(TrainerCallback):
     def __init__(self, model, tokenizer, texts, args, tokens_per_step: int, every: int) -> None:
         self.model, self.tokenizer, self.texts, self.args = model, tokenizer, texts, args
         self.tokens_per_step, self.every, self.points = tokens_per_step, every, []
-        self.seconds = 0.0  # time spent evaluating, kept out of the training minutes
+        self.seconds = self.cpu_seconds = 0.0  # time spent evaluating, kept out of the training minutes
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             was_training = self.model.training
             self.model.eval()
             ppl = evaluate(self.model, self.tokenizer, self.texts, self.args, self.args.curve_tokens)["ppl"]
@@ -75,6 +75,7 @@ class PerplexityCurve(TrainerCallback):
             )
             print(f"  step {state.global_step}: held-out perplexity {ppl:.2f}", flush=True)
             self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu_start
 
 
 def lisa_config(analysis: AttentionAnalysis, fraction: float, method: str, args: argparse.Namespace) -> LiSAConfig:
@@ -99,7 +100,7 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
         "rank": config.rank,
         "align_hidden": config.align_hidden,
     }
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if method in ("direct", "permutation"):
         peft_model = get_peft_model(model, config).eval()
         record["eval"] = evaluate(peft_model, tokenizer, test_texts, args)
@@ -132,6 +133,7 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
     trainer.train()
     # Wall minutes of set-up + training with one process per core; curve evaluations are not counted.
     record["train_minutes"] = (time.perf_counter() - start - (curve.seconds if curve else 0.0)) / 60
+    record["train_cpu_minutes"] = (time.process_time() - cpu_start - (curve.cpu_seconds if curve else 0.0)) / 60
     record["train_tokens"] = args.steps * tokens_per_step
     record["steps"], record["lr"], record["seq_len"], record["batch_size"] = (
         args.steps,
