@@ -170,6 +170,8 @@ def _align_width(record: dict) -> str:
 def _row(record: dict, base_ppl: float) -> tuple[str, str]:
     ppl = record["eval"]["ppl"]
     minutes = f"{record['train_minutes']:.1f}" if "train_minutes" in record else "-"
+    if "train_cpu_minutes" in record:
+        minutes += f" / {record['train_cpu_minutes']:.1f}"
     tokens = f"{record['train_tokens']:,}" if "train_tokens" in record else "-"
     shared = f"{len(record['share_layers'])} ({record['fraction']:.0%})"
     return shared, f"{ppl:.2f} | {(ppl / base_ppl - 1) * 100:+.0f}% | {tokens} | {minutes}"
@@ -193,8 +195,8 @@ def report(results: dict[tuple[float, str, str], dict], base: dict, out: Path, a
     )
     lines = [
         f"Held-out pydoc perplexity (first {args.eval_tokens} tokens of the held-out topics), window {args.window}, "
-        f"stride {args.stride}{settings}. Train min: wall minutes of one process on one thread (2-core machine), "
-        "evaluations excluded.",
+        f"stride {args.stride}{settings}. Train min: wall minutes / CPU minutes (process time, where recorded) of "
+        "one process on one torch thread (2-core machine, two runs at a time), evaluations excluded.",
         "",
         "| shared | layers | method | perplexity | vs base | train tokens | train min |",
         "|---:|---|---|---:|---:|---:|---:|",
