@@ -726,10 +726,12 @@ def run_benchmark(
             "decode_cache = synthetic: the prefill did not fit, so decoding was timed on a random KV cache of the "
             "same shape (the cost of a decode step does not depend on the cached values)."
         )
+    implementation = getattr(models["base"].config, "_attn_implementation", None)
     notes.append(
-        "The merged model's LiSA layers (shared layers and the full layers feeding them logits) compute explicit "
-        "float32 attention logits; its other layers, and every layer of the base model, use "
-        f"{getattr(models['base'].config, '_attn_implementation', None)}."
+        "The merged model's shared layers compute explicit float32 attention logits (the head alignment acts on "
+        f"them). The full layers feeding them run {implementation} on prefill and hand their Q/K on, and compute "
+        "their one row of logits explicitly on decode steps; its other layers, and every layer of the base model, "
+        f"use {implementation}."
     )
     settings = {
         "batch_sizes": list(batch_sizes),
@@ -984,16 +986,18 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
 
     * full layer: projections ``2d(H d_h) + 2 * 2d(H_kv d_h) + 2(H d_h)d``; per key ``QK^T`` ``2 H d_h`` and ``AV``
       ``2 H d_h``.
-    * source layer (a full layer feeding a shared one): a full layer run by sdpa, handing its rotary Q/K on.
+    * source layer (a full layer feeding a shared one): as a full layer. On a decode step it computes its logits
+      row explicitly and hands it on; on prefill it runs sdpa and hands Q/K on, and the shared layer after it
+      recomputes ``QK^T`` (``2 H d_h`` more per key, block by block) instead of reading a ``T x T`` tensor.
     * shared layer: projections ``2d(H r) + 2d(H_kv r) + 2d(H_kv d_h) + 2(H d_h)d``; per key the alignment, which
       runs on every (query, key) entry of all H heads: ``P`` ``2H^2``, FFN ``W1`` and ``W2`` ``4Hm`` (plus ``m``
-      activations and biases); low-rank ``QK^T`` ``2 H r``; ``AV`` ``2 H d_h``. The first shared layer of a run also
-      computes its source layer's logits ``QK^T`` (``2 H d_h``), block by block, from the handed Q/K.
+      activations and biases); low-rank ``QK^T`` ``2 H r``; ``AV`` ``2 H d_h``.
     * every layer also runs its MLP, ``6 d I``; the LM head adds ``2 d V`` per token.
 
-    ``materialised_fp32_per_entry`` counts the float32 tensors of size ``T_q x T_k`` per head-like channel the
-    current (unfused) implementation writes per (query, key) entry: fused sdpa writes none, a shared layer about
-    ``3m + 8H``.
+    The table is per decode token. ``materialised_fp32_per_entry`` counts the float32 tensors of size
+    ``T_q x T_k`` per head-like channel the current (unfused) implementation writes per (query, key) entry on a
+    decode step: fused sdpa writes none, a source layer about ``4H`` (logits, masked logits, probabilities, cast),
+    a shared layer about ``3m + 8H``.
     """
     d, inter, vocab = shape.hidden, shape.intermediate, shape.vocab
     heads, kv_heads, dh, r, m = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rank, shape.align_hidden
@@ -1008,7 +1012,6 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
         "low-rank QK^T": 2 * heads * r,
         "AV": 2 * heads * dh,
     }
-    first_shared_key = {"source QK^T": 2 * heads * dh, **shared_key}
     n_shared, n_source = len(shape.share_layers), len(shape.source_layers)
     layer_types = [
         {
@@ -1023,7 +1026,7 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
             "materialised_fp32_per_entry": 0,
         },
         {
-            "layer_type": "source (sdpa, hands Q/K on)",
+            "layer_type": "source (full, hands its logits on)",
             "layers_base": 0,
             "layers_merged": n_source,
             "projection_flops": full_proj,
@@ -1031,23 +1034,12 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
             "per_key_flops": full_key,
             "per_key_flops_total": sum(full_key.values()),
             "kv_cache_bytes_per_token": 2 * kv_heads * dh * e,
-            "materialised_fp32_per_entry": 0,
+            "materialised_fp32_per_entry": 4 * heads,
         },
         {
-            "layer_type": "shared (LiSA), after a source layer",
+            "layer_type": "shared (LiSA)",
             "layers_base": 0,
-            "layers_merged": n_source,
-            "projection_flops": shared_proj,
-            "mlp_flops": mlp,
-            "per_key_flops": first_shared_key,
-            "per_key_flops_total": sum(first_shared_key.values()),
-            "kv_cache_bytes_per_token": shape.shared_layer_cache_bytes,
-            "materialised_fp32_per_entry": 3 * m + 8 * heads,
-        },
-        {
-            "layer_type": "shared (LiSA), after a shared layer",
-            "layers_base": 0,
-            "layers_merged": n_shared - n_source,
+            "layers_merged": n_shared,
             "projection_flops": shared_proj,
             "mlp_flops": mlp,
             "per_key_flops": shared_key,
@@ -1102,7 +1094,9 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
         "per_context": per_context,
         "notes": [
             "FLOPs per query token against T_k keys; a multiply-add is 2 FLOPs; decode has T_k = context.",
-            "Prefill with the explicit (unfused) LiSA path computes all T x T entries, masked ones included.",
+            "Prefill: shared layers compute all T x T entries (masked ones included) in blocks of queries, and the "
+            "first shared layer after a source layer recomputes that layer's QK^T from its handed Q/K (2 H d_h more "
+            "per key); source layers themselves run sdpa.",
             "The alignment FFN runs on every (query, key) entry: ~4 H m FLOPs per entry, versus 2 H d_h for QK^T; "
             "it can cost more than the Q/K it replaces, so the compute saving is in the projections only.",
             "Decode at large batch is bound by reading the KV cache; the cache ratio bounds the decode speedup "

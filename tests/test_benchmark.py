@@ -194,17 +194,14 @@ def test_analytic_breakdown(models):
     assert shape.align_hidden == m and shape.rank == r
     analytic = analytic_breakdown(shape, contexts=(8, 64))
     rows = {row["layer_type"]: row for row in analytic["layer_types"]}
-    shared = rows["shared (LiSA), after a shared layer"]
-    first_shared = rows["shared (LiSA), after a source layer"]
-    assert first_shared["per_key_flops"] == {"source QK^T": 2 * heads * dh, **shared["per_key_flops"]}
+    shared = rows["shared (LiSA)"]
     assert shared["per_key_flops"]["align P"] == 2 * heads * heads
     assert shared["per_key_flops"]["align FFN"] >= 4 * heads * m
     assert shared["per_key_flops"]["low-rank QK^T"] == 2 * heads * r
     assert rows["full (sdpa)"]["per_key_flops"] == {"QK^T": 2 * heads * dh, "AV": 2 * heads * dh}
     assert shared["kv_cache_bytes_per_token"] == 2 * (r + dh) * 4
-    assert rows["full (sdpa)"]["layers_merged"] + rows["source (sdpa, hands Q/K on)"]["layers_merged"] == 3
-    assert first_shared["layers_merged"] == rows["source (sdpa, hands Q/K on)"]["layers_merged"]
-    assert first_shared["layers_merged"] + shared["layers_merged"] == len(shape.share_layers)
+    assert rows["full (sdpa)"]["layers_merged"] + rows["source (full, hands its logits on)"]["layers_merged"] == 3
+    assert shared["layers_merged"] == len(shape.share_layers)
     assert shared["projection_flops"] < rows["full (sdpa)"]["projection_flops"]
     for row in analytic["per_context"]:
         assert row["kv_read_ratio_base_over_merged"] > 1
