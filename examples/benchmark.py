@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 import peft_lisa
 from peft_lisa.benchmark import default_share_layers, run_benchmark
 from peft_lisa.resources import resolve_model_path
+from peft_lisa.tuner.config import DEFAULT_ALIGN_HIDDEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GIB = 1024**3
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share this fraction of the layers, spread over the deeper ones (default 0.5; see default_share_layers)",
     )
     parser.add_argument("--rank", type=int, default=8, help="LiSA rank r (default 8)")
-    parser.add_argument("--align-hidden", type=int, default=None, help="alignment FFN hidden size m (default 4H)")
+    parser.add_argument(
+        "--align-hidden", type=int, default=DEFAULT_ALIGN_HIDDEN, help="alignment FFN hidden size m (default 0)"
+    )
     parser.add_argument("--batch-sizes", type=int_list, default=None, help="default '1,8,32'")
     parser.add_argument("--contexts", type=int_list, default=None, help="prompt lengths, default '128,512,2048'")
     parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed (default 32)")

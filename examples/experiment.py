@@ -271,7 +271,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--align-hidden", type=int, default=None)
+    parser.add_argument(
+        "--align-hidden",
+        type=int,
+        default=None,
+        help="alignment FFN width m (default: 4 x heads, the setting of the published runs; 0 = linear only)",
+    )
     parser.add_argument("--attn-kl-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing a small machine)")
     parser.add_argument("--window", type=int, default=256)

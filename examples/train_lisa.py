@@ -60,6 +60,7 @@ from peft_lisa.training import (
     lisa_sft_config,
     load_sft_dataset,
 )
+from peft_lisa.tuner.config import DEFAULT_ALIGN_HIDDEN
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lisa.add_argument("--rank", type=int, default=8, help="per-head rank of the low-rank Q/K delta (even, default 8)")
     lisa.add_argument(
-        "--align-hidden", type=int, default=None, help="hidden size of the head-alignment FFN (default 4 x heads)"
+        "--align-hidden",
+        type=int,
+        default=DEFAULT_ALIGN_HIDDEN,
+        help="hidden size of the head-alignment FFN (default 0 = linear only; 36 = 4 x heads on SmolLM2)",
     )
 
     train = parser.add_argument_group("training")

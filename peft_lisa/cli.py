@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--align-hidden",
         type=non_negative_int,
         default=None,
-        help="hidden size of the head-alignment FFN (default: 4 x heads; 0 = linear only)",
+        help="hidden size of the head-alignment FFN (default: 0 = linear only; 4 x heads is the widest tested)",
     )
     group = train.add_argument_group("training")
     group.add_argument("--max-steps", type=positive_int, default=120, help="optimizer steps (default: 120)")
@@ -485,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--analysis", default=None, help="analysis.json to choose the --share-fraction layers from")
     bench.add_argument("--rank", type=even_rank, default=8, help="LiSA rank r (default: 8)")
-    bench.add_argument("--align-hidden", type=non_negative_int, default=None, help="alignment FFN size (default 4H)")
+    bench.add_argument(
+        "--align-hidden", type=non_negative_int, default=0, help="alignment FFN size (default: 0 = linear only)"
+    )
     group = bench.add_argument_group("grid")
     group.add_argument("--quick", action="store_true", help="CI size: batches 1,2; contexts 32,64; 4 decode steps")
     group.add_argument("--batch-sizes", type=int_list, default=None, help="default: 1,8,32")
@@ -880,9 +882,10 @@ def _config_from_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Any:
 
 def _choose_config(args: argparse.Namespace, model: Any, tokenizer: Any, train_texts: list[str], out: Path) -> tuple:
     """The LiSAConfig of a new run and a description of how its layers were chosen."""
-    from .tuner.config import LiSAConfig
+    from .tuner.config import DEFAULT_ALIGN_HIDDEN, LiSAConfig
 
-    common = dict(rank=args.rank or 8, align_hidden=args.align_hidden, task_type="CAUSAL_LM")
+    align_hidden = DEFAULT_ALIGN_HIDDEN if args.align_hidden is None else args.align_hidden
+    common = dict(rank=args.rank or 8, align_hidden=align_hidden, task_type="CAUSAL_LM")
     num_layers = model.config.num_hidden_layers
     analysis = args.analysis_data
     if analysis is not None and analysis.num_layers != num_layers:

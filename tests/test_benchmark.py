@@ -44,7 +44,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models():
     base = tiny_model("llama")
-    merged = get_peft_model(copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK)).merge_and_unload()
+    merged = get_peft_model(
+        copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK, align_hidden=None)
+    ).merge_and_unload()
     return base, merged.eval()
 
 
@@ -250,7 +252,9 @@ def test_cache_accounting_follows_the_lowrank_dtype():
     """Merging a bf16 base casts the LiSA modules to bf16 (rank-r keys cached in bf16); casting them back to float32
     by hand gives float32 keys, and the accounting follows either way."""
     base = tiny_model("llama").to(torch.bfloat16)
-    merged = get_peft_model(copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK)).merge_and_unload()
+    merged = get_peft_model(
+        copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK, align_hidden=None)
+    ).merge_and_unload()
     mixed = copy.deepcopy(merged)
     for layer_idx in SHARE:
         for part in ("q_lowrank", "k_lowrank"):

@@ -15,7 +15,8 @@ SHARE = [2, 3]
 
 
 def trained_lisa(model_type: str = "llama"):
-    peft_model = get_peft_model(tiny_model(model_type), LiSAConfig(share_layers=SHARE, rank=4))
+    # align_hidden=None: the widest alignment (FFN of 4H), so merging covers every LiSA parameter.
+    peft_model = get_peft_model(tiny_model(model_type), LiSAConfig(share_layers=SHARE, rank=4, align_hidden=None))
     randomize_adapter(peft_model)
     return peft_model.eval()
 

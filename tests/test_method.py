@@ -90,11 +90,13 @@ def reference_logits(model, ids: torch.Tensor, adapters: dict[int, dict]) -> tor
 def adapter_weights(peft_model, layer_idx: int) -> dict:
     wrapper = peft_model.base_model.model.model.layers[layer_idx].self_attn
     align = wrapper.lisa_align["default"]
+    heads = align.num_heads
+    linear_only = align.hidden == 0  # no FFN: a zero-width one contributes W2 gelu(W1 s + b1) = 0
     return {
         "P": align.permute,
-        "W1": align.up.weight,
-        "b1": align.up.bias,
-        "W2": align.down.weight,
+        "W1": torch.zeros(1, heads) if linear_only else align.up.weight,
+        "b1": torch.zeros(1) if linear_only else align.up.bias,
+        "W2": torch.zeros(heads, 1) if linear_only else align.down.weight,
         "b2": align.out_bias,
         "Wq": wrapper.lisa_q_lowrank["default"].weight,
         "Wk": wrapper.lisa_k_lowrank["default"].weight,
@@ -139,10 +141,11 @@ def test_untrained_adapter_is_direct_sharing_with_permutation(share_layers):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_trained_adapter_matches_reference_steps_1_to_6():
+@pytest.mark.parametrize("align_hidden", [None, 0, 3])
+def test_trained_adapter_matches_reference_steps_1_to_6(align_hidden):
     model = tiny_model("llama")
     ids = random_ids()
-    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4, align_hidden=align_hidden))
     randomize_adapter(peft_model)
     with torch.no_grad():
         got = peft_model(ids).logits
@@ -169,7 +172,7 @@ def test_long_prefill_spanning_several_query_blocks_matches_reference():
     """300 queries run as 256 + 44 blocks in the shared layers; the result must not depend on the blocking."""
     model = tiny_model("llama")
     ids = random_ids(1, 300)
-    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4, align_hidden=None))
     randomize_adapter(peft_model)
     with torch.no_grad():
         got = peft_model(ids).logits

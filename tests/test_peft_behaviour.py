@@ -33,7 +33,7 @@ def test_peft_type_registered_and_round_trips(tmp_path):
 def test_only_adapter_trains_and_base_is_untouched():
     model = tiny_model("llama")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4, align_hidden=None))  # FFN too
     peft_model.train()
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(".lisa_" in n for n in trainable)
@@ -194,10 +194,12 @@ def test_reentrant_gradient_checkpointing_is_refused():
         lm_loss(peft_model, random_ids())
 
 
-def test_trainable_parameter_count_is_reported():
-    peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2, 3], rank=4))
+@pytest.mark.parametrize(("align_hidden", "m"), [(None, 16), (0, 0), (5, 5)])
+def test_trainable_parameter_count_is_reported(align_hidden, m):
+    config = LiSAConfig(share_layers=[2, 3], rank=4, align_hidden=align_hidden)
+    peft_model = get_peft_model(tiny_model("llama"), config)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    heads, hidden, kv_heads, m = 4, 64, 2, 16
+    heads, hidden, kv_heads = 4, 64, 2
     per_layer = heads * heads + heads + (heads * m + m) + m * heads + hidden * heads * 4 + hidden * kv_heads * 4
     assert trainable == 2 * per_layer
     assert total == sum(p.numel() for p in tiny_model("llama").parameters()) + trainable
