@@ -109,7 +109,7 @@ def main() -> None:
         lines.append(
             f"| {align_width(record.get('align_hidden'), num_heads)} | {record['method']} | {record['steps']} | "
             f"{record['train_tokens']:,} | {record['train_minutes']:.1f} | {cpu} | {ppl:.2f} | "
-            f"{(ppl / base_ppl - 1) * 100:+.0f}% |"
+            f"{(ppl / base_ppl - 1) * 100:+.1f}% |"
         )
     text = "\n".join(lines) + "\n"
     (args.output_dir / "align_tradeoff.md").write_text(text)

@@ -174,10 +174,12 @@ def _row(record: dict, base_ppl: float) -> tuple[str, str]:
         minutes += f" / {record['train_cpu_minutes']:.1f}"
     tokens = f"{record['train_tokens']:,}" if "train_tokens" in record else "-"
     shared = f"{len(record['share_layers'])} ({record['fraction']:.0%})"
-    return shared, f"{ppl:.2f} | {(ppl / base_ppl - 1) * 100:+.0f}% | {tokens} | {minutes}"
+    return shared, f"{ppl:.2f} | {(ppl / base_ppl - 1) * 100:+.1f}% | {tokens} | {minutes}"
 
 
-def report(results: dict[tuple[float, str, str], dict], base: dict, out: Path, args: argparse.Namespace) -> None:
+def report(
+    results: dict[tuple[float, str, str], dict], base: dict, base_curve: dict, out: Path, args: argparse.Namespace
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,8 +248,9 @@ def report(results: dict[tuple[float, str, str], dict], base: dict, out: Path, a
         for (fraction, method, tag), curve in curves.items():
             label = f"{method}, {fraction:.0%}" + (f" ({tag})" if tag else "")
             ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], marker="o", label=label)
-        ax.axhline(base_ppl, color="black", linestyle="--", label="base")
-        ax.axhline(base_ppl * 1.1, color="grey", linestyle=":", label="base +10%")
+        curve_base = base_curve["eval"]["ppl"]  # the base model on the same tokens as the curves
+        ax.axhline(curve_base, color="black", linestyle="--", label=f"base ({curve_base:.2f})")
+        ax.axhline(curve_base * 1.1, color="grey", linestyle=":", label="base +10%")
         ax.set_xlabel("training tokens")
         ax.set_ylabel(f"held-out perplexity (first {args.curve_tokens} tokens)")
         ax.set_yscale("log")
@@ -305,6 +308,12 @@ def main() -> None:
         return {"method": "base", "eval": evaluate(model.eval(), tokenizer, test_texts, args)}
 
     base = cached(out / "base.json", compute_base)
+
+    def compute_base_curve() -> dict:
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        return {"method": "base", "eval": evaluate(model.eval(), tokenizer, test_texts, args, args.curve_tokens)}
+
+    base_curve = cached(out / f"base_first_{args.curve_tokens}.json", compute_base_curve)
     wanted = PRIORITY
     if args.only is not None:  # `--only` with nothing after it: just the report from the cache
         wanted = [(float(f), m) for f, m in (item.split(":") for item in args.only)]
@@ -321,7 +330,7 @@ def main() -> None:
     for path in sorted(out.glob("run_*.json")):
         record = json.loads(path.read_text())
         results[(record["fraction"], record["method"], record.get("tag", ""))] = record
-    report(results, base, out, args)
+    report(results, base, base_curve, out, args)
 
 
 if __name__ == "__main__":
