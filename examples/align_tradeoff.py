@@ -74,7 +74,8 @@ def main() -> None:
     num_heads = json.loads((args.experiment / "analysis.json").read_text())["num_heads"]
     base_ppl = json.loads((args.experiment / "base.json").read_text())["eval"]["ppl"]
     runs = trained_runs(args.experiment)
-    grid = sorted({key for bench in benches for key in speedups(bench)})
+    ratios_of = [speedups(bench) for bench in benches]  # per width: (batch, context) -> prefill/decode ratios
+    grid = sorted({key for ratios in ratios_of for key in ratios})
     machine = benches[0]["machine"]
 
     lines = [
@@ -88,9 +89,8 @@ def main() -> None:
         + " | prefill B1 T2048 | max throughput (budget) |",
         "|---:|---:|---:|" + "---:|" * len(grid) + "---:|---:|",
     ]
-    for bench in benches:
+    for bench, ratios in zip(benches, ratios_of, strict=True):
         m = bench["models"]["merged"]["align_hidden"]
-        ratios = speedups(bench)
         cells = [_fmt(ratios.get(key, {}).get("decode")) for key in grid]
         compression = bench["compression"]
         lines.append(
@@ -123,7 +123,7 @@ def main() -> None:
     fig, (ax_speed, ax_quality) = plt.subplots(1, 2, figsize=(11, 4.2))
     widths = [bench["models"]["merged"]["align_hidden"] for bench in benches]
     for key in grid:
-        values = [speedups(bench).get(key, {}).get("decode") for bench in benches]
+        values = [ratios.get(key, {}).get("decode") for ratios in ratios_of]
         ax_speed.plot(widths, values, marker="o", label=f"decode B{key[0]} T{key[1]}")
     ax_speed.plot(widths, [b["max_throughput"]["ratio"] for b in benches], marker="s", color="black",
                   label="max throughput (budget)")  # fmt: skip
