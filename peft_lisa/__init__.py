@@ -6,15 +6,22 @@ adapter or merged model.
 """
 
 from .analysis import AttentionAnalysis, analyze, choose_share_layers
-from .architectures import SUPPORTED_ATTENTION, UnsupportedModelError
-from .artifacts import atomic_directory, save_adapter
-from .compression import CompressionReport, qk_compression_report
-from .merged import LiSASharedAttention, LiSASourceAttention, merged_layers, register_merged_models
-from .registration import LISA_PEFT_TYPE, register_lisa_method
-from .tuner import HeadAlign, LiSAConfig, LiSALayer, LiSAModel
-
-register_lisa_method()
-register_merged_models()
+from .tuner import (
+    LISA_PEFT_TYPE,
+    SUPPORTED_ATTENTION,
+    CompressionReport,
+    HeadAlign,
+    LiSAConfig,
+    LiSALayer,
+    LiSAModel,
+    LiSASharedAttention,
+    LiSASourceAttention,
+    UnsupportedModelError,
+    atomic_directory,
+    merged_layers,
+    qk_compression_report,
+    save_adapter,
+)
 
 __version__ = "0.1.0"
 

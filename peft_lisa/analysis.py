@@ -40,7 +40,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from numbers import Real
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -48,17 +47,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .architectures import (
+from .resources import chunk_token_ids
+from .tuner.architectures import (
     attention_of,
     check_model_supported,
     decoder_layers,
     layer_attention_type,
 )
-from .resources import chunk_token_ids
-from .tuner.layer import LiSALayer, additive_mask, grouped_scores, permutation_matrix, project_full_qkv
+from .tuner.config import LiSAConfig
+from .tuner.functional import additive_mask, grouped_scores, permutation_matrix, project_full_qkv
+from .tuner.layer import LiSALayer
+from .tuner.layer_choice import choose_layers
 
 ANALYSIS_FORMAT_VERSION = 1
-SCORES = ("js_matched", "js_indexed", "js_matched_grouped", "sensitivity_direct", "sensitivity_permuted")
 _LN2 = math.log(2.0)
 _SIGNIFICANT_DIGITS = 6  # stored values are rounded: far below the sampling noise, and a readable JSON
 
@@ -520,8 +521,6 @@ def _sensitivity(
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    from .tuner.config import LiSAConfig
-
     layers = decoder_layers(model)
     outputs: dict[int, Any] = {}
     handles = [
@@ -551,7 +550,7 @@ def _sensitivity(
                 if perm is None or perm == list(range(len(perm))):
                     permuted[layer_idx] = direct[layer_idx]
                 else:
-                    align = _attention_wrapper(layers[layer_idx]).lisa_align["default"]
+                    align = _attention_wrapper(layers[layer_idx]).lisa_substitute["default"].align
                     with torch.no_grad():
                         align.permute.copy_(permutation_matrix(perm).to(align.permute))
                     permuted[layer_idx] = _round(_lm_loss(peft_model, blocks) - base_loss)
@@ -759,49 +758,7 @@ def choose_share_layers(
     """
     if not isinstance(analysis, AttentionAnalysis):
         analysis = AttentionAnalysis.from_json(analysis)
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}.")
-    values = getattr(analysis, score)
-    if values is None:
-        raise ValueError(f"The analysis has no {score!r}: run analyze(..., sensitivity=True) to measure it.")
-    if fraction is None and threshold is None:
-        raise ValueError("Give fraction and/or threshold (e.g. fraction=0.5) to choose the shared layers.")
-    if fraction is not None and (
-        isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < fraction < 1.0
-    ):
-        raise ValueError(f"fraction must be a number strictly between 0 and 1, got {fraction!r}.")
-    if threshold is not None and (
-        isinstance(threshold, bool) or not isinstance(threshold, Real) or not math.isfinite(threshold)
-    ):
-        raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
-    if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
-        raise ValueError(f"keep_first must be a non-negative integer, got {keep_first!r}.")
-
-    num_layers = analysis.num_layers
-    ranked = sorted(
-        (values[layer], layer) for layer in range(max(keep_first, 1), num_layers) if values[layer] is not None
+    values = getattr(analysis, score, None)
+    return choose_layers(
+        values, analysis.num_layers, fraction=fraction, threshold=threshold, keep_first=keep_first, score=score
     )
-    if not ranked:
-        raise ValueError(
-            f"No candidate layers: the model has {num_layers} layers and keep_first={keep_first} keeps them all full."
-        )
-    chosen = ranked
-    if fraction is not None:
-        count = round(fraction * num_layers)
-        if count == 0:
-            raise ValueError(f"fraction={fraction} of {num_layers} layers rounds to 0 layers; use a larger fraction.")
-        if count > len(ranked):
-            raise ValueError(
-                f"fraction={fraction} asks for {count} of {num_layers} layers, but only {len(ranked)} can share "
-                f"(layers {max(keep_first, 1)}..{num_layers - 1} with keep_first={keep_first}); lower the fraction "
-                "or keep_first."
-            )
-        chosen = ranked[:count]
-    if threshold is not None:
-        chosen = [(value, layer) for value, layer in chosen if value <= threshold]
-        if not chosen:
-            best_value, best_layer = ranked[0]
-            raise ValueError(
-                f"No candidate layer has {score} <= {threshold}; the lowest is {best_value:.4g} (layer {best_layer})."
-            )
-    return sorted(layer for _, layer in chosen)

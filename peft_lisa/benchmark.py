@@ -38,9 +38,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .architectures import attention_of, decoder_layers
-from .compression import qk_compression_report
-from .merged import LiSASharedAttention, LiSASourceAttention
+from .tuner.architectures import attention_of, decoder_layers
+from .tuner.compression import qk_compression_report
+from .tuner.merged import LiSASharedAttention, LiSASourceAttention
 
 MODEL_KEYS = ("base", "merged")
 PathLike = Union[str, os.PathLike]

@@ -933,7 +933,7 @@ def _save_adapter_dir(
     peft_model: Any, tokenizer: Any, path: Path, card: dict[str, Any], extra_files: dict[str, str]
 ) -> None:
     """Adapter, model card, tokenizer and extra files, all moved into ``path`` at once (atomic)."""
-    from .artifacts import atomic_directory, save_adapter
+    from .tuner.artifacts import atomic_directory, save_adapter
 
     with atomic_directory(path) as scratch:
         save_adapter(peft_model, scratch, metrics=card)
@@ -958,7 +958,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .compression import qk_compression_report
     from .resources import DEFAULT_MODEL
     from .training import (
         LiSADistillationConfig,
@@ -969,6 +968,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lisa_sft_config,
         load_sft_dataset,
     )
+    from .tuner.compression import qk_compression_report
 
     started = time.monotonic()
     torch.manual_seed(args.seed)
@@ -1193,8 +1193,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         merged, merged_config = check_merged_dir(args.merged)
     prompts = _prompts(args.prompts) if args.max_new_tokens else []
 
-    from .compression import qk_compression_report
     from .evaluation import generate_samples
+    from .tuner.compression import qk_compression_report
 
     base_name = args.model
     if merged is not None:
@@ -1305,8 +1305,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .artifacts import atomic_directory
-    from .compression import qk_compression_report
+    from .tuner.artifacts import atomic_directory
+    from .tuner.compression import qk_compression_report
 
     peft_model, tokenizer, _ = _load_adapter_model(adapter, adapter_config, args.model, dtype)
     params_before = sum(p.numel() for name, p in peft_model.named_parameters() if "lisa_" not in name)  # the base

@@ -34,7 +34,9 @@ from torch import nn
 import peft_lisa  # noqa: F401  (registers the LiSA PEFT type before SFTTrainer calls get_peft_model)
 
 from .resources import load_texts, split_texts
-from .tuner.layer import LiSALayer, SharedLayerCall, additive_mask, grouped_scores, project_full_qkv
+from .tuner.carrier import SharedLayerCall
+from .tuner.functional import additive_mask, grouped_scores, project_full_qkv
+from .tuner.layer import LiSALayer
 
 AttnKLSchedule = Literal["constant", "linear_decay"]
 LayerReduction = Literal["mean", "sum"]

@@ -21,7 +21,7 @@ from peft_lisa.analysis import (
     choose_share_layers,
     js_divergence_matrix,
 )
-from peft_lisa.tuner.layer import permutation_matrix
+from peft_lisa.tuner.functional import permutation_matrix
 
 from .conftest import tiny_model
 
@@ -377,7 +377,7 @@ def test_from_analysis_initialises_alignment_and_is_saved(gqa_permuted, tmp_path
     ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(3))
     base_logits = logits_of(model, ids)
     peft_model = get_peft_model(copy.deepcopy(model), config)
-    align = peft_model.base_model.model.model.layers[TARGET].self_attn.lisa_align["default"]
+    align = peft_model.base_model.model.model.layers[TARGET].self_attn.lisa_substitute["default"].align
     assert torch.equal(align.permute.detach(), permutation_matrix([3, 2, 1, 0]))
     # The untrained adapter shares the exact permuted copy: the model is unchanged.
     assert torch.allclose(logits_of(peft_model, ids), base_logits, atol=1e-4)

@@ -110,7 +110,7 @@ def test_config_only_directory_can_be_read(tmp_path):
 
 def test_merged_model_switched_to_an_unsupported_attention_kernel_is_refused():
     """Shared layers read the eager/sdpa mask format: a merged model switched to flex attention must not run."""
-    from peft_lisa.architectures import UnsupportedModelError
+    from peft_lisa import UnsupportedModelError
 
     model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2], rank=4)).merge_and_unload()
     model.config._attn_implementation = "flex_attention"

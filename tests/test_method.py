@@ -89,7 +89,8 @@ def reference_logits(model, ids: torch.Tensor, adapters: dict[int, dict]) -> tor
 
 def adapter_weights(peft_model, layer_idx: int) -> dict:
     wrapper = peft_model.base_model.model.model.layers[layer_idx].self_attn
-    align = wrapper.lisa_align["default"]
+    substitute = wrapper.lisa_substitute["default"]
+    align = substitute.align
     heads = align.num_heads
     linear_only = align.hidden == 0  # no FFN: a zero-width one contributes W2 gelu(W1 s + b1) = 0
     return {
@@ -97,10 +98,10 @@ def adapter_weights(peft_model, layer_idx: int) -> dict:
         "W1": torch.zeros(1, heads) if linear_only else align.up.weight,
         "b1": torch.zeros(1) if linear_only else align.up.bias,
         "W2": torch.zeros(heads, 1) if linear_only else align.down.weight,
-        "b2": align.out_bias,
-        "Wq": wrapper.lisa_q_lowrank["default"].weight,
-        "Wk": wrapper.lisa_k_lowrank["default"].weight,
-        "rank": wrapper.lisa_rank["default"],
+        "b2": torch.zeros(heads) if linear_only else align.out_bias,
+        "Wq": substitute.q_lowrank.weight,
+        "Wk": substitute.k_lowrank.weight,
+        "rank": substitute.rank,
     }
 
 
@@ -185,7 +186,7 @@ def test_long_prefill_spanning_several_query_blocks_matches_reference():
 def test_source_layer_attends_with_the_models_own_kernel_and_hands_no_logits_tensor(attn_implementation, monkeypatch):
     """A full layer feeding a shared one is the base layer, bit for bit, with the model's attention implementation;
     it hands its rotary query/key on, so no B x H x T x T tensor lives between layers."""
-    from peft_lisa.tuner.layer import LogitsCarrier, ScoresFromQueryKey
+    from peft_lisa.tuner.carrier import LogitsCarrier, ScoresFromQueryKey
 
     model = tiny_model("llama", attn_implementation=attn_implementation)
     ids = random_ids(2, 20)

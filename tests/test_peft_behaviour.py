@@ -12,7 +12,7 @@ from peft.utils import PeftType
 
 from peft_lisa import LiSAConfig, LiSALayer
 
-from .conftest import random_ids, randomize_adapter, run_python, tiny_config, tiny_model
+from .conftest import random_ids, randomize_adapter, run_python, tiny_model
 
 
 def lm_loss(model, ids):
@@ -44,7 +44,11 @@ def test_only_adapter_trains_and_base_is_untouched():
     loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     # With the query factor and W2 zero-initialised, these receive gradient from the first step on.
-    for key in ("lisa_align.default.permute", "lisa_align.default.down.weight", "lisa_q_lowrank.default.weight"):
+    for key in (
+        "lisa_substitute.default.align.permute",
+        "lisa_substitute.default.align.down.weight",
+        "lisa_substitute.default.q_lowrank.weight",
+    ):
         for layer in (2, 3):
             name = next(n for n in grads if f"layers.{layer}." in n and n.endswith(key))
             assert grads[name] is not None and grads[name].abs().sum() > 0, name
@@ -200,7 +204,9 @@ def test_trainable_parameter_count_is_reported(align_hidden, m):
     peft_model = get_peft_model(tiny_model("llama"), config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     heads, hidden, kv_heads = 4, 64, 2
-    per_layer = heads * heads + heads + (heads * m + m) + m * heads + hidden * heads * 4 + hidden * kv_heads * 4
+    # P, then (FFN only) W1, b1, W2 and b2, then the rank-4 Q/K: the linear alignment has no b2.
+    align = heads * heads + ((heads * m + m) + m * heads + heads if m else 0)
+    per_layer = align + hidden * heads * 4 + hidden * kv_heads * 4
     assert trainable == 2 * per_layer
     assert total == sum(p.numel() for p in tiny_model("llama").parameters()) + trainable
 
@@ -213,4 +219,3 @@ def test_config_unknown_newer_keys(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="format version 99.*Upgrade peft_lisa"):
         LiSAConfig.from_pretrained(tmp_path, check_weights=False)
-    assert tiny_config  # keep the import used for future shape tests

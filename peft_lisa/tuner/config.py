@@ -1,18 +1,23 @@
-"""Configuration of the LiSA tuner (see ``shared/METHOD.md``, part (b))."""
+"""Configuration of the LiSA tuner (``docs/method.md``, "Our design"): one documented dataclass, validated once."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-from ..registration import LISA_PEFT_TYPE
+from .layer_choice import choose_layers
+from .registration import LISA_PEFT_TYPE
 
-# Bumped when the saved adapter format changes in a way older releases cannot read.
-LISA_FORMAT_VERSION = 1
+# Bumped when the saved adapter format changes in a way older releases cannot read. Version 2 keeps each shared
+# layer's modules in one ``lisa_substitute`` and has no bias b2 in the linear alignment; version 1 files still load.
+LISA_FORMAT_VERSION = 2
 
 AlignActivation = Literal["gelu", "silu", "relu", "tanh"]
 RotaryFrequencies = Literal["first", "strided"]
@@ -41,7 +46,8 @@ class LiSAConfig(PeftConfig):
             at most the model's head size.
         align_hidden (`int`, *optional*):
             Hidden size ``m`` of the head-alignment FFN ``P s + W2 act(W1 s + b1) + b2``. ``0`` (the default) gives a
-            linear-only alignment (``P`` and ``b2`` alone); ``None`` means ``4 * H`` (``H`` query heads). The FFN runs
+            linear-only alignment (``P`` alone: a bias would be removed by the softmax); ``None`` means ``4 * H``
+            (``H`` query heads), resolved by :meth:`resolved_align_hidden`. The FFN runs
             on every (query, key) entry, about ``4 H m`` FLOPs each: measured on SmolLM2-135M (README, "Choosing
             align_hidden"), ``m = 4H`` learns faster per token but makes the merged model slower (decode 1.06x vs
             1.19x of the base at batch 8 x 2048, prefill 0.23x vs 0.70x at 2048 tokens).
@@ -145,7 +151,7 @@ class LiSAConfig(PeftConfig):
                 f"This LiSA adapter was saved in format version {self.lisa_format_version}, but the installed "
                 f"peft_lisa reads versions up to {LISA_FORMAT_VERSION}. Upgrade peft_lisa (pip install -U peft-lisa)."
             )
-        self.share_layers = self._validated_layer_list(self.share_layers)
+        self.share_layers = validate_share_layers(self.share_layers)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 2 or self.rank % 2:
             raise ValueError(
                 f"LiSAConfig.rank must be an even integer >= 2 (rotary embeddings rotate pairs of dimensions), "
@@ -163,28 +169,6 @@ class LiSAConfig(PeftConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LiSAConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
         self.align_init_permutations = self._validated_permutations(self.align_init_permutations)
-
-    def _validated_layer_list(self, layers: object) -> list[int]:
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            layers = [layers]
-        if not isinstance(layers, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in layers
-        ):
-            raise ValueError(f"LiSAConfig.share_layers must be a list of layer indices (ints), got {layers!r}.")
-        if not layers:
-            raise ValueError(
-                "LiSAConfig.share_layers is empty: name the decoder layers that should share attention, e.g. "
-                "share_layers=[4, 5, 6, 7], or choose them with peft_lisa.choose_share_layers(analysis, ...)."
-            )
-        duplicates = sorted({i for i in layers if list(layers).count(i) > 1})
-        if duplicates:
-            raise ValueError(f"LiSAConfig.share_layers lists layers {duplicates} more than once.")
-        if any(i <= 0 for i in layers):
-            raise ValueError(
-                f"LiSAConfig.share_layers contains {sorted(i for i in layers if i <= 0)}: layer 0 can never share "
-                "(it has no previous layer to take attention from) and indices must be positive."
-            )
-        return sorted(layers)
 
     def _validated_permutations(self, permutations: object) -> Optional[dict[int, list[int]]]:
         if permutations is None:
@@ -236,6 +220,10 @@ class LiSAConfig(PeftConfig):
         """All layers whose attention module the adapter wraps: shared layers and their full sources."""
         return sorted(set(self.share_layers) | set(self.source_layers))
 
+    def resolved_align_hidden(self, num_heads: int) -> int:
+        """The alignment FFN's hidden size ``m`` for a model with ``num_heads`` query heads (``None`` -> ``4 H``)."""
+        return 4 * num_heads if self.align_hidden is None else self.align_hidden
+
     @classmethod
     def from_analysis(
         cls,
@@ -249,34 +237,84 @@ class LiSAConfig(PeftConfig):
     ) -> LiSAConfig:
         """A config whose shared layers and initial head permutations come from a calibration analysis.
 
-        METHOD.md (b), "Layer choice": ``share_layers`` is chosen by ``peft_lisa.analysis.choose_share_layers``
-        (the layers ``>= keep_first`` with the lowest ``score``: the best ``round(fraction * num_layers)`` and/or
-        those at most ``threshold``), and ``align_init_permutations`` takes the analysis' best head permutation of
-        each chosen layer (METHOD.md step 2). Both are explicit fields, so the saved ``adapter_config.json`` holds the
+        ``share_layers`` is chosen by the rule of ``docs/method.md``, "Layer choice" (:func:`choose_layers`: the
+        layers ``>= keep_first`` with the lowest ``score``, the best ``round(fraction * num_layers)`` and/or those at
+        most ``threshold``), and ``align_init_permutations`` takes the analysis' best head permutation of each
+        chosen layer (step 2). Both are explicit fields, so the saved ``adapter_config.json`` holds the
         chosen layers and permutations.
 
         Args:
             analysis: a ``peft_lisa.analysis.AttentionAnalysis`` or the path of its JSON.
-            fraction, threshold, keep_first, score: see ``peft_lisa.analysis.choose_share_layers``.
+            fraction, threshold, keep_first, score: see :func:`~peft_lisa.tuner.layer_choice.choose_layers`.
             **kwargs: any other ``LiSAConfig`` field (``rank``, ``align_hidden``, ...).
         """
-        from ..analysis import AttentionAnalysis, choose_share_layers
-
         conflicting = sorted({"share_layers", "align_init_permutations"} & set(kwargs))
         if conflicting:
             raise ValueError(
                 f"LiSAConfig.from_analysis chooses {' and '.join(conflicting)} itself; use LiSAConfig(...) directly "
                 "to set them by hand."
             )
-        if not isinstance(analysis, AttentionAnalysis):
-            analysis = AttentionAnalysis.from_json(analysis)
-        layers = choose_share_layers(
-            analysis, fraction=fraction, threshold=threshold, keep_first=keep_first, score=score
+        data = analysis_data(analysis)
+        layers = choose_layers(
+            data.get(score) if score in data else None,
+            data["num_layers"],
+            fraction=fraction,
+            threshold=threshold,
+            keep_first=keep_first,
+            score=score,
         )
-        permutations = {
-            layer: list(analysis.permutations[layer]) for layer in layers if analysis.permutations[layer] is not None
-        }
+        permutations = {layer: list(data["permutations"][layer]) for layer in layers if data["permutations"][layer]}
         return cls(share_layers=layers, align_init_permutations=permutations or None, **kwargs)
+
+
+def analysis_data(analysis: Any) -> Mapping[str, Any]:
+    """The per-layer fields of an attention analysis: its ``to_dict()``, or the JSON file it was saved to."""
+    if hasattr(analysis, "to_dict"):
+        return analysis.to_dict()
+    try:
+        data = json.loads(Path(analysis).read_text(encoding="utf-8"))
+    except (OSError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"LiSAConfig.from_analysis needs a peft_lisa.AttentionAnalysis or the path of its JSON; could not read "
+            f"{analysis!r} ({error})."
+        ) from error
+    missing = [key for key in ("num_layers", "permutations") if key not in data]
+    if missing:
+        raise ValueError(f"{analysis} is not a LiSA attention analysis: missing keys {missing}.")
+    return data
+
+
+def validate_share_layers(layers: object, num_layers: Optional[int] = None) -> list[int]:
+    """The one check of ``share_layers``: a non-empty list of distinct layer indices >= 1 (and < ``num_layers`` when
+    given). Returns them sorted; raises ``ValueError`` naming the problem and the fix."""
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if (
+        not isinstance(layers, Sequence)
+        or isinstance(layers, str)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        raise ValueError(f"LiSAConfig.share_layers must be a list of layer indices (ints), got {layers!r}.")
+    if not layers:
+        raise ValueError(
+            "LiSAConfig.share_layers is empty: name the decoder layers that should share attention, e.g. "
+            "share_layers=[4, 5, 6, 7], or choose them with peft_lisa.choose_share_layers(analysis, ...)."
+        )
+    duplicates = sorted({i for i in layers if list(layers).count(i) > 1})
+    if duplicates:
+        raise ValueError(f"LiSAConfig.share_layers lists layers {duplicates} more than once.")
+    if any(i <= 0 for i in layers):
+        raise ValueError(
+            f"LiSAConfig.share_layers contains {sorted(i for i in layers if i <= 0)}: layer 0 can never share "
+            "(it has no previous layer to take attention from) and indices must be positive."
+        )
+    out_of_range = sorted(i for i in layers if num_layers is not None and i >= num_layers)
+    if out_of_range:
+        raise ValueError(
+            f"LiSAConfig.share_layers contains {out_of_range}, but the model has {num_layers} layers: "
+            f"valid indices are 1..{num_layers - 1}."
+        )
+    return sorted(layers)
 
 
 def check_adapter_weights_file(directory: str, config: LiSAConfig) -> None:
@@ -296,10 +334,14 @@ def check_adapter_weights_file(directory: str, config: LiSAConfig) -> None:
         raise ValueError(
             f"The LiSA adapter weights {path!r} are corrupt or truncated ({exc}). Save or download the adapter again."
         ) from exc
+    # Format 2 keeps a shared layer's modules under ``lisa_substitute``, format 1 under ``lisa_align`` & co.
     missing = [
         layer
         for layer in config.share_layers
-        if not any(f"layers.{layer}.self_attn.lisa_align" in key for key in keys)
+        if not any(
+            f"layers.{layer}.self_attn.lisa_substitute." in key or f"layers.{layer}.self_attn.lisa_align" in key
+            for key in keys
+        )
     ]
     if missing:
         raise ValueError(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..architectures import (
+from .architectures import (
     SUPPORTED_ATTENTION,
     attention_of,
     base_layout,
@@ -16,8 +17,15 @@ from ..architectures import (
     decoder_layers,
     layer_attention_type,
 )
-from .config import LiSAConfig
-from .layer import ROLE_SHARED, ROLE_SOURCE, AttentionLayout, LiSALayer, LogitsCarrier, check_single_head_layout
+from .carrier import LogitsCarrier
+from .config import LISA_FORMAT_VERSION, LiSAConfig, validate_share_layers
+from .functional import AttentionLayout
+from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer, check_rank_fits
+from .merged import merge_lisa_adapter
+
+# A checkpoint key of adapter format 1: the three LiSA modules sat in ModuleDicts of their own, and the FFN of the
+# alignment was saved with the adapter's name inside its keys (``lisa_align.default.up.weight``).
+_FORMAT_1_KEY = re.compile(r"lisa_(?P<module>align|q_lowrank|k_lowrank)\.(?:[^.]+\.(?=(?:up|down)\.))?(?P<rest>.+)$")
 
 
 class LiSAModel(BaseTuner):
@@ -42,6 +50,8 @@ class LiSAModel(BaseTuner):
         # Runs for every adapter (get_peft_model, add_adapter, load_adapter) before the first module is replaced, so
         # a bad config leaves the model untouched.
         validate_config_for_model(peft_config, model)
+        # In memory every adapter is in the current format (older files are converted on load, see below).
+        peft_config.lisa_format_version = LISA_FORMAT_VERSION
         peft_config.target_modules = ["self_attn"]
         peft_config.layers_pattern = "layers"
         peft_config.layers_to_transform = peft_config.wrapped_layers
@@ -69,6 +79,28 @@ class LiSAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.set_adapter(self.active_adapters)  # a new adapter is added inactive, as in peft
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``...self_attn.lisa_substitute.<adapter>.align.permute`` is saved as ``...lisa_substitute.align.permute``:
+        the adapter name sits right after ``lisa_substitute``, above the substitute's own submodules."""
+        return key.replace(f".lisa_substitute.{adapter_name}.", ".lisa_substitute.", 1)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: LiSAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Read adapter files of format 1 too: their ``self_attn.lisa_align.permute`` is ``self_attn.lisa_substitute
+        .align.permute`` now (likewise ``lisa_q_lowrank``/``lisa_k_lowrank``), and the bias b2 of their linear
+        alignment is dropped: softmax removed it, so it never changed an output (see ``HeadAlign``)."""
+        converted = {}
+        for key, value in state_dict.items():
+            match = _FORMAT_1_KEY.search(key)
+            if match is None:
+                converted[key] = value
+            elif not (match["module"] == "align" and match["rest"] == "out_bias" and config.align_hidden == 0):
+                converted[key[: match.start()] + f"lisa_substitute.{match['module']}.{match['rest']}"] = value
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, converted)
 
     def _post_injection_hook(self, model: nn.Module, config: LiSAConfig, adapter_name: str) -> None:
         # A pre-hook on the wrapped transformers model, not ``forward`` of this tuner: a plain ``PeftModel`` and
@@ -118,8 +150,6 @@ class LiSAModel(BaseTuner):
             if hasattr(self.model, "peft_config"):
                 del self.model.peft_config
             return self.model
-        from ..merged import merge_lisa_adapter
-
         names = adapter_names or self.active_adapters
         if len(names) != 1:
             raise ValueError(
@@ -143,17 +173,11 @@ def validate_config_for_model(config: LiSAConfig, model: nn.Module) -> None:
                 + ", ".join(f"{k} is {new} here but {old} in the adapter" for k, (old, new) in diff.items())
                 + ". Load it onto the base model it was trained on (base_model_name_or_path in adapter_config.json)."
             )
-    num_layers = layout["num_hidden_layers"]
-    out_of_range = [i for i in config.share_layers if i >= num_layers]
-    if out_of_range:
-        raise ValueError(
-            f"LiSAConfig.share_layers contains {out_of_range}, but the model has {num_layers} layers: "
-            f"valid indices are 1..{num_layers - 1}."
-        )
+    validate_share_layers(config.share_layers, layout["num_hidden_layers"])
     layers = decoder_layers(model)
     for layer_idx in config.share_layers:
         attn_layout = AttentionLayout.from_attention(attention_of(layers[layer_idx]))
-        check_single_head_layout(attn_layout, config.rank, layer_idx)
+        check_rank_fits(attn_layout, config.rank, layer_idx)
         if layer_attention_type(model, layer_idx) != layer_attention_type(model, layer_idx - 1):
             raise ValueError(
                 f"Layer {layer_idx} uses {layer_attention_type(model, layer_idx)} but layer {layer_idx - 1} uses "

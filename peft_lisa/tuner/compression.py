@@ -8,8 +8,9 @@ from typing import Optional
 from torch import nn
 
 from .architectures import attention_of, base_model_type, decoder_layers
-from .merged import LiSASharedAttention
-from .tuner.layer import ROLE_SHARED, AttentionLayout, LiSALayer
+from .attention import LiSASubstitute
+from .functional import AttentionLayout
+from .layer import ROLE_SHARED, LiSALayer
 
 
 @dataclass
@@ -104,23 +105,24 @@ def qk_compression_report(model: nn.Module, adapter_name: Optional[str] = None) 
     hidden_size = base.config.hidden_size
     for idx, layer in enumerate(decoder_layers(base)):
         attn = layer.self_attn
+        # A merged shared layer (a LiSASubstitute) no longer has the q_proj/k_proj its layout was read from.
         layout = (
-            AttentionLayout.from_attention(attention_of(layer))
-            if not isinstance(attn, LiSASharedAttention)
-            else attn.layout
+            attn.layout if isinstance(attn, LiSASubstitute) else AttentionLayout.from_attention(attention_of(layer))
         )
         original = _original_qk_params(base, layout, hidden_size)
         report.qk_params_original_model += original
         if isinstance(attn, LiSALayer) and attn.lisa_role.get(adapter_name) == ROLE_SHARED:
-            modules, rank = (
-                [m[adapter_name] for m in (attn.lisa_align, attn.lisa_q_lowrank, attn.lisa_k_lowrank)],
-                (attn.lisa_rank[adapter_name]),
-            )
-        elif isinstance(attn, LiSASharedAttention):
-            modules, rank = [attn.align, attn.q_lowrank, attn.k_lowrank], attn.rank
+            substitute = attn.lisa_substitute[adapter_name]
+        elif isinstance(attn, LiSASubstitute):
+            substitute = attn
         else:
             continue
-        lisa_params = sum(p.numel() for m in modules for p in m.parameters())
+        rank = substitute.rank
+        lisa_params = sum(
+            p.numel()
+            for part in (substitute.align, substitute.q_lowrank, substitute.k_lowrank)
+            for p in part.parameters()
+        )
         report.layers.append(
             LayerCompression(
                 layer=idx,

@@ -1,4 +1,4 @@
-"""The compact model that ``merge_and_unload()`` returns (METHOD.md step 6).
+"""The compact model that ``merge_and_unload()`` returns (``docs/method.md``, step 6).
 
 A merged shared layer holds only ``align``, the rank-r ``q_lowrank``/``k_lowrank``, ``v_proj`` and ``o_proj``; its
 ``q_proj``/``k_proj`` are gone. The full layer feeding it keeps all four projections, attends with the model's own
@@ -31,19 +31,12 @@ from transformers import (
 )
 
 from .architectures import base_model_type, decoder_layers
-from .tuner.config import LISA_FORMAT_VERSION, LiSAConfig
-from .tuner.layer import (
-    ROLE_SHARED,
-    ROLE_SOURCE,
-    AttentionLayout,
-    HeadAlign,
-    LiSALayer,
-    LogitsCarrier,
-    lowrank_frequency_index,
-    shared_attention,
-    sliding_window_of,
-    source_attention,
-)
+from .artifacts import atomic_directory, model_card
+from .attention import LiSASubstitute, source_attention
+from .carrier import LogitsCarrier
+from .config import LISA_FORMAT_VERSION, LiSAConfig
+from .functional import AttentionLayout, sliding_window_of
+from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer
 
 _BASE_CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -81,40 +74,29 @@ class LiSASourceAttention(nn.Module):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return source_attention(
-            self, self.carrier, self.layer_idx, hidden_states, position_embeddings, attention_mask, cache, kwargs
+        return source_attention(self, self.carrier, hidden_states, position_embeddings, attention_mask, cache, kwargs)
+
+
+class LiSASharedAttention(LiSASubstitute):
+    """A merged LiSA layer: ``softmax(align(S_{l-1}) + scale_r Q_r K_r^T + M) V W_o``, no ``q_proj``/``k_proj``.
+
+    The :class:`LiSASubstitute` of the adapter, plus the layer's own frozen ``v_proj``/``o_proj``.
+    """
+
+    def __init__(self, attn: nn.Module, spec: dict[str, Any], carrier: LogitsCarrier) -> None:
+        super().__init__(
+            AttentionLayout.from_attention(attn),
+            attn.v_proj.in_features,
+            layer_idx=attn.layer_idx,
+            rank=spec["rank"],
+            align_hidden=spec["align_hidden"],
+            align_activation=spec["align_activation"],
+            rotary_frequencies=spec["rotary_frequencies"],
+            hands_on=attn.layer_idx + 1 in spec["share_layers"],
+            carrier=carrier,
         )
-
-
-class LiSASharedAttention(nn.Module):
-    """A merged LiSA layer: ``softmax(align(S_{l-1}) + scale_r Q_r K_r^T + M) V W_o``, no ``q_proj``/``k_proj``."""
-
-    def __init__(
-        self,
-        *,
-        layer_idx: int,
-        layout: AttentionLayout,
-        rank: int,
-        rotary_frequencies: str,
-        attention_dropout: float,
-        hands_on: bool,
-        align: HeadAlign,
-        q_lowrank: nn.Linear,
-        k_lowrank: nn.Linear,
-        v_proj: nn.Module,
-        o_proj: nn.Module,
-        carrier: LogitsCarrier,
-    ) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.layout = layout
-        self.rank = rank
-        self.attention_dropout = attention_dropout
-        self.hands_on = hands_on
-        self.align, self.q_lowrank, self.k_lowrank = align, q_lowrank, k_lowrank
-        self.v_proj, self.o_proj = v_proj, o_proj
-        self.frequency_index = lowrank_frequency_index(layout.head_dim, rank, rotary_frequencies)
-        self.carrier = carrier
+        self.attention_dropout: float = attn.attention_dropout
+        self.v_proj, self.o_proj = attn.v_proj, attn.o_proj
 
     def forward(
         self,
@@ -126,26 +108,17 @@ class LiSASharedAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         kwargs.pop("position_ids", None)
         kwargs.pop("use_cache", None)
-        return shared_attention(
-            align=self.align,
-            q_lowrank=self.q_lowrank,
-            k_lowrank=self.k_lowrank,
-            v_proj=self.v_proj,
-            o_proj=self.o_proj,
-            layout=self.layout,
-            rank=self.rank,
-            frequency_index=self.frequency_index,
-            carrier=self.carrier,
-            layer_idx=self.layer_idx,
-            hidden_states=hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
+        output = self.attend(
+            hidden_states,
+            position_embeddings,
+            attention_mask,
+            self.v_proj,
+            self.o_proj,
             cache=cache,
-            kwargs=kwargs,
+            cache_kwargs=kwargs,
             dropout=self.attention_dropout if self.training else 0.0,
-            training=self.training,
-            hands_on=self.hands_on,
         )
+        return output, None
 
 
 def lisa_spec(config: LiSAConfig, num_heads: int) -> dict[str, Any]:
@@ -155,35 +128,11 @@ def lisa_spec(config: LiSAConfig, num_heads: int) -> dict[str, Any]:
         "share_layers": list(config.share_layers),
         "source_layers": list(config.source_layers),
         "rank": config.rank,
-        "align_hidden": 4 * num_heads if config.align_hidden is None else config.align_hidden,
+        "align_hidden": config.resolved_align_hidden(num_heads),
         "align_activation": config.align_activation,
         "rotary_frequencies": config.rotary_frequencies,
         "base_model": config.base_model_name_or_path,
     }
-
-
-def _shared_attention_from(
-    attn: nn.Module,
-    spec: dict[str, Any],
-    carrier: LogitsCarrier,
-    align: HeadAlign,
-    q_lowrank: nn.Linear,
-    k_lowrank: nn.Linear,
-) -> LiSASharedAttention:
-    return LiSASharedAttention(
-        layer_idx=attn.layer_idx,
-        layout=AttentionLayout.from_attention(attn),
-        rank=spec["rank"],
-        rotary_frequencies=spec["rotary_frequencies"],
-        attention_dropout=attn.attention_dropout,
-        hands_on=attn.layer_idx + 1 in spec["share_layers"],
-        align=align,
-        q_lowrank=q_lowrank,
-        k_lowrank=k_lowrank,
-        v_proj=attn.v_proj,
-        o_proj=attn.o_proj,
-        carrier=carrier,
-    )
 
 
 def _clear_logits_carrier(model: nn.Module, args: Any) -> None:
@@ -203,23 +152,16 @@ def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
     for layer_idx in spec["source_layers"]:
         layers[layer_idx].self_attn = LiSASourceAttention(layers[layer_idx].self_attn, carrier)
     for layer_idx in spec["share_layers"]:
-        attn = layers[layer_idx].self_attn
-        layout = AttentionLayout.from_attention(attn)
-        hidden_size, rank = attn.v_proj.in_features, spec["rank"]
-        layers[layer_idx].self_attn = _shared_attention_from(
-            attn,
-            spec,
-            carrier,
-            align=HeadAlign(layout.num_heads, spec["align_hidden"], spec["align_activation"]),
-            q_lowrank=nn.Linear(hidden_size, layout.num_heads * rank, bias=False),
-            k_lowrank=nn.Linear(hidden_size, layout.num_kv_heads * rank, bias=False),
-        )
+        layers[layer_idx].self_attn = LiSASharedAttention(layers[layer_idx].self_attn, spec, carrier)
     model.lisa_logits_carrier = carrier
     model.register_forward_pre_hook(_clear_logits_carrier)
 
 
 class LiSAMergedMixin:
     """Mixed into a supported ``*ForCausalLM``: builds the base model, then swaps in the merged LiSA layers."""
+
+    # Format 1 saved a bias b2 in the linear alignment; softmax ignored it, so it is dropped on load.
+    _keys_to_ignore_on_load_unexpected = [r"self_attn\.align\.out_bias$"]
 
     def __init__(self, config: PreTrainedConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
@@ -232,8 +174,6 @@ class LiSAMergedMixin:
 
         ``metrics`` (e.g. ``{"perplexity (pydoc, window 256)": 19.3}``) are written into the model card.
         """
-        from .artifacts import atomic_directory, model_card
-
         with atomic_directory(save_directory) as scratch:
             super().save_pretrained(scratch, *args, **kwargs)
             card = model_card(self, kind="merged", base_model=self.config.lisa.get("base_model"), metrics=metrics)
@@ -281,14 +221,14 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
             continue
         base, role = wrapper.base_layer, wrapper.lisa_role.get(adapter_name)
         if role == ROLE_SHARED:
-            layer.self_attn = _shared_attention_from(
-                base,
-                spec,
-                carrier,
-                align=wrapper.lisa_align[adapter_name],
-                q_lowrank=wrapper.lisa_q_lowrank[adapter_name],
-                k_lowrank=wrapper.lisa_k_lowrank[adapter_name],
+            trained = wrapper.lisa_substitute[adapter_name]
+            merged_attn = LiSASharedAttention(base, spec, carrier)
+            merged_attn.align, merged_attn.q_lowrank, merged_attn.k_lowrank = (
+                trained.align,
+                trained.q_lowrank,
+                trained.k_lowrank,
             )
+            layer.self_attn = merged_attn
         elif role == ROLE_SOURCE:
             layer.self_attn = LiSASourceAttention(base, carrier)
         else:

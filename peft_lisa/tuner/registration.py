@@ -11,6 +11,8 @@ before ``AutoModelForCausalLM.from_pretrained`` reads a merged LiSA model.
 
 from __future__ import annotations
 
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import register_peft_method
 from peft.utils.peft_types import PeftType
 
 LISA_NAME = "lisa"
@@ -38,13 +40,11 @@ def _add_peft_type_member(name: str) -> PeftType:
 LISA_PEFT_TYPE = _add_peft_type_member(LISA_NAME.upper())
 
 
-def register_lisa_method() -> None:
-    """Fill peft's method mappings with the LiSA config and tuner (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from peft.utils import register_peft_method
+def register_lisa_method(config_cls: type, model_cls: type) -> None:
+    """Fill peft's method mappings with the LiSA config and tuner classes (idempotent).
 
-    from .tuner import LiSAConfig, LiSAModel
-
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(LISA_PEFT_TYPE) is LiSAConfig:
+    Called once at the end of ``peft_lisa/tuner/__init__.py``, as peft's own tuners register themselves.
+    """
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(LISA_PEFT_TYPE) is config_cls:
         return
-    register_peft_method(name=LISA_NAME, config_cls=LiSAConfig, model_cls=LiSAModel, prefix=LISA_PREFIX)
+    register_peft_method(name=LISA_NAME, config_cls=config_cls, model_cls=model_cls, prefix=LISA_PREFIX)

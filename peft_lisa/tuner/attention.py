@@ -1,0 +1,255 @@
+"""LiSA attention (``docs/method.md``, steps 1-5): the head alignment, the shared layer's substitute for its Q/K, and
+the full layer that hands its logits on.
+
+:class:`LiSASubstitute` is the one implementation of a shared layer's attention. The PEFT wrapper
+(:class:`~peft_lisa.tuner.layer.LiSALayer`, one substitute per adapter) and the merged model
+(:class:`~peft_lisa.tuner.merged.LiSASharedAttention`, a substitute with its own ``v_proj``/``o_proj``) both call
+:meth:`LiSASubstitute.attend`, so training and deployment compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .architectures import SUPPORTED_ATTN_IMPLEMENTATIONS, UnsupportedModelError
+from .carrier import LogitsCarrier, MaterializedLogits, ScoresFromQueryKey, SharedLayerCall
+from .functional import (
+    AttentionLayout,
+    apply_rotary,
+    attend_from_logits,
+    grouped_scores,
+    lowrank_frequency_index,
+    lowrank_rotary,
+    permutation_matrix,
+    project_full_qkv,
+    sliding_window_of,
+    update_cache,
+)
+
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
+# Queries per block in a shared layer's attention: bounds the alignment FFN's activations on long prefills.
+QUERY_BLOCK_SIZE = 256
+# A source layer with at most this many queries (a decode step) computes its logits explicitly and hands them on;
+# with more it runs the model's attention kernel and hands on Q/K (see source_attention).
+EXPLICIT_SOURCE_MAX_QUERIES = 1
+
+
+class HeadAlign(nn.Module):
+    """Head alignment along the head axis (step 2): ``P s`` (linear, ``hidden == 0``) or ``P s + W2 act(W1 s + b1)
+    + b2``.
+
+    It acts independently at every (query, key) entry and never mixes positions. ``P`` starts as a permutation matrix
+    and ``W2`` at zero, so an untrained module is exactly "take head ``perm[i]`` of the previous layer". The linear
+    alignment has no bias ``b2``: a per-head constant added to every logit of a row is removed by the softmax, here
+    and in every later layer that aligns these logits linearly, so it could neither change the output nor learn.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        hidden: int,
+        activation: str = "gelu",
+        init_permutation: Optional[list[int]] = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.hidden = hidden
+        self.permute = nn.Parameter(permutation_matrix(init_permutation or list(range(num_heads))))  # P: H x H
+        if hidden > 0:
+            self.up = nn.Linear(num_heads, hidden)  # W1, b1: m x H
+            self.act = ACTIVATIONS[activation]()
+            self.down = nn.Linear(hidden, num_heads, bias=False)  # W2: H x m
+            self.out_bias = nn.Parameter(torch.zeros(num_heads))  # b2: H
+            nn.init.zeros_(self.down.weight)
+
+    def forward(self, source_logits: torch.Tensor) -> torch.Tensor:
+        # source_logits: B x H x T_q x T_k -> aligned: B x H x T_q x T_k, computed in float32 whatever the
+        # parameters' dtype (a merged bf16 model keeps them in bf16).
+        source_logits = source_logits.float()
+        if self.hidden == 0:
+            return torch.einsum("gh,bhqk->bgqk", self.permute.float(), source_logits)
+        # P and W1 read the logits in one pass: [P; W1] is (H + m) x H.
+        stacked = torch.cat([self.permute, self.up.weight]).float()
+        projected = torch.einsum("gh,bhqk->bgqk", stacked, source_logits)  # B x (H + m) x T_q x T_k
+        aligned, hidden = projected[:, : self.num_heads], projected[:, self.num_heads :]
+        hidden = self.act(hidden + self.up.bias.float()[:, None, None])
+        aligned = aligned + torch.einsum("hm,bmqk->bhqk", self.down.weight.float(), hidden)
+        return aligned + self.out_bias.float()[:, None, None]
+
+
+class LiSASubstitute(nn.Module):
+    """What replaces a shared layer's ``q_proj``/``k_proj``: the head alignment and the low-rank rotary Q/K.
+
+    It holds the trainable modules (``align``, ``q_lowrank``, ``k_lowrank``) and what the layer's geometry fixes
+    (layout, rank, rotary frequencies, whether the next layer reads this layer's logits). :meth:`attend` is the
+    shared layer's attention; the caller hands it the frozen ``v_proj``/``o_proj`` it keeps.
+    """
+
+    def __init__(
+        self,
+        layout: AttentionLayout,
+        hidden_size: int,
+        *,
+        layer_idx: int,
+        rank: int,
+        align_hidden: int,
+        align_activation: str,
+        rotary_frequencies: str,
+        hands_on: bool,
+        carrier: LogitsCarrier,
+        init_permutation: Optional[list[int]] = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layout = layout
+        self.rank = rank
+        self.hands_on = hands_on  # the next layer shares too and reads this layer's logits S_l
+        self.frequency_index = lowrank_frequency_index(layout.head_dim, rank, rotary_frequencies)
+        self.align = HeadAlign(layout.num_heads, align_hidden, align_activation, init_permutation)
+        self.q_lowrank = nn.Linear(hidden_size, layout.num_heads * rank, bias=False)  # Wq_r
+        self.k_lowrank = nn.Linear(hidden_size, layout.num_kv_heads * rank, bias=False)  # Wk_r
+        # A plain attribute, not a submodule: the carrier holds no parameters and is shared by the model's layers.
+        self.carrier = carrier
+
+    def reset_lowrank(self, mode: str) -> None:
+        """``"zero"``: the query factor starts at zero, so the delta is exactly zero (step 3); ``"random"``: small."""
+        nn.init.normal_(self.k_lowrank.weight, std=1.0 / math.sqrt(self.k_lowrank.in_features))
+        if mode == "zero":
+            nn.init.zeros_(self.q_lowrank.weight)
+        else:
+            nn.init.normal_(self.q_lowrank.weight, std=0.1 / math.sqrt(self.q_lowrank.in_features))
+
+    def lowrank_query_key(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 3: the rank-r rotary query (B x H x T x r) and key (B x H_kv x T x r) of the layer input."""
+        batch, q_len, _ = hidden_states.shape
+        x = hidden_states.to(self.q_lowrank.weight.dtype)
+        q_small = self.q_lowrank(x).view(batch, q_len, self.layout.num_heads, self.rank).transpose(1, 2)
+        k_small = self.k_lowrank(x).view(batch, q_len, self.layout.num_kv_heads, self.rank).transpose(1, 2)
+        cos_r, sin_r = lowrank_rotary(position_embeddings, self.frequency_index)
+        cos_r, sin_r = cos_r.to(x.dtype), sin_r.to(x.dtype)
+        return apply_rotary(q_small, cos_r, sin_r), apply_rotary(k_small, cos_r, sin_r)
+
+    def logits(self, source_rows: torch.Tensor, q_rows: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
+        """Steps 2-4: ``S_l = align(S_{l-1}) + Q_r K_r^T / sqrt(r)`` for a block of queries, before the mask.
+
+        source_rows: B x H x T_block x T_k, q_rows: B x H x T_block x r, k_small: B x H_kv x T_k x r.
+        """
+        return self.align(source_rows) + grouped_scores(q_rows, k_small, self.rank**-0.5)
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        value_proj: nn.Module,
+        output_proj: nn.Module,
+        *,
+        cache: Any = None,
+        cache_kwargs: Optional[dict] = None,
+        dropout: float = 0.0,
+        query_block_size: int = QUERY_BLOCK_SIZE,
+    ) -> torch.Tensor:
+        """The shared layer's attention output ``softmax(S_l + M) V W_o`` (steps 1-5), B x T_q x hidden.
+
+        Its cache holds the rank-r rotary keys K_r (B x H_kv x T x r) and the values.
+        """
+        batch, q_len, _ = hidden_states.shape
+        layout = self.layout
+        q_small, k_small = self.lowrank_query_key(hidden_states, position_embeddings)
+        value = value_proj(hidden_states).view(batch, q_len, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+        k_small, value = update_cache(cache, k_small, value, self.layer_idx, cache_kwargs or {})
+
+        # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too), read block by block.
+        source = self.carrier.take(self.layer_idx - 1)  # B x H x T_q x T_k
+        k_len = k_small.shape[-2]
+        if source.shape[-2:] != (q_len, k_len) or source.shape[0] != batch:
+            raise RuntimeError(
+                f"LiSA layer {self.layer_idx}: logits of layer {self.layer_idx - 1} have shape "
+                f"{tuple(source.shape)}, expected (batch={batch}, heads, {q_len}, {k_len}). Both layers must see "
+                "the same keys."
+            )
+        carrier = self.carrier
+        keep_logits = self.hands_on or bool(carrier.observers)
+        mask = carrier.additive_mask(attention_mask, q_len, k_len, hidden_states.device)  # -> B x H x T_q x T_k
+        logits_blocks, output_blocks = [], []
+        # One block of queries at a time, so that the alignment FFN's B x m x block x T_k activations stay bounded
+        # during long prefills. The alignment never mixes positions, so blocks are independent.
+        for start in range(0, q_len, query_block_size):
+            rows = slice(start, min(start + query_block_size, q_len))
+            logits = self.logits(source.rows(rows), q_small[:, :, rows], k_small)  # B x H x T_block x T_k
+            if keep_logits:
+                logits_blocks.append(logits)
+            output_blocks.append(attend_from_logits(logits, mask[..., rows, :], value, dropout, dropout > 0))
+        if keep_logits:
+            logits = torch.cat(logits_blocks, dim=2) if len(logits_blocks) > 1 else logits_blocks[0]
+            carrier.put(self.layer_idx, MaterializedLogits(logits))
+            if carrier.observers:
+                carrier.observe(
+                    SharedLayerCall(self.layer_idx, logits, attention_mask, hidden_states, position_embeddings)
+                )
+        attn_output = torch.cat(output_blocks, dim=1) if len(output_blocks) > 1 else output_blocks[0]
+        return output_proj(attn_output.to(hidden_states.dtype))
+
+
+def check_attn_implementation(attn: nn.Module) -> str:
+    """The model's attention implementation, if LiSA can read its masks; a clear error otherwise."""
+    implementation = attn.config._attn_implementation or "eager"
+    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        # Shared layers read the eager/sdpa mask format; flash/flex masks would be misread.
+        raise UnsupportedModelError(
+            f"LiSA layers need the 'eager' or 'sdpa' attention implementation, but the model now uses "
+            f"{implementation!r}: call model.set_attn_implementation('sdpa')."
+        )
+    return implementation
+
+
+def source_attention(
+    attn: nn.Module,
+    carrier: LogitsCarrier,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: Optional[torch.Tensor],
+    cache: Any,
+    kwargs: dict,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A full layer ``attn`` whose logits S_l = scale Q_l K_l^T feed the next (shared) layer.
+
+    On prefill it attends exactly as the base layer does, with the model's own attention implementation, and hands on
+    its rotary query and key: the shared layer computes S_l from them one block of queries at a time, so no
+    T_q x T_k tensor is handed on. With at most ``EXPLICIT_SOURCE_MAX_QUERIES`` queries (decoding) it computes S_l
+    once, attends from it and hands it on.
+    """
+    implementation = check_attn_implementation(attn)
+    batch, q_len, _ = hidden_states.shape
+    query, key, value = project_full_qkv(attn, hidden_states, position_embeddings)
+    key, value = update_cache(cache, key, value, attn.layer_idx, kwargs)
+    dropout = attn.attention_dropout if attn.training else 0.0
+    if q_len <= EXPLICIT_SOURCE_MAX_QUERIES:
+        # Decoding: a single row of logits is cheaper to compute once, use here and hand on, than to have the shared
+        # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
+        logits = grouped_scores(query, key, attn.scaling)  # B x H x T_q x T_k
+        carrier.put(attn.layer_idx, MaterializedLogits(logits))
+        mask = carrier.additive_mask(attention_mask, q_len, logits.shape[-1], logits.device)
+        return attn.o_proj(attend_from_logits(logits, mask, value, dropout, attn.training)), None
+    carrier.put(attn.layer_idx, ScoresFromQueryKey(query, key, attn.scaling))
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    attn_output, attn_weights = attention(
+        attn,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=attn.scaling,
+        sliding_window=sliding_window_of(attn),
+        **kwargs,
+    )  # B x T_q x H x d_h
+    return attn.o_proj(attn_output.reshape(batch, q_len, -1)), attn_weights

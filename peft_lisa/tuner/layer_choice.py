@@ -1,0 +1,88 @@
+"""Which layers share: the rule that turns per-layer scores of a calibration analysis into ``share_layers``.
+
+It lives in the tuner so that ``LiSAConfig.from_analysis`` and ``peft_lisa.analysis.choose_share_layers`` apply the
+same rule; the measurement that produces the scores is :func:`peft_lisa.analysis.analyze`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+from typing import Optional
+
+SCORES = ("js_matched", "js_indexed", "js_matched_grouped", "sensitivity_direct", "sensitivity_permuted")
+
+
+def choose_layers(
+    values: Optional[Sequence[Optional[float]]],
+    num_layers: int,
+    *,
+    fraction: Optional[float] = None,
+    threshold: Optional[float] = None,
+    keep_first: int = 2,
+    score: str = "js_matched",
+) -> list[int]:
+    """Choose ``share_layers`` from one per-layer score (lower is better), as ``docs/method.md`` "Layer choice" says.
+
+    Candidates are the layers ``>= keep_first`` (layer 0 never shares; shallow layers are fragile) that have a score.
+    ``fraction`` takes the best ``round(fraction * num_layers)`` candidates (a fraction of *all* layers);
+    ``threshold`` keeps those whose score is at most ``threshold``; with both, the best ``round(fraction *
+    num_layers)`` that are also under the threshold.
+
+    Args:
+        values: the score of every layer (``None`` where not measured), indexed by layer; ``None`` if the analysis
+            did not measure this score at all.
+        num_layers: decoder layers of the model.
+        fraction: target fraction of shared layers, in (0, 1).
+        threshold: largest acceptable score (e.g. a JS divergence in bits, or a loss rise in nats).
+        keep_first: the first ``keep_first`` layers always stay full.
+        score: the name of the score, one of :data:`SCORES` (for messages and the check).
+
+    Returns:
+        The chosen layer indices, ascending.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}.")
+    if values is None:
+        raise ValueError(f"The analysis has no {score!r}: run analyze(..., sensitivity=True) to measure it.")
+    if fraction is None and threshold is None:
+        raise ValueError("Give fraction and/or threshold (e.g. fraction=0.5) to choose the shared layers.")
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < fraction < 1.0
+    ):
+        raise ValueError(f"fraction must be a number strictly between 0 and 1, got {fraction!r}.")
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, Real) or not math.isfinite(threshold)
+    ):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
+    if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
+        raise ValueError(f"keep_first must be a non-negative integer, got {keep_first!r}.")
+
+    ranked = sorted(
+        (values[layer], layer) for layer in range(max(keep_first, 1), num_layers) if values[layer] is not None
+    )
+    if not ranked:
+        raise ValueError(
+            f"No candidate layers: the model has {num_layers} layers and keep_first={keep_first} keeps them all full."
+        )
+    chosen = ranked
+    if fraction is not None:
+        count = round(fraction * num_layers)
+        if count == 0:
+            raise ValueError(f"fraction={fraction} of {num_layers} layers rounds to 0 layers; use a larger fraction.")
+        if count > len(ranked):
+            raise ValueError(
+                f"fraction={fraction} asks for {count} of {num_layers} layers, but only {len(ranked)} can share "
+                f"(layers {max(keep_first, 1)}..{num_layers - 1} with keep_first={keep_first}); lower the fraction "
+                "or keep_first."
+            )
+        chosen = ranked[:count]
+    if threshold is not None:
+        chosen = [(value, layer) for value, layer in chosen if value <= threshold]
+        if not chosen:
+            best_value, best_layer = ranked[0]
+            raise ValueError(
+                f"No candidate layer has {score} <= {threshold}; the lowest is {best_value:.4g} (layer {best_layer})."
+            )
+    return sorted(layer for _, layer in chosen)
