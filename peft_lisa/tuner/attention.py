@@ -159,13 +159,15 @@ class LiSASubstitute(nn.Module):
     ) -> torch.Tensor:
         """The shared layer's attention output ``softmax(S_l + M) V W_o`` (steps 1-5), B x T_q x hidden.
 
-        Its cache holds the rank-r rotary keys K_r (B x H_kv x T x r) and the values.
+        Its cache holds the rank-r rotary keys K_r (B x H_kv x T x r) and the values. ``cache_kwargs`` are the
+        keyword arguments the decoder layer passed its attention; those meant for the cache are handed on to it.
         """
+        cache_kwargs = {k: v for k, v in (cache_kwargs or {}).items() if k not in ("position_ids", "use_cache")}
         batch, q_len, _ = hidden_states.shape
         layout = self.layout
         q_small, k_small = self.lowrank_query_key(hidden_states, position_embeddings)
         value = value_proj(hidden_states).view(batch, q_len, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
-        k_small, value = update_cache(cache, k_small, value, self.layer_idx, cache_kwargs or {})
+        k_small, value = update_cache(cache, k_small, value, self.layer_idx, cache_kwargs)
 
         # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too), read block by block.
         source = self.carrier.take(self.layer_idx - 1)  # B x H x T_q x T_k

@@ -101,8 +101,6 @@ class LiSALayer(nn.Module, BaseTunerLayer):
             return source_attention(
                 base, self.carrier, hidden_states, position_embeddings, attention_mask, cache, kwargs
             )
-        kwargs.pop("position_ids", None)
-        kwargs.pop("use_cache", None)
         output = self.lisa_substitute[adapter].attend(
             hidden_states,
             position_embeddings,

@@ -106,8 +106,6 @@ class LiSASharedAttention(LiSASubstitute):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        kwargs.pop("position_ids", None)
-        kwargs.pop("use_cache", None)
         output = self.attend(
             hidden_states,
             position_embeddings,
