@@ -59,8 +59,9 @@ class LiSAConfig(PeftConfig):
             best matching found by ``peft_lisa.analyze``.
         rotary_frequencies (`str`):
             Which of the model's rotary frequencies the rank-``r`` query/key use. ``"first"`` takes the first
-            ``r/2`` (highest) frequencies; ``"strided"`` takes every ``(d_h/r)``-th frequency so that the whole
-            spectrum, long-range included, is covered.
+            ``r/2`` (highest) frequencies; ``"strided"`` takes ``r/2`` frequencies evenly spread from the first to the
+            last (indices ``round(i (d_h/2 - 1) / (r/2 - 1))``, e.g. 0, 10, 21, 31 for ``d_h = 64``, ``r = 8``), so
+            that the whole spectrum, long-range included, is covered.
         init_lowrank (`str`):
             Initialisation of the low-rank delta: ``"zero"`` zero-initialises the query factor so that an untrained
             adapter is exactly direct sharing with the initial permutation; ``"random"`` initialises both factors
