@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 
 import numpy as np
@@ -273,6 +274,17 @@ def test_empty_and_short_texts():
     assert single.num_sequences == 3
 
 
+def test_analyze_logs_and_prints_nothing(caplog, capsys):
+    """Progress goes through the ``peft_lisa`` logger (and tqdm, off here), never print."""
+    with caplog.at_level(logging.INFO, logger="peft_lisa"):
+        analysis = analyze(tiny_model("llama"), CharTokenizer(), TEXTS, sensitivity=False, **SMALL)
+    messages = [record.getMessage() for record in caplog.records if record.name == "peft_lisa"]
+    expected = f"{analysis.num_sequences} sequences of {analysis.seq_len} tokens, {analysis.num_layers} layers"
+    assert any(expected in message for message in messages), messages
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
 def test_bad_arguments():
     model, tokenizer = tiny_model("llama"), CharTokenizer()
     with pytest.raises(ValueError, match="seq_len"):
@@ -336,6 +348,36 @@ def test_choose_share_layers():
     assert choose_share_layers(analysis, threshold=0.05, keep_first=0) == [1, 2, 4, 5, 7]  # layer 0 never
     assert choose_share_layers(analysis, fraction=0.5, threshold=0.04) == [2, 5, 7]  # both: the intersection
     assert choose_share_layers(analysis, fraction=0.2, score="js_indexed") == [2, 7]
+
+
+def test_choose_share_layers_applies_the_rule_of_from_analysis():
+    """``choose_share_layers`` and ``LiSAConfig.from_analysis`` apply one rule (``tuner.layer_choice``)."""
+    analysis = synthetic_analysis(
+        [None, 0.01, 0.02, 0.30, 0.05, 0.04, 0.20, 0.03, 0.06, 0.10], sensitivity=[None] + [0.1] * 4 + [0.01] * 5
+    )
+    for kwargs in (
+        dict(fraction=0.3),
+        dict(fraction=0.3, keep_first=6),
+        dict(threshold=0.05, keep_first=0),
+        dict(fraction=0.5, threshold=0.04),
+        dict(fraction=0.2, score="js_indexed"),
+        dict(fraction=0.4, score="sensitivity_permuted"),
+    ):
+        config = LiSAConfig.from_analysis(analysis, **kwargs)
+        assert choose_share_layers(analysis, **kwargs) == config.share_layers, kwargs
+
+
+def test_package_exports():
+    """The analysis package re-exports its public API, and ``peft_lisa`` re-exports the same objects."""
+    import peft_lisa
+    import peft_lisa.analysis as package
+
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    assert peft_lisa.analyze is package.analyze is analyze
+    assert peft_lisa.choose_share_layers is package.choose_share_layers is choose_share_layers
+    assert peft_lisa.AttentionAnalysis is package.AttentionAnalysis is AttentionAnalysis
+    assert synthetic_analysis([None, 0.1]).format_version == package.ANALYSIS_FORMAT_VERSION
 
 
 def test_choose_share_layers_errors(tmp_path):
@@ -403,7 +445,8 @@ def test_from_analysis_initialises_alignment_and_is_saved(gqa_permuted, tmp_path
 
 @pytest.mark.slow
 def test_real_model_analysis(tmp_path):
-    from peft_lisa.resources import load_model_and_tokenizer, load_texts
+    from peft_lisa.data import load_texts
+    from peft_lisa.resources import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer()
     started = time.monotonic()
@@ -415,11 +458,13 @@ def test_real_model_analysis(tmp_path):
     for layer in layers:
         assert analysis.js_matched[layer] <= analysis.js_indexed[layer] + 1e-9
         assert analysis.js_matched[layer] <= analysis.js_matched_grouped[layer] + 1e-9
-    # Heads are not aligned by index (METHOD.md (a)): matching clearly lowers the divergence on average.
+    # Heads are not aligned by index (docs/method.md, "What the paper establishes"): matching clearly lowers the
+    # divergence on average.
     mean_indexed = np.mean([analysis.js_indexed[layer] for layer in layers])
     mean_matched = np.mean([analysis.js_matched[layer] for layer in layers])
     assert mean_matched < 0.9 * mean_indexed
-    # Shallow layers are fragile (METHOD.md (a)): sharing layer 1 or 2 costs more than the average layer.
+    # Shallow layers are fragile (docs/method.md, "What the paper establishes"): sharing layer 1 or 2 costs more
+    # than the average layer.
     rises = [analysis.sensitivity_direct[layer] for layer in layers]
     assert min(rises[:2]) > np.mean(rises)
     chosen = choose_share_layers(analysis, fraction=0.5)
