@@ -1,4 +1,5 @@
-"""The benchmark (peft_lisa.benchmark, examples/benchmark.py): structure, cache accounting, outputs, skip logic.
+"""The benchmark (peft_lisa.benchmark, examples/benchmark.py): structure, cache accounting, outputs, skip logic,
+and benchmark_model (peft-lisa bench as a library call).
 
 Tiny models and sizes only; nothing here asserts on timings.
 """
@@ -8,17 +9,19 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 
 import pytest
 import torch
 from peft import get_peft_model
 
-from peft_lisa import LiSAConfig
+from peft_lisa import AttentionAnalysis, LiSAConfig
 from peft_lisa.benchmark import (
     BenchmarkResult,
     ModelShape,
     PeakMemory,
     analytic_breakdown,
+    benchmark_model,
     cache_bytes,
     default_share_layers,
     estimate_working_bytes,
@@ -32,13 +35,17 @@ SHARE, RANK = [2, 3], 4
 SMALL = dict(batch_sizes=(1, 2), contexts=(8, 16), decode_tokens=2, repeats=1, warmup=0, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the shared CI machines make multi-threaded tiny ops very slow."""
-    threads = torch.get_num_threads()
+_THREADS = torch.get_num_threads()
+
+
+def setup_module():
+    """One torch thread for the whole module (before its fixtures): the shared CI machines make multi-threaded tiny
+    ops very slow."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+
+def teardown_module():
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +59,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def result(models) -> BenchmarkResult:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_benchmark(*models, device="cpu", **SMALL)
-    finally:
-        torch.set_num_threads(threads)
+    return run_benchmark(*models, device="cpu", **SMALL)
 
 
 def analytic_bytes_per_token(config, share_layers, rank, element_bytes=4):
@@ -266,3 +268,73 @@ def test_cache_accounting_follows_the_lowrank_dtype():
         with torch.inference_mode():
             cache = model(input_ids=torch.randint(3, 100, (2, 5)), use_cache=True).cache
         assert cache_bytes(cache) == shape.cache_bytes_per_token * 2 * 5
+
+
+TINY_GRID = dict(batch_sizes=(1,), contexts=(8,), decode_tokens=1, repeats=1, warmup=0, max_throughput=False)
+
+
+def test_benchmark_model_writes_outputs(tmp_path, caplog):
+    """benchmark_model loads the base, merges an untrained adapter, benchmarks and writes; progress goes to the
+    peft_lisa logger."""
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="peft_lisa"):
+        outputs = benchmark_model(
+            str(model_dir), share_layers=[2, 3], rank=RANK, device="cpu", output_dir=out, command="cmd", **TINY_GRID
+        )
+    assert outputs.files == [out / "results.json", out / "results.md", out / "benchmark.png"]
+    data = json.loads((out / "results.json").read_text())
+    assert data == json.loads(json.dumps(outputs.result.to_dict()))
+    merged = data["models"]["merged"]
+    assert (merged["share_layers"], merged["rank"], merged["align_hidden"], merged["dtype"]) == (
+        [2, 3],
+        RANK,
+        0,
+        "float32",
+    )
+    assert data["settings"]["command"] == "cmd" and data["settings"]["model_path"] == str(model_dir)
+    assert "merged_model_path" not in data["settings"]
+    assert outputs.markdown == (out / "results.md").read_text() and "**Command:** `cmd`" in outputs.markdown
+    messages = "\n".join(caplog.messages)
+    assert f"loading {model_dir}" in messages and "shared layers [2, 3] (given)" in messages
+    assert "machine: " in messages and "B=1 T=8: base prefill" in messages
+
+    # A saved merged model of the same base is loaded instead of making one; the default layer choice otherwise.
+    merged_dir = tmp_path / "merged"
+    get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[3], rank=RANK)).merge_and_unload().save_pretrained(
+        merged_dir
+    )
+    again = benchmark_model(
+        str(model_dir), merged=merged_dir, device="cpu", output_dir=out, progress=False, **TINY_GRID
+    )
+    assert again.result.models["merged"].share_layers == [3]
+    assert again.result.settings["merged_model_path"] == str(merged_dir)
+    default = benchmark_model(str(model_dir), device="cpu", output_dir=out, progress=False, **TINY_GRID)
+    assert default.result.models["merged"].share_layers == default_share_layers(5, 0.5)
+    # With an analysis: its best round(0.4 * 5) layers from layer 2 on (default_share_layers would give [1, 4]).
+    js = [None, 0.5, 0.4, 0.1, 0.2]
+    analysis = AttentionAnalysis(
+        model_name="tiny", num_layers=5, num_heads=4, num_kv_heads=2, seq_len=8, num_sequences=1, num_tokens=8,
+        query_rows=8, matrix_rows=8, js_indexed=js, js_matched=js, js_matched_grouped=js, permutations=[None] * 5,
+        js_heads=[None] * 5, js_layers=[[0.0] * 5 for _ in range(5)],
+    )  # fmt: skip
+    chosen = benchmark_model(
+        str(model_dir), analysis=analysis, share_fraction=0.4, device="cpu", output_dir=out, progress=False,
+        **TINY_GRID,
+    )  # fmt: skip
+    assert chosen.result.models["merged"].share_layers == [3, 4] != default_share_layers(5, 0.4)
+
+
+def test_benchmark_model_errors(tmp_path):
+    model_dir, other_dir = tmp_path / "tiny", tmp_path / "other"
+    tiny_model("llama").save_pretrained(model_dir)
+    with pytest.raises(ValueError, match=r"share_layers contains \[7\], but the model has 5 layers"):
+        benchmark_model(str(model_dir), share_layers=[2, 7], device="cpu", output_dir=tmp_path, **TINY_GRID)
+    other = tiny_model("llama", num_hidden_layers=4)
+    get_peft_model(other, LiSAConfig(share_layers=[3], rank=RANK)).merge_and_unload().save_pretrained(other_dir)
+    with pytest.raises(ValueError, match="is not a merged model of"):
+        benchmark_model(str(model_dir), merged=other_dir, device="cpu", output_dir=tmp_path, **TINY_GRID)
+    with pytest.raises(OSError, match="could not load the model"):
+        benchmark_model(str(tmp_path / "missing"), device="cpu", output_dir=tmp_path, **TINY_GRID)
+    assert not (tmp_path / "results.json").exists()

@@ -1,0 +1,259 @@
+"""Measurement: the machine, peak memory, KV-cache bytes and the timed prefill / decode calls.
+
+* :func:`machine_info` names the machine (CPU, GPU, library versions, threads);
+* :class:`PeakMemory` measures the peak working memory of a block of code (CUDA allocator stats on GPU, the peak
+  resident set size on CPU) and :func:`default_memory_limit` is what a run may use;
+* :func:`cache_bytes` reads the size of a transformers cache off its tensors;
+* :func:`prefill_then_decode` times a prefill and greedy decode steps after it; :func:`synthetic_cache` and
+  :func:`synthetic_decode` time decoding on a random cache of a size whose prefill does not fit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------------------
+# Machine
+# --------------------------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Name the machine: CPU model, GPU name, torch/transformers versions, threads."""
+    import transformers
+
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover - peft is a dependency
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------
+
+
+def default_memory_limit(device: torch.device) -> int:
+    """Working memory a run may use: 90% of free GPU memory, or 75% of the available system memory on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available * 0.75)
+    except ImportError:  # pragma: no cover
+        pages, page_size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages * page_size * 0.75)
+
+
+class PeakMemory:
+    """Peak working memory of a block of code, above the level at its start.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensor memory only). CPU: the
+    process's peak resident set size (``VmHWM`` in ``/proc/self/status``), reset by writing ``5`` to
+    ``/proc/self/clear_refs`` after ``gc.collect()`` and glibc ``malloc_trim(0)`` hand freed memory back to the OS;
+    this counts every allocation the process touches (tensors, allocator slack, Python objects). Where that is not
+    possible (not Linux), it falls back to sampling the RSS with psutil every millisecond, which can miss short peaks.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = self._choose_method()
+        self._start = 0
+        self._sampler: Optional[threading.Thread] = None
+        self._sampled_peak = 0
+        self._stop = threading.Event()
+
+    def _choose_method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated"
+        if _reset_hwm():
+            return "VmHWM (peak RSS, reset via /proc/self/clear_refs)"
+        return "psutil RSS sampled every 1 ms"
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif self.method.startswith("VmHWM"):
+            _malloc_trim()
+            _reset_hwm()
+            self._start = _proc_status_bytes("VmRSS")
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self._start = self._sampled_peak = process.memory_info().rss
+            self._stop.clear()
+
+            def sample() -> None:
+                while not self._stop.is_set():
+                    self._sampled_peak = max(self._sampled_peak, process.memory_info().rss)
+                    time.sleep(0.001)
+
+            self._sampler = threading.Thread(target=sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+        elif self.method.startswith("VmHWM"):
+            self.peak = _proc_status_bytes("VmHWM") - self._start
+        else:
+            self._stop.set()
+            if self._sampler is not None:
+                self._sampler.join()
+            self.peak = self._sampled_peak - self._start
+        self.peak = max(int(self.peak), 0)
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        _proc_status_bytes("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+def _malloc_trim() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of a transformers cache: keys and values of every layer (``numel * element_size``)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timed calls
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:
+    """``[batch, length]`` token ids drawn uniformly from ``[0, vocab)`` by a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+
+
+def _decode(model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: int, device: torch.device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=next_ids, cache=cache, use_cache=True)
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache = out.cache
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def prefill_then_decode(
+    model: nn.Module, ids: torch.Tensor, decode_tokens: int, device: torch.device
+) -> tuple[float, float, int]:
+    """Time the prefill of ``ids`` and ``decode_tokens`` greedy steps after it; return (prefill s, decode s, cache
+    bytes after the prefill)."""
+    _sync(device)
+    started = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    prefill = time.perf_counter() - started
+    cache = out.cache
+    kv_bytes = cache_bytes(cache)
+    next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    del out
+    decode = _decode(model, cache, next_ids, decode_tokens, device) if decode_tokens else 0.0
+    return prefill, decode, kv_bytes
+
+
+def synthetic_cache(model: nn.Module, batch: int, context: int, device: torch.device, seed: int = 0) -> Any:
+    """A cache of ``context`` random tokens shaped exactly like the one a prefill of ``[batch, context]`` leaves.
+
+    The model builds its own cache for one token (so every layer gets its own key shape: rank-r keys in shared
+    layers), then every layer's keys and values are replaced by random tensors of the full length. The cost of a
+    decode step does not depend on the cached values, so this measures decoding at sizes whose prefill does not fit.
+    """
+    vocab = model.config.vocab_size
+    out = model(input_ids=random_ids(batch, 1, vocab, device, seed), use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            shape = (*tensor.shape[:-2], context, tensor.shape[-1])
+            setattr(layer, name, torch.randn(shape, dtype=tensor.dtype, device=device, generator=generator))
+    return cache
+
+
+def synthetic_decode(
+    model: nn.Module, batch: int, context: int, decode_tokens: int, device: torch.device, seed: int
+) -> tuple[float, int]:
+    """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache`; return (decode s, cache bytes)."""
+    cache = synthetic_cache(model, batch, context, device, seed)
+    kv_bytes = cache_bytes(cache)
+    next_ids = random_ids(batch, 1, model.config.vocab_size, device, seed + 1)
+    return _decode(model, cache, next_ids, decode_tokens, device), kv_bytes

@@ -1,0 +1,168 @@
+"""What one benchmark run measured, as plain data: the records and their JSON form.
+
+:class:`BenchmarkData` holds every field of a result and writes it as JSON; :class:`~.report.BenchmarkResult`, what
+:func:`~.run.run_benchmark` returns, adds the markdown table and the plot to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+MODEL_KEYS = ("base", "merged")
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Run:
+    """One model at one (batch, context): timings of every repetition, cache size and peak memory."""
+
+    model: str
+    batch: int
+    context: int
+    decode_tokens: int
+    prefill_seconds: list[float] = field(default_factory=list)
+    decode_seconds: list[float] = field(default_factory=list)
+    kv_cache_bytes: int = 0  # after the prefill: B * T tokens cached
+    peak_memory_bytes: int = 0  # own weights + peak working memory (max over the repetitions)
+    peak_working_bytes: int = 0  # peak memory above the level before the run
+    estimated_working_bytes: int = 0  # what the skip logic predicted, for comparison
+    decode_cache: str = "prefill"  # "prefill": decode continues the measured prefill; "synthetic": see notes
+
+    @property
+    def kv_cache_bytes_per_token(self) -> float:
+        return self.kv_cache_bytes / (self.batch * self.context)
+
+    @property
+    def prefill_tokens_per_s(self) -> Optional[float]:
+        if not self.prefill_seconds:
+            return None
+        return self.batch * self.context / statistics.median(self.prefill_seconds)
+
+    @property
+    def decode_tokens_per_s(self) -> Optional[float]:
+        if not self.decode_seconds or self.decode_tokens == 0:
+            return None
+        return self.batch * self.decode_tokens / statistics.median(self.decode_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            kv_cache_bytes_per_token=self.kv_cache_bytes_per_token,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            decode_tokens_per_s=self.decode_tokens_per_s,
+        )
+        return out
+
+
+@dataclass
+class Skipped:
+    """A configuration (or one phase of it) that was not run, and why."""
+
+    model: str  # "base", "merged" or "both"
+    batch: int
+    context: int
+    phase: str  # "prefill", "prefill+decode" or "max-throughput decode"
+    reason: str
+    estimated_bytes: int = 0
+    limit_bytes: int = 0
+
+
+@dataclass
+class ModelInfo:
+    """What was benchmarked: sizes, attention implementation, LiSA layout."""
+
+    name: str
+    num_parameters: int
+    weight_bytes: int
+    dtype: str
+    attn_implementation: str
+    num_layers: int
+    share_layers: list[int]
+    source_layers: list[int]
+    rank: Optional[int]
+    align_hidden: Optional[int]
+    kv_cache_bytes_per_token_analytic: int
+
+
+@dataclass
+class ThroughputPoint:
+    """One model at the largest batch whose weights + KV cache fit the memory budget."""
+
+    model: str
+    max_batch: int
+    weight_bytes: int
+    kv_cache_bytes: int  # at max_batch, context + decode tokens
+    decode_tokens_per_s: Optional[float]  # = throughput (tokens/s over the whole batch)
+    method: str  # "measured (...)", "extrapolated (...)" or "not available (...)"
+    decode_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class MaxThroughput:
+    """Maximum decode throughput under a fixed memory budget (weights + KV cache; activations not counted)."""
+
+    budget_bytes: int
+    budget_source: str
+    context: int
+    decode_tokens: int
+    points: dict[str, ThroughputPoint] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        base, merged = self.points.get("base"), self.points.get("merged")
+        if base is None or merged is None or not base.decode_tokens_per_s or merged.decode_tokens_per_s is None:
+            return None
+        return merged.decode_tokens_per_s / base.decode_tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        return out
+
+
+@dataclass
+class BenchmarkData:
+    """Everything one benchmark run measured, with the machine and settings it ran on."""
+
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    models: dict[str, ModelInfo]
+    runs: list[Run]
+    skipped: list[Skipped]
+    compression: dict[str, Any]
+    max_throughput: Optional[MaxThroughput]
+    analytic: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def run(self, model: str, batch: int, context: int) -> Optional[Run]:
+        """The run of ``model`` ("base" or "merged") at ``(batch, context)``, or None if it was skipped."""
+        return next(
+            (r for r in self.runs if (r.model, r.batch, r.context) == (model, batch, context)),
+            None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data; runs carry their derived rates (tokens/s, cache bytes per token)."""
+        return {
+            "machine": self.machine,
+            "settings": self.settings,
+            "models": {key: asdict(info) for key, info in self.models.items()},
+            "runs": [run.to_dict() for run in self.runs],
+            "skipped": [asdict(s) for s in self.skipped],
+            "compression": self.compression,
+            "max_throughput": self.max_throughput.to_dict() if self.max_throughput else None,
+            "analytic": self.analytic,
+            "notes": self.notes,
+        }
+
+    def to_json(self, path: PathLike) -> Path:
+        """Write :meth:`to_dict` to ``path`` (parent directories created); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path

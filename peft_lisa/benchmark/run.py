@@ -1,0 +1,435 @@
+"""Orchestration: :func:`run_benchmark` measures a base model and its merged LiSA model side by side.
+
+It loads nothing itself: it takes the base model and the merged model (``merge_and_unload()``) of the same base, and
+measures both in one run, alternating between them within every repetition:
+
+* prefill tokens/s: one forward over ``[B, T]`` random token ids with ``use_cache=True`` (the time includes building
+  the KV cache; only the last position's logits are computed, ``logits_to_keep=1``);
+* decode tokens/s: after that prefill, ``N`` greedy single-token steps feeding the cache, ``B * N / time``;
+* KV-cache bytes, in total and per token, read off the cache tensors themselves (keys and values of every layer);
+* peak memory of a run (prefill + decode): the model's own weights plus the peak working memory above the level
+  before the run (:class:`~.measure.PeakMemory`);
+* Q/K parameters and the compression ratio (:func:`peft_lisa.qk_compression_report`);
+* maximum throughput under a fixed memory budget, the measure the LiSA paper reports: for each model the largest
+  batch whose weights and KV cache (at a fixed context) fit the budget, times its decode rate at that batch;
+* an analytic FLOPs / bytes breakdown per layer type (:func:`~.cost_model.analytic_breakdown`).
+
+Medians over the repetitions are reported. Configurations whose estimated working memory exceeds the memory limit are
+skipped and listed with the reason. Progress goes to the ``peft_lisa`` logger (INFO) and a tqdm bar over the grid.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import statistics
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..tuner.compression import qk_compression_report
+from .cost_model import ModelShape, analytic_breakdown, estimate_working_bytes
+from .measure import (
+    PeakMemory,
+    default_memory_limit,
+    machine_info,
+    prefill_then_decode,
+    random_ids,
+    synthetic_decode,
+)
+from .report import BenchmarkResult, fmt_bytes, fmt_rate, machine_label
+from .results import MODEL_KEYS, MaxThroughput, ModelInfo, Run, Skipped, ThroughputPoint
+
+logger = logging.getLogger("peft_lisa")
+
+
+def run_benchmark(
+    base_model: nn.Module,
+    merged_model: nn.Module,
+    *,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    contexts: tuple[int, ...] = (128, 512, 2048),
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    memory_budget_bytes: Optional[int] = None,
+    budget_context: Optional[int] = None,
+    max_throughput: bool = True,
+    memory_limit_bytes: Optional[int] = None,
+    max_prefill_tokens: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> BenchmarkResult:
+    """Measure ``base_model`` and ``merged_model`` side by side, alternating within every repetition.
+
+    Args:
+        base_model: the original causal LM (run with its own attention implementation, normally sdpa).
+        merged_model: the merged LiSA model of the same base (``peft_model.merge_and_unload()``).
+        batch_sizes, contexts: the grid of (batch, prompt length) to measure.
+        decode_tokens: greedy single-token steps timed after each prefill.
+        repeats: timed repetitions per configuration (medians reported); the two models alternate within each, and
+            the order flips every repetition.
+        warmup: untimed repetitions per configuration before the timed ones.
+        memory_budget_bytes: budget (weights + KV cache) of the maximum-throughput measure. Default: what the base
+            model needs at the largest batch and context of the grid (weights + cache of ``context + decode_tokens``
+            tokens).
+        budget_context: context of the maximum-throughput measure; default the largest of ``contexts``.
+        max_throughput: set False to skip the maximum-throughput measure.
+        memory_limit_bytes: working memory (above the resident weights) a run may use; runs estimated to need more
+            are skipped and listed. Default :func:`default_memory_limit`.
+        max_prefill_tokens: skip (and list) configurations with ``batch * context`` above this, to bound the run
+            time on slow devices. Default: no cap.
+        device: where to run; the models are moved there. Default: the device of ``base_model``'s parameters.
+        seed: seed of the random token ids.
+        progress: log progress to the ``peft_lisa`` logger at INFO (else at DEBUG) and show a tqdm bar over the
+            grid.
+    """
+    device = torch.device(device) if device is not None else next(base_model.parameters()).device
+    level = logging.INFO if progress else logging.DEBUG
+    models = {"base": base_model.to(device).eval(), "merged": merged_model.to(device).eval()}
+    shapes = {key: ModelShape.of(model) for key, model in models.items()}
+    if not shapes["merged"].share_layers:
+        raise ValueError("merged_model has no merged LiSA layers; pass peft_model.merge_and_unload().")
+    if shapes["base"].share_layers:
+        raise ValueError("base_model has merged LiSA layers; pass the original model as base_model.")
+    limit = int(memory_limit_bytes) if memory_limit_bytes is not None else default_memory_limit(device)
+    peak_method = PeakMemory(device).method
+    machine = machine_info(device)
+    logger.log(
+        level,
+        f"machine: {machine_label(machine)}; working-memory limit {fmt_bytes(limit)}; peak memory: {peak_method}",
+    )
+
+    runs: list[Run] = []
+    skipped: list[Skipped] = []
+    notes: list[str] = []
+    vocab = shapes["base"].vocab
+
+    # Objects alive now (modules, weights, imported libraries) are never garbage; freezing them keeps the
+    # gc.collect() between runs fast (it otherwise walks every object of torch and transformers each time).
+    gc.collect()
+    gc.freeze()
+    try:
+        with torch.inference_mode():
+            _warm_start(models, device, vocab, seed)
+            grid = [(context, batch) for context in contexts for batch in batch_sizes]
+            with logging_redirect_tqdm(loggers=[logging.root, logger]):
+                for context, batch in tqdm(grid, desc="benchmark", unit="config", disable=not progress):
+                    prefill_allowed = max_prefill_tokens is None or batch * context <= max_prefill_tokens
+                    if not prefill_allowed:
+                        # Decoding is still timed, on a synthetic cache of the same size (no prefill needed).
+                        reason = f"B*T = {batch * context} tokens above max_prefill_tokens={max_prefill_tokens}"
+                        skipped.append(Skipped("both", batch, context, "prefill", reason + " (run-time cap)"))
+                        logger.log(
+                            level, f"B={batch} T={context}: prefill skipped ({reason}); decode on a synthetic cache"
+                        )
+                        if not decode_tokens:
+                            continue
+                    _run_config(
+                        models, shapes, batch, context, decode_tokens, repeats, warmup, limit, device, seed, runs,
+                        skipped, level, prefill_allowed,
+                    )  # fmt: skip
+            throughput = None
+            if max_throughput:
+                throughput = _max_throughput(
+                    models, shapes, runs, skipped, batch_sizes, contexts, decode_tokens, repeats, warmup,
+                    memory_budget_bytes, budget_context, limit, device, seed, level,
+                )  # fmt: skip
+    finally:
+        gc.unfreeze()
+
+    if shapes["merged"].mixed_dtype:
+        notes.append(
+            f"The merged model's LiSA modules are not in the model's dtype ({shapes['merged'].lowrank_key_bytes} vs "
+            f"{shapes['merged'].element_bytes} bytes per element), so its shared layers cache their rank-r keys in "
+            "that dtype. Cast the merged model (merged.to(dtype)) for a like-for-like comparison."
+        )
+    if any(r.decode_cache == "synthetic" for r in runs):
+        notes.append(
+            "decode_cache = synthetic: the prefill did not fit, so decoding was timed on a random KV cache of the "
+            "same shape (the cost of a decode step does not depend on the cached values)."
+        )
+    implementation = getattr(models["base"].config, "_attn_implementation", None)
+    notes.append(
+        "The merged model's shared layers compute explicit float32 attention logits (the head alignment acts on "
+        f"them). The full layers feeding them run {implementation} on prefill and hand their Q/K on, and compute "
+        "their one row of logits explicitly on decode steps; its other layers, and every layer of the base model, "
+        f"use {implementation}."
+    )
+    settings = {
+        "batch_sizes": list(batch_sizes),
+        "contexts": list(contexts),
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "memory_limit_bytes": limit,
+        "max_prefill_tokens": max_prefill_tokens,
+        "peak_memory_method": peak_method,
+        "seed": seed,
+        "statistic": "median over repetitions",
+        "prefill": "one forward over [B, T] random ids, use_cache=True, logits_to_keep=1 (includes cache build)",
+        "decode": "greedy single-token steps feeding the cache; tokens/s = B * N / time",
+    }
+    return BenchmarkResult(
+        machine=machine,
+        settings=settings,
+        models={key: _model_info(_model_name(models["base"], key), models[key], shapes[key]) for key in MODEL_KEYS},
+        runs=runs,
+        skipped=skipped,
+        compression=qk_compression_report(models["merged"]).to_dict(),
+        max_throughput=throughput,
+        analytic=analytic_breakdown(shapes["merged"], contexts),
+        notes=notes,
+    )
+
+
+def _warm_start(models: dict[str, nn.Module], device: torch.device, vocab: int, seed: int) -> None:
+    """One small untimed run per model (first-call allocations, kernel selection)."""
+    ids = random_ids(1, 16, vocab, device, seed)
+    for model in models.values():
+        prefill_then_decode(model, ids, 2, device)
+
+
+def _order(repetition: int) -> tuple[str, ...]:
+    return MODEL_KEYS if repetition % 2 == 0 else MODEL_KEYS[::-1]
+
+
+def _run_config(
+    models: dict[str, nn.Module],
+    shapes: dict[str, ModelShape],
+    batch: int,
+    context: int,
+    decode_tokens: int,
+    repeats: int,
+    warmup: int,
+    limit: int,
+    device: torch.device,
+    seed: int,
+    runs: list[Run],
+    skipped: list[Skipped],
+    level: int,
+    prefill_allowed: bool = True,
+) -> None:
+    """Measure both models at one (batch, context), alternating; skip what is estimated not to fit.
+
+    Without ``prefill_allowed`` (the run-time cap), or when the prefill would not fit, decoding is timed on a
+    synthetic cache of the same size.
+    """
+    mode: dict[str, str] = {}
+    estimates: dict[str, int] = {}
+    for key, shape in shapes.items():
+        prefill_estimate = estimate_working_bytes(shape, batch, context, decode_tokens, "prefill")
+        decode_estimate = estimate_working_bytes(shape, batch, context, decode_tokens, "decode")
+        if prefill_allowed and prefill_estimate <= limit:
+            mode[key], estimates[key] = "prefill", max(prefill_estimate, decode_estimate)
+            continue
+        if prefill_allowed:
+            skipped.append(
+                Skipped(
+                    key, batch, context, "prefill", _too_big("prefill", prefill_estimate, limit), prefill_estimate,
+                    limit,
+                )
+            )  # fmt: skip
+        if decode_tokens and decode_estimate <= limit:
+            mode[key], estimates[key] = "synthetic", decode_estimate
+        else:
+            skipped.append(
+                Skipped(
+                    key, batch, context, "decode", _too_big("decode", decode_estimate, limit), decode_estimate, limit
+                )
+            )
+    if not mode:
+        logger.log(level, f"B={batch} T={context}: skipped (estimated memory above the limit)")
+        return
+    ids = random_ids(batch, context, shapes["base"].vocab, device, seed)
+    results = {
+        key: Run(key, batch, context, decode_tokens, estimated_working_bytes=estimates[key], decode_cache=mode[key])
+        for key in mode
+    }
+    for repetition in range(warmup + repeats):
+        timed = repetition >= warmup
+        for key in _order(repetition):
+            if key not in mode:
+                continue
+            run, model = results[key], models[key]
+            with PeakMemory(device) as peak:
+                if mode[key] == "prefill":
+                    prefill, decode, kv_bytes = prefill_then_decode(model, ids, decode_tokens, device)
+                else:
+                    decode, _ = synthetic_decode(model, batch, context, decode_tokens, device, seed)
+                    prefill, kv_bytes = None, shapes[key].cache_bytes_per_token * batch * context
+            if not timed:
+                continue
+            if prefill is not None:
+                run.prefill_seconds.append(prefill)
+            if decode_tokens:
+                run.decode_seconds.append(decode)
+            run.kv_cache_bytes = kv_bytes
+            run.peak_working_bytes = max(run.peak_working_bytes, peak.peak)
+            run.peak_memory_bytes = shapes[key].weight_bytes + run.peak_working_bytes
+        gc.collect()
+    for key in MODEL_KEYS:
+        if key in results:
+            runs.append(results[key])
+    logger.log(
+        level,
+        f"B={batch} T={context}: "
+        + "; ".join(
+            f"{key} prefill {fmt_rate(r.prefill_tokens_per_s)} decode {fmt_rate(r.decode_tokens_per_s)} tok/s"
+            for key, r in results.items()
+        ),
+    )
+
+
+def _too_big(phase: str, estimate: int, limit: int) -> str:
+    return f"{phase}: estimated working memory {fmt_bytes(estimate)} exceeds the limit {fmt_bytes(limit)}"
+
+
+def _max_throughput(
+    models: dict[str, nn.Module],
+    shapes: dict[str, ModelShape],
+    runs: list[Run],
+    skipped: list[Skipped],
+    batch_sizes: tuple[int, ...],
+    contexts: tuple[int, ...],
+    decode_tokens: int,
+    repeats: int,
+    warmup: int,
+    budget: Optional[int],
+    context: Optional[int],
+    limit: int,
+    device: torch.device,
+    seed: int,
+    level: int,
+) -> Optional[MaxThroughput]:
+    """Largest batch whose weights + KV cache fit the budget, for each model, and its measured decode throughput."""
+    if decode_tokens <= 0:
+        return None
+    context = context or max(contexts)
+    steps = context + decode_tokens
+    if budget is None:
+        batch = max(batch_sizes)
+        budget = shapes["base"].weight_bytes + _per_token(shapes["base"], runs, context) * batch * steps
+        source = f"base model's weights + KV cache at batch {batch}, context {context} + {decode_tokens} decoded"
+    else:
+        source = "given"
+    result = MaxThroughput(
+        budget_bytes=int(budget), budget_source=source, context=context, decode_tokens=decode_tokens
+    )
+    batches: dict[str, int] = {}
+    for key, shape in shapes.items():
+        per_sequence = _per_token(shape, runs, context) * steps
+        batches[key] = max(int((budget - shape.weight_bytes) // per_sequence), 0)
+        result.points[key] = ThroughputPoint(
+            model=key,
+            max_batch=batches[key],
+            weight_bytes=shape.weight_bytes,
+            kv_cache_bytes=int(per_sequence * batches[key]),
+            decode_tokens_per_s=None,
+            method="not available (the weights alone exceed the budget)",
+        )
+    runnable = []
+    for key, shape in shapes.items():
+        if batches[key] == 0:
+            continue
+        estimate = estimate_working_bytes(shape, batches[key], context, decode_tokens, "decode")
+        if estimate <= limit:
+            runnable.append(key)
+            continue
+        reason = _too_big("max-throughput decode", estimate, limit)
+        skipped.append(Skipped(key, batches[key], context, "max-throughput decode", reason, estimate, limit))
+        rate, how = _extrapolate(runs, key, context, batches[key])
+        result.points[key].decode_tokens_per_s = rate
+        result.points[key].method = how
+    logger.log(level, f"max throughput: budget {fmt_bytes(budget)} at context {context}: max batch {batches}")
+    for repetition in range(warmup + repeats):
+        for key in _order(repetition):
+            if key not in runnable:
+                continue
+            seconds, _ = synthetic_decode(models[key], batches[key], context, decode_tokens, device, seed)
+            if repetition >= warmup:
+                result.points[key].decode_seconds.append(seconds)
+            gc.collect()
+    for key in runnable:
+        point = result.points[key]
+        point.decode_tokens_per_s = point.max_batch * decode_tokens / statistics.median(point.decode_seconds)
+        point.method = f"measured (decode at batch {point.max_batch} on a synthetic {context}-token cache)"
+    logger.log(
+        level,
+        "max throughput: "
+        + "; ".join(f"{k} {fmt_rate(p.decode_tokens_per_s)} tok/s ({p.method})" for k, p in result.points.items()),
+    )
+    return result
+
+
+def _per_token(shape: ModelShape, runs: list[Run], context: int) -> float:
+    """Measured KV-cache bytes per token of a model (any run at ``context``, else any run), else the analytic value."""
+    model_key = "merged" if shape.share_layers else "base"
+    measured = [r for r in runs if r.model == model_key and r.decode_cache == "prefill" and r.kv_cache_bytes]
+    at_context = [r for r in measured if r.context == context] or measured
+    return at_context[0].kv_cache_bytes_per_token if at_context else shape.cache_bytes_per_token
+
+
+def _extrapolate(runs: list[Run], key: str, context: int, batch: int) -> tuple[Optional[float], str]:
+    """Decode throughput at ``batch`` from the grid's measurements at ``context``: step time linear in the batch."""
+    points = sorted(
+        (r.batch, statistics.median(r.decode_seconds) / r.decode_tokens)
+        for r in runs
+        if r.model == key and r.context == context and r.decode_seconds
+    )
+    if not points:
+        return None, f"not available (too big to run here and no decode measured at context {context})"
+    if len(points) == 1:
+        measured_batch, step = points[0]
+        rate = batch / (step * batch / measured_batch)
+        return rate, (
+            f"EXTRAPOLATED, not measured: too big to run here; step time assumed proportional to the batch from the "
+            f"one measurement at batch {measured_batch}"
+        )
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = max(slope, 0.0)
+    intercept = mean_y - slope * mean_x
+    step = max(intercept + slope * batch, 1e-12)
+    return batch / step, (
+        f"EXTRAPOLATED, not measured: too big to run here; linear fit of decode step time vs batch over batches "
+        f"{xs} at context {context}"
+    )
+
+
+def _num_parameters(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if param.data_ptr() not in seen:
+            seen.add(param.data_ptr())
+            total += param.numel()
+    return total
+
+
+def _model_name(base_model: nn.Module, key: str) -> str:
+    name = getattr(base_model.config, "name_or_path", "") or type(base_model).__name__
+    name = os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+    return name if key == "base" else f"{name} + LiSA (merged)"
+
+
+def _model_info(name: str, model: nn.Module, shape: ModelShape) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        num_parameters=_num_parameters(model),
+        weight_bytes=shape.weight_bytes,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        attn_implementation=str(getattr(model.config, "_attn_implementation", None)),
+        num_layers=shape.num_layers,
+        share_layers=list(shape.share_layers),
+        source_layers=list(shape.source_layers),
+        rank=shape.rank or None,
+        align_hidden=shape.align_hidden if shape.share_layers else None,
+        kv_cache_bytes_per_token_analytic=shape.cache_bytes_per_token,
+    )
