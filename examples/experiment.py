@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,16 @@ from transformers import TrainerCallback
 
 import peft_lisa  # noqa: F401  (registers the tuner)
 from peft_lisa import AttentionAnalysis, LiSAConfig, analyze, choose_share_layers
+from peft_lisa.data import load_texts
 from peft_lisa.evaluation import perplexity
-from peft_lisa.resources import load_model_and_tokenizer, load_texts
+from peft_lisa.resources import load_model_and_tokenizer
 from peft_lisa.training import LiSADistillationConfig, LiSATrainer, lisa_sft_config, text_dataset
 
 FRACTIONS = (0.3, 0.5, 0.7)
 METHODS = ("direct", "permutation", "lisa_lm", "lisa_lm_attn_kl")
 # The order runs are computed in: the headline comparison first, so a partial run is already useful.
 PRIORITY = [(0.5, m) for m in METHODS] + [(f, m) for f in (0.3, 0.7) for m in METHODS]
+logger = logging.getLogger("peft_lisa")
 
 
 def evaluate(model, tokenizer, texts: list[str], args: argparse.Namespace, max_tokens=None) -> dict[str, Any]:
@@ -73,7 +76,7 @@ class PerplexityCurve(TrainerCallback):
             self.points.append(
                 {"step": state.global_step, "tokens": state.global_step * self.tokens_per_step, "ppl": ppl}
             )
-            print(f"  step {state.global_step}: held-out perplexity {ppl:.2f}", flush=True)
+            logger.info(f"  step {state.global_step}: held-out perplexity {ppl:.2f}")
             self.seconds += time.perf_counter() - start
             self.cpu_seconds += time.process_time() - cpu_start
 
@@ -289,6 +292,7 @@ def main() -> None:
     parser.add_argument("--curve-every", type=int, default=0, help="evaluate along training every N steps")
     parser.add_argument("--tag", default="", help="name of a variant run (cached and reported apart)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -321,7 +325,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown method(s) {unknown} in --only; choose from {list(METHODS)}")
     for fraction, method in wanted:
-        print(f"== {fraction:.0%} shared, {method}" + (f" [{args.tag}]" if args.tag else ""), flush=True)
+        logger.info(f"== {fraction:.0%} shared, {method}" + (f" [{args.tag}]" if args.tag else ""))
         cached(
             out / f"run_{run_name(fraction, method, args.tag)}.json",
             lambda f=fraction, m=method: run_one(f, m, analysis, args, test_texts, train_texts),

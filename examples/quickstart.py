@@ -7,6 +7,7 @@ how much the shared layers need training. Run: ``python examples/quickstart.py [
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 import peft_lisa  # noqa: F401  (registers the LiSA tuner with peft and the merged model types with transformers)
 from peft_lisa import LiSAConfig, qk_compression_report
-from peft_lisa.resources import chunk_token_ids, load_model_and_tokenizer, load_texts
+from peft_lisa.data import chunk_token_ids, load_texts
+from peft_lisa.resources import load_model_and_tokenizer
 
-# The layers a calibration analysis of SmolLM2 finds most similar to their predecessor (METHOD.md prototype).
+# The layers a calibration analysis of SmolLM2 finds most similar to their predecessor (docs/method.md prototype).
 DEFAULT_SHARE = "4,5,6,7,8,13,15,18,19,22,23,24,25,26,27"
 
 
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="per-head rank of the low-rank Q/K (even)")
     parser.add_argument("--output-dir", default="runs/quickstart", help="where the merged model is saved")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")  # the one-off build of the default model
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     blocks = chunk_token_ids(tokenizer, load_texts(split="test"), 256)[:8]

@@ -1,7 +1,7 @@
 """Training LiSA adapters with TRL's ``SFTTrainer``, with optional distillation losses.
 
 The objective is the causal-LM loss of ``SFTTrainer`` (continued pre-training on plain text with packing, or SFT on
-chat data), with the base model frozen. Two optional terms, both off by default (``shared/METHOD.md``, "Training
+chat data), with the base model frozen. Two optional terms, both off by default (``docs/method.md``, "Training
 objective"):
 
 * **Layer-local attention distillation**: for every shared layer ``l``, ``KL(A_l^orig || A_l^LiSA)`` between the
@@ -13,8 +13,9 @@ objective"):
   the teacher being the same model with the adapter disabled (i.e. the original base model).
 
 Use :class:`LiSATrainer` (an ``SFTTrainer``) with a :class:`LiSADistillationConfig`; with both weights at zero it is
-exactly ``SFTTrainer``. :func:`lisa_sft_config` builds an ``SFTConfig`` with settings LiSA needs, and
-:func:`text_dataset`, :func:`chat_dataset` and :func:`load_sft_dataset` build the datasets.
+exactly ``SFTTrainer``. :func:`lisa_sft_config` builds an ``SFTConfig`` with settings LiSA needs; the datasets come
+from :mod:`peft_lisa.data` (:func:`~peft_lisa.data.text_dataset`, :func:`~peft_lisa.data.chat_dataset`,
+:func:`~peft_lisa.data.load_sft_dataset`, also importable from here).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -33,7 +34,14 @@ from torch import nn
 
 import peft_lisa  # noqa: F401  (registers the LiSA PEFT type before SFTTrainer calls get_peft_model)
 
-from .resources import load_texts, split_texts
+from .data import (  # noqa: F401  (the dataset builders, importable from here as before)
+    chat_dataset,
+    evaluation_texts,
+    is_conversational_dataset,
+    load_conversations,
+    load_sft_dataset,
+    text_dataset,
+)
 from .tuner.carrier import SharedLayerCall
 from .tuner.functional import additive_mask, grouped_scores, project_full_qkv
 from .tuner.layer import LiSALayer
@@ -465,7 +473,7 @@ class LiSATrainer(_sft_trainer_cls()):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Configuration and datasets
+# Configuration
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -533,136 +541,6 @@ def lisa_sft_config(
     if settings.get(switch) and settings.get(kwargs_name) is None:
         settings[kwargs_name] = {"use_reentrant": False}
     return SFTConfig(**settings)
-
-
-def text_dataset(texts: Sequence[str]):
-    """A ``datasets.Dataset`` with one ``"text"`` column, one row per document (for packing)."""
-    from datasets import Dataset
-
-    texts = [text for text in texts if isinstance(text, str) and text.strip()]
-    if not texts:
-        raise ValueError("text_dataset() got no non-empty texts.")
-    return Dataset.from_dict({"text": texts})
-
-
-def _normalise_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
-    normalised = []
-    for message in messages:
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: every message needs 'role' and 'content', got {message!r}.")
-        normalised.append({"role": str(message["role"]), "content": str(message["content"])})
-    return normalised
-
-
-def chat_dataset(conversations: Sequence[Any]):
-    """A conversational ``datasets.Dataset`` (one ``"messages"`` column) from lists of ``{"role", "content"}``
-    messages, or from records holding such a list under ``"messages"``. ``SFTTrainer`` applies the chat template."""
-    from datasets import Dataset
-
-    rows = []
-    for index, item in enumerate(conversations):
-        messages = item.get("messages") if isinstance(item, Mapping) else item
-        rows.append(_normalise_messages(messages, f"conversation {index}"))
-    if not rows:
-        raise ValueError("chat_dataset() got no conversations.")
-    return Dataset.from_dict({"messages": rows})
-
-
-def _read_chat_records(path: Path) -> Optional[list[list[dict[str, str]]]]:
-    """The conversations of a JSONL/JSON file whose records have ``"messages"``; None if they have not."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not records or not all(isinstance(r, Mapping) and "messages" in r for r in records):
-        return None
-    return [_normalise_messages(r["messages"], f"{path}, record {i}") for i, r in enumerate(records)]
-
-
-def _split_conversations(
-    conversations: list[list[dict[str, str]]], split: str, held_out_fraction: float
-) -> list[list[dict[str, str]]]:
-    if split == "all":
-        return conversations
-    keys = [json.dumps(conversation, sort_keys=True) for conversation in conversations]
-    train, held_out = split_texts(keys, held_out_fraction)
-    chosen = set(train if split == "train" else held_out)
-    return [conversation for conversation, key in zip(conversations, keys, strict=True) if key in chosen]
-
-
-def load_conversations(
-    source: str | os.PathLike, split: str = "train", held_out_fraction: float = 0.1
-) -> Optional[list[list[dict[str, str]]]]:
-    """Conversations of a chat-format source, or None if ``source`` is not one.
-
-    A ``.jsonl``/``.json`` file whose every record has ``"messages"``, or a ``datasets`` name/directory with a
-    ``"messages"`` column, is chat data. ``split`` ("train", "test", "all") follows
-    :func:`peft_lisa.resources.load_texts`: a dataset's own test/validation split, else a deterministic held-out
-    ``held_out_fraction`` of the conversations.
-    """
-    if source is None or source == "pydoc":
-        return None
-    path = Path(source).expanduser()
-    if path.suffix.lower() in (".jsonl", ".json"):
-        if not path.is_file():
-            raise FileNotFoundError(f"Data file not found: {path}")
-        conversations = _read_chat_records(path)
-        return None if conversations is None else _split_conversations(conversations, split, held_out_fraction)
-    if path.suffix.lower() == ".txt":
-        return None
-    import datasets
-
-    try:
-        splits = datasets.load_dataset(os.fspath(source))
-    except Exception as error:  # load_texts gives the user-facing error for a bad name
-        raise ValueError(f"Could not load {os.fspath(source)!r} with datasets.load_dataset: {error}") from error
-    if "train" not in splits or "messages" not in splits["train"].column_names:
-        return None
-    train = [_normalise_messages(m, f"{source} train") for m in splits["train"]["messages"]]
-    test_name = next((name for name in ("test", "validation") if name in splits), None)
-    if test_name is None or split == "train":
-        return train if test_name is not None else _split_conversations(train, split, held_out_fraction)
-    test = [_normalise_messages(m, f"{source} {test_name}") for m in splits[test_name]["messages"]]
-    return test if split == "test" else train + test
-
-
-def load_sft_dataset(
-    source: str | os.PathLike | None = None,
-    split: str = "train",
-    text_field: str = "text",
-    held_out_fraction: float = 0.1,
-):
-    """A training (or held-out) dataset for ``SFTTrainer`` from any source ``load_texts`` reads.
-
-    Chat data (records with ``"messages"``) gives a conversational dataset (:func:`chat_dataset`); everything else a
-    plain-text dataset (:func:`text_dataset`) for packing. ``None`` or ``"pydoc"`` is the built-in pydoc text.
-    """
-    conversations = load_conversations(source, split, held_out_fraction) if source is not None else None
-    if conversations is not None:
-        return chat_dataset(conversations)
-    return text_dataset(load_texts(source, split=split, text_field=text_field, held_out_fraction=held_out_fraction))
-
-
-def is_conversational_dataset(dataset: Any) -> bool:
-    """Whether ``dataset`` has a ``"messages"`` column (chat format)."""
-    return "messages" in getattr(dataset, "column_names", [])
-
-
-def evaluation_texts(dataset: Any, tokenizer: Any = None) -> list[str]:
-    """Plain texts of a dataset made by :func:`load_sft_dataset`, for perplexity: its ``"text"`` column, or each
-    conversation rendered with the tokenizer's chat template (joined contents without one)."""
-    if not is_conversational_dataset(dataset):
-        return list(dataset["text"])
-    texts = []
-    for messages in dataset["messages"]:
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-        else:
-            texts.append("\n\n".join(message["content"] for message in messages))
-    return texts
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

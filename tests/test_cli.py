@@ -17,45 +17,31 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from peft_lisa.analysis import choose_share_layers
 from peft_lisa.cli import main
 
 from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
+from .test_training import WORDS, tiny_tokenizer
 
 COMMANDS = ("analyze", "train", "eval", "merge", "bench")
-WORDS = [f"w{i}" for i in range(100)]
 RANK = 4
 TRAIN = ["--seq-len", "32", "--batch-size", "2", "--logging-steps", "1", "--save-steps", "1"]
 EVAL = ["--eval-window", "32", "--eval-stride", "16"]
+WINDOW = ["--window", 32, "--stride", 16]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+THREADS = torch.get_num_threads()
+
+
+def setup_module():
     """One torch thread: tiny ops on the shared 2-core machines are much slower multi-threaded."""
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``w0 .. w99`` whose special ids match ``tests.conftest.tiny_config``."""
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3, "user": 4, "assistant": 5, "system": 6, ":": 7}
-    vocab.update({word: len(vocab) + i for i, word in enumerate(WORDS)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-        "{% if add_generation_prompt %}<s> assistant : {% endif %}"
-    )
-    return tokenizer
+def teardown_module():
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +49,7 @@ def work(tmp_path_factory):
     """A directory with ``tiny/`` (a 5-layer llama + tokenizer), ``data.txt``, ``data.jsonl`` and ``hf/``."""
     root = tmp_path_factory.mktemp("cli")
     tiny_model("llama").save_pretrained(root / "tiny")
-    word_tokenizer().save_pretrained(root / "tiny")
+    tiny_tokenizer().save_pretrained(root / "tiny")
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(20, 80))) for _ in range(40)]
     (root / "data.txt").write_text("\n\n".join(docs))
@@ -72,6 +58,15 @@ def work(tmp_path_factory):
     (root / "hf").mkdir()
     (root / "hf" / "train.jsonl").write_text(lines)
     return root
+
+
+def tiny(work, data: str = "data.txt") -> list:
+    """``--model`` the tiny model, ``--data`` one of the work files."""
+    return ["--model", work / "tiny", "--data", work / data]
+
+
+def call(*argv) -> int:
+    return main([str(item) for item in argv])
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -160,10 +155,7 @@ def test_share_layers_beyond_the_model_is_a_usage_error(capsys, work):
     code, _, err = run(
         capsys,
         "train",
-        "--model",
-        work / "tiny",
-        "--data",
-        work / "data.txt",
+        *tiny(work),
         "--share-layers",
         "2,7",
         "--output-dir",
@@ -171,7 +163,7 @@ def test_share_layers_beyond_the_model_is_a_usage_error(capsys, work):
     )
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        "peft-lisa train: error: --share-layers [7] out of range: the model has 5 layers (valid: 1..4)"
+        "peft-lisa train: error: --share-layers contains [7], but the model has 5 layers: valid indices are 1..4."
     )
     assert not (work / "never").exists()
 
@@ -188,6 +180,32 @@ def test_module_entry_point_and_no_traceback(work):
     assert done.stderr.strip().splitlines()[-1].startswith("peft-lisa eval: error: --adapter")
 
 
+NO_TRAINING_EXTRAS = """
+import sys
+
+sys.modules["trl"] = None  # `import trl` fails, as where the train extras are not installed
+sys.modules["datasets"] = None  # local text files need no datasets either
+import peft_lisa.data
+import peft_lisa.jobs
+from peft_lisa.cli import main
+
+data = ["--model", {tiny!r}, "--data", {data!r}, "--no-progress"]
+analyze = ["--seq-len", "16", "--max-batches", "1", "--no-sensitivity", "--output-dir", {out!r}]
+assert main(["analyze", *data, *analyze]) == 0
+assert main(["eval", *data, "--window", "16", "--stride", "8", "--max-tokens", "64", "--max-new-tokens", "2"]) == 0
+print("ok")
+"""
+
+
+def test_analyze_and_eval_need_no_training_extras(tmp_path, work):
+    """``peft-lisa analyze`` and ``eval`` (and ``peft_lisa.data``, ``peft_lisa.jobs``) run where TRL and datasets
+    cannot be imported."""
+    code = NO_TRAINING_EXTRAS.format(tiny=str(work / "tiny"), data=str(work / "data.txt"), out=str(tmp_path / "a"))
+    done = run_python(code, tmp_path)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "ok", done.stderr[-3000:]
+    assert (tmp_path / "a" / "analysis.json").is_file()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The flow: analyze -> train -> resume -> eval -> merge -> eval --merged -> bench
 # --------------------------------------------------------------------------------------------------------------
@@ -196,24 +214,9 @@ def test_module_entry_point_and_no_traceback(work):
 @pytest.fixture(scope="module")
 def analysis_dir(work):
     out = work / "analysis"
-    code = main(
-        [
-            "analyze",
-            "--model",
-            str(work / "tiny"),
-            "--data",
-            str(work / "data.txt"),
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "2",
-            "--max-batches",
-            "2",
-            "--output-dir",
-            str(out),
-        ]
+    assert (
+        call("analyze", *tiny(work), "--seq-len", 32, "--batch-size", 2, "--max-batches", 2, "--output-dir", out) == 0
     )
-    assert code == 0
     return out
 
 
@@ -221,36 +224,17 @@ def analysis_dir(work):
 def run_dir(work, analysis_dir):
     """Two training steps with a checkpoint after each; layers from the analysis."""
     out = work / "run"
-    code = main(
-        [
-            "train",
-            "--model",
-            str(work / "tiny"),
-            "--data",
-            str(work / "data.txt"),
-            "--analysis",
-            str(analysis_dir / "analysis.json"),
-            "--share-fraction",
-            "0.5",
-            "--rank",
-            str(RANK),
-            "--max-steps",
-            "2",
-            *TRAIN,
-            *EVAL,
-            "--eval-base",
-            "--output-dir",
-            str(out),
-        ]
+    layers = ["--analysis", analysis_dir / "analysis.json", "--share-fraction", 0.5, "--rank", RANK]
+    assert (
+        call("train", *tiny(work), *layers, "--max-steps", 2, *TRAIN, *EVAL, "--eval-base", "--output-dir", out) == 0
     )
-    assert code == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def merged_dir(work, run_dir):
     out = work / "merged"
-    assert main(["merge", "--adapter", str(run_dir / "adapter"), "--output", str(out)]) == 0
+    assert call("merge", "--adapter", run_dir / "adapter", "--output", out) == 0
     return out
 
 
@@ -265,10 +249,7 @@ def test_analyze_writes_json_and_plots(capsys, work, analysis_dir):
     out = ok(
         capsys,
         "analyze",
-        "--model",
-        work / "tiny",
-        "--data",
-        work / "data.jsonl",
+        *tiny(work, "data.jsonl"),
         "--seq-len",
         "16",
         "--max-batches",
@@ -316,10 +297,7 @@ def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):
     ok(
         capsys,
         "train",
-        "--model",
-        work / "tiny",
-        "--data",
-        work / "data.txt",
+        *tiny(work),
         "--max-steps",
         "2",
         *TRAIN,
@@ -334,39 +312,15 @@ def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
     # A conflicting layer choice is refused.
-    code, _, err = run(
-        capsys,
-        "train",
-        "--model",
-        work / "tiny",
-        "--data",
-        work / "data.txt",
-        "--share-layers",
-        "1",
-        "--resume",
-        run_dir / "checkpoint-2",
-        "--output-dir",
-        out,
-    )
+    conflicting = ["--share-layers", 1, "--resume", run_dir / "checkpoint-2", "--output-dir", out]
+    code, _, err = run(capsys, "train", *tiny(work), *conflicting)
     assert code == 2 and "differs from the checkpoint's share_layers" in err.strip().splitlines()[-1]
     # --resume latest continues the run to step 3.
     resumed = work / "resumed-latest"
     for checkpoint in run_dir.glob("checkpoint-*"):
         shutil.copytree(checkpoint, resumed / checkpoint.name)
     printed = ok(
-        capsys,
-        "train",
-        "--model",
-        work / "tiny",
-        "--data",
-        work / "data.txt",
-        "--max-steps",
-        "3",
-        *TRAIN,
-        "--no-eval",
-        "--output-dir",
-        resumed,
-        "--resume",
+        capsys, "train", *tiny(work), "--max-steps", 3, *TRAIN, "--no-eval", "--output-dir", resumed, "--resume"
     )
     results = json.loads((resumed / "results.json").read_text())
     assert results["training"]["global_step"] == 3
@@ -378,26 +332,11 @@ def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):
 
 def test_eval_adapter_prints_perplexity_and_generations(capsys, work, run_dir):
     report = work / "eval.json"
-    out = ok(
-        capsys,
-        "eval",
-        "--adapter",
-        run_dir / "adapter",
-        "--data",
-        work / "data.txt",
-        "--window",
-        "32",
-        "--stride",
-        "16",
-        "--compare-base",
-        "--max-new-tokens",
-        "4",
-        "--prompts",
-        "w1 w2",
-        "w3",
-        "--json",
-        report,
-    )
+    adapter = ["--adapter", run_dir / "adapter", "--data", work / "data.txt", *WINDOW, "--compare-base"]
+    code, out, err = run(capsys, "eval", *adapter, "--max-new-tokens", 4, "--prompts", "w1 w2", "w3", "--json", report)
+    assert code == 0, err
+    # Progress lines go to stderr through the peft_lisa logger.
+    assert f"[peft-lisa] applying the adapter {run_dir / 'adapter'}\n" in err
     results = json.loads(report.read_text())
     trained = json.loads((run_dir / "adapter" / "lisa_metrics.json").read_text())["perplexity"]
     assert results["perplexity"]["ppl"] == pytest.approx(trained["ppl"], rel=1e-6)
@@ -410,20 +349,7 @@ def test_eval_adapter_prints_perplexity_and_generations(capsys, work, run_dir):
 @pytest.mark.parametrize("data", ["data.jsonl", "hf"])
 def test_eval_base_model_on_jsonl_and_dataset_inputs(capsys, work, data):
     out = ok(
-        capsys,
-        "eval",
-        "--model",
-        work / "tiny",
-        "--data",
-        work / data,
-        "--split",
-        "all",
-        "--window",
-        "32",
-        "--stride",
-        "32",
-        "--max-new-tokens",
-        "0",
+        capsys, "eval", *tiny(work, data), "--split", "all", "--window", 32, "--stride", 32, "--max-new-tokens", 0
     )
     assert re.search(r"perplexity: [0-9.]+ \(\S+ all, [0-9,]+ tokens, window 32, stride 32\)", out)
     assert ">>>" not in out
@@ -464,24 +390,8 @@ def test_model_card_one_liners_load_in_a_fresh_process(tmp_path, run_dir, merged
 
 def test_eval_merged_matches_the_adapter(capsys, work, run_dir, merged_dir):
     report = work / "eval-merged.json"
-    ok(
-        capsys,
-        "eval",
-        "--merged",
-        merged_dir,
-        "--data",
-        work / "data.txt",
-        "--window",
-        "32",
-        "--stride",
-        "16",
-        "--max-new-tokens",
-        "3",
-        "--prompts",
-        "w1 w2",
-        "--json",
-        report,
-    )
+    merged = ["--merged", merged_dir, "--data", work / "data.txt", *WINDOW]
+    ok(capsys, "eval", *merged, "--max-new-tokens", 3, "--prompts", "w1 w2", "--json", report)
     results = json.loads(report.read_text())
     trained = json.loads((run_dir / "adapter" / "lisa_metrics.json").read_text())["perplexity"]
     assert results["kind"] == "merged LiSA model"
@@ -490,19 +400,8 @@ def test_eval_merged_matches_the_adapter(capsys, work, run_dir, merged_dir):
 
 def test_merge_with_eval_and_bench_quick(capsys, work, run_dir, merged_dir):
     out_dir = work / "merged-eval"
-    printed = ok(
-        capsys,
-        "merge",
-        "--adapter",
-        run_dir / "adapter",
-        "--output",
-        out_dir,
-        "--eval",
-        "--data",
-        work / "data.txt",
-        *EVAL,
-        "--no-verify",
-    )
+    merge = ["--adapter", run_dir / "adapter", "--output", out_dir, "--eval", "--data", work / "data.txt", *EVAL]
+    printed = ok(capsys, "merge", *merge, "--no-verify")
     assert "Q/K of the shared layers" in printed and "| **shared layers** |" in printed
     assert "measured with the adapter" not in (out_dir / "README.md").read_text()
 
@@ -514,23 +413,8 @@ def test_merge_with_eval_and_bench_quick(capsys, work, run_dir, merged_dir):
     assert (bench / "results.md").is_file()
 
     bench2 = work / "bench-untrained"
-    ok(
-        capsys,
-        "bench",
-        "--model",
-        work / "tiny",
-        "--share-layers",
-        "3,4",
-        "--rank",
-        "4",
-        "--quick",
-        "--batch-sizes",
-        "1",
-        "--contexts",
-        "16",
-        "--no-max-throughput",
-        "--output-dir",
-        bench2,
-    )
+    untrained = ["--model", work / "tiny", "--share-layers", "3,4", "--rank", 4]
+    grid = ["--quick", "--batch-sizes", 1, "--contexts", 16, "--no-max-throughput"]
+    ok(capsys, "bench", *untrained, *grid, "--output-dir", bench2)
     results = json.loads((bench2 / "results.json").read_text())
     assert results["models"]["merged"]["share_layers"] == [3, 4]

@@ -1,4 +1,5 @@
-"""Tests for peft_lisa.resources: the built-in text data, the default-model cache, and (slow) the real model."""
+"""Tests for the text data of peft_lisa.data (pydoc, files, datasets, splits, chunking) and for peft_lisa.resources:
+the default-model cache, and (slow) the real model."""
 
 from __future__ import annotations
 
@@ -9,16 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_lisa import resources
-from peft_lisa.resources import (
-    DEFAULT_MODEL,
-    chunk_token_ids,
-    load_model_and_tokenizer,
-    load_texts,
-    pydoc_texts,
-    resolve_model_path,
-    split_texts,
-)
+from peft_lisa import data, resources
+from peft_lisa.data import chunk_token_ids, load_texts, pydoc_texts, split_texts
+from peft_lisa.resources import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model_path
 
 WORDS = "the quick brown fox jumps over a lazy dog and runs away".split()
 
@@ -43,7 +37,7 @@ def test_pydoc_texts_are_sorted_normalised_and_non_empty():
 
     texts = pydoc_texts()
     assert len(texts) > 50
-    assert texts[0] == resources._normalise(topics[sorted(topics)[0]])
+    assert texts[0] == data._normalise(topics[sorted(topics)[0]])
     assert all(text and text == text.strip() for text in texts)
     assert not any("\n\n\n" in text or " \n" in text for text in texts)
 
@@ -175,6 +169,14 @@ def test_chunk_token_ids_errors(word_tokenizer):
         chunk_token_ids(word_tokenizer, ["the dog"], seq_len=100)
     with pytest.raises(ValueError, match="seq_len must be positive"):
         chunk_token_ids(word_tokenizer, ["the dog"], seq_len=0)
+
+
+def test_moved_text_loaders_still_import_from_resources_with_a_warning():
+    for name in ("load_texts", "split_texts", "pydoc_texts", "chunk_token_ids"):
+        with pytest.warns(DeprecationWarning, match=f"peft_lisa.data.{name}"):
+            assert getattr(resources, name) is getattr(data, name)
+    with pytest.raises(AttributeError, match="no attribute 'text_dataset'"):
+        resources.text_dataset  # noqa: B018
 
 
 # --------------------------------------------------------------------------------- default model: cache handling

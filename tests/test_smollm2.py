@@ -10,13 +10,14 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_lisa import LiSAConfig, LiSASharedAttention, qk_compression_report
-from peft_lisa.resources import chunk_token_ids, load_model_and_tokenizer, load_texts
+from peft_lisa.data import chunk_token_ids, load_texts
+from peft_lisa.resources import load_model_and_tokenizer
 
 from .conftest import run_python
 
 pytestmark = pytest.mark.slow
 
-# Half of the 30 layers: the prototype's choice in METHOD.md (lowest best-matched JS divergence).
+# Half of the 30 layers: the prototype's choice in docs/method.md (lowest best-matched JS divergence).
 HALF = [4, 5, 6, 7, 8, 13, 15, 18, 19, 22, 23, 24, 25, 26, 27]
 
 
@@ -43,7 +44,7 @@ def test_half_shared_untrained_perplexity_merge_reload_generate(smollm2, tmp_pat
     shared_ppl = perplexity(peft_model, blocks)
     with peft_model.disable_adapter():
         assert perplexity(peft_model, blocks) == pytest.approx(base_ppl, rel=1e-6)
-    # Untrained LiSA is direct sharing: it must hurt a trained model clearly (METHOD.md: 359 vs 16.4 in a prototype).
+    # Untrained LiSA is direct sharing: it must hurt a trained model clearly (docs/method.md prototype: 359 vs 16.4).
     assert math.isfinite(shared_ppl) and shared_ppl > 1.5 * base_ppl, (base_ppl, shared_ppl)
 
     report = qk_compression_report(peft_model)

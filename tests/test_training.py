@@ -1,5 +1,6 @@
-"""Training LiSA adapters through TRL's SFTTrainer (plain text with packing, chat data, 4-bit base) and the optional
-distillation losses of ``peft_lisa.training``. Tiny random models and a tiny word-level tokenizer: no downloads."""
+"""Training LiSA adapters through TRL's SFTTrainer (plain text with packing, chat data, 4-bit base), the optional
+distillation losses of ``peft_lisa.training``, the datasets of ``peft_lisa.data``, and examples/train_lisa.py (the
+main job, a thin wrapper of ``peft-lisa train``). Tiny random models and a tiny word-level tokenizer: no downloads."""
 
 from __future__ import annotations
 
@@ -13,18 +14,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from peft_lisa import LiSAConfig
+from peft_lisa.data import chat_dataset, evaluation_texts, load_evaluation_texts, load_sft_dataset, text_dataset
 from peft_lisa.training import (
     AttentionDistiller,
     LiSADistillationConfig,
     LiSATrainer,
     adapter_parameters,
     attention_kl,
-    chat_dataset,
-    evaluation_texts,
     lisa_sft_config,
-    load_sft_dataset,
     output_kl,
-    text_dataset,
 )
 
 from .conftest import random_ids, randomize_adapter, tiny_model
@@ -367,6 +365,13 @@ def test_dataset_helpers(tmp_path):
     rendered = evaluation_texts(chat_test, tiny_tokenizer())
     assert rendered[0].startswith("<s> user :")
     assert evaluation_texts(test) == test["text"]
+    # The evaluation texts without a datasets.Dataset are the same texts.
+    assert load_evaluation_texts(chat_file, "test", tokenizer=tiny_tokenizer()) == rendered
+    assert load_evaluation_texts(chat_file, "test") == evaluation_texts(chat_test)
+    assert load_evaluation_texts(text_file, "train") == train["text"]
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="no non-empty text"):
+        load_evaluation_texts(tmp_path / "blank.txt", "all")
 
     with pytest.raises(ValueError, match="role"):
         chat_dataset([[{"content": "w1"}]])
@@ -404,7 +409,8 @@ SCRIPT_FAST += ["--threads", str(torch.get_num_threads())]  # main() sets the th
 SCRIPT_EVAL = ["--eval-window", "32", "--eval-stride", "16", "--eval-max-tokens", "200", "--max-new-tokens", "4"]
 
 
-def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_path):
+def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_path, capsys):
+    """The main job's defaults on a tiny run: base, untrained and trained perplexity, generations, results.json."""
     data = tmp_path / "docs.txt"
     data.write_text("\n\n".join(random_texts(60)))
     out = tmp_path / "run"
@@ -419,17 +425,25 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
         "--output-dir",
         str(out),
     ]
-    results = load_script().main(args + SCRIPT_FAST + SCRIPT_EVAL)
+    assert load_script().main(args + SCRIPT_FAST + SCRIPT_EVAL) == 0
+    printed = capsys.readouterr().out
     saved = json.loads((out / "results.json").read_text())
-    assert saved["share_layers"] == results["share_layers"] and len(saved["share_layers"]) == 2
-    assert min(saved["share_layers"]) >= 2  # --keep-first 2
+    assert len(saved["share_layers"]) == 2 and min(saved["share_layers"]) >= 2  # --keep-first 2
     assert saved["layer_choice"]["method"].startswith("analysis")
-    assert set(saved["perplexity"]) == {"base", "untrained_lisa", "trained_lisa"}
-    assert saved["perplexity"]["trained_lisa"]["window"] == 32 and saved["perplexity"]["base"]["num_tokens"] == 199
+    metrics = saved["metrics"]
+    assert {"base_perplexity", "untrained_perplexity", "perplexity"} <= set(metrics)
+    assert metrics["perplexity"]["window"] == 32 and metrics["base_perplexity"]["num_tokens"] == 199
     assert saved["training"]["tokens_seen"] == 2 * 2 * 32
     assert any("attn_kl" in entry and "output_kl" in entry for entry in saved["training"]["log_history"])
-    assert len(saved["generations"]["trained_lisa"]) == len(saved["generations"]["prompts"])
+    generations = saved["generations"]
+    assert len(generations["prompts"]) == 4 and len(generations["base"]) == len(generations["trained_lisa"]) == 4
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "analysis.json").is_file()
+    # The printed table: one line per model, in this order, with the values of results.json.
+    for label, key in (("base model", "base_perplexity"), ("untrained LiSA", "untrained_perplexity")):
+        assert f"  {label:<16}{metrics[key]['ppl']:8.2f}\n" in printed
+    assert f"  trained LiSA    {metrics['perplexity']['ppl']:8.2f}\n" in printed
+    assert printed.index("base model  ") < printed.index("untrained LiSA  ") < printed.index("trained LiSA  ")
+    assert f">>> {generations['prompts'][0]}\n  [base model] " in printed and "[trained LiSA]" in printed
 
 
 def test_script_chat_data_on_4bit_base(tiny_checkpoint, tmp_path):
@@ -439,17 +453,38 @@ def test_script_chat_data_on_4bit_base(tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     args = ["--model", str(tiny_checkpoint), "--data", str(data), "--share-layers", "2,3", "--rank", "4"]
     args += ["--load-in-4bit", "--output-dir", str(out)]
-    results = load_script().main(args + SCRIPT_FAST + SCRIPT_EVAL)
+    assert load_script().main(args + SCRIPT_FAST + SCRIPT_EVAL) == 0
+    results = json.loads((out / "results.json").read_text())
     assert results["data_format"] == "chat" and results["packing"] is False and results["load_in_4bit"]
-    assert set(results["perplexity"]) == {"base", "untrained_lisa", "trained_lisa"}
-    assert results["perplexity"]["trained_lisa"]["ppl"] != results["perplexity"]["untrained_lisa"]["ppl"]
+    metrics = results["metrics"]
+    assert {"base_perplexity", "untrained_perplexity", "perplexity"} <= set(metrics)
+    assert metrics["perplexity"]["ppl"] != metrics["untrained_perplexity"]["ppl"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_script_help_lists_the_options():
-    help_text = load_script().build_parser().format_help()
+def test_script_is_peft_lisa_train_with_the_main_job_defaults(capsys):
+    """--help is peft-lisa train's; --skip-base-eval turns off the base and untrained measurements."""
+    script = load_script()
+    assert script.main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: peft-lisa train")
     for option in ("--share-fraction", "--load-in-4bit", "--attn-kl-weight", "--output-kl-weight", "--eval-stride"):
         assert option in help_text
+    parsed = {}
+
+    def fake_main(argv):
+        from peft_lisa.cli import build_parser
+
+        parsed["args"] = build_parser().parse_args(argv)
+        return 0
+
+    script.peft_lisa_main = fake_main
+    assert script.main(["--skip-base-eval", "--max-steps", "3"]) == 0
+    args = parsed["args"]
+    assert args.command == "train" and args.output_dir == "runs/train_lisa" and args.max_steps == 3
+    assert not args.eval_base and not args.eval_untrained and args.max_new_tokens == 40 and args.threads >= 1
+    script.main(["--threads", "2"])
+    assert parsed["args"].eval_base and parsed["args"].eval_untrained and parsed["args"].threads == 2
 
 
 def test_4bit_training_after_an_evaluation_still_gets_gradients(tmp_path):

@@ -1,0 +1,360 @@
+"""The training job (``peft-lisa train``, ``examples/train_lisa.py``): train a LiSA adapter with TRL's SFTTrainer,
+measure it, save it with its model card, and write ``results.json``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..data import evaluation_texts, is_conversational_dataset, load_evaluation_texts, load_sft_dataset
+from ..tuner.artifacts import atomic_directory, save_adapter
+from ..tuner.compression import qk_compression_report
+from .checks import (
+    HeldOutPerplexityOptions,
+    JobFailedError,
+    JobInputError,
+    JobOptions,
+    check_data_source,
+    check_model_name,
+    check_share_layers,
+    load_analysis_file,
+    load_prompts,
+    model_label,
+    resolve_device,
+)
+from .metrics import (
+    ADAPTER_METRICS_FILE,
+    card_metrics,
+    measure_perplexity,
+    sample_generations,
+    to_json,
+    write_text_atomic,
+)
+from .train_setup import (
+    choose_lisa_config,
+    config_from_checkpoint,
+    find_checkpoint,
+    load_training_model,
+    portable_base_name,
+)
+
+logger = logging.getLogger("peft_lisa")
+
+TRAIN_RESULTS_FILE = "results.json"
+# Perplexities a run can measure: key in the metrics -> label in logs and in the summary.
+PERPLEXITY_LABELS = {
+    "base_perplexity": "base model",
+    "untrained_perplexity": "untrained LiSA",
+    "perplexity": "trained LiSA",
+}
+GENERATION_LABELS = {"base": "base model", "trained_lisa": "trained LiSA"}
+# TrainJob fields passed on under their own names to choose_lisa_config, lisa_sft_config, LiSADistillationConfig.
+LAYER_OPTIONS = (
+    "share_layers",
+    "share_fraction",
+    "keep_first",
+    "analysis_batches",
+    "rank",
+    "align_hidden",
+    "progress",
+)
+SFT_OPTIONS = (
+    "max_steps",
+    "seq_len",
+    "batch_size",
+    "learning_rate",
+    "gradient_checkpointing",
+    "logging_steps",
+    "seed",
+)
+SFT_OPTIONS += ("save_steps", "save_total_limit")
+DISTILLATION_OPTIONS = ("attn_kl_weight", "attn_kl_warmup_steps", "attn_kl_layer_reduction", "output_kl_weight")
+DISTILLATION_OPTIONS += ("temperature",)
+
+
+@dataclass(kw_only=True)
+class TrainJob(JobOptions, HeldOutPerplexityOptions):
+    """What :func:`train` does; the fields are the options of ``peft-lisa train`` (``--help`` explains each).
+
+    Model and data (:class:`~.checks.JobOptions`): ``model``, ``load_in_4bit``; ``data``, ``text_field``, ``split``
+    (what to train on; the perplexity uses the held-out part), ``held_out_fraction``; ``device``, ``progress``.
+    Layers (see :func:`~.train_setup.choose_lisa_config`): ``share_layers`` or ``share_fraction``, ``analysis`` (an
+    analysis.json path), ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``; ``resume`` (a checkpoint
+    directory or ``"latest"``) takes them from the checkpoint instead.
+    Training: ``max_steps``, ``seq_len``, ``batch_size``, ``learning_rate``, ``packing`` (auto/yes/no),
+    ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit``.
+    Distillation (off by default): ``attn_kl_weight``, ``attn_kl_warmup_steps`` (linear decay to 0 over them),
+    ``attn_kl_layer_reduction``, ``output_kl_weight``, ``temperature``.
+    Evaluation on the held-out text: ``evaluate`` (trained perplexity), ``eval_base`` (base model, before training),
+    ``eval_untrained`` (the untrained adapter), with :class:`~.checks.HeldOutPerplexityOptions`; greedy generations
+    of ``max_new_tokens`` tokens (0: none) for ``prompts`` (None: the built-in ones) by the trained adapter, and by
+    the base model with ``eval_base``.
+    ``output_dir`` receives the checkpoints, ``adapter/`` and ``results.json``; ``command`` is recorded in it.
+    """
+
+    load_in_4bit: bool = False
+    share_layers: Optional[list[int]] = None
+    share_fraction: Optional[float] = None
+    analysis: Optional[str] = None
+    keep_first: int = 2
+    analysis_batches: int = 2
+    rank: Optional[int] = None
+    align_hidden: Optional[int] = None
+    max_steps: int = 120
+    seq_len: int = 256
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    packing: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 50
+    save_total_limit: int = 2
+    resume: Optional[str] = None
+    attn_kl_weight: float = 0.0
+    attn_kl_warmup_steps: int = 0
+    attn_kl_layer_reduction: str = "mean"
+    output_kl_weight: float = 0.0
+    temperature: float = 1.0
+    evaluate: bool = True
+    eval_base: bool = False
+    eval_untrained: bool = False
+    max_new_tokens: int = 0
+    prompts: Optional[list[str]] = None
+    output_dir: str | os.PathLike = "lisa-run"
+    command: Optional[str] = None
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced: ``results`` is what ``results.json`` holds; the adapter is in ``adapter_dir``."""
+
+    results: dict[str, Any]
+    adapter_dir: Path
+    results_file: Path
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The measured perplexities (also in the adapter's ``lisa_metrics.json``)."""
+        return self.results["metrics"]
+
+    def summary(self) -> str:
+        """The report ``peft-lisa train`` prints: layers, compression, training, perplexities, generations."""
+        results, training = self.results, self.results["training"]
+        lines = [
+            f"shared layers: {results['share_layers']}; rank {results['rank']}",
+            f"Q/K compression of the shared layers: {results['qk_compression']['ratio']:.2f}x",
+            f"trained to step {training['global_step']} ({training['wall_minutes']:.1f} min, loss "
+            f"{training['train_loss']:.4f}, {training['tokens_seen']:,} tokens seen); total {results['total_minutes']}"
+            " min",
+        ]
+        measured = {key: self.metrics[key] for key in PERPLEXITY_LABELS if key in self.metrics}
+        if measured:
+            first = next(iter(measured.values()))
+            lines.append(
+                f"held-out perplexity ({results['data']} test, {first['num_tokens']:,} tokens, window "
+                f"{first['window']}, stride {first['stride']}):"
+            )
+            lines += [f"  {PERPLEXITY_LABELS[key]:<16}{value['ppl']:8.2f}" for key, value in measured.items()]
+        generations = results.get("generations", {})
+        prompts = generations.get("prompts", [])
+        for index, prompt in enumerate(prompts):
+            lines.append(f"\n>>> {prompt}")
+            lines += [
+                f"  [{label}] {generations[key][index]!r}"
+                for key, label in GENERATION_LABELS.items()
+                if key in generations
+            ]
+        adapter = str(self.adapter_dir)
+        merged = str(self.results_file.parent / "merged")
+        lines += [
+            ("\n" if prompts else "") + f"adapter: {adapter}; results: {self.results_file}",
+            f"next: peft-lisa eval --adapter {shlex.quote(adapter)}",
+            f"      peft-lisa merge --adapter {shlex.quote(adapter)} --output {shlex.quote(merged)}",
+        ]
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Raise :class:`~.checks.JobFailedError` if the trained perplexity was measured and is not finite."""
+        measured = self.metrics.get("perplexity")
+        if measured and not math.isfinite(measured["ppl"]):
+            raise JobFailedError("the trained perplexity is not finite")
+
+
+def _check(job: TrainJob) -> Optional[dict[str, Any]]:
+    """Everything about ``job`` that can be refused before loading anything; the perplexity settings (or None)."""
+    check_model_name(job.model)
+    check_data_source(job.data)
+    if job.packing not in ("auto", "yes", "no"):
+        raise JobInputError(f"--packing {job.packing}: expected auto, yes or no")
+    if job.share_layers is not None and job.share_fraction is not None:
+        raise JobInputError("give --share-layers or --share-fraction, not both")
+    if job.share_layers is not None:
+        check_share_layers(job.share_layers)
+    if job.resume and (job.share_fraction is not None or job.analysis):
+        raise JobInputError("--resume takes the shared layers from the checkpoint: drop --share-fraction/--analysis")
+    if job.attn_kl_warmup_steps and not job.attn_kl_weight:
+        raise JobInputError("--attn-kl-warmup-steps needs --attn-kl-weight > 0")
+    return job.perplexity_settings() if job.evaluate else None
+
+
+def train(job: TrainJob) -> TrainResult:
+    """Train a LiSA adapter as ``job`` says (see :class:`TrainJob`) and save it to ``job.output_dir/adapter``.
+
+    In order: check the inputs (before loading anything), load the model and the training data, choose the shared
+    layers (or take them from the checkpoint to resume), measure the base model / untrained adapter if asked, train
+    with :class:`peft_lisa.training.LiSATrainer` (checkpoints every ``save_steps``), measure the trained adapter on
+    the held-out text, save the adapter atomically with its model card, tokenizer, ``lisa_metrics.json`` and
+    ``lisa_distillation.json``, and write ``results.json``. Returns the results; :meth:`TrainResult.check` refuses a
+    non-finite perplexity. Needs the ``train`` extras (TRL, datasets).
+    """
+    settings = _check(job)
+    device = resolve_device(job.device)
+    out = Path(job.output_dir)
+    checkpoint = find_checkpoint(job.resume, out) if job.resume else None
+    prompts = load_prompts(job.prompts) if job.max_new_tokens else []
+    analysis = load_analysis_file(job.analysis) if job.analysis else None
+    resume_config = None
+    if checkpoint is not None:
+        resume_config = config_from_checkpoint(
+            checkpoint, share_layers=job.share_layers, rank=job.rank, align_hidden=job.align_hidden
+        )
+
+    from ..training import LiSADistillationConfig, LiSATrainer, lisa_sft_config
+
+    schedule = "linear_decay" if job.attn_kl_warmup_steps else "constant"
+    distill = LiSADistillationConfig(
+        attn_kl_schedule=schedule, **{name: getattr(job, name) for name in DISTILLATION_OPTIONS}
+    )
+    started = time.monotonic()
+    torch.manual_seed(job.seed)
+    model, tokenizer = load_training_model(job.model, device, job.load_in_4bit)
+    dataset = load_sft_dataset(job.data, job.split, job.text_field, job.held_out_fraction)
+    chat = is_conversational_dataset(dataset)
+    packing = {"auto": not chat, "yes": True, "no": False}[job.packing]
+    logger.info(f"data: {job.data} ({'chat' if chat else 'plain text'}), {len(dataset)} training documents")
+    if job.split != "train" and settings is not None:
+        logger.warning(f"warning: with --split {job.split} the held-out perplexity text is part of the training data")
+
+    if resume_config is not None:
+        config = resume_config
+        layer_choice: dict[str, Any] = {"method": "from checkpoint", "checkpoint": str(checkpoint)}
+    else:
+        layer_options = {name: getattr(job, name) for name in LAYER_OPTIONS}
+        texts = evaluation_texts(dataset, tokenizer)
+        config, layer_choice = choose_lisa_config(
+            model, tokenizer, texts, analysis=analysis, analysis_file=job.analysis, output_dir=out, **layer_options
+        )
+    logger.info(f"shared layers ({layer_choice['method']}): {config.share_layers}, rank {config.rank}")
+
+    held_out: list[str] = []
+    metrics: dict[str, Any] = {}
+    generations: dict[str, list[str]] = {}
+    if settings is not None:
+        held_out = load_evaluation_texts(job.data, "test", job.text_field, job.held_out_fraction, tokenizer)
+        metrics = {"data": job.data, "split": "test"}
+        if job.load_in_4bit:
+            metrics["base_quantization"] = "4-bit NF4"
+
+    def measure(key: str, model_: Any) -> None:
+        if settings is not None:
+            metrics[key] = measure_perplexity(
+                model_, tokenizer, held_out, settings, progress=job.progress, label=PERPLEXITY_LABELS[key]
+            )
+
+    if job.eval_base:
+        measure("base_perplexity", model)
+        if prompts:
+            generations["base"] = sample_generations(model, tokenizer, prompts, job.max_new_tokens, "base model")
+
+    sft_options = {name: getattr(job, name) for name in SFT_OPTIONS}
+    sft_config = lisa_sft_config(
+        out,
+        packing=packing,
+        save_strategy="steps",
+        disable_tqdm=not job.progress,
+        use_cpu=device.type == "cpu",
+        **sft_options,
+    )
+    trainer = LiSATrainer(
+        model, sft_config, train_dataset=dataset, processing_class=tokenizer, peft_config=config, distillation=distill
+    )
+    peft_model = trainer.model
+    base_name = portable_base_name(job.model)
+    if base_name is not None:
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = base_name
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    if job.eval_untrained:
+        measure("untrained_perplexity", peft_model)
+    logger.info(
+        f"training {job.max_steps} steps x {job.batch_size} x {job.seq_len} tokens, lr {job.learning_rate}; trainable "
+        f"parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); checkpoints every "
+        f"{job.save_steps} steps in {out}" + (f"; resuming from {checkpoint}" if checkpoint else "")
+    )
+    train_started = time.monotonic()
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_minutes = (time.monotonic() - train_started) / 60
+    tokens_seen = int(getattr(trainer, "_total_train_tokens", 0) or 0)
+    tokens_seen = tokens_seen or trainer.state.global_step * job.batch_size * job.seq_len
+    logger.info(f"trained to step {trainer.state.global_step} in {train_minutes:.1f} min")
+
+    measure("perplexity", peft_model)
+    if prompts:
+        generations["trained_lisa"] = sample_generations(
+            peft_model, tokenizer, prompts, job.max_new_tokens, "trained LiSA"
+        )
+
+    report = qk_compression_report(peft_model)
+    align_hidden = config.resolved_align_hidden(peft_model.get_base_model().config.num_attention_heads)
+    adapter_dir = out / "adapter"
+    with atomic_directory(adapter_dir) as scratch:
+        save_adapter(peft_model, scratch, metrics=card_metrics(config.rank, align_hidden, metrics))
+        tokenizer.save_pretrained(scratch)
+        (scratch / ADAPTER_METRICS_FILE).write_text(to_json(metrics), encoding="utf-8")
+        (scratch / "lisa_distillation.json").write_text(to_json(distill.to_dict()), encoding="utf-8")
+
+    results: dict[str, Any] = {
+        "command": job.command,
+        "model": model_label(job.model),
+        "load_in_4bit": job.load_in_4bit,
+        "torch_threads": torch.get_num_threads(),
+        "data": job.data,
+        "data_format": "chat" if chat else "text",
+        "packing": packing,
+        "share_layers": list(config.share_layers),
+        "layer_choice": layer_choice,
+        "rank": config.rank,
+        "align_hidden": align_hidden,
+        "distillation": distill.to_dict(),
+        "training": {
+            "max_steps": job.max_steps,
+            "global_step": trainer.state.global_step,
+            "resumed_from": str(checkpoint) if checkpoint else None,
+            "batch_size": job.batch_size,
+            "seq_len": job.seq_len,
+            "learning_rate": job.learning_rate,
+            "tokens_seen": tokens_seen,
+            "train_loss": train_output.training_loss,
+            "wall_minutes": round(train_minutes, 2),
+            "trainable_parameters": trainable,
+            "log_history": trainer.state.log_history,
+        },
+        "metrics": metrics,
+        "eval": None if settings is None else {**settings, "held_out_documents": len(held_out)},
+        "qk_compression": {"ratio": report.ratio, "qk_params_original": report.qk_params_original},
+        "adapter_dir": str(adapter_dir),
+        "total_minutes": round((time.monotonic() - started) / 60, 2),
+    }
+    if prompts:
+        results["generations"] = {"prompts": prompts, **generations}
+    write_text_atomic(out / TRAIN_RESULTS_FILE, to_json(results))
+    return TrainResult(results, adapter_dir, out / TRAIN_RESULTS_FILE)

@@ -1,0 +1,176 @@
+"""Setting up a training run: the model to train, the LiSA configuration (shared layers chosen explicitly, from a
+calibration analysis, or taken from a checkpoint when resuming) and the checkpoint to resume from."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..analysis import analyze
+from ..resources import DEFAULT_MODEL
+from ..tuner.config import DEFAULT_ALIGN_HIDDEN, LiSAConfig
+from .checks import JobInputError, check_adapter_dir, check_share_layers, load_base_model
+
+logger = logging.getLogger("peft_lisa")
+
+# The LiSAConfig fields a resumed run takes from its checkpoint's adapter_config.json.
+CHECKPOINT_CONFIG_KEYS = (
+    "share_layers",
+    "rank",
+    "align_hidden",
+    "align_activation",
+    "align_init_permutations",
+    "rotary_frequencies",
+    "init_lowrank",
+)
+
+
+def find_checkpoint(resume: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """The checkpoint a run resumes from: ``resume`` itself (a ``checkpoint-STEP`` directory of a run), or with
+    ``resume="latest"`` the last ``checkpoint-*`` in ``output_dir``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    if resume == "latest":
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise JobInputError(f"--resume latest: no checkpoint-* directory in {output_dir}")
+        return Path(last)
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise JobInputError(f"--resume {resume}: no such directory")
+    if not (path / "trainer_state.json").is_file() or not (path / "adapter_config.json").is_file():
+        raise JobInputError(
+            f"--resume {resume}: not a training checkpoint (no trainer_state.json / adapter_config.json)"
+        )
+    return path
+
+
+def config_from_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    share_layers: Optional[list[int]] = None,
+    rank: Optional[int] = None,
+    align_hidden: Optional[int] = None,
+) -> LiSAConfig:
+    """The LiSA configuration of a checkpoint's adapter, rebuilt to continue training it.
+
+    ``share_layers``, ``rank`` and ``align_hidden``, when given, must match the checkpoint's (the adapter's shape
+    cannot change mid-run): a :class:`~.checks.JobInputError` says which differs.
+    """
+    _, saved = check_adapter_dir(str(checkpoint), "--resume")
+    for option, key, value in (
+        ("--share-layers", "share_layers", share_layers),
+        ("--rank", "rank", rank),
+        ("--align-hidden", "align_hidden", align_hidden),
+    ):
+        if key == "share_layers" and value is not None:
+            value = sorted(value)
+        if value is not None and saved.get(key) != value:
+            raise JobInputError(
+                f"{option} {value} differs from the checkpoint's {key}={saved.get(key)} ({checkpoint})"
+            )
+    return LiSAConfig(task_type="CAUSAL_LM", **{key: saved[key] for key in CHECKPOINT_CONFIG_KEYS if key in saved})
+
+
+def choose_lisa_config(
+    model: Any,
+    tokenizer: Any,
+    train_texts: list[str],
+    *,
+    share_layers: Optional[list[int]] = None,
+    share_fraction: Optional[float] = None,
+    analysis: Any = None,
+    analysis_file: Optional[str | os.PathLike] = None,
+    keep_first: int = 2,
+    analysis_batches: int = 2,
+    rank: Optional[int] = None,
+    align_hidden: Optional[int] = None,
+    output_dir: str | os.PathLike = "lisa-run",
+    progress: bool = True,
+) -> tuple[LiSAConfig, dict[str, Any]]:
+    """The :class:`~peft_lisa.LiSAConfig` of a new training run, and a record of how its layers were chosen.
+
+    * ``share_layers`` given: exactly those (checked against the model's layer count); with an ``analysis``, its
+      head permutations initialise their alignment.
+    * otherwise ``share_fraction`` (default 0.5) of all layers, the lowest best-matched JS divergence first and the
+      first ``keep_first`` layers kept full (:meth:`LiSAConfig.from_analysis`), from ``analysis`` (loaded from
+      ``analysis_file``) or, without one, from a calibration analysis of ``analysis_batches`` batches of 4 x 256
+      tokens of ``train_texts`` run here and saved to ``output_dir/analysis.json``.
+
+    ``rank`` defaults to 8, ``align_hidden`` to the library default (0: linear alignment only).
+    """
+    common: dict[str, Any] = {
+        "rank": rank or 8,
+        "align_hidden": DEFAULT_ALIGN_HIDDEN if align_hidden is None else align_hidden,
+        "task_type": "CAUSAL_LM",
+    }
+    num_layers = model.config.num_hidden_layers
+    if analysis is not None and analysis.num_layers != num_layers:
+        raise JobInputError(
+            f"--analysis {analysis_file} is of a model with {analysis.num_layers} layers, not {num_layers}"
+        )
+    if share_layers is not None:
+        share_layers = check_share_layers(share_layers, num_layers)
+        permutations = None
+        if analysis is not None:
+            permutations = {layer: analysis.permutations[layer] for layer in share_layers}
+            permutations = {k: v for k, v in permutations.items() if v is not None} or None
+        config = LiSAConfig(share_layers=share_layers, align_init_permutations=permutations, **common)
+        return config, {"method": "explicit", "analysis": None if analysis_file is None else str(analysis_file)}
+    fraction = 0.5 if share_fraction is None else share_fraction
+    if analysis is None:
+        logger.info(f"calibration analysis for --share-fraction {fraction} ({analysis_batches} batch(es) of 4 x 256)")
+        analysis = analyze(
+            model,
+            tokenizer,
+            train_texts,
+            seq_len=256,
+            batch_size=4,
+            max_batches=analysis_batches,
+            sensitivity=False,
+            progress=progress,
+        )
+        analysis_file = Path(output_dir) / "analysis.json"
+        analysis.to_json(analysis_file)  # creates the output directory
+    try:
+        config = LiSAConfig.from_analysis(analysis, fraction=fraction, keep_first=keep_first, **common)
+    except ValueError as error:
+        raise JobInputError(f"--share-fraction {fraction}: {error}") from None
+    info = {"method": "analysis (js_matched)", "fraction": fraction, "keep_first": keep_first}
+    return config, {**info, "analysis": None if analysis_file is None else str(analysis_file)}
+
+
+def load_training_model(name: Optional[str], device: torch.device, load_in_4bit: bool = False) -> tuple[Any, Any]:
+    """The base model and tokenizer to train on ``device``: plain, or in 4-bit NF4 (bitsandbytes; compute in
+    bfloat16 on CUDA, float32 on CPU) with :func:`peft_lisa.training.keep_4bit_weights_trainable` applied."""
+    from ..training import keep_4bit_weights_trainable
+
+    load_kwargs: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    model, tokenizer = load_base_model(name, **load_kwargs)
+    if load_in_4bit:
+        keep_4bit_weights_trainable(model)  # the same float compute path for evaluation and training on CPU
+    elif device.type != "cpu":
+        model.to(device)
+    return model, tokenizer
+
+
+def portable_base_name(name: Optional[str]) -> Optional[str]:
+    """What an adapter records as its base model so that it loads from anywhere: the built-in model's hub id (it
+    resolves to the local copy), a local directory as an absolute path, a hub id unchanged (None: keep what the
+    model says)."""
+    if name is None or name == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else None
