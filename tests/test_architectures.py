@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from peft_lisa import LiSAConfig, UnsupportedModelError
 
 from .conftest import left_padded_batch, random_ids, randomize_adapter, tiny_model
+from .test_reference import assert_cached_generation_equals_uncached
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -39,13 +40,8 @@ def test_forward_and_exact_disable(model_type):
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_generate_with_cache_equals_without_left_padding(model_type):
-    peft_model = lisa_model(model_type)
-    ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        cached = peft_model.generate(input_ids=ids, use_cache=True, **kwargs)
-        uncached = peft_model.generate(input_ids=ids, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
+    """Same tokens and, step by step, the same logits (atol 1e-4) with and without the cache."""
+    assert_cached_generation_equals_uncached(lisa_model(model_type), *left_padded_batch(), new=10)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -86,14 +82,7 @@ def test_shared_layers_cache_low_rank_keys():
 
 def test_sliding_window_model_cache_equals_no_cache():
     """Mistral with a sliding window shorter than the sequence: masks and rolling caches stay consistent."""
-    peft_model = lisa_model("mistral", sliding_window=6)
-    ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        assert torch.equal(
-            peft_model.generate(input_ids=ids, use_cache=True, **kwargs),
-            peft_model.generate(input_ids=ids, use_cache=False, **kwargs),
-        )
+    assert_cached_generation_equals_uncached(lisa_model("mistral", sliding_window=6), *left_padded_batch(), new=12)
 
 
 def test_sharing_across_full_and_sliding_layers_is_refused():
