@@ -61,13 +61,23 @@ FAMILIES = {
             head_dim=16,
             sliding_window=4,
             query_pre_attn_scalar=24,
-            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+            layer_types=[
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "full_attention",
+            ],
         ),
         [1, 2, 4],
         "sdpa",
     ),
     # fused qkv_proj, partial rotary
-    "phi3": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}), [2, 3], "sdpa"),
+    "phi3": (
+        dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+        [2, 3],
+        "sdpa",
+    ),
     "olmo2": (dict(), [2, 3], "sdpa"),  # q/k norms over the full width
     "granite": (dict(attention_multiplier=0.1), [2, 3], "sdpa"),
     "qwen3_moe": (dict(head_dim=16, num_experts=4, **MOE), [2, 3], "sdpa"),

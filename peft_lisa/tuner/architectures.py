@@ -69,7 +69,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(
-            f"Could not find the decoder layers (model.model.layers) of {type(model).__name__}. {SUPPORT_RULE}."
+            f"Could not find the decoder layers (model.model.layers) of {type(model).__name__} (model type "
+            f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}). {SUPPORT_RULE}."
         )
     return layers
 
@@ -78,9 +79,7 @@ def attention_of(layer: nn.Module) -> nn.Module:
     """The self-attention module of a decoder layer, unwrapped from a LiSA wrapper if needed."""
     attn = getattr(layer, "self_attn", None)
     if attn is None:
-        raise UnsupportedModelError(
-            f"Decoder layer {type(layer).__name__} has no self_attn module. {SUPPORT_RULE}."
-        )
+        raise UnsupportedModelError(f"Decoder layer {type(layer).__name__} has no self_attn module. {SUPPORT_RULE}.")
     return getattr(attn, "base_layer", attn)
 
 
@@ -109,8 +108,8 @@ def structural_refusal(attn: nn.Module, layer_idx: int) -> Optional[str]:
         )
     if isinstance(getattr(attn, "sinks", None), torch.Tensor):
         return (
-            f"layer {layer_idx} ({name}) has attention sinks (a learned per-head logit in every softmax): LiSA's shared "
-            "layers would need their own sink in the softmax, which they do not have"
+            f"layer {layer_idx} ({name}) has attention sinks (a learned per-head logit in every softmax): LiSA's "
+            "shared layers would need their own sink in the softmax, which they do not have"
         )
     has_qkv = all(isinstance(getattr(attn, p, None), nn.Module) for p in ("q_proj", "k_proj", "v_proj"))
     has_fused = isinstance(getattr(attn, "qkv_proj", None), nn.Module)
@@ -192,7 +191,7 @@ def describe_model_attention(model: nn.Module) -> dict[int, AttentionLayout]:
     finally:
         for handle in handles:
             handle.remove()
-        for attn, config in zip(attns, saved_configs):
+        for attn, config in zip(attns, saved_configs, strict=True):
             attn.config = config
         del ALL_ATTENTION_FUNCTIONS[_PROBE_IMPLEMENTATION]
     layouts = {}
@@ -281,7 +280,7 @@ def _mismatch(
     except Exception as error:  # noqa: BLE001 - any failure means the layout was misread
         return f"reading it as {_describe(layout)} fails: {error}"
     tolerance = 1e-4 if hidden.dtype == torch.float32 else 3e-2
-    for part, ours, theirs in zip(("query", "key", "value"), got, expected):
+    for part, ours, theirs in zip(("query", "key", "value"), got, expected, strict=True):
         if ours.shape != theirs.shape:
             return f"{part} has shape {tuple(theirs.shape)}, LiSA computes {tuple(ours.shape)}"
         scale = theirs.float().abs().max().clamp(min=1e-6)
@@ -331,7 +330,7 @@ def sharing_refusal(model: nn.Module, layer_idx: int) -> Optional[str]:
         return None
     own_text = "full attention" if own is None else f"a sliding window of {own}"
     return (
-        f"layer {layer_idx} uses {own_text} (its {layer_attention_type(model, layer_idx)}) but layer {layer_idx - 1} "
-        f"uses {layer_attention_type(model, layer_idx - 1)} with a window of {source}: the source layer has no logits "
-        f"for the keys beyond its window (a sliding layer may share from a full one, not the other way round)"
+        f"layer {layer_idx} uses {own_text} but layer {layer_idx - 1} uses a sliding window of {source}: the source "
+        f"layer has no logits for the keys beyond its window (a sliding layer may share from a full one, not the "
+        f"other way round)"
     )

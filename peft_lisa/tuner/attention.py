@@ -23,9 +23,8 @@ from .architectures import SUPPORTED_ATTN_IMPLEMENTATIONS, UnsupportedModelError
 from .carrier import LogitsCarrier, MaterializedLogits, ScoresFromQueryKey, SharedLayerCall
 from .functional import (
     AttentionLayout,
-    apply_rotary,
-    attend_from_logits,
     apply_partial_rotary,
+    attend_from_logits,
     grouped_scores,
     lowrank_frequency_index,
     lowrank_rotary,
@@ -114,8 +113,9 @@ class LiSASubstitute(nn.Module):
         self.layout = layout
         self.rank = rank
         self.hands_on = hands_on  # the next layer shares too and reads this layer's logits S_l
-        self.frequency_index = lowrank_frequency_index(layout.rotary_width if layout.uses_rotary else 0, rank,
-                                                       rotary_frequencies)
+        self.frequency_index = lowrank_frequency_index(
+            layout.rotary_width if layout.uses_rotary else 0, rank, rotary_frequencies
+        )
         # Columns of the layer's own cos/sin (its rotary width, its layout) that the rank-r query/key rotate with;
         # none for a layer without rotary.
         self.rotary_columns = lowrank_rotary_columns(layout, rank, rotary_frequencies)

@@ -89,7 +89,8 @@ class MaterializedLogits(SourceLogits):
 
 
 class ScoresFromQueryKey(SourceLogits):
-    """A full layer's logits ``scale Q K^T`` (softcapped as the layer's kernel does, if it does), kept as its rotary query and key and computed block by block on demand.
+    """A full layer's logits ``scale Q K^T`` (softcapped as the layer's kernel does, if it does), kept as its rotary
+    query and key and computed block by block on demand.
 
     The full layer itself attends with the model's own kernel (sdpa or eager), so no T_q x T_k tensor is handed
     between the layers.

@@ -7,9 +7,9 @@ float32 as soon as the matmul in the model's dtype returns, so bf16/fp16 models 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import torch
@@ -68,7 +68,9 @@ class AttentionLayout:
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = attn.head_dim
-        norm_names = ("q_norm", "k_norm") if getattr(attn, "q_norm", None) is not None else ("q_layernorm", "k_layernorm")
+        norm_names = (
+            ("q_norm", "k_norm") if getattr(attn, "q_norm", None) is not None else ("q_layernorm", "k_layernorm")
+        )
         q_norm = getattr(attn, norm_names[0], None)
         qk_norm = "none"
         if q_norm is not None:

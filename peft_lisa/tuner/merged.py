@@ -75,7 +75,10 @@ def _value_linear(attn: nn.Module, layout: AttentionLayout) -> nn.Module:
     start = (layout.num_heads + layout.num_kv_heads) * layout.head_dim
     weight = qkv_proj.weight
     v_proj = nn.Linear(
-        weight.shape[1], weight.shape[0] - start, bias=qkv_proj.bias is not None, device=weight.device,
+        weight.shape[1],
+        weight.shape[0] - start,
+        bias=qkv_proj.bias is not None,
+        device=weight.device,
         dtype=weight.dtype,
     )
     with torch.no_grad():
@@ -243,14 +246,27 @@ def merged_classes(model_type: str) -> tuple[type, type]:
     return config_cls, model_cls
 
 
-class _DeferredMergedConfig(PreTrainedConfig):
-    """Registered for every ``lisa_<model_type>`` at import, without importing the model's code: reading a config of
-    that type builds the real merged classes (:func:`merged_classes`) and returns the real config."""
+class _DeferredMergedConfig:
+    """Registered with ``AutoConfig`` for every ``lisa_<model_type>`` at import, without importing the model's code
+    (a plain class: building ~200 config subclasses would cost most of a second). Reading or making a config of that
+    type builds the real merged classes (:func:`merged_classes`) and returns the real config."""
+
+    model_type: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real()(*args, **kwargs)
+
+    @classmethod
+    def _real(cls) -> type:
+        return merged_classes(cls.model_type.removeprefix("lisa_"))[0]
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
-        config_cls, _ = merged_classes(cls.model_type.removeprefix("lisa_"))
-        return config_cls.from_dict(config_dict, **kwargs)
+        return cls._real().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real().from_pretrained(*args, **kwargs)
 
 
 def register_merged_models() -> None:
@@ -261,9 +277,7 @@ def register_merged_models() -> None:
     for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         if model_type in MERGED_CLASSES or model_type.startswith("lisa_"):
             continue
-        deferred = type(
-            f"_DeferredLiSA_{model_type}", (_DeferredMergedConfig,), {"model_type": f"lisa_{model_type}"}
-        )
+        deferred = type(f"_DeferredLiSA_{model_type}", (_DeferredMergedConfig,), {"model_type": f"lisa_{model_type}"})
         AutoConfig.register(deferred.model_type, deferred, exist_ok=True)
 
 
