@@ -194,7 +194,7 @@ def test_family_end_to_end(family, tmp_path):
         for step in range(steps.shape[1]):
             full_ids = torch.cat([prompt, steps[:, : step + 1]], 1)
             full_mask = torch.cat([mask, torch.ones(2, step + 1, dtype=mask.dtype)], 1)
-            out = peft_model(input_ids=steps[:, step : step + 1], attention_mask=full_mask, past_key_values=cache)
+            out = peft_model(input_ids=steps[:, step : step + 1], attention_mask=full_mask, cache=cache)
             cache = out.past_key_values
             uncached = peft_model(input_ids=full_ids, attention_mask=full_mask, use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.logits[:, -1], uncached, atol=1e-4, rtol=1e-4)
