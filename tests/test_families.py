@@ -322,3 +322,42 @@ def test_other_families_with_the_layout_work(family):
         )
         merged = peft_model.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=prompt, attention_mask=mask).logits, lisa, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family, expected",
+    [
+        ("phi3", 64 * (64 + 32)),  # the q/k rows of the fused qkv_proj
+        ("olmo2", 64 * (64 + 32) + 64 + 32),  # q/k projections + full-width q/k norms
+        ("qwen2", 64 * (64 + 32) + 64 + 32),  # q/k projections + their biases
+        ("qwen3", 64 * (96 + 48) + 24 + 24),  # explicit head size 24, per-head norms
+    ],
+)
+def test_compression_counts_qk_params_by_structure(family, expected):
+    from peft_lisa import qk_compression_report
+
+    peft_model = get_peft_model(family_model(family), lisa_config(family))
+    report = qk_compression_report(peft_model)
+    assert [row.qk_params_original for row in report.layers] == [expected, expected]
+    merged_report = qk_compression_report(peft_model.merge_and_unload())
+    assert merged_report.to_dict() == report.to_dict()
+
+
+def test_layer_logits_are_the_kernel_logits_softcap_included():
+    """``layer_logits`` (for analysis and distillation) gives the probabilities Gemma 2's own eager kernel computes."""
+    from peft_lisa.tuner.functional import layer_logits
+
+    model = family_model("gemma2", attn_implementation="eager")
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["input"] = (kwargs["hidden_states"], kwargs["position_embeddings"], kwargs["attention_mask"])
+
+    attn = model.model.layers[1].self_attn
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        out = model(random_ids(2, 10), output_attentions=True)
+    handle.remove()
+    hidden, position_embeddings, mask = captured["input"]
+    probs = torch.softmax(layer_logits(attn, hidden, position_embeddings) + mask, dim=-1)
+    torch.testing.assert_close(probs, out.attentions[1], atol=1e-6, rtol=0)

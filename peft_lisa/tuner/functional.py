@@ -275,6 +275,21 @@ def project_full_qkv(
     return query, key, value
 
 
+def layer_logits(
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A full layer's pre-softmax, pre-mask logits ``softcap(scale Q K^T)``, as its own kernel computes them, float32:
+    B x H x T_q x T_k (or only the query positions ``rows``). For analysis and attention distillation."""
+    layout = AttentionLayout.from_attention(attn)
+    query, key, _ = project_full_qkv(attn, hidden_states, position_embeddings, layout)
+    if rows is not None:
+        query = query[:, :, rows]
+    return softcap_logits(grouped_scores(query, key, layout.scaling), layout.softcap)
+
+
 def rotate_query_key(
     attn: nn.Module,
     query: torch.Tensor,
