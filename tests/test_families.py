@@ -361,3 +361,53 @@ def test_layer_logits_are_the_kernel_logits_softcap_included():
     hidden, position_embeddings, mask = captured["input"]
     probs = torch.softmax(layer_logits(attn, hidden, position_embeddings) + mask, dim=-1)
     torch.testing.assert_close(probs, out.attentions[1], atol=1e-6, rtol=0)
+
+
+def eager_attention_probabilities(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Every layer's attention probabilities as the family's own eager kernel computes them (softcap included)."""
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    eager = module.eager_attention_forward
+    probs = {}
+
+    def recording_eager(attn, *args, **kwargs):
+        out, weights = eager(attn, *args, **kwargs)
+        probs[attn.layer_idx] = weights
+        return out, weights
+
+    module.eager_attention_forward = recording_eager
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        module.eager_attention_forward = eager
+    return probs
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "phi3", "olmo2", "granite"])
+def test_analysis_and_distillation_see_the_family_attention(family):
+    """The attention the calibration analysis measures and the teacher of attention distillation are the family's own
+    (its scaling, softcap, norms, partial rotary), compared with its eager kernel's probabilities."""
+    from peft_lisa.analysis.measure import _attention_row_hooks
+    from peft_lisa.training import AttentionDistiller, teacher_attention_logits
+
+    model = family_model(family, attn_implementation="eager")
+    ids = random_ids(2, 10)
+    expected = eager_attention_probabilities(model, ids)
+    rows = torch.arange(10)
+    store: dict[int, torch.Tensor] = {}
+    with _attention_row_hooks(model, rows, store), torch.no_grad():
+        model(ids)
+    for layer_idx, probs in expected.items():
+        torch.testing.assert_close(store[layer_idx], probs.float(), atol=1e-5, rtol=1e-5)
+
+    peft_model = get_peft_model(model, lisa_config(family)).eval()
+    distiller = AttentionDistiller(peft_model)
+    with distiller.collect(), torch.no_grad():
+        peft_model(ids)
+    # The first shared layer gets the base model's hidden states (later ones get those LiSA changed).
+    layer_idx = min(distiller.calls)
+    wrapper = peft_model.base_model.model.model.layers[layer_idx].self_attn
+    teacher = teacher_attention_logits(wrapper, distiller.calls[layer_idx])
+    mask = expected[layer_idx] > 0
+    teacher_probs = torch.softmax(teacher.masked_fill(~mask, float("-inf")), dim=-1)
+    torch.testing.assert_close(teacher_probs, expected[layer_idx].float(), atol=1e-5, rtol=1e-5)
