@@ -238,10 +238,25 @@ def merged_classes(model_type: str) -> tuple[type, type]:
         {"config_class": config_cls, "__module__": __name__},
     )
     MERGED_CLASSES[model_type] = (config_cls, model_cls)
+    _share_weight_conversions(model_type)
     globals().update({config_cls.__name__: config_cls, model_cls.__name__: model_cls})  # importable by name
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     return config_cls, model_cls
+
+
+def _share_weight_conversions(model_type: str) -> None:
+    """Give ``lisa_<model_type>`` the checkpoint conversions transformers applies to ``model_type`` (e.g. the fused
+    expert weights of mixture-of-experts models): transformers looks them up by model type, so without this a merged
+    MoE model would save per-expert weights and reload without them."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    conversions = get_checkpoint_conversion_mapping(model_type)
+    if conversions is not None:
+        register_checkpoint_conversion_mapping(f"lisa_{model_type}", conversions, overwrite=True)
 
 
 class _DeferredMergedConfig:
