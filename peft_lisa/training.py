@@ -43,7 +43,7 @@ from .data import (  # noqa: F401  (the dataset builders, importable from here a
     text_dataset,
 )
 from .tuner.carrier import SharedLayerCall
-from .tuner.functional import additive_mask, grouped_scores, project_full_qkv
+from .tuner.functional import additive_mask, layer_logits
 from .tuner.layer import LiSALayer
 
 AttnKLSchedule = Literal["constant", "linear_decay"]
@@ -142,10 +142,8 @@ def teacher_attention_logits(wrapper: LiSALayer, call: SharedLayerCall) -> torch
 
     Computed without gradient from the layer's inputs recorded in ``call``: B x H x T_q x T_k, float32.
     """
-    base = wrapper.base_layer
     with torch.no_grad():
-        query, key, _ = project_full_qkv(base, call.hidden_states, call.position_embeddings)
-        return grouped_scores(query, key, base.scaling)
+        return layer_logits(wrapper.base_layer, call.hidden_states, call.position_embeddings)
 
 
 class AttentionDistiller:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..tuner.architectures import attention_of, check_model_supported, decoder_layers
-from ..tuner.functional import additive_mask, grouped_scores, project_full_qkv
+from ..tuner.functional import additive_mask, layer_logits
 from ..tuner.layer import LiSALayer
 from .calibration import calibration_blocks, spread_indices, stratum_middles
 from .divergence import best_grouped_matching, best_head_matching, js_sum
@@ -33,10 +33,9 @@ def _attention_row_hooks(model: nn.Module, positions: torch.Tensor, store: dict[
         position_embeddings = kwargs.get("position_embeddings")
         if position_embeddings is None and len(args) > 1:
             position_embeddings = args[1]
-        query, key, _ = project_full_qkv(module, hidden_states, position_embeddings)
-        length = key.shape[-2]
-        rows = positions.to(query.device)
-        logits = grouped_scores(query[:, :, rows], key, module.scaling)  # B x H x R x T
+        rows = positions.to(hidden_states.device)
+        logits = layer_logits(module, hidden_states, position_embeddings, rows)  # B x H x R x T, softcap included
+        length = logits.shape[-1]
         mask = additive_mask(kwargs.get("attention_mask"), length, length, logits.device)[..., rows, :]
         store[module.layer_idx] = torch.softmax(logits + mask, dim=-1)
 

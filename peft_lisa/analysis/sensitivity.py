@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..tuner.architectures import decoder_layers, layer_attention_type
+from ..tuner.architectures import decoder_layers, sharing_refusal
 from ..tuner.config import LiSAConfig
 from ..tuner.functional import permutation_matrix
 from ..tuner.layer import LiSALayer
@@ -88,13 +88,9 @@ def layer_sensitivity(
     direct: list[Optional[float]] = [None] * len(layers)
     permuted: list[Optional[float]] = [None] * len(layers)
     for layer_idx in tqdm(range(1, len(layers)), desc="LiSA analysis: sensitivity", disable=not progress):
-        if layer_attention_type(model, layer_idx) != layer_attention_type(model, layer_idx - 1):
-            # LiSA never shares across attention types (full vs sliding window)
-            logger.debug(
-                "LiSA analysis: no sensitivity for layer %d (attention type differs from layer %d)",
-                layer_idx,
-                layer_idx - 1,
-            )
+        refusal = sharing_refusal(model, layer_idx)
+        if refusal is not None:  # e.g. a full-attention layer after a sliding-window one
+            logger.debug("LiSA analysis: no sensitivity for layer %d: %s", layer_idx, refusal)
             continue
         config = LiSAConfig(share_layers=[layer_idx], rank=2, align_hidden=0)
         with warnings.catch_warnings():

@@ -242,10 +242,15 @@ def synthetic_cache(model: nn.Module, batch: int, context: int, device: torch.de
     cache = out.cache
     generator = torch.Generator(device=device).manual_seed(seed)
     for layer in cache.layers:
+        # A sliding-window layer keeps only its last ``sliding_window - 1`` tokens and counts the ones it has seen.
+        window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        length = context if window is None else min(context, window - 1)
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
-            shape = (*tensor.shape[:-2], context, tensor.shape[-1])
+            shape = (*tensor.shape[:-2], length, tensor.shape[-1])
             setattr(layer, name, torch.randn(shape, dtype=tensor.dtype, device=device, generator=generator))
+        if window is not None:
+            layer.cumulative_length = context
     return cache
 
 

@@ -10,6 +10,8 @@ the full layer that hands its logits on.
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -21,14 +23,15 @@ from .architectures import SUPPORTED_ATTN_IMPLEMENTATIONS, UnsupportedModelError
 from .carrier import LogitsCarrier, MaterializedLogits, ScoresFromQueryKey, SharedLayerCall
 from .functional import (
     AttentionLayout,
-    apply_rotary,
+    apply_partial_rotary,
     attend_from_logits,
     grouped_scores,
     lowrank_frequency_index,
     lowrank_rotary,
+    lowrank_rotary_columns,
     permutation_matrix,
     project_full_qkv,
-    sliding_window_of,
+    softcap_logits,
     update_cache,
 )
 
@@ -110,7 +113,12 @@ class LiSASubstitute(nn.Module):
         self.layout = layout
         self.rank = rank
         self.hands_on = hands_on  # the next layer shares too and reads this layer's logits S_l
-        self.frequency_index = lowrank_frequency_index(layout.head_dim, rank, rotary_frequencies)
+        self.frequency_index = lowrank_frequency_index(
+            layout.rotary_width if layout.uses_rotary else 0, rank, rotary_frequencies
+        )
+        # Columns of the layer's own cos/sin (its rotary width, its layout) that the rank-r query/key rotate with;
+        # none for a layer without rotary.
+        self.rotary_columns = lowrank_rotary_columns(layout, rank, rotary_frequencies)
         self.align = HeadAlign(layout.num_heads, align_hidden, align_activation, init_permutation)
         self.q_lowrank = nn.Linear(hidden_size, layout.num_heads * rank, bias=False)  # Wq_r
         self.k_lowrank = nn.Linear(hidden_size, layout.num_kv_heads * rank, bias=False)  # Wk_r
@@ -128,14 +136,20 @@ class LiSASubstitute(nn.Module):
     def lowrank_query_key(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 3: the rank-r rotary query (B x H x T x r) and key (B x H_kv x T x r) of the layer input."""
+        """Step 3: the rank-r rotary query (B x H x T x r) and key (B x H_kv x T x r) of the layer input.
+
+        They rotate with frequencies of the cos/sin the layer itself receives (Gemma 3's sliding and full layers get
+        different ones), on ``2 len(rotary_columns)`` of their r dims; not at all in a layer without rotary.
+        """
         batch, q_len, _ = hidden_states.shape
         x = hidden_states.to(self.q_lowrank.weight.dtype)
         q_small = self.q_lowrank(x).view(batch, q_len, self.layout.num_heads, self.rank).transpose(1, 2)
         k_small = self.k_lowrank(x).view(batch, q_len, self.layout.num_kv_heads, self.rank).transpose(1, 2)
-        cos_r, sin_r = lowrank_rotary(position_embeddings, self.frequency_index)
+        if not self.rotary_columns or position_embeddings is None:
+            return q_small, k_small
+        cos_r, sin_r = lowrank_rotary(position_embeddings, self.rotary_columns)
         cos_r, sin_r = cos_r.to(x.dtype), sin_r.to(x.dtype)
-        return apply_rotary(q_small, cos_r, sin_r), apply_rotary(k_small, cos_r, sin_r)
+        return apply_partial_rotary(q_small, cos_r, sin_r), apply_partial_rotary(k_small, cos_r, sin_r)
 
     def logits(self, source_rows: torch.Tensor, q_rows: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
         """Steps 2-4: ``S_l = align(S_{l-1}) + Q_r K_r^T / sqrt(r)`` for a block of queries, before the mask.
@@ -149,7 +163,7 @@ class LiSASubstitute(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor],
-        value_proj: nn.Module,
+        value_proj: Callable[[torch.Tensor], torch.Tensor],
         output_proj: nn.Module,
         *,
         cache: Any = None,
@@ -172,11 +186,13 @@ class LiSASubstitute(nn.Module):
         # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too), read block by block.
         source = self.carrier.take(self.layer_idx - 1)  # B x H x T_q x T_k
         k_len = k_small.shape[-2]
-        if source.shape[-2:] != (q_len, k_len) or source.shape[0] != batch:
+        # A sliding-window layer caches the last keys of its window; its source (a full layer) all of them: it reads
+        # the source's logits of its own keys, the last k_len.
+        if source.shape[-2] != q_len or source.shape[-1] < k_len or source.shape[0] != batch:
             raise RuntimeError(
                 f"LiSA layer {self.layer_idx}: logits of layer {self.layer_idx - 1} have shape "
-                f"{tuple(source.shape)}, expected (batch={batch}, heads, {q_len}, {k_len}). Both layers must see "
-                "the same keys."
+                f"{tuple(source.shape)}, expected (batch={batch}, heads, {q_len}, >= {k_len}). The source layer must "
+                "see at least the keys the shared layer sees."
             )
         carrier = self.carrier
         keep_logits = self.hands_on or bool(carrier.observers)
@@ -186,7 +202,7 @@ class LiSASubstitute(nn.Module):
         # during long prefills. The alignment never mixes positions, so blocks are independent.
         for start in range(0, q_len, query_block_size):
             rows = slice(start, min(start + query_block_size, q_len))
-            logits = self.logits(source.rows(rows), q_small[:, :, rows], k_small)  # B x H x T_block x T_k
+            logits = self.logits(source.rows(rows, k_len), q_small[:, :, rows], k_small)  # B x H x T_block x T_k
             if keep_logits:
                 logits_blocks.append(logits)
             output_blocks.append(attend_from_logits(logits, mask[..., rows, :], value, dropout, dropout > 0))
@@ -213,6 +229,14 @@ def check_attn_implementation(attn: nn.Module) -> str:
     return implementation
 
 
+def family_eager_attention(attn: nn.Module) -> Callable:
+    """The eager kernel of the layer's own modeling file (Gemma 2's applies softcapping); Llama's otherwise."""
+    function = getattr(attn, "lisa_eager_attention", None)
+    if function is None:
+        function = getattr(sys.modules.get(type(attn).__module__), "eager_attention_forward", None)
+    return function or eager_attention_forward
+
+
 def source_attention(
     attn: nn.Module,
     carrier: LogitsCarrier,
@@ -222,27 +246,31 @@ def source_attention(
     cache: Any,
     kwargs: dict,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A full layer ``attn`` whose logits S_l = scale Q_l K_l^T feed the next (shared) layer.
+    """A full layer ``attn`` whose logits S_l = softcap(scale Q_l K_l^T) feed the next (shared) layer.
 
-    On prefill it attends exactly as the base layer does, with the model's own attention implementation, and hands on
-    its rotary query and key: the shared layer computes S_l from them one block of queries at a time, so no
-    T_q x T_k tensor is handed on. With at most ``EXPLICIT_SOURCE_MAX_QUERIES`` queries (decoding) it computes S_l
-    once, attends from it and hands it on.
+    On prefill it attends exactly as the base layer does, with the model's own attention implementation and the
+    keyword arguments the base layer hands it (scaling, sliding window, softcap), and hands on its rotary query and
+    key: the shared layer computes S_l from them one block of queries at a time, so no T_q x T_k tensor is handed on.
+    With at most ``EXPLICIT_SOURCE_MAX_QUERIES`` queries (decoding) it computes S_l once, attends from it and hands
+    it on.
     """
     implementation = check_attn_implementation(attn)
+    layout = AttentionLayout.from_attention(attn)
     batch, q_len, _ = hidden_states.shape
-    query, key, value = project_full_qkv(attn, hidden_states, position_embeddings)
+    query, key, value = project_full_qkv(attn, hidden_states, position_embeddings, layout)
     key, value = update_cache(cache, key, value, attn.layer_idx, kwargs)
-    dropout = attn.attention_dropout if attn.training else 0.0
+    dropout = getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0
     if q_len <= EXPLICIT_SOURCE_MAX_QUERIES:
         # Decoding: a single row of logits is cheaper to compute once, use here and hand on, than to have the shared
         # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
-        logits = grouped_scores(query, key, attn.scaling)  # B x H x T_q x T_k
+        logits = softcap_logits(grouped_scores(query, key, layout.scaling), layout.softcap)  # B x H x T_q x T_k
         carrier.put(attn.layer_idx, MaterializedLogits(logits))
         mask = carrier.additive_mask(attention_mask, q_len, logits.shape[-1], logits.device)
         return attn.o_proj(attend_from_logits(logits, mask, value, dropout, attn.training)), None
-    carrier.put(attn.layer_idx, ScoresFromQueryKey(query, key, attn.scaling))
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    carrier.put(attn.layer_idx, ScoresFromQueryKey(query, key, layout.scaling, layout.softcap))
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, family_eager_attention(attn))
+    if layout.softcap is not None:
+        kwargs = {**kwargs, "softcap": layout.softcap}
     attn_output, attn_weights = attention(
         attn,
         query,
@@ -250,8 +278,8 @@ def source_attention(
         value,
         attention_mask,
         dropout=dropout,
-        scaling=attn.scaling,
-        sliding_window=sliding_window_of(attn),
+        scaling=layout.scaling,
+        sliding_window=layout.sliding_window,
         **kwargs,
     )  # B x T_q x H x d_h
     return attn.o_proj(attn_output.reshape(batch, q_len, -1)), attn_weights

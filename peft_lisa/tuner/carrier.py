@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from .functional import additive_mask, grouped_scores
+from .functional import additive_mask, grouped_scores, softcap_logits
 
 
 class LogitsCarrier:
@@ -66,12 +66,14 @@ class LogitsCarrier:
 class SourceLogits:
     """The logits S_{l-1} a shared layer reads (``docs/method.md`` step 1), one block of queries at a time.
 
-    ``shape`` is B x H x T_q x T_k; ``rows(rows)`` gives the float32 logits of those queries, B x H x len(rows) x T_k.
+    ``shape`` is B x H x T_q x T_k; ``rows(rows, keys)`` gives the float32 logits of those queries against the last
+    ``keys`` keys (all when None), B x H x len(rows) x keys: a sliding-window layer sharing from a full one caches
+    only the last keys of its window, the full layer all of them.
     """
 
     shape: torch.Size
 
-    def rows(self, rows: slice) -> torch.Tensor:
+    def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -81,24 +83,29 @@ class MaterializedLogits(SourceLogits):
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits, self.shape = logits, logits.shape
 
-    def rows(self, rows: slice) -> torch.Tensor:
-        return self.logits[:, :, rows]
+    def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
+        logits = self.logits[:, :, rows]
+        return logits if keys is None or keys == logits.shape[-1] else logits[..., -keys:]
 
 
 class ScoresFromQueryKey(SourceLogits):
-    """A full layer's logits ``scale Q K^T``, kept as its rotary query and key and computed block by block on demand.
+    """A full layer's logits ``scale Q K^T`` (softcapped as the layer's kernel does, if it does), kept as its rotary
+    query and key and computed block by block on demand.
 
     The full layer itself attends with the model's own kernel (sdpa or eager), so no T_q x T_k tensor is handed
     between the layers.
     """
 
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+    def __init__(
+        self, query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: Optional[float] = None
+    ) -> None:
         # query: B x H x T_q x d_h, key: B x H_kv x T_k x d_h (cached keys included)
-        self.query, self.key, self.scaling = query, key, scaling
+        self.query, self.key, self.scaling, self.softcap = query, key, scaling, softcap
         self.shape = torch.Size((query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
 
-    def rows(self, rows: slice) -> torch.Tensor:
-        return grouped_scores(self.query[:, :, rows], self.key, self.scaling)
+    def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
+        key = self.key if keys is None or keys == self.key.shape[2] else self.key[:, :, -keys:]
+        return softcap_logits(grouped_scores(self.query[:, :, rows], key, self.scaling), self.softcap)
 
 
 @dataclass

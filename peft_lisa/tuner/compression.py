@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import nn
 
-from .architectures import attention_of, base_model_type, decoder_layers
+from .architectures import attention_of, decoder_layers
 from .attention import LiSASubstitute
 from .functional import AttentionLayout
 from .layer import ROLE_SHARED, LiSALayer
@@ -85,12 +85,24 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def _original_qk_params(model: nn.Module, layout: AttentionLayout, hidden_size: int) -> int:
-    config = model.config
-    qk_dims = (layout.num_heads + layout.num_kv_heads) * layout.head_dim
-    has_bias = bool(getattr(config, "attention_bias", False)) or base_model_type(model) == "qwen2"
-    norm_params = 2 * layout.head_dim if base_model_type(model) == "qwen3" else 0
-    return hidden_size * qk_dims + (qk_dims if has_bias else 0) + norm_params
+def _linear_params(linear: nn.Module, rows: Optional[int] = None) -> int:
+    """Weights (+ bias) of a linear layer, or of its first ``rows`` output rows; from its shape, so that a quantized
+    layer counts what it stands for."""
+    out_features = linear.out_features if rows is None else rows
+    bias = getattr(linear, "bias", None)
+    return linear.in_features * out_features + (out_features if bias is not None else 0)
+
+
+def _original_qk_params(attn: nn.Module, layout: AttentionLayout) -> int:
+    """Q/K parameters of a full attention layer, counted off its structure: the q/k projections (or the q/k rows of
+    a fused qkv projection), with their biases, and the q/k norms."""
+    if layout.fused_qkv:
+        params = _linear_params(attn.qkv_proj, (layout.num_heads + layout.num_kv_heads) * layout.head_dim)
+    else:
+        params = _linear_params(attn.q_proj) + _linear_params(attn.k_proj)
+    for name in layout.qk_norm_names if layout.qk_norm != "none" else ():
+        params += sum(p.numel() for p in getattr(attn, name).parameters())
+    return params
 
 
 def qk_compression_report(model: nn.Module, adapter_name: Optional[str] = None) -> CompressionReport:
@@ -102,14 +114,17 @@ def qk_compression_report(model: nn.Module, adapter_name: Optional[str] = None) 
     if adapter_name is None and hasattr(model, "active_adapter"):
         adapter_name = model.active_adapter
     report = CompressionReport()
-    hidden_size = base.config.hidden_size
-    for idx, layer in enumerate(decoder_layers(base)):
+    layers = decoder_layers(base)
+    # A merged shared layer (a LiSASubstitute) no longer has its q/k projections: it counts as layer 0 (never shared).
+    first = attention_of(layers[0])
+    first_params = _original_qk_params(first, AttentionLayout.from_attention(first))
+    for idx, layer in enumerate(layers):
         attn = layer.self_attn
-        # A merged shared layer (a LiSASubstitute) no longer has the q_proj/k_proj its layout was read from.
-        layout = (
-            attn.layout if isinstance(attn, LiSASubstitute) else AttentionLayout.from_attention(attention_of(layer))
-        )
-        original = _original_qk_params(base, layout, hidden_size)
+        if isinstance(attn, LiSASubstitute):
+            layout, original = attn.layout, first_params
+        else:
+            layout = AttentionLayout.from_attention(attention_of(layer))
+            original = _original_qk_params(attention_of(layer), layout)
         report.qk_params_original_model += original
         if isinstance(attn, LiSALayer) and attn.lisa_role.get(adapter_name) == ROLE_SHARED:
             substitute = attn.lisa_substitute[adapter_name]

@@ -7,7 +7,9 @@ float32 as soon as the matmul in the model's dtype returns, so bf16/fp16 models 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 import torch
@@ -17,23 +19,89 @@ from torch import nn
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Shapes of one attention layer, read off the base model."""
+    """How one decoder attention layer computes its logits, read off the module once (``architectures.py``).
+
+    The transformers decoder-attention layout: q/k/v projections (``q_proj``/``k_proj``/``v_proj``, or one fused
+    ``qkv_proj`` split into H d_h, H_kv d_h, H_kv d_h rows), optional q/k norms (``"head"``: over each head's d_h,
+    as Qwen3/Gemma3; ``"full"``: over the whole H d_h width before the head reshape, as OLMo 2), rotary embedding on
+    the first ``rotary_dim`` dims of every head (partial rotary: Phi-3, StableLM, GLM-4; ``rotary_dim == 0``: a layer
+    without rotary, as SmolLM3's no-rope layers), the layer's own ``scaling`` (Gemma's ``query_pre_attn_scalar``,
+    Granite's ``attention_multiplier``), attention-logit softcapping ``softcap * tanh(s / softcap)`` (Gemma 2) and
+    the layer's sliding window (None: full attention).
+    """
 
     num_heads: int
     num_kv_heads: int
     head_dim: int
     scaling: float
+    fused_qkv: bool = False
+    qk_norm: str = "none"  # "none" | "head" | "full"
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
+    softcap: Optional[float] = None
+    sliding_window: Optional[int] = None
+    # Width of the rotary cos/sin the layer receives (-1: the whole head, read at run time; 0: no rotary).
+    rotary_dim: int = -1
+    # The cos/sin of frequency i sit at columns i and i + w/2 (``False``, rotate-half layout) or 2i and 2i+1 (Cohere).
+    rotary_interleaved: bool = False
 
     @property
     def num_kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def uses_rotary(self) -> bool:
+        return self.rotary_dim != 0
+
+    @property
+    def rotary_width(self) -> int:
+        """Dims of each head that rotate (the head size for full rotary)."""
+        return self.head_dim if self.rotary_dim < 0 else self.rotary_dim
+
     @classmethod
     def from_attention(cls, attn: nn.Module) -> AttentionLayout:
+        """The layout as far as the module's attributes tell; ``architectures.describe_attention`` completes and
+        checks it (rotary width and layout, softcap and window as the layer hands them to its kernel)."""
+        described = getattr(attn, "lisa_layout", None)
+        if isinstance(described, AttentionLayout):
+            return described
         config = attn.config
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=attn.head_dim, scaling=attn.scaling)
+        head_dim = attn.head_dim
+        norm_names = (
+            ("q_norm", "k_norm") if getattr(attn, "q_norm", None) is not None else ("q_layernorm", "k_layernorm")
+        )
+        q_norm = getattr(attn, norm_names[0], None)
+        qk_norm = "none"
+        if q_norm is not None:
+            weight = getattr(q_norm, "weight", None)
+            full = isinstance(weight, torch.Tensor) and weight.numel() == num_heads * head_dim and num_heads > 1
+            qk_norm = "full" if full else "head"
+        return cls(
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            scaling=attn.scaling,
+            fused_qkv=getattr(attn, "q_proj", None) is None and getattr(attn, "qkv_proj", None) is not None,
+            qk_norm=qk_norm,
+            qk_norm_names=norm_names,
+            softcap=getattr(attn, "attn_logit_softcapping", None),
+            sliding_window=sliding_window_of(attn),
+            rotary_dim=-1 if getattr(attn, "use_rope", True) else 0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["qk_norm_names"] = list(self.qk_norm_names)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttentionLayout:
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        if "qk_norm_names" in data:
+            data["qk_norm_names"] = tuple(data["qk_norm_names"])
+        return cls(**data)
 
 
 def permutation_matrix(permutation: list[int]) -> torch.Tensor:
@@ -55,26 +123,51 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def lowrank_frequency_index(head_dim: int, rank: int, rotary_frequencies: str) -> tuple[int, ...]:
-    """Indices of the ``rank/2`` rotary frequencies (out of ``head_dim/2``) the rank-``r`` query/key use.
+def lowrank_frequency_index(rotary_width: int, rank: int, rotary_frequencies: str) -> tuple[int, ...]:
+    """Indices of the rotary frequencies (out of ``rotary_width/2``) the rank-``r`` query/key use: ``min(r, w)/2``.
 
     ``"first"`` takes the first (highest) frequencies; ``"strided"`` spreads them over the whole spectrum so that
-    slow, long-range frequencies are represented too (``docs/method.md``, step 3).
+    slow, long-range frequencies are represented too (``docs/method.md``, step 3). A layer without rotary
+    (``rotary_width == 0``) gets none; with partial rotary (``rank > w``) the last ``r - w`` rank dims do not rotate,
+    as the last ``d_h - w`` dims of the layer's own query/key.
     """
-    half_rank, half_dim = rank // 2, head_dim // 2
+    half_rank, half_dim = min(rank, rotary_width) // 2, rotary_width // 2
     if rotary_frequencies == "first":
         return tuple(range(half_rank))
     return tuple(round(i * (half_dim - 1) / max(half_rank - 1, 1)) for i in range(half_rank))
 
 
+def lowrank_rotary_columns(layout: AttentionLayout, rank: int, rotary_frequencies: str) -> tuple[int, ...]:
+    """The columns of the layer's own rotary ``cos``/``sin`` that hold the frequencies the rank-r query/key use."""
+    if not layout.uses_rotary:
+        return ()
+    index = lowrank_frequency_index(layout.rotary_width, rank, rotary_frequencies)
+    return tuple(2 * i for i in index) if layout.rotary_interleaved else index
+
+
 def lowrank_rotary(
-    position_embeddings: tuple[torch.Tensor, torch.Tensor], frequency_index: tuple[int, ...]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor], columns: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the rotary ``cos``/``sin`` (B x T x d_h, laid out ``[f, f]``) of the chosen frequencies: B x T x r."""
+    """The rotary ``cos``/``sin`` (B x T x w) of the chosen columns, laid out ``[f, f]``: B x T x 2 len(columns)."""
     cos, sin = position_embeddings
-    index = torch.tensor(frequency_index, device=cos.device)
+    index = torch.tensor(columns, device=cos.device, dtype=torch.long)
     cos_half, sin_half = cos[..., index], sin[..., index]
     return torch.cat((cos_half, cos_half), dim=-1), torch.cat((sin_half, sin_half), dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` on the first ``cos.shape[-1]`` dims of ``x``; the others pass unchanged."""
+    width = cos.shape[-1]
+    if width == x.shape[-1]:
+        return apply_rotary(x, cos, sin)
+    return torch.cat((apply_rotary(x[..., :width], cos, sin), x[..., width:]), dim=-1)
+
+
+def softcap_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """Attention-logit softcapping ``softcap * tanh(s / softcap)`` as the eager kernels apply it (Gemma 2)."""
+    if softcap is None:
+        return logits
+    return torch.tanh(logits / softcap) * softcap
 
 
 def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -133,21 +226,101 @@ def attend_from_logits(
     return grouped_attend(probs, value)
 
 
+def family_rotary(attn: nn.Module) -> Callable:
+    """The rotary function the layer's own modeling file applies (``apply_rotary_pos_emb(q, k, cos, sin)``): rotate
+    half (Llama...), interleaved pairs (Cohere, GLM). Falls back to the rotate-half convention."""
+    function = getattr(attn, "lisa_apply_rotary", None)
+    if function is None:
+        function = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    return function or _rotate_half_pair
+
+
+def _rotate_half_pair(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+
 def project_full_qkv(
-    attn: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
+    layout: Optional[AttentionLayout] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The full layer's rotary query/key and value, exactly as the base attention computes them.
 
-    Returns query B x H x T x d_h, key and value B x H_kv x T x d_h. Handles the per-head q_norm/k_norm of Qwen3.
+    Returns query B x H x T x d_h, key and value B x H_kv x T x d_h. Follows the layer's :class:`AttentionLayout`:
+    fused or separate projections, per-head or full-width q/k norms, full, partial or no rotary (with the rotary
+    function of the layer's own modeling file).
     """
-    hidden_shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
-    query = attn.q_proj(hidden_states).view(hidden_shape)
-    key = attn.k_proj(hidden_states).view(hidden_shape)
-    if getattr(attn, "q_norm", None) is not None:
-        query, key = attn.q_norm(query), attn.k_norm(key)
-    value = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    layout = layout or AttentionLayout.from_attention(attn)
+    batch, q_len = hidden_states.shape[:2]
+    head_dim = layout.head_dim
+    if layout.fused_qkv:
+        qkv = attn.qkv_proj(hidden_states)
+        q_size, kv_size = layout.num_heads * head_dim, layout.num_kv_heads * head_dim
+        query, key, value = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+    else:
+        query, key, value = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+    q_norm_name, k_norm_name = layout.qk_norm_names
+    if layout.qk_norm == "full":  # OLMo 2: over the whole q/k width, before the head reshape
+        query, key = getattr(attn, q_norm_name)(query), getattr(attn, k_norm_name)(key)
+    query = query.reshape(batch, q_len, -1, head_dim).transpose(1, 2)
+    key = key.reshape(batch, q_len, -1, head_dim).transpose(1, 2)
+    value = value.reshape(batch, q_len, -1, head_dim).transpose(1, 2)
+    if layout.qk_norm == "head":  # Qwen3, Gemma 3, StableLM: over each head
+        query, key = getattr(attn, q_norm_name)(query), getattr(attn, k_norm_name)(key)
+    if layout.uses_rotary and position_embeddings is not None:
+        query, key = rotate_query_key(attn, query, key, position_embeddings, head_dim)
+    return query, key, value
+
+
+def layer_logits(
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A full layer's pre-softmax, pre-mask logits ``softcap(scale Q K^T)``, as its own kernel computes them, float32:
+    B x H x T_q x T_k (or only the query positions ``rows``). For analysis and attention distillation."""
+    layout = AttentionLayout.from_attention(attn)
+    query, key, _ = project_full_qkv(attn, hidden_states, position_embeddings, layout)
+    if rows is not None:
+        query = query[:, :, rows]
+    return softcap_logits(grouped_scores(query, key, layout.scaling), layout.softcap)
+
+
+def rotate_query_key(
+    attn: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's own rotary on the first ``cos.shape[-1]`` dims of each head (all of them for full rotary)."""
     cos, sin = position_embeddings
-    return apply_rotary(query.transpose(1, 2), cos, sin), apply_rotary(key.transpose(1, 2), cos, sin), value
+    rotate = family_rotary(attn)
+    width = cos.shape[-1]
+    if width >= head_dim:
+        return rotate(query, key, cos, sin)
+    query_rot, key_rot = rotate(query[..., :width], key[..., :width], cos, sin)
+    return torch.cat((query_rot, query[..., width:]), dim=-1), torch.cat((key_rot, key[..., width:]), dim=-1)
+
+
+def value_projection(attn: nn.Module, layout: AttentionLayout) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x W_v`` of the layer: its ``v_proj``, or the value rows of a fused ``qkv_proj`` (Phi-3)."""
+    if not layout.fused_qkv:
+        return attn.v_proj
+    qkv_proj = attn.qkv_proj
+    start = (layout.num_heads + layout.num_kv_heads) * layout.head_dim
+    if type(qkv_proj) is nn.Linear:
+        bias = qkv_proj.bias
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, qkv_proj.weight[start:], None if bias is None else bias[start:])
+
+        return project
+    return lambda x: qkv_proj(x)[..., start:]  # a quantized projection: compute all rows, keep the values
 
 
 def update_cache(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict) -> tuple:
@@ -158,8 +331,8 @@ def update_cache(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: 
 
 
 def sliding_window_of(attn: nn.Module) -> Optional[int]:
-    """The sliding window the base attention passes its kernel: a per-layer attribute (Qwen2) or the config's
-    (Mistral)."""
+    """The sliding window the base attention passes its kernel: a per-layer attribute (Qwen2, Gemma...) or the
+    config's (Mistral, Mixtral, Phi-3)."""
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
     return getattr(attn.config, "sliding_window", None)

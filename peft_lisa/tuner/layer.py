@@ -11,7 +11,7 @@ from torch import nn
 from .attention import LiSASubstitute, source_attention
 from .carrier import LogitsCarrier
 from .config import LiSAConfig
-from .functional import AttentionLayout
+from .functional import AttentionLayout, value_projection
 
 ROLE_SHARED = "shared"  # the layer's attention is replaced by LiSA
 ROLE_SOURCE = "source"  # a full layer whose logits feed the next (shared) layer
@@ -46,7 +46,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
         if role == ROLE_SHARED:
             substitute = LiSASubstitute(
                 self.layout,
-                self.base_layer.v_proj.in_features,
+                self.base_layer.o_proj.out_features,
                 layer_idx=self.layer_idx,
                 rank=config.rank,
                 align_hidden=config.resolved_align_hidden(self.layout.num_heads),
@@ -62,9 +62,9 @@ class LiSALayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        # The base attention has no ``weight``; follow its value projection (a quantized layer keeps a float dtype
+        # The base attention has no ``weight``; follow its output projection (a quantized layer keeps a float dtype
         # for its compute, so the adapter stays float32 and is cast by peft's autocast rules).
-        reference = next(self.base_layer.v_proj.parameters())
+        reference = next(self.base_layer.o_proj.parameters())
         if adapter_name in self.lisa_substitute:
             self.lisa_substitute[adapter_name].to(device or reference.device)
 
@@ -105,11 +105,11 @@ class LiSALayer(nn.Module, BaseTunerLayer):
             hidden_states,
             position_embeddings,
             attention_mask,
-            base.v_proj,
+            value_projection(base, self.layout),
             base.o_proj,
             cache=cache,
             cache_kwargs=kwargs,
-            dropout=base.attention_dropout if self.training else 0.0,
+            dropout=getattr(base, "attention_dropout", 0.0) if self.training else 0.0,
         )
         return output, None
 

@@ -16,77 +16,92 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedConfig,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from .architectures import base_model_type, decoder_layers
 from .artifacts import atomic_directory, model_card
-from .attention import LiSASubstitute, source_attention
+from .attention import LiSASubstitute, family_eager_attention, source_attention
 from .carrier import LogitsCarrier
 from .config import LISA_FORMAT_VERSION, LiSAConfig
-from .functional import AttentionLayout, sliding_window_of
+from .functional import AttentionLayout, family_rotary
 from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer
-
-_BASE_CLASSES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-}
 
 
 class LiSASourceAttention(nn.Module):
     """A full attention layer (the model's own attention kernel) that also hands its rotary query and key to the
     shared layer after it, which computes this layer's logits from them."""
 
-    def __init__(self, attn: nn.Module, carrier: LogitsCarrier) -> None:
+    def __init__(self, attn: nn.Module, carrier: LogitsCarrier, layout: Optional[AttentionLayout] = None) -> None:
         super().__init__()
+        layout = layout or AttentionLayout.from_attention(attn)
         self.config = attn.config
         self.layer_idx: int = attn.layer_idx
         # What transformers' attention kernels read from the module.
-        self.num_key_value_groups: int = attn.num_key_value_groups
+        self.num_key_value_groups: int = layout.num_kv_groups
         self.is_causal: bool = getattr(attn, "is_causal", True)
-        self.sliding_window: Optional[int] = sliding_window_of(attn)
-        self.head_dim: int = attn.head_dim
-        self.scaling: float = attn.scaling
-        self.attention_dropout: float = attn.attention_dropout
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        if getattr(attn, "q_norm", None) is not None:
-            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.sliding_window: Optional[int] = layout.sliding_window
+        self.head_dim: int = layout.head_dim
+        self.scaling: float = layout.scaling
+        self.attention_dropout: float = getattr(attn, "attention_dropout", 0.0)
+        for name in ("q_proj", "k_proj", "v_proj", "qkv_proj", *layout.qk_norm_names, "o_proj"):
+            part = getattr(attn, name, None)
+            if isinstance(part, nn.Module):
+                setattr(self, name, part)
+        # The layer's own layout, rotary function and eager kernel, read where the attention class was defined.
+        self.lisa_layout = layout
+        self.lisa_apply_rotary = family_rotary(attn)
+        self.lisa_eager_attention = family_eager_attention(attn)
         self.carrier = carrier
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         attention_mask: Optional[torch.Tensor] = None,
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
         return source_attention(self, self.carrier, hidden_states, position_embeddings, attention_mask, cache, kwargs)
+
+
+def _value_linear(attn: nn.Module, layout: AttentionLayout) -> nn.Module:
+    """The layer's value projection as a module of its own: ``v_proj``, or the value rows of a fused ``qkv_proj``
+    copied out, so that the merged layer keeps no query/key rows."""
+    if not layout.fused_qkv:
+        return attn.v_proj
+    qkv_proj = attn.qkv_proj
+    start = (layout.num_heads + layout.num_kv_heads) * layout.head_dim
+    weight = qkv_proj.weight
+    v_proj = nn.Linear(
+        weight.shape[1],
+        weight.shape[0] - start,
+        bias=qkv_proj.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        v_proj.weight.copy_(weight[start:])
+        if qkv_proj.bias is not None:
+            v_proj.bias.copy_(qkv_proj.bias[start:])
+    return v_proj
 
 
 class LiSASharedAttention(LiSASubstitute):
     """A merged LiSA layer: ``softmax(align(S_{l-1}) + scale_r Q_r K_r^T + M) V W_o``, no ``q_proj``/``k_proj``.
 
-    The :class:`LiSASubstitute` of the adapter, plus the layer's own frozen ``v_proj``/``o_proj``.
+    The :class:`LiSASubstitute` of the adapter, plus the layer's own frozen ``v_proj``/``o_proj`` (a fused ``qkv_proj``
+    keeps only its value rows, as ``v_proj``).
     """
 
-    def __init__(self, attn: nn.Module, spec: dict[str, Any], carrier: LogitsCarrier) -> None:
+    def __init__(
+        self, attn: nn.Module, spec: dict[str, Any], carrier: LogitsCarrier, layout: Optional[AttentionLayout] = None
+    ) -> None:
+        layout = layout or AttentionLayout.from_attention(attn)
         super().__init__(
-            AttentionLayout.from_attention(attn),
-            attn.v_proj.in_features,
+            layout,
+            attn.o_proj.out_features,
             layer_idx=attn.layer_idx,
             rank=spec["rank"],
             align_hidden=spec["align_hidden"],
@@ -95,17 +110,19 @@ class LiSASharedAttention(LiSASubstitute):
             hands_on=attn.layer_idx + 1 in spec["share_layers"],
             carrier=carrier,
         )
-        self.attention_dropout: float = attn.attention_dropout
-        self.v_proj, self.o_proj = attn.v_proj, attn.o_proj
+        self.attention_dropout: float = getattr(attn, "attention_dropout", 0.0)
+        self.v_proj, self.o_proj = _value_linear(attn, layout), attn.o_proj
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         attention_mask: Optional[torch.Tensor] = None,
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
         output = self.attend(
             hidden_states,
             position_embeddings,
@@ -119,9 +136,10 @@ class LiSASharedAttention(LiSASubstitute):
         return output, None
 
 
-def lisa_spec(config: LiSAConfig, num_heads: int) -> dict[str, Any]:
-    """The ``lisa`` entry of a merged model's config.json: all it takes to rebuild the merged layers."""
-    return {
+def lisa_spec(config: LiSAConfig, num_heads: int, layouts: Optional[dict[int, AttentionLayout]] = None) -> dict:
+    """The ``lisa`` entry of a merged model's config.json: all it takes to rebuild the merged layers, including the
+    attention layout of every LiSA layer as read off the base model (rotary width and layout, scaling, softcap)."""
+    spec = {
         "format_version": LISA_FORMAT_VERSION,
         "share_layers": list(config.share_layers),
         "source_layers": list(config.source_layers),
@@ -131,6 +149,15 @@ def lisa_spec(config: LiSAConfig, num_heads: int) -> dict[str, Any]:
         "rotary_frequencies": config.rotary_frequencies,
         "base_model": config.base_model_name_or_path,
     }
+    if layouts:
+        spec["attention_layouts"] = {str(idx): layout.to_dict() for idx, layout in sorted(layouts.items())}
+    return spec
+
+
+def _saved_layout(spec: dict[str, Any], layer_idx: int) -> Optional[AttentionLayout]:
+    """The layout saved for a layer (files of format <= 2 saved none: their models are read off the base)."""
+    saved = (spec.get("attention_layouts") or {}).get(str(layer_idx))
+    return AttentionLayout.from_dict(saved) if saved else None
 
 
 def _clear_logits_carrier(model: nn.Module, args: Any) -> None:
@@ -148,9 +175,11 @@ def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
     carrier = LogitsCarrier()
     layers = decoder_layers(model)
     for layer_idx in spec["source_layers"]:
-        layers[layer_idx].self_attn = LiSASourceAttention(layers[layer_idx].self_attn, carrier)
+        attn = layers[layer_idx].self_attn
+        layers[layer_idx].self_attn = LiSASourceAttention(attn, carrier, _saved_layout(spec, layer_idx))
     for layer_idx in spec["share_layers"]:
-        layers[layer_idx].self_attn = LiSASharedAttention(layers[layer_idx].self_attn, spec, carrier)
+        attn = layers[layer_idx].self_attn
+        layers[layer_idx].self_attn = LiSASharedAttention(attn, spec, carrier, _saved_layout(spec, layer_idx))
     model.lisa_logits_carrier = carrier
     model.register_forward_pre_hook(_clear_logits_carrier)
 
@@ -178,40 +207,108 @@ class LiSAMergedMixin:
             (scratch / "README.md").write_text(card)
 
 
-def _merged_classes(model_type: str) -> tuple[type, type]:
-    base_config_cls, base_model_cls = _BASE_CLASSES[model_type]
-    config_cls = type(f"LiSA{base_config_cls.__name__}", (base_config_cls,), {"model_type": f"lisa_{model_type}"})
+MERGED_CLASSES: dict[str, tuple[type, type]] = {}  # model_type -> merged (config, model) classes, built on demand
+
+
+def merged_classes(model_type: str) -> tuple[type, type]:
+    """The merged ``lisa_<model_type>`` config and causal-LM classes of a base model type, built from transformers'
+    auto mappings (subclasses of the base config and ``*ForCausalLM``) on first use and registered with
+    ``AutoConfig``/``AutoModelForCausalLM``."""
+    if model_type in MERGED_CLASSES:
+        return MERGED_CLASSES[model_type]
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        base_config_cls = CONFIG_MAPPING[model_type]
+        base_model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[base_config_cls]
+    except KeyError as error:
+        raise ValueError(
+            f"merge_and_unload() builds a compact causal LM of the base model's type, but transformers has no causal "
+            f"LM for model type {model_type!r}."
+        ) from error
+    config_cls = type(
+        f"LiSA{base_config_cls.__name__}",
+        (base_config_cls,),
+        {"model_type": f"lisa_{model_type}", "__module__": __name__},
+    )
     model_cls = type(
         f"LiSA{base_model_cls.__name__}",
         (LiSAMergedMixin, base_model_cls),
         {"config_class": config_cls, "__module__": __name__},
     )
+    MERGED_CLASSES[model_type] = (config_cls, model_cls)
+    _share_weight_conversions(model_type)
+    globals().update({config_cls.__name__: config_cls, model_cls.__name__: model_cls})  # importable by name
+    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     return config_cls, model_cls
 
 
-MERGED_CLASSES: dict[str, tuple[type, type]] = {
-    model_type: _merged_classes(model_type) for model_type in _BASE_CLASSES
-}
-globals().update({cls.__name__: cls for pair in MERGED_CLASSES.values() for cls in pair})  # importable by name
+def _share_weight_conversions(model_type: str) -> None:
+    """Give ``lisa_<model_type>`` the checkpoint conversions transformers applies to ``model_type`` (e.g. the fused
+    expert weights of mixture-of-experts models): transformers looks them up by model type, so without this a merged
+    MoE model would save per-expert weights and reload without them."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    conversions = get_checkpoint_conversion_mapping(model_type)
+    if conversions is not None:
+        register_checkpoint_conversion_mapping(f"lisa_{model_type}", conversions, overwrite=True)
+
+
+class _DeferredMergedConfig:
+    """Registered with ``AutoConfig`` for every ``lisa_<model_type>`` at import, without importing the model's code
+    (a plain class: building ~200 config subclasses would cost most of a second). Reading or making a config of that
+    type builds the real merged classes (:func:`merged_classes`) and returns the real config."""
+
+    model_type: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real()(*args, **kwargs)
+
+    @classmethod
+    def _real(cls) -> type:
+        return merged_classes(cls.model_type.removeprefix("lisa_"))[0]
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        return cls._real().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._real().from_pretrained(*args, **kwargs)
 
 
 def register_merged_models() -> None:
-    """Register the merged model types with transformers' Auto classes (idempotent)."""
-    for config_cls, model_cls in MERGED_CLASSES.values():
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    """Register ``lisa_<model_type>`` with ``AutoConfig`` for every causal-LM type transformers knows (idempotent,
+    cheap: the classes are built when a merged config is first read)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if model_type in MERGED_CLASSES or model_type.startswith("lisa_"):
+            continue
+        deferred = type(f"_DeferredLiSA_{model_type}", (_DeferredMergedConfig,), {"model_type": f"lisa_{model_type}"})
+        AutoConfig.register(deferred.model_type, deferred, exist_ok=True)
 
 
 def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) -> nn.Module:
     """Turn a model carrying LiSA wrappers into the compact merged model of ``adapter_name`` (in place)."""
     model_type = base_model_type(model)
-    if model_type not in MERGED_CLASSES or not isinstance(model, _BASE_CLASSES[model_type][1]):
+    config_cls, model_cls = merged_classes(model_type)
+    base_model_cls = model_cls.__mro__[2]
+    if not isinstance(model, base_model_cls):
         raise ValueError(
-            f"merge_and_unload() builds a compact causal LM; it supports "
-            f"{', '.join(cls.__name__ for _, cls in _BASE_CLASSES.values())}, not {type(model).__name__}."
+            f"merge_and_unload() builds a compact causal LM ({model_cls.__name__}); it needs the model to be a "
+            f"{base_model_cls.__name__}, not {type(model).__name__}."
         )
     layers = decoder_layers(model)
-    spec = lisa_spec(config, model.config.num_attention_heads)
+    layouts = {
+        idx: layer.self_attn.layout for idx, layer in enumerate(layers) if isinstance(layer.self_attn, LiSALayer)
+    }
+    spec = lisa_spec(config, model.config.num_attention_heads, layouts)
     carrier = LogitsCarrier()
     for layer in layers:
         wrapper = layer.self_attn
@@ -220,7 +317,7 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
         base, role = wrapper.base_layer, wrapper.lisa_role.get(adapter_name)
         if role == ROLE_SHARED:
             trained = wrapper.lisa_substitute[adapter_name]
-            merged_attn = LiSASharedAttention(base, spec, carrier)
+            merged_attn = LiSASharedAttention(base, spec, carrier, wrapper.layout)
             merged_attn.align, merged_attn.q_lowrank, merged_attn.k_lowrank = (
                 trained.align,
                 trained.q_lowrank,
@@ -228,17 +325,16 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
             )
             layer.self_attn = merged_attn
         elif role == ROLE_SOURCE:
-            layer.self_attn = LiSASourceAttention(base, carrier)
+            layer.self_attn = LiSASourceAttention(base, carrier, wrapper.layout)
         else:
             layer.self_attn = base
     # The LiSA modules trained in float32 take the base model's dtype, so that a bf16 model caches bf16 rank-r keys.
-    base_dtype = next(iter(layers[0].self_attn.v_proj.parameters())).dtype
+    base_dtype = next(iter(layers[0].self_attn.o_proj.parameters())).dtype
     if base_dtype.is_floating_point:
         for module in model.modules():
             if isinstance(module, LiSASharedAttention):
                 for part in (module.align, module.q_lowrank, module.k_lowrank):
                     part.to(base_dtype)
-    config_cls, model_cls = MERGED_CLASSES[model_type]
     merged_config = config_cls.from_dict({**_without_model_type(model.config.to_dict()), "lisa": spec})
     merged_config._attn_implementation = model.config._attn_implementation
     # Every module that read the old config (attention layers, rotary embedding...) reads the merged one, so that
@@ -279,6 +375,7 @@ __all__ = [
     "LiSASourceAttention",
     "MERGED_CLASSES",
     "merge_lisa_adapter",
+    "merged_classes",
     "merged_layers",
     "register_merged_models",
 ]

@@ -15,7 +15,7 @@ from .architectures import (
     base_layout,
     check_model_supported,
     decoder_layers,
-    layer_attention_type,
+    sharing_refusal,
 )
 from .carrier import LogitsCarrier
 from .config import LISA_FORMAT_VERSION, LiSAConfig, validate_share_layers
@@ -38,6 +38,8 @@ class LiSAModel(BaseTuner):
 
     prefix: str = "lisa_"
     tuner_layer_cls = LiSALayer
+    # Every supported decoder wraps ``self_attn`` (support is decided by structure, see architectures.py); the
+    # tested families are listed for peft's lookups.
     target_module_mapping = {model_type: ["self_attn"] for model_type in SUPPORTED_ATTENTION}
     # The logits carrier is shared by all wrapped layers of the model.
     uses_shared_state = True
@@ -178,12 +180,9 @@ def validate_config_for_model(config: LiSAConfig, model: nn.Module) -> None:
     for layer_idx in config.share_layers:
         attn_layout = AttentionLayout.from_attention(attention_of(layers[layer_idx]))
         check_rank_fits(attn_layout, config.rank, layer_idx)
-        if layer_attention_type(model, layer_idx) != layer_attention_type(model, layer_idx - 1):
-            raise ValueError(
-                f"Layer {layer_idx} uses {layer_attention_type(model, layer_idx)} but layer {layer_idx - 1} uses "
-                f"{layer_attention_type(model, layer_idx - 1)}; LiSA shares only between layers that attend to the "
-                f"same keys. Remove {layer_idx} from share_layers."
-            )
+        refusal = sharing_refusal(model, layer_idx)
+        if refusal is not None:
+            raise ValueError(f"LiSA cannot share layer {layer_idx}: {refusal}. Remove {layer_idx} from share_layers.")
     for layer_idx, perm in (config.align_init_permutations or {}).items():
         if len(perm) != layout["num_attention_heads"]:
             raise ValueError(
