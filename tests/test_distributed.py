@@ -9,6 +9,7 @@ an FSDP2 run resumed from its step-2 checkpoint must end where the uninterrupted
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,3 +105,39 @@ def test_fsdp2_two_processes_match_one_process_save_and_resume(model_dir, single
     assert resumed["steps_this_run"] == 1 and resumed["step"] == STEPS
     assert _max_difference(resumed["params"], single["params"]) < ATOL
     assert _max_difference(_saved(out), single["params"]) < ATOL
+
+
+def test_peft_lisa_train_under_ddp_saves_once_and_matches_one_process(tmp_path):
+    """``accelerate launch -m peft_lisa.cli train`` with DDP: the main process saves the adapter and results.json,
+    which equal a one-process ``peft-lisa train`` on the same global batches (batch 1 x 2 processes vs 2 x 1)."""
+    import random
+
+    from safetensors.torch import load_file as load
+
+    model_dir = tmp_path / "tiny"
+    tiny_model(intermediate_size=128).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(20)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) for _ in range(60)]
+    (tmp_path / "docs.txt").write_text("\n\n".join(docs))
+    common = ["train", "--model", str(model_dir), "--data", str(tmp_path / "docs.txt"), "--share-layers", "2,3"]
+    common += ["--rank", "4", "--max-steps", "2", "--seq-len", "32", "--logging-steps", "1", "--no-eval"]
+    common += ["--lr", "1e-2", "--threads", "1", "--no-progress"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp_cpu.yaml")]
+    _run(
+        accelerate + ["-m", "peft_lisa.cli", *common, "--batch-size", "1", "--output-dir", str(tmp_path / "ddp")],
+        _env(),
+    )
+    _run(
+        [sys.executable, "-m", "peft_lisa.cli", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "one")],
+        _env(),
+    )
+    ddp, one = (load(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("ddp", "one"))
+    assert set(ddp) == set(one) and len(ddp) == 6
+    assert max((ddp[name] - one[name]).abs().max().item() for name in ddp) < ATOL
+    results, single = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("ddp", "one"))
+    assert results["training"]["global_step"] == 2
+    assert results["training"]["train_loss"] == pytest.approx(single["training"]["train_loss"], abs=ATOL)
+    # The adapter moved (a step with a non-zero learning rate and gradient), so matching is not trivial.
+    assert any(e.get("learning_rate", 0) > 0 and e.get("grad_norm", 0) > 0 for e in results["training"]["log_history"])
