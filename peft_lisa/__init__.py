@@ -6,6 +6,7 @@ adapter or merged model.
 """
 
 from .analysis import AttentionAnalysis, analyze, choose_share_layers
+from .qlora import merge_dequantized
 from .tuner import (
     LISA_PEFT_TYPE,
     SUPPORTED_ATTENTION,
@@ -42,5 +43,6 @@ __all__ = [
     "LiSASourceAttention",
     "UnsupportedModelError",
     "merged_layers",
+    "merge_dequantized",
     "qk_compression_report",
 ]

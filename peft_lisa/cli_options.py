@@ -306,6 +306,13 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--output-dir", "--output", default="lisa-run", help="default: lisa-run")
 
 
+def _comma_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated names")
+    return names
+
+
 def add_eval_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """``peft-lisa eval``: its parser, added to ``commands``."""
     evaluate = subcommand(commands, "eval", [common, data_parent("test")], EVAL_TEXTS)
@@ -321,6 +328,16 @@ def add_eval_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     switch(group, "--no-perplexity", None, "skip the perplexity")
     add_eval_options(group)
     add_generation_options(evaluate.add_argument_group("generation"), default_tokens=40)
+    harness_title = "lm-evaluation-harness (needs the eval extra: pip install 'peft-lisa[eval]')"
+    harness = evaluate.add_argument_group(harness_title)
+    tasks_help = "comma-separated lm-eval tasks, e.g. hellaswag,arc_easy (hub data) or local ones from --task-dir"
+    harness.add_argument("--tasks", type=_comma_list, default=None, metavar="NAME[,NAME]", help=tasks_help)
+    harness.add_argument("--task-dir", default=None, metavar="DIR", help="a folder of local lm-eval task YAMLs")
+    harness.add_argument("--task-batch-size", type=int, default=1, metavar="N", help="lm-eval batch size (default: 1)")
+    limit_help = "documents per task (an integer), or a fraction < 1 (default: all)"
+    harness.add_argument("--task-limit", type=float, default=None, metavar="N", help=limit_help)
+    fewshot_help = "few-shot examples (default: the task's)"
+    harness.add_argument("--num-fewshot", type=int, default=None, metavar="K", help=fewshot_help)
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
 
 

@@ -33,6 +33,9 @@ class EvalJob(JobOptions, HeldOutPerplexityOptions):
             ``--stride``, ... on the command line) on the ``split`` part of ``data``.
         prompts, max_new_tokens: greedy generations (prompts None: the built-in ones; 0 tokens: none).
         json: also write the results to this JSON file.
+        tasks: lm-evaluation-harness tasks to run on the model (``--tasks hellaswag,arc_easy``; needs the ``eval``
+            extra), with ``task_dir`` (a folder of local task YAMLs), ``task_batch_size``, ``task_limit``
+            (documents per task) and ``num_fewshot``; see :func:`peft_lisa.lm_eval_harness.evaluate_tasks`.
     """
 
     adapter: Optional[str] = None
@@ -44,6 +47,11 @@ class EvalJob(JobOptions, HeldOutPerplexityOptions):
     prompts: Optional[list[str]] = None
     max_new_tokens: int = 40
     json: Optional[str | os.PathLike] = None
+    tasks: Optional[list[str]] = None
+    task_dir: Optional[str | os.PathLike] = None
+    task_batch_size: int = 1
+    task_limit: Optional[float] = None
+    num_fewshot: Optional[int] = None
 
     perplexity_option_prefix: ClassVar[str] = "--"
 
@@ -69,6 +77,11 @@ class EvalResult:
         if "base_perplexity" in results:
             text = perplexity_text(results["base_perplexity"], results["data"], results["split"])
             lines.append(f"base model perplexity: {text}")
+        if "lm_eval" in results:
+            from ..lm_eval_harness import task_table
+
+            lines.append("lm-evaluation-harness:")
+            lines.append(task_table({results["kind"]: {"results": results["lm_eval"]}}))
         for index, prompt in enumerate(self.prompts):
             lines.append(f"\n>>> {prompt}")
             for key, samples in self.generations.items():
@@ -129,6 +142,10 @@ def evaluate(job: EvalJob) -> EvalResult:
     if job.merged:
         merged, merged_config = checks.check_merged_dir(job.merged)
     prompts = checks.load_prompts(job.prompts) if job.max_new_tokens else []
+    if job.task_dir is not None and not Path(job.task_dir).is_dir():
+        raise JobInputError(f"--task-dir {job.task_dir}: not a directory (a folder of lm-eval task YAMLs)")
+    if job.task_dir is not None and not job.tasks:
+        raise JobInputError("--task-dir needs --tasks (the task names to run)")
 
     base_name = job.model
     if merged is not None:
@@ -165,6 +182,22 @@ def evaluate(job: EvalJob) -> EvalResult:
                 results["base_perplexity"] = measure_perplexity(
                     model, tokenizer, texts, settings, progress=job.progress, label="base model"
                 )
+    if job.tasks:
+        from ..lm_eval_harness import evaluate_tasks
+
+        limit = job.task_limit
+        if limit is not None and float(limit).is_integer() and limit >= 1:
+            limit = int(limit)
+        harness = evaluate_tasks(
+            model,
+            tokenizer,
+            job.tasks,
+            task_dir=job.task_dir,
+            batch_size=job.task_batch_size,
+            limit=limit,
+            num_fewshot=job.num_fewshot,
+        )
+        results["lm_eval"] = harness.get("results", {})
     generations: dict[str, list[str]] = {}
     if prompts:
         generations[kind] = sample_generations(model, tokenizer, prompts, job.max_new_tokens, kind)

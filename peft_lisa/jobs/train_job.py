@@ -144,10 +144,12 @@ class TrainResult:
     @property
     def metrics(self) -> dict[str, Any]:
         """The measured perplexities (also in the adapter's ``lisa_metrics.json``)."""
-        return self.results["metrics"]
+        return self.results.get("metrics", {})
 
     def summary(self) -> str:
         """The report ``peft-lisa train`` prints: layers, compression, training, perplexities, generations."""
+        if "training" not in self.results:  # a non-main process of a multi-process run
+            return f"process {self.results.get('rank')}: trained; the main process measures, saves and reports"
         results, training = self.results, self.results["training"]
         lines = [
             f"shared layers: {results['share_layers']}; rank {results['rank']}",
@@ -217,6 +219,12 @@ def train(job: TrainJob) -> TrainResult:
     non-finite perplexity. Needs the ``train`` extras (TRL, datasets).
     """
     settings = _check(job)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise JobInputError(
+            "peft-lisa train does not run under FSDP yet (its evaluation and saving read the whole model on one "
+            "process): launch it with DDP, or train with LiSATrainer under FSDP2 and save with trainer.save_model "
+            "(README, 'Scaling out')"
+        )
     device = resolve_device(job.device)
     out = Path(job.output_dir)
     checkpoint = find_checkpoint(job.resume, out) if job.resume else None
@@ -306,6 +314,10 @@ def train(job: TrainJob) -> TrainResult:
     tokens_seen = int(getattr(trainer, "_total_train_tokens", 0) or 0)
     tokens_seen = tokens_seen or trainer.state.global_step * job.batch_size * job.seq_len
     logger.info(f"trained to step {trainer.state.global_step} in {train_minutes:.1f} min")
+    if not trainer.accelerator.is_main_process:
+        # Under accelerate launch (DDP) every process holds the same trained adapter: the main process measures and
+        # saves it; the others stop here (saving from every rank would race on one directory).
+        return TrainResult({"rank": trainer.accelerator.process_index}, out / "adapter", out / TRAIN_RESULTS_FILE)
 
     measure("perplexity", peft_model)
     if prompts:

@@ -157,9 +157,23 @@ class LiSAModel(BaseTuner):
             raise ValueError(
                 f"merge_and_unload() merges exactly one LiSA adapter; got {names}. Pass adapter_names=[name]."
             )
+        refuse_quantized_merge(self.model)
         merged = merge_lisa_adapter(self.model, self.peft_config[names[0]], names[0])
         self._remove_forward_pre_hook()
         return merged
+
+
+def refuse_quantized_merge(model: nn.Module) -> None:
+    """``merge_and_unload()`` on a 4-/8-bit base would give a model whose saved checkpoint does not reload (reloading
+    quantizes the LiSA low-rank layers too): refuse, naming the two ways that work."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False):
+        return
+    raise ValueError(
+        "merge_and_unload() on a quantized (bitsandbytes) base model is not supported: its saved model would not "
+        "reload. Use peft_lisa.merge_dequantized(peft_model, dtype=torch.bfloat16) (dequantizes the base, then "
+        "merges), or reload the base model in bfloat16/float32 without quantization_config, load the adapter onto it "
+        "with PeftModel.from_pretrained and merge there (what 'peft-lisa merge' does)."
+    )
 
 
 def validate_config_for_model(config: LiSAConfig, model: nn.Module) -> None:
