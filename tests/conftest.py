@@ -17,21 +17,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
 
 
+# The geometry every tiny test model shares: 5 layers, 4 query heads, 2 KV heads, head size 16, 128 tokens.
+TINY_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
 def tiny_config(model_type: str = "llama", **overrides):
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    common.update(overrides)
+    common = {**TINY_COMMON, **overrides}
     if model_type == "llama":
         return LlamaConfig(**common)
     if model_type == "mistral":

@@ -22,23 +22,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from peft_lisa import LiSAConfig, UnsupportedModelError
 from peft_lisa.tuner.merged import LiSASharedAttention
 
-from .conftest import VOCAB, random_ids, randomize_adapter, run_python
+from .conftest import TINY_COMMON, random_ids, randomize_adapter, run_python
 
 PERMUTATION = [1, 2, 3, 0]  # not its own inverse: a transposed P would show
 
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-    tie_word_embeddings=False,
-)
+COMMON = TINY_COMMON
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 
 # family -> (config overrides, share_layers, attention implementation). Sliding windows are shorter than the test
