@@ -118,3 +118,32 @@ def test_calibration_on_a_4bit_base(tmp_path):
 def test_calibrate_rejects_a_model_without_a_lisa_adapter():
     with pytest.raises(ValueError, match="active LiSA adapter"):
         calibrate(tiny_model("llama"), WordTokenizer(), texts(), **FAST)
+
+
+def test_adapter_and_merged_model_saved_with_first_frequencies_load_as_first(tmp_path):
+    # The default rotary_frequencies may change; what was saved explicitly must load unchanged.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peft_lisa.tuner.functional import lowrank_frequency_index
+
+    from .conftest import random_ids, randomize_adapter
+
+    first = lowrank_frequency_index(16, 4, "first")
+    assert first != lowrank_frequency_index(16, 4, "strided")  # head size 16, rank 4: the choice matters
+    peft_model = get_peft_model(
+        tiny_model("llama"), LiSAConfig(share_layers=[2, 3], rank=4, rotary_frequencies="first")
+    )
+    randomize_adapter(peft_model)
+    ids = random_ids()
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert LiSAConfig.from_pretrained(tmp_path / "adapter").rotary_frequencies == "first"
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter").eval()
+    substitute = loaded.base_model.model.model.layers[2].self_attn.lisa_substitute["default"]
+    assert substitute.frequency_index == first
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    loaded.merge_and_unload().save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.lisa["rotary_frequencies"] == "first"
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
