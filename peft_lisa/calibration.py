@@ -119,9 +119,7 @@ class _StopForward(Exception):
     """Raised by the recording hook once the last wrapped layer's input is recorded: the rest is not needed."""
 
 
-def attention_kl_rows(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def attention_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over heads and query rows (with at least one allowed key) of ``KL(softmax(T + M) || softmax(S + M))``.
 
     ``student_logits``/``teacher_logits``: B x H x T_q x T_k pre-softmax, pre-mask; ``mask``: additive, broadcastable.
@@ -277,6 +275,19 @@ def _fit_layer(
         return sum(work.loss(layer, b, *targets(b)).item() * b.size for b in work.batches) / total
 
     kl_before = mean_kl()
+    snapshot = {name: p.detach().clone() for name, p in substitute.named_parameters()}
+
+    def keep_if_better(previous: float, now: float) -> float:
+        """Keep a step's result if it lowered the full-data KL; else (a noisy Adam run, a failed line search) go
+        back to the parameters before it, so that calibration never makes a layer worse."""
+        if math.isfinite(now) and now <= previous:
+            snapshot.update({name: p.detach().clone() for name, p in substitute.named_parameters()})
+            return now
+        logger.warning("calibrate: layer %d: a step raised the KL %.4f -> %.4f; reverted", layer, previous, now)
+        with torch.no_grad():
+            for name, p in substitute.named_parameters():
+                p.copy_(snapshot[name])
+        return previous
 
     permute = substitute.align.permute
     if lbfgs_steps > 0:
@@ -294,7 +305,7 @@ def _fit_layer(
             return torch.tensor(value)
 
         optimizer.step(closure)
-    kl_after_p = mean_kl() if lbfgs_steps > 0 else kl_before
+    kl_after_p = keep_if_better(kl_before, mean_kl()) if lbfgs_steps > 0 else kl_before
 
     if adam_steps > 0:
         params = [p for p in substitute.parameters()]
@@ -311,7 +322,7 @@ def _fit_layer(
             work.loss(layer, batch, *targets(batch)).backward()
             optimizer.step()
             schedule.step()
-    kl_after = mean_kl() if adam_steps > 0 else kl_after_p
+    kl_after = keep_if_better(kl_after_p, mean_kl()) if adam_steps > 0 else kl_after_p
     cached_bytes = sum(t.numel() * t.element_size() for pair in cached.values() for t in pair)
     return kl_before, kl_after_p, kl_after, cached_bytes
 
@@ -338,7 +349,8 @@ def calibrate(
     alone, minimising the mean per-query-row ``KL(base attention || LiSA attention)``. Its source logits are those
     of the previous layer: the base logits if it is full, the reconstructed LiSA logits (already calibrated) if it
     is shared. Step 1 fits ``P`` by L-BFGS (``lbfgs_steps`` iterations), step 2 ``P`` with the low-rank Q/K (and
-    the alignment FFN, if any) by Adam (``adam_steps`` mini-batch steps, cosine-decayed from ``lr``). See
+    the alignment FFN, if any) by Adam (``adam_steps`` mini-batch steps, cosine-decayed from ``lr``); a step that
+    raises the layer's KL on the calibration data is undone. See
     ``docs/method.md``, "Calibration".
 
     Works on 4-bit (bitsandbytes) bases: the base layers only run forward, the adapter stays float32. The adapter's
