@@ -161,7 +161,10 @@ def write_results(args: argparse.Namespace, license_name: str, rows: list[dict])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(table + "\n")
     args.out.with_suffix(".json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2) + "\n"
+        json.dumps(
+            {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}, indent=2
+        )
+        + "\n"
     )
     return table
 
