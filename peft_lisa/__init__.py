@@ -6,6 +6,7 @@ adapter or merged model.
 """
 
 from .analysis import AttentionAnalysis, analyze, choose_share_layers
+from .calibration import CalibrationReport, calibrate
 from .qlora import merge_dequantized
 from .tuner import (
     LISA_PEFT_TYPE,
@@ -30,6 +31,8 @@ __all__ = [
     "AttentionAnalysis",
     "analyze",
     "atomic_directory",
+    "calibrate",
+    "CalibrationReport",
     "choose_share_layers",
     "save_adapter",
     "LISA_PEFT_TYPE",

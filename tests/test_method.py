@@ -59,7 +59,7 @@ def reference_logits(model, ids: torch.Tensor, adapters: dict[int, dict]) -> tor
                 .transpose(1, 2)
                 .repeat_interleave(heads // kv_heads, 1)
             )
-            freq_idx = torch.arange(r // 2)
+            freq_idx = a["freq_idx"]
             qr, kr = (
                 rope(qr, positions, r, head_dim, theta, freq_idx),
                 rope(kr, positions, r, head_dim, theta, freq_idx),
@@ -102,7 +102,19 @@ def adapter_weights(peft_model, layer_idx: int) -> dict:
         "Wq": substitute.q_lowrank.weight,
         "Wk": substitute.k_lowrank.weight,
         "rank": substitute.rank,
+        "freq_idx": documented_frequencies(
+            peft_model.peft_config["default"].rotary_frequencies, substitute.layout.head_dim, substitute.rank
+        ),
     }
+
+
+def documented_frequencies(rotary_frequencies: str, head_dim: int, rank: int) -> torch.Tensor:
+    """The rotary frequencies of the rank-r query/key as LiSAConfig documents them: the first r/2 (``"first"``), or
+    r/2 spread evenly from the first to the last, ``round(i (d_h/2 - 1) / (r/2 - 1))`` (``"strided"``)."""
+    half_rank, half_dim = rank // 2, head_dim // 2
+    if rotary_frequencies == "first":
+        return torch.arange(half_rank)
+    return torch.tensor([round(i * (half_dim - 1) / max(half_rank - 1, 1)) for i in range(half_rank)])
 
 
 def direct_sharing_logits(model, ids: torch.Tensor, share_layers: list[int], perms: dict[int, list[int]]):
@@ -122,6 +134,7 @@ def direct_sharing_logits(model, ids: torch.Tensor, share_layers: list[int], per
             Wq=torch.zeros(2 * heads, model.config.hidden_size),
             Wk=torch.zeros(2, model.config.hidden_size).repeat(model.config.num_key_value_heads, 1),
             rank=2,
+            freq_idx=torch.arange(1),  # Wq = 0: the rotary frequencies do not matter
         )
     return reference_logits(model, ids, adapters)
 
@@ -142,11 +155,13 @@ def test_untrained_adapter_is_direct_sharing_with_permutation(share_layers):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rotary_frequencies", ["first", "strided"])
 @pytest.mark.parametrize("align_hidden", [None, 0, 3])
-def test_trained_adapter_matches_reference_steps_1_to_6(align_hidden):
+def test_trained_adapter_matches_reference_steps_1_to_6(align_hidden, rotary_frequencies):
     model = tiny_model("llama")
     ids = random_ids()
-    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4, align_hidden=align_hidden))
+    config = LiSAConfig(share_layers=[2, 3], rank=4, align_hidden=align_hidden, rotary_frequencies=rotary_frequencies)
+    peft_model = get_peft_model(model, config)
     randomize_adapter(peft_model)
     with torch.no_grad():
         got = peft_model(ids).logits

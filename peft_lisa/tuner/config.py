@@ -61,7 +61,8 @@ class LiSAConfig(PeftConfig):
             Which of the model's rotary frequencies the rank-``r`` query/key use. ``"first"`` takes the first
             ``r/2`` (highest) frequencies; ``"strided"`` takes ``r/2`` frequencies evenly spread from the first to the
             last (indices ``round(i (d_h/2 - 1) / (r/2 - 1))``, e.g. 0, 10, 21, 31 for ``d_h = 64``, ``r = 8``), so
-            that the whole spectrum, long-range included, is covered.
+            that the whole spectrum, long-range included, is covered. Default ``"strided"``, chosen by measurement
+            (``docs/method.md``, "Open choices"); adapters saved with ``"first"`` store it and load unchanged.
         init_lowrank (`str`):
             Initialisation of the low-rank delta: ``"zero"`` zero-initialises the query factor so that an untrained
             adapter is exactly direct sharing with the initial permutation; ``"random"`` initialises both factors
@@ -107,7 +108,7 @@ class LiSAConfig(PeftConfig):
         },
     )
     rotary_frequencies: RotaryFrequencies = field(
-        default="first",
+        default="strided",
         metadata={"help": "Rotary frequencies of the rank-r query/key: 'first' (highest) or 'strided' (spread)."},
     )
     init_lowrank: Literal["zero", "random"] = field(
