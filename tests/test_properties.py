@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from peft_lisa import LiSAConfig, LiSALayer
 
-from .test_reference import direct_sharing_reference
+from .test_reference import direct_sharing_reference, positions_of, prefill_and_decode
 
 VOCAB = 64
 PROPERTY_SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -104,30 +104,6 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def decode_logits(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
-    """Cached prefill, then one cached step per column of ``new_tokens``: logits B x (T + n) x V."""
-    positions = positions_of(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    logits = [out.logits]
-    for step in range(new_tokens.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(
-            input_ids=new_tokens[:, step : step + 1],
-            attention_mask=mask,
-            position_ids=positions,
-            cache=out.past_key_values,
-            use_cache=True,
-        )
-        assert out.past_key_values.get_seq_length() == mask.shape[1]
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
-
-
 # Always run, whatever hypothesis draws: Qwen3 (q/k norm) with a chain, an FFN alignment and permutations that are
 # not their own inverse; Mistral with a sliding window shorter than the sequence.
 @example(
@@ -175,7 +151,7 @@ def test_valid_config_computes_what_it_should(case):
             assert torch.equal(peft_model(input_ids=ids, attention_mask=mask).logits, base)
 
         # Cached decoding equals one no-cache forward; the padded row's real tokens equal the row alone.
-        cached = decode_logits(peft_model, ids, mask, new_tokens)
+        cached = prefill_and_decode(peft_model, ids, mask, new_tokens)
         full_mask = torch.cat([mask, torch.ones_like(new_tokens)], dim=1)
         full = peft_model(
             input_ids=torch.cat([ids, new_tokens], dim=1),
@@ -186,7 +162,7 @@ def test_valid_config_computes_what_it_should(case):
         assert torch.isfinite(full).all()
         torch.testing.assert_close(cached[:1], full[:1], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cached[1:, pad:], full[1:, pad:], atol=1e-4, rtol=1e-4)
-        alone = decode_logits(peft_model, ids[1:, pad:], mask[1:, pad:], new_tokens[1:])
+        alone = prefill_and_decode(peft_model, ids[1:, pad:], mask[1:, pad:], new_tokens[1:])
         torch.testing.assert_close(cached[1:, pad:], alone, atol=1e-5, rtol=1e-5)
 
         adapter_logits = peft_model(input_ids=ids, attention_mask=mask).logits
