@@ -22,11 +22,12 @@ What it does, in order:
    the adapter to OUTPUT_DIR/adapter and writes OUTPUT_DIR/results.json.
 
 The default run (no arguments): SmolLM2-135M-Instruct with 15 of its 30 layers shared (--share-fraction 0.5), rank 8,
-linear-only head alignment (the library default), LM loss only, 120 steps of 2 x 256 pydoc tokens (61,440 tokens) at
-learning rate 2e-3 (cosine); perplexity on the first 4096 held-out pydoc tokens with window 256 and stride 128.
-Measured on the project's 2-core CPU (1 torch thread, another training run on the other core): 11.6 minutes in all,
-9.8 of them training; held-out perplexity 13.14 (base), 69.86 (untrained LiSA), 22.58 (trained). With --align-hidden
-36 (an FFN of 4 x heads): 20.50 in 13.3 minutes, but a slower merged model. The prototype of docs/method.md trained on
+linear-only head alignment and strided rotary frequencies (the library defaults), LM loss only, 120 steps of 2 x 256
+pydoc tokens (61,440 tokens) at learning rate 2e-3 (cosine); perplexity on the first 4096 held-out pydoc tokens with
+window 256 and stride 128. Measured on the project's idle 2-core CPU (2 torch threads): 12.8 minutes in all, 10.9 of
+them training; held-out perplexity 13.14 (base), 69.86 (untrained LiSA), 19.01 (trained). With the earlier default
+rotary_frequencies="first": 22.58; with that and --align-hidden 36 (an FFN of 4 x heads): 20.50, but a slower merged
+model. The prototype of docs/method.md trained on
 twice the tokens (120 steps of 4 x 256): pass --batch-size 4 for that budget (about twice the training time).
 
 Examples::
