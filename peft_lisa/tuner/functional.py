@@ -323,6 +323,14 @@ def value_projection(attn: nn.Module, layout: AttentionLayout) -> Callable[[torc
     return lambda x: qkv_proj(x)[..., start:]  # a quantized projection: compute all rows, keep the values
 
 
+def cache_argument(cache: Any, kwargs: dict) -> Any:
+    """The cache a decoder layer handed its attention: ``cache``, or the older ``past_key_values`` keyword (popped
+    from ``kwargs`` so that it is not passed on twice)."""
+    if cache is None and "past_key_values" in kwargs:
+        return kwargs.pop("past_key_values")
+    return cache
+
+
 def update_cache(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict) -> tuple:
     """Append this step's key/value to the layer's cache and return all cached ones (as the base layers do)."""
     if cache is None:

@@ -11,7 +11,7 @@ from torch import nn
 from .attention import LiSASubstitute, source_attention
 from .carrier import LogitsCarrier
 from .config import LiSAConfig
-from .functional import AttentionLayout, value_projection
+from .functional import AttentionLayout, cache_argument, value_projection
 
 ROLE_SHARED = "shared"  # the layer's attention is replaced by LiSA
 ROLE_SOURCE = "source"  # a full layer whose logits feed the next (shared) layer
@@ -85,8 +85,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
+        cache = cache_argument(cache, kwargs)
         adapter = None if self.disable_adapters else self._active_lisa_adapter()
         base = self.base_layer
         if adapter is None:

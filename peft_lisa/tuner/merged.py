@@ -23,7 +23,7 @@ from .artifacts import atomic_directory, model_card
 from .attention import LiSASubstitute, family_eager_attention, source_attention
 from .carrier import LogitsCarrier
 from .config import LISA_FORMAT_VERSION, LiSAConfig
-from .functional import AttentionLayout, family_rotary
+from .functional import AttentionLayout, cache_argument, family_rotary
 from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer
 
 
@@ -61,8 +61,7 @@ class LiSASourceAttention(nn.Module):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
+        cache = cache_argument(cache, kwargs)
         return source_attention(self, self.carrier, hidden_states, position_embeddings, attention_mask, cache, kwargs)
 
 
@@ -121,8 +120,7 @@ class LiSASharedAttention(LiSASubstitute):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
+        cache = cache_argument(cache, kwargs)
         output = self.attend(
             hidden_states,
             position_embeddings,
