@@ -76,7 +76,7 @@ EXIT_USAGE, EXIT_FAILURE = 2, 1
 logger = logging.getLogger("peft_lisa")
 
 # The benchmark grids (same as examples/benchmark.py).
-BENCH_FULL = {"batch_sizes": [1, 8, 32], "contexts": [128, 512, 2048], "decode_tokens": 32, "repeats": 3, "warmup": 1}
+BENCH_FULL = {"batch_sizes": [1, 8], "contexts": [128, 512, 2048], "decode_tokens": 32, "repeats": 3, "warmup": 1}
 BENCH_QUICK = {"batch_sizes": [1, 2], "contexts": [32, 64], "decode_tokens": 4, "repeats": 1, "warmup": 0}
 
 # The input checks of peft_lisa.jobs.checks under the names cmd_bench calls them by.
@@ -170,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--align-hidden", type=non_negative_int, default=0, help="alignment FFN size (default: 0 = linear only)"
     )
+    bench.add_argument(
+        "--head-mixing",
+        choices=("full", "kv_group"),
+        default="full",
+        help="source heads the alignment mixes (LiSAConfig.head_mixing; default: full)",
+    )
     group = bench.add_argument_group("grid")
     group.add_argument("--quick", action="store_true", help="CI size: batches 1,2; contexts 32,64; 4 decode steps")
-    group.add_argument("--batch-sizes", type=int_list, default=None, help="default: 1,8,32")
+    group.add_argument("--batch-sizes", type=int_list, default=None, help="default: 1,8")
     group.add_argument("--contexts", type=int_list, default=None, help="prompt lengths (default: 128,512,2048)")
     group.add_argument("--decode-tokens", type=positive_int, default=None, help="decode steps timed (default: 32)")
     group.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions, median (default: 3)")
@@ -266,6 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             analysis=analysis,
             rank=args.rank,
             align_hidden=args.align_hidden,
+            head_mixing=args.head_mixing,
             dtype=_dtype(args.dtype) if args.dtype else None,
             device=device,
             output_dir=args.output_dir,

@@ -117,8 +117,10 @@ def estimate_working_bytes(shape: ModelShape, batch: int, context: int, decode_t
     per_token = 4 * shape.hidden + 3 * shape.intermediate + (heads + 2 * kv_heads) * head_dim
     activations = 3 * batch * q_len * per_token * e  # x3: temporaries and allocator slack, measured on SmolLM2
     logits = batch * shape.vocab * 4 * 2
-    entry_floats = shape.align_hidden + 3 * heads if shape.share_layers else 0
-    explicit = batch * q_len * k_len * 4 * entry_floats
+    # Shared layers with an alignment FFN materialise m + 3H float32 values per entry for one block of 256 queries
+    # (the linear alignment runs fused and materialises none).
+    entry_floats = shape.align_hidden + 3 * heads if shape.share_layers and shape.align_hidden else 0
+    explicit = batch * min(q_len, 256) * k_len * 4 * entry_floats
     return cache + activations + logits + explicit
 
 
@@ -246,4 +248,37 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
             "Decode at large batch is bound by reading the KV cache; the cache ratio bounds the decode speedup "
             "there, less whatever the materialised float32 logits/FFN tensors add.",
         ],
+    }
+
+
+def ceilings(base: ModelShape, merged: ModelShape, batch: int, context: int) -> dict[str, float]:
+    """Arithmetic bounds of the speedup at one (batch, context).
+
+    ``prefill``: base / merged FLOPs of a prefill of ``context`` tokens (causal: query t sees t keys; the LM head for
+    the last token only). A shared layer is counted at its arithmetic minimum per (query, key) pair: the source
+    logits it needs ``2 H d_h``, the alignment ``2 H^2`` (+ ``4 H m`` with an FFN), the low-rank term ``2 H r`` and
+    ``AV`` ``2 H d_h``, against ``QK^T`` + ``AV`` ``4 H d_h`` of a full layer; projections as they are.
+    ``decode``: base / merged bytes read by one decode step after ``context`` tokens: the weights plus the KV cache
+    of ``batch`` sequences.
+    """
+    pairs = context * (context + 1) / 2  # causal (query, key) pairs of the prefill
+
+    def prefill_flops(shape: ModelShape) -> float:
+        d, heads, kv_heads, dh, r, m = (
+            shape.hidden, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rank, shape.align_hidden
+        )  # fmt: skip
+        mlp = 6 * d * shape.intermediate
+        full = (2 * d * heads * dh + 4 * d * kv_heads * dh + 2 * heads * dh * d + mlp) * context
+        full += 4 * heads * dh * pairs
+        shared = (2 * d * (heads + kv_heads) * r + 2 * d * kv_heads * dh + 2 * heads * dh * d + mlp) * context
+        shared += (4 * heads * dh + 2 * heads * heads + 4 * heads * m + 2 * heads * r) * pairs
+        n_shared = len(shape.share_layers)
+        return (shape.num_layers - n_shared) * full + n_shared * shared + 2 * d * shape.vocab
+
+    def decode_bytes(shape: ModelShape) -> float:
+        return shape.weight_bytes + shape.cache_bytes_per_token * batch * context
+
+    return {
+        "prefill": prefill_flops(base) / prefill_flops(merged),
+        "decode": decode_bytes(base) / decode_bytes(merged),
     }

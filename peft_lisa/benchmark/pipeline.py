@@ -69,6 +69,7 @@ def benchmark_model(
     analysis: Optional[AttentionAnalysis] = None,
     rank: int = 8,
     align_hidden: Optional[int] = 0,
+    head_mixing: str = "full",
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
     output_dir: PathLike = "lisa-bench",
@@ -85,7 +86,8 @@ def benchmark_model(
         share_fraction: without ``share_layers``, share this fraction of the layers (default 0.5): the best ones of
             ``analysis`` when given, else :func:`default_share_layers`.
         analysis: an :class:`~peft_lisa.AttentionAnalysis` of the base model to choose the shared layers from.
-        rank, align_hidden: the LiSA rank and alignment FFN width of the untrained adapter (0: linear alignment).
+        rank, align_hidden, head_mixing: the LiSA rank, alignment FFN width (0: linear alignment) and head mixing
+            (``LiSAConfig.head_mixing``) of the untrained adapter.
         dtype: the models' dtype; default bfloat16 on CUDA, float32 elsewhere.
         device: where to run; default CUDA when available, else CPU.
         output_dir: where ``results.json``, ``results.md`` and ``benchmark.png`` go (created if missing).
@@ -124,7 +126,7 @@ def benchmark_model(
                 "model it was merged from as model (--model on the command line)"
             )
     else:
-        merged_model = _untrained_merged(base, share_layers, share_fraction, analysis, rank, align_hidden)
+        merged_model = _untrained_merged(base, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing)
         merged_model = merged_model.to(device=device, dtype=dtype).eval()
     result = run_benchmark(base, merged_model, device=device, **options)
     if command is not None:
@@ -152,6 +154,7 @@ def _untrained_merged(
     analysis: Optional[AttentionAnalysis],
     rank: int,
     align_hidden: Optional[int],
+    head_mixing: str = "full",
 ) -> nn.Module:
     """A copy of ``base`` with an untrained LiSA adapter merged in (speed does not depend on the weights)."""
     num_layers = base.config.num_hidden_layers
@@ -168,5 +171,5 @@ def _untrained_merged(
         how = "spread over the deeper layers (peft_lisa.benchmark.default_share_layers)"
     layers = validate_share_layers(layers, num_layers)
     logger.info(f"untrained LiSA model (speed does not depend on the weights), shared layers {layers} ({how})")
-    config = LiSAConfig(share_layers=layers, rank=rank, align_hidden=align_hidden)
+    config = LiSAConfig(share_layers=layers, rank=rank, align_hidden=align_hidden, head_mixing=head_mixing)
     return get_peft_model(copy.deepcopy(base), config).merge_and_unload()

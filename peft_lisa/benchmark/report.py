@@ -65,6 +65,15 @@ def _fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
     return f"{num / den:.2f}x"
 
 
+def _fmt_bound(run: Optional[Run], phase: str) -> str:
+    bound = run.ceilings.get(phase) if run is not None else None
+    return f"{bound:.2f}x" if bound else "-"
+
+
+def _fmt_seconds(value: Optional[float]) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
 def _fmt_flops(value: float) -> str:
     return f"{value / 1e6:,.2f} M"
 
@@ -87,9 +96,10 @@ def render_markdown(result: BenchmarkData) -> str:
         "",
         "## Throughput and memory",
         "",
-        "| batch | context | prefill tok/s base | prefill tok/s merged | speedup | decode tok/s base "
-        "| decode tok/s merged | speedup | KV cache base | KV cache merged | peak mem base | peak mem merged |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | context | prefill tok/s base | prefill tok/s merged | speedup | ceiling | decode tok/s base "
+        "| decode tok/s merged | speedup | ceiling | KV cache base | KV cache merged | peak mem base "
+        "| peak mem merged | kernel s base | kernel s merged |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     configs = sorted({(r.context, r.batch) for r in result.runs})
     for context, batch in configs:
@@ -106,12 +116,20 @@ def render_markdown(result: BenchmarkData) -> str:
             f"| {batch} | {context} | {fmt_rate(get(base, 'prefill_tokens_per_s'))} "
             f"| {fmt_rate(get(merged, 'prefill_tokens_per_s'))} "
             f"| {_fmt_ratio(get(merged, 'prefill_tokens_per_s'), get(base, 'prefill_tokens_per_s'))} "
-            f"| {decode_cell(base)} | {decode_cell(merged)} "
+            f"| {_fmt_bound(merged, 'prefill')} | {decode_cell(base)} | {decode_cell(merged)} "
             f"| {_fmt_ratio(get(merged, 'decode_tokens_per_s'), get(base, 'decode_tokens_per_s'))} "
+            f"| {_fmt_bound(merged, 'decode')} "
             f"| {fmt_bytes(get(base, 'kv_cache_bytes'))} | {fmt_bytes(get(merged, 'kv_cache_bytes'))} "
-            f"| {fmt_bytes(get(base, 'peak_memory_bytes'))} | {fmt_bytes(get(merged, 'peak_memory_bytes'))} |"
+            f"| {fmt_bytes(get(base, 'peak_memory_bytes'))} | {fmt_bytes(get(merged, 'peak_memory_bytes'))} "
+            f"| {_fmt_seconds(get(base, 'kernel_seconds_median'))} "
+            f"| {_fmt_seconds(get(merged, 'kernel_seconds_median'))} |"
         )
-    lines += ["", "Peak memory = the model's weights + the peak working memory of the run (prefill + decode)."]
+    lines += [
+        "",
+        "Peak memory = the model's weights + the peak working memory of the run (prefill + decode). Kernel s = the "
+        "process's system CPU time during the run (page faults, memory mapping), median. Ceiling = the arithmetic "
+        "bound of the speedup (see the notes).",
+    ]
     if result.skipped:
         lines += ["", "### Skipped", "", "| model | batch | context | phase | reason |", "|---|---:|---:|---|---|"]
         for s in result.skipped:

@@ -32,6 +32,12 @@ class Run:
     peak_working_bytes: int = 0  # peak memory above the level before the run
     estimated_working_bytes: int = 0  # what the skip logic predicted, for comparison
     decode_cache: str = "prefill"  # "prefill": decode continues the measured prefill; "synthetic": see notes
+    kernel_seconds: list[float] = field(default_factory=list)  # the process's system (kernel) CPU time per run
+    ceilings: dict[str, float] = field(default_factory=dict)  # arithmetic speedup bounds (cost_model.ceilings)
+
+    @property
+    def kernel_seconds_median(self) -> Optional[float]:
+        return statistics.median(self.kernel_seconds) if self.kernel_seconds else None
 
     @property
     def kv_cache_bytes_per_token(self) -> float:
@@ -55,6 +61,7 @@ class Run:
             kv_cache_bytes_per_token=self.kv_cache_bytes_per_token,
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             decode_tokens_per_s=self.decode_tokens_per_s,
+            kernel_seconds_median=self.kernel_seconds_median,
         )
         return out
 

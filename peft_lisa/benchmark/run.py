@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import statistics
 from typing import Optional, Union
 
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..tuner.compression import qk_compression_report
-from .cost_model import ModelShape, analytic_breakdown, estimate_working_bytes
+from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import (
     PeakMemory,
     default_memory_limit,
@@ -51,7 +52,7 @@ def run_benchmark(
     base_model: nn.Module,
     merged_model: nn.Module,
     *,
-    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    batch_sizes: tuple[int, ...] = (1, 8),
     contexts: tuple[int, ...] = (128, 512, 2048),
     decode_tokens: int = 32,
     repeats: int = 3,
@@ -156,10 +157,16 @@ def run_benchmark(
         )
     implementation = getattr(models["base"].config, "_attn_implementation", None)
     notes.append(
-        "The merged model's shared layers compute explicit float32 attention logits (the head alignment acts on "
-        f"them). The full layers feeding them run {implementation} on prefill and hand their Q/K on, and compute "
-        "their one row of logits explicitly on decode steps; its other layers, and every layer of the base model, "
-        f"use {implementation}."
+        "The merged model's shared layers with a linear alignment run one fused attention call (torch sdpa) on "
+        "prefill, their logits kept as queries and keys (docs/method.md, 'Fused attention of a shared layer'); on "
+        "decode steps they compute their one row of logits explicitly. The full layers feeding them run "
+        f"{implementation} on prefill and compute their row of logits explicitly on decode steps; every other "
+        f"layer, and every layer of the base model, uses {implementation}."
+    )
+    notes.append(
+        "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
+        "counted at its arithmetic minimum (the source logits 2 H d_h, P mixing 2 H^2 and the low-rank term 2 H r "
+        "per query-key pair, AV 2 H d_h); decode = base / merged bytes read per step (weights + KV cache)."
     )
     settings = {
         "batch_sizes": list(batch_sizes),
@@ -257,14 +264,17 @@ def _run_config(
             if key not in mode:
                 continue
             run, model = results[key], models[key]
+            kernel_before = _kernel_seconds()
             with PeakMemory(device) as peak:
                 if mode[key] == "prefill":
                     prefill, decode, kv_bytes = prefill_then_decode(model, ids, decode_tokens, device)
                 else:
                     decode, _ = synthetic_decode(model, batch, context, decode_tokens, device, seed)
                     prefill, kv_bytes = None, shapes[key].cache_bytes_per_token * batch * context
+            kernel = _kernel_seconds() - kernel_before
             if not timed:
                 continue
+            run.kernel_seconds.append(kernel)
             if prefill is not None:
                 run.prefill_seconds.append(prefill)
             if decode_tokens:
@@ -273,8 +283,10 @@ def _run_config(
             run.peak_working_bytes = max(run.peak_working_bytes, peak.peak)
             run.peak_memory_bytes = shapes[key].weight_bytes + run.peak_working_bytes
         gc.collect()
+    bounds = ceilings(shapes["base"], shapes["merged"], batch, context)
     for key in MODEL_KEYS:
         if key in results:
+            results[key].ceilings = bounds
             runs.append(results[key])
     logger.log(
         level,
@@ -284,6 +296,11 @@ def _run_config(
             for key, r in results.items()
         ),
     )
+
+
+def _kernel_seconds() -> float:
+    """System (kernel) CPU time of this process so far: page faults and memory mapping show up here."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def _too_big(phase: str, estimate: int, limit: int) -> str:

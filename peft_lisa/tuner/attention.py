@@ -20,12 +20,23 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .architectures import SUPPORTED_ATTN_IMPLEMENTATIONS, UnsupportedModelError
-from .carrier import LogitsCarrier, MaterializedLogits, ScoresFromQueryKey, SharedLayerCall
+from .carrier import (
+    ChainedLogits,
+    FoldedScores,
+    LogitsCarrier,
+    MaterializedLogits,
+    ScoresFromQueryKey,
+    SharedLayerCall,
+    SourceLogits,
+)
 from .functional import (
     AttentionLayout,
+    additive_mask_rows,
     apply_partial_rotary,
     attend_from_logits,
     grouped_scores,
+    kv_group_alignment,
+    kv_group_mask,
     lowrank_frequency_index,
     lowrank_rotary,
     lowrank_rotary_columns,
@@ -59,11 +70,16 @@ class HeadAlign(nn.Module):
         hidden: int,
         activation: str = "gelu",
         init_permutation: Optional[list[int]] = None,
+        group_map: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.hidden = hidden
+        self.group_map = group_map  # head_mixing="kv_group": the source KV group each KV group reads
         self.permute = nn.Parameter(permutation_matrix(init_permutation or list(range(num_heads))))  # P: H x H
+        if group_map is not None:
+            # P's entries outside the allowed blocks are zero and stay zero (the mask also zeroes their gradient).
+            self.register_buffer("mixing_mask", kv_group_mask(group_map, num_heads), persistent=False)
         if hidden > 0:
             self.up = nn.Linear(num_heads, hidden)  # W1, b1: m x H
             self.act = ACTIVATIONS[activation]()
@@ -71,14 +87,20 @@ class HeadAlign(nn.Module):
             self.out_bias = nn.Parameter(torch.zeros(num_heads))  # b2: H
             nn.init.zeros_(self.down.weight)
 
+    def mixing(self) -> torch.Tensor:
+        """``P`` (H x H, float32), restricted to its allowed blocks under ``head_mixing="kv_group"``."""
+        permute = self.permute.float()
+        return permute if self.group_map is None else permute * self.mixing_mask
+
     def forward(self, source_logits: torch.Tensor) -> torch.Tensor:
         # source_logits: B x H x T_q x T_k -> aligned: B x H x T_q x T_k, computed in float32 whatever the
         # parameters' dtype (a merged bf16 model keeps them in bf16).
+        batch, num_heads, q_len, k_len = source_logits.shape
         source_logits = source_logits.float()
-        if self.hidden == 0:
-            return torch.einsum("gh,bhqk->bgqk", self.permute.float(), source_logits)
+        if self.hidden == 0:  # P s as one matmul over the flattened (query, key) entries
+            return torch.matmul(self.mixing(), source_logits.reshape(batch, num_heads, -1)).view(source_logits.shape)
         # P and W1 read the logits in one pass: [P; W1] is (H + m) x H.
-        stacked = torch.cat([self.permute, self.up.weight]).float()
+        stacked = torch.cat([self.mixing(), self.up.weight.float()])
         projected = torch.einsum("gh,bhqk->bgqk", stacked, source_logits)  # B x (H + m) x T_q x T_k
         aligned, hidden = projected[:, : self.num_heads], projected[:, self.num_heads :]
         hidden = self.act(hidden + self.up.bias.float()[:, None, None])
@@ -107,6 +129,7 @@ class LiSASubstitute(nn.Module):
         hands_on: bool,
         carrier: LogitsCarrier,
         init_permutation: Optional[list[int]] = None,
+        head_mixing: str = "full",
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -119,7 +142,11 @@ class LiSASubstitute(nn.Module):
         # Columns of the layer's own cos/sin (its rotary width, its layout) that the rank-r query/key rotate with;
         # none for a layer without rotary.
         self.rotary_columns = lowrank_rotary_columns(layout, rank, rotary_frequencies)
-        self.align = HeadAlign(layout.num_heads, align_hidden, align_activation, init_permutation)
+        group_map = None
+        if head_mixing == "kv_group":
+            permutation = init_permutation or list(range(layout.num_heads))
+            group_map, init_permutation = kv_group_alignment(permutation, layout.num_kv_heads)
+        self.align = HeadAlign(layout.num_heads, align_hidden, align_activation, init_permutation, group_map)
         self.q_lowrank = nn.Linear(hidden_size, layout.num_heads * rank, bias=False)  # Wq_r
         self.k_lowrank = nn.Linear(hidden_size, layout.num_kv_heads * rank, bias=False)  # Wk_r
         # A plain attribute, not a submodule: the carrier holds no parameters and is shared by the model's layers.
@@ -183,7 +210,7 @@ class LiSASubstitute(nn.Module):
         value = value_proj(hidden_states).view(batch, q_len, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
         k_small, value = update_cache(cache, k_small, value, self.layer_idx, cache_kwargs)
 
-        # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too), read block by block.
+        # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too).
         source = self.carrier.take(self.layer_idx - 1)  # B x H x T_q x T_k
         k_len = k_small.shape[-2]
         # A sliding-window layer caches the last keys of its window; its source (a full layer) all of them: it reads
@@ -194,27 +221,44 @@ class LiSASubstitute(nn.Module):
                 f"{tuple(source.shape)}, expected (batch={batch}, heads, {q_len}, >= {k_len}). The source layer must "
                 "see at least the keys the shared layer sees."
             )
-        carrier = self.carrier
-        keep_logits = self.hands_on or bool(carrier.observers)
-        mask = carrier.additive_mask(attention_mask, q_len, k_len, hidden_states.device)  # -> B x H x T_q x T_k
-        logits_blocks, output_blocks = [], []
-        # One block of queries at a time, so that the alignment FFN's B x m x block x T_k activations stay bounded
-        # during long prefills. The alignment never mixes positions, so blocks are independent.
+        if self.align.hidden == 0 and isinstance(source, FoldedScores):
+            # Steps 2-5 in one fused attention call: P S_{l-1} + Q_r K_r^T stays a product of queries and keys.
+            logits = source.mixed(self.align.mixing(), self.align.group_map)
+            logits = logits.with_lowrank(q_small, k_small, self.rank**-0.5)
+            attn_output = logits.attend(attention_mask, value, dropout)  # B x T_q x (H d_h)
+        else:
+            logits = ChainedLogits(self.logits, source, q_small, k_small)
+            if q_len <= query_block_size:  # one block (decoding): computed once, used and handed on as it is
+                logits = MaterializedLogits(logits.rows(slice(None), k_len))
+            attn_output = self._attend_by_blocks(logits, attention_mask, value, dropout, query_block_size)
+        if self.hands_on:
+            self.carrier.put(self.layer_idx, logits)
+        if self.carrier.observers:
+            self.carrier.observe(
+                SharedLayerCall(
+                    self.layer_idx, logits.rows(slice(None), k_len), attention_mask, hidden_states, position_embeddings
+                )
+            )
+        return output_proj(attn_output.to(hidden_states.dtype))
+
+    @staticmethod
+    def _attend_by_blocks(
+        logits: SourceLogits,
+        attention_mask: Optional[torch.Tensor],
+        value: torch.Tensor,
+        dropout: float,
+        query_block_size: int,
+    ) -> torch.Tensor:
+        """``softmax(S + M) V`` one block of queries at a time -> B x T_q x (H d_h): the alignment FFN's
+        B x m x block x T_k activations and the block's logits are the largest tensors. The alignment never mixes
+        positions, so blocks are independent."""
+        q_len, k_len = logits.shape[-2], value.shape[-2]
+        output_blocks = []
         for start in range(0, q_len, query_block_size):
             rows = slice(start, min(start + query_block_size, q_len))
-            logits = self.logits(source.rows(rows, k_len), q_small[:, :, rows], k_small)  # B x H x T_block x T_k
-            if keep_logits:
-                logits_blocks.append(logits)
-            output_blocks.append(attend_from_logits(logits, mask[..., rows, :], value, dropout, dropout > 0))
-        if keep_logits:
-            logits = torch.cat(logits_blocks, dim=2) if len(logits_blocks) > 1 else logits_blocks[0]
-            carrier.put(self.layer_idx, MaterializedLogits(logits))
-            if carrier.observers:
-                carrier.observe(
-                    SharedLayerCall(self.layer_idx, logits, attention_mask, hidden_states, position_embeddings)
-                )
-        attn_output = torch.cat(output_blocks, dim=1) if len(output_blocks) > 1 else output_blocks[0]
-        return output_proj(attn_output.to(hidden_states.dtype))
+            mask = additive_mask_rows(attention_mask, rows, q_len, k_len, value.device)  # B x 1 x T_block x T_k
+            output_blocks.append(attend_from_logits(logits.rows(rows, k_len), mask, value, dropout, dropout > 0))
+        return torch.cat(output_blocks, dim=1) if len(output_blocks) > 1 else output_blocks[0]
 
 
 def check_attn_implementation(attn: nn.Module) -> str:
@@ -265,9 +309,12 @@ def source_attention(
         # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
         logits = softcap_logits(grouped_scores(query, key, layout.scaling), layout.softcap)  # B x H x T_q x T_k
         carrier.put(attn.layer_idx, MaterializedLogits(logits))
-        mask = carrier.additive_mask(attention_mask, q_len, logits.shape[-1], logits.device)
+        mask = additive_mask_rows(attention_mask, slice(None), q_len, logits.shape[-1], logits.device)
         return attn.o_proj(attend_from_logits(logits, mask, value, dropout, attn.training)), None
-    carrier.put(attn.layer_idx, ScoresFromQueryKey(query, key, layout.scaling, layout.softcap))
+    if layout.softcap is None:
+        carrier.put(attn.layer_idx, FoldedScores.from_query_key(query, key, layout.scaling))
+    else:
+        carrier.put(attn.layer_idx, ScoresFromQueryKey(query, key, layout.scaling, layout.softcap))
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, family_eager_attention(attn))
     if layout.softcap is not None:
         kwargs = {**kwargs, "softcap": layout.softcap}

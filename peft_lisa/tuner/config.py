@@ -21,6 +21,7 @@ LISA_FORMAT_VERSION = 2
 
 AlignActivation = Literal["gelu", "silu", "relu", "tanh"]
 RotaryFrequencies = Literal["first", "strided"]
+HeadMixing = Literal["full", "kv_group"]
 
 # Linear-only head alignment: chosen by measurement (README, "Choosing align_hidden").
 DEFAULT_ALIGN_HIDDEN = 0
@@ -63,6 +64,14 @@ class LiSAConfig(PeftConfig):
             last (indices ``round(i (d_h/2 - 1) / (r/2 - 1))``, e.g. 0, 10, 21, 31 for ``d_h = 64``, ``r = 8``), so
             that the whole spectrum, long-range included, is covered. Default ``"strided"``, chosen by measurement
             (``docs/method.md``, "Open choices"); adapters saved with ``"first"`` store it and load unchanged.
+        head_mixing (`str`):
+            Which heads of layer ``l-1`` the alignment ``P`` may mix into a head of layer ``l``. ``"full"`` (the
+            default): all of them. ``"kv_group"``: only the heads of one KV group of layer ``l-1`` (the group most
+            of the initial permutation points to), so that ``P`` is block-structured; with multi-query/grouped
+            attention a group holds ``H / H_kv`` heads, without it (``H_kv = H``) each head reads one source head,
+            scaled. The linear alignment then runs as one fused attention call of head size ``d_h + r`` (``H_kv d_h +
+            r`` with ``"full"``): much faster prefills on long inputs, at a measured quality cost
+            (``docs/method.md``, "Head mixing"). Only the linear alignment (``align_hidden=0``) takes the fused path.
         init_lowrank (`str`):
             Initialisation of the low-rank delta: ``"zero"`` zero-initialises the query factor so that an untrained
             adapter is exactly direct sharing with the initial permutation; ``"random"`` initialises both factors
@@ -110,6 +119,10 @@ class LiSAConfig(PeftConfig):
     rotary_frequencies: RotaryFrequencies = field(
         default="strided",
         metadata={"help": "Rotary frequencies of the rank-r query/key: 'first' (highest) or 'strided' (spread)."},
+    )
+    head_mixing: HeadMixing = field(
+        default="full",
+        metadata={"help": "Source heads P may mix: 'full' (all) or 'kv_group' (one KV group: faster prefill)."},
     )
     init_lowrank: Literal["zero", "random"] = field(
         default="zero",
@@ -166,6 +179,7 @@ class LiSAConfig(PeftConfig):
         for name, allowed in (
             ("align_activation", AlignActivation.__args__),
             ("rotary_frequencies", RotaryFrequencies.__args__),
+            ("head_mixing", HeadMixing.__args__),
             ("init_lowrank", ("zero", "random")),
         ):
             if getattr(self, name) not in allowed:

@@ -112,6 +112,40 @@ def permutation_matrix(permutation: list[int]) -> torch.Tensor:
     return matrix
 
 
+def kv_group_alignment(permutation: list[int], num_kv_heads: int) -> tuple[list[int], list[int]]:
+    """For ``head_mixing="kv_group"``: the source KV group each KV group reads (``group_map[j]``), and the
+    permutation made to respect it.
+
+    Group ``j`` (heads ``j G .. j G + G - 1``, ``G = H / H_kv``) reads the source group most of its heads' permuted
+    sources lie in (the lowest on ties); a head whose source lies elsewhere takes the first head of that group not
+    taken yet within its own group.
+    """
+    num_heads = len(permutation)
+    size = num_heads // num_kv_heads
+    group_map, aligned = [], list(permutation)
+    for group in range(num_kv_heads):
+        heads = range(group * size, (group + 1) * size)
+        votes = [sum(permutation[h] // size == source for h in heads) for source in range(num_kv_heads)]
+        source = max(range(num_kv_heads), key=lambda g: (votes[g], -g))
+        group_map.append(source)
+        allowed = range(source * size, (source + 1) * size)
+        kept = {permutation[h] for h in heads if permutation[h] in allowed}
+        free = iter(sorted(set(allowed) - kept))
+        for h in heads:
+            if permutation[h] not in allowed:
+                aligned[h] = next(free)
+    return group_map, aligned
+
+
+def kv_group_mask(group_map: list[int], num_heads: int) -> torch.Tensor:
+    """H x H mask of the entries of ``P`` that ``head_mixing="kv_group"`` lets train: ``mask[h, g] = 1`` when source
+    head ``g`` lies in the group ``group_map`` assigns to ``h``'s KV group."""
+    size = num_heads // len(group_map)
+    heads = torch.arange(num_heads)
+    source_group = torch.tensor(group_map)[heads // size]  # H: the source group of each head
+    return (heads[None, :] // size == source_group[:, None]).float()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotates half the hidden dims of the input (the rotate-half rotary convention)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -216,12 +250,71 @@ def additive_mask(
     )
 
 
-def attend_from_logits(
-    logits: torch.Tensor, mask: torch.Tensor, value: torch.Tensor, dropout: float, training: bool
+def additive_mask_rows(
+    attention_mask: Optional[torch.Tensor], rows: slice, q_len: int, k_len: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    """The rows ``rows`` of :func:`additive_mask` (B x 1 x len(rows) x T_k), built for those rows only: a shared
+    layer's explicit path reads its mask one block of queries at a time, never as a T_q x T_k float tensor. None
+    when nothing is masked (a decode step without padding)."""
+    if attention_mask is None and q_len == 1:
+        return None
+    if attention_mask is None:
+        start, stop, _ = rows.indices(q_len)
+        q_pos = torch.arange(k_len - q_len + start, k_len - q_len + stop, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        return torch.zeros(stop - start, k_len, device=device).masked_fill(
+            k_pos > q_pos, torch.finfo(torch.float32).min
+        )
+    block = attention_mask[..., rows, :k_len]
+    return additive_mask(block, block.shape[-2], k_len, device)
+
+
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``softmax(S + M) V`` (steps 4-5) from float32 logits S (B x H x T_q x T_k) and the additive mask M
-    -> B x T_q x (H d)."""
-    probs = torch.softmax(logits + mask, dim=-1).to(value.dtype)
+    """``softmax(query key^T + M) value`` per head in one ``scaled_dot_product_attention`` call (scale 1: the scales
+    are folded into the query) -> B x T_q x (H d_v).
+
+    query: B x H x T_q x D, key: B x H_k x T_k x D, value: B x H_k x T_k x d_v with H_k dividing H (GQA); the mask as
+    transformers hands it to an sdpa/eager layer (boolean, additive, or None for causal without padding). The value is
+    zero-padded to D when d_v < D: torch's fused CPU kernel needs equal head sizes (measured 5x slower without).
+    """
+    batch, num_heads, q_len, dim = query.shape
+    k_len, value_dim = key.shape[2], value.shape[-1]
+    if value_dim < dim:
+        value = F.pad(value, (0, dim - value_dim))
+    is_causal = False
+    if attention_mask is None:
+        if q_len == k_len or q_len == 1:
+            is_causal = q_len > 1
+        else:  # queries are the last q_len of k_len positions (prefill continuing a cache)
+            q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
+            attention_mask = torch.arange(k_len, device=query.device)[None, :] <= q_pos
+    elif attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask[..., :k_len].to(query.dtype)
+    output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value.to(query.dtype),
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        scale=1.0,
+        enable_gqa=key.shape[1] != num_heads,
+    )  # B x H x T_q x D
+    return output[..., :value_dim].transpose(1, 2).reshape(batch, q_len, num_heads * value_dim)
+
+
+def attend_from_logits(
+    logits: torch.Tensor, mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float, training: bool
+) -> torch.Tensor:
+    """``softmax(S + M) V`` (steps 4-5) from float32 logits S (B x H x T_q x T_k) and the additive mask M (None:
+    nothing masked) -> B x T_q x (H d)."""
+    probs = torch.softmax(logits if mask is None else logits + mask, dim=-1).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
     return grouped_attend(probs, value)
 

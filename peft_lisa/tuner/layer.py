@@ -55,6 +55,7 @@ class LiSALayer(nn.Module, BaseTunerLayer):
                 hands_on=self.layer_idx + 1 in config.share_layers,
                 carrier=self.carrier,
                 init_permutation=(config.align_init_permutations or {}).get(self.layer_idx),
+                head_mixing=config.head_mixing,
             )
             substitute.reset_lowrank(config.init_lowrank)
             self.lisa_substitute[adapter_name] = substitute

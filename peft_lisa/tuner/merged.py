@@ -108,6 +108,8 @@ class LiSASharedAttention(LiSASubstitute):
             rotary_frequencies=spec["rotary_frequencies"],
             hands_on=attn.layer_idx + 1 in spec["share_layers"],
             carrier=carrier,
+            init_permutation=(spec.get("align_init_permutations") or {}).get(str(attn.layer_idx)),
+            head_mixing=spec.get("head_mixing", "full"),
         )
         self.attention_dropout: float = getattr(attn, "attention_dropout", 0.0)
         self.v_proj, self.o_proj = _value_linear(attn, layout), attn.o_proj
@@ -145,8 +147,11 @@ def lisa_spec(config: LiSAConfig, num_heads: int, layouts: Optional[dict[int, At
         "align_hidden": config.resolved_align_hidden(num_heads),
         "align_activation": config.align_activation,
         "rotary_frequencies": config.rotary_frequencies,
+        "head_mixing": config.head_mixing,
         "base_model": config.base_model_name_or_path,
     }
+    if config.head_mixing == "kv_group":  # the KV group each head reads is derived from its initial permutation
+        spec["align_init_permutations"] = {str(k): v for k, v in (config.align_init_permutations or {}).items()}
     if layouts:
         spec["attention_layouts"] = {str(idx): layout.to_dict() for idx, layout in sorted(layouts.items())}
     return spec

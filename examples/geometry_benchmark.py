@@ -1,0 +1,65 @@
+"""Per-layer decode cost of 7B-class geometries on this machine, and what it implies at full depth.
+
+Random-weight, depth-truncated models (speed does not depend on the weights) with the layer geometry of LLaMA-2-7B
+(32 heads of 128, no GQA), Llama-3-8B and Mistral-7B (8 KV heads), bf16: decode steps on a synthetic KV cache of
+``--context`` tokens at ``--batch``, base and merged LiSA model alternating, every other layer shared. Prints the
+table and writes ``geometry.md`` / ``geometry.json`` to ``--output-dir``
+(:mod:`peft_lisa.benchmark.geometry`).
+
+    python examples/geometry_benchmark.py --threads 2 --output-dir docs/benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from peft_lisa.benchmark.geometry import GEOMETRIES, full_depth_estimate, geometry_markdown, layer_decode_times
+from peft_lisa.benchmark.measure import machine_info
+from peft_lisa.benchmark.report import machine_label
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--geometries", default=",".join(GEOMETRIES), help="comma-separated, from " + str(list(GEOMETRIES))
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=4, help="depth of the truncated models (default 4)")
+    parser.add_argument("--decode-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--share-fraction", type=float, default=0.5, help="for the full-depth estimate")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output-dir", default="geometry-bench")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[peft-lisa] %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.geometries.split(","):
+        times = layer_decode_times(
+            name, batch=args.batch, context=args.context, num_layers=args.layers,
+            decode_tokens=args.decode_tokens, repeats=args.repeats,
+        )  # fmt: skip
+        rows.append((times, full_depth_estimate(times, args.share_fraction)))
+    machine = machine_label(machine_info(torch.device("cpu")))
+    table = geometry_markdown(rows)
+    command = "python examples/geometry_benchmark.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+    )
+    markdown = f"**Machine:** {machine}  \n**Command:** `{command}`\n\n{table}"
+    print(markdown)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "geometry.md").write_text(markdown, encoding="utf-8")
+    payload = {"machine": machine, "command": command, "rows": [{**t.to_dict(), "full_depth": e} for t, e in rows]}
+    (out / "geometry.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""No forward of a LiSA adapter or merged model allocates a T_q x T_k tensor (``docs/method.md``, "Fused attention
+of a shared layer"): every tensor an operator returns is watched, and a long input must never produce one with two
+dimensions as large as the sequence.
+
+The base model (sdpa, no padding) allocates none either, so a merged model's peak memory can stay at the base's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache
+
+from peft_lisa import LiSAConfig
+from tests.conftest import random_ids, randomize_adapter, tiny_model
+
+LONG = 600  # more than two query blocks of the explicit path, so blocks (256 x T) stay below the bound
+
+
+class QuadraticTensorWatch(TorchDispatchMode):
+    """Records every operator output with at least two dimensions of size >= ``length`` (a T x T tensor)."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length = length
+        self.found: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and sum(size >= self.length for size in tensor.shape) >= 2:
+                self.found.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+def quadratic_tensors(model, ids: torch.Tensor, decode_steps: int = 0) -> list[tuple[str, tuple[int, ...]]]:
+    """Prefill ``ids`` through a cache, then decode a few tokens, recording T x T tensors."""
+    watch = QuadraticTensorWatch(ids.shape[1])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), watch:
+        out = model(ids, cache=cache, use_cache=True)
+        for _ in range(decode_steps):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    return watch.found
+
+
+def long_model(**overrides):
+    return tiny_model("llama", max_position_embeddings=2 * LONG, **overrides)
+
+
+def test_the_watch_sees_the_base_models_eager_attention():
+    """The check can fail: eager attention materialises B x H x T x T weights."""
+    found = quadratic_tensors(long_model(attn_implementation="eager"), random_ids(1, LONG))
+    assert found, "eager attention must allocate T x T tensors; the watch saw none"
+
+
+def test_base_sdpa_model_allocates_no_quadratic_tensor():
+    assert quadratic_tensors(long_model(), random_ids(1, LONG), decode_steps=2) == []
+
+
+@pytest.mark.parametrize("align_hidden", [0, 3])
+@pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
+def test_lisa_forward_allocates_no_quadratic_tensor(align_hidden, merged):
+    """A chain of shared layers (2, 3, 4) with a trained adapter, prefill and decode: no T x T tensor anywhere."""
+    config = LiSAConfig(share_layers=[2, 3, 4], rank=4, align_hidden=align_hidden)
+    model = get_peft_model(long_model(), config)
+    randomize_adapter(model)
+    if merged:
+        model = model.merge_and_unload()
+    assert quadratic_tensors(model, random_ids(1, LONG), decode_steps=2) == []
