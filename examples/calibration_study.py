@@ -65,14 +65,19 @@ def evaluate(model, tokenizer, held_out: dict[str, list[str]], tokens: int) -> d
 
 
 def parse_setting(text: str) -> dict:
-    rotary, sequences, steps = text.split(":")
-    return {"rotary_frequencies": rotary, "num_sequences": int(sequences), "adam_steps": int(steps)}
+    """``rotary:sequences:adam_steps[:head_mixing]``, e.g. ``strided:16:100`` or ``strided:16:100:kv_group``."""
+    rotary, sequences, steps, *mixing = text.split(":")
+    setting = {"rotary_frequencies": rotary, "num_sequences": int(sequences), "adam_steps": int(steps)}
+    return {**setting, "head_mixing": mixing[0] if mixing else "full"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--settings", nargs="+", default=["first:32:200", "strided:32:200"], help="rotary:sequences:adam_steps per run"
+        "--settings",
+        nargs="+",
+        default=["first:32:200", "strided:32:200"],
+        help="rotary:sequences:adam_steps[:head_mixing] per run",
     )
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--lbfgs-steps", type=int, default=10)
@@ -103,6 +108,7 @@ def main() -> None:
             rank=8,
             align_hidden=0,
             rotary_frequencies=setting["rotary_frequencies"],
+            head_mixing=setting["head_mixing"],
         )
         peft_model = get_peft_model(model, config)
         if index == 0 and len(rows) == 1:  # an untrained adapter: delta = 0, so the rotary choice does not matter

@@ -23,6 +23,7 @@ from peft_lisa.benchmark import (
     analytic_breakdown,
     benchmark_model,
     cache_bytes,
+    ceilings,
     default_share_layers,
     estimate_working_bytes,
     run_benchmark,
@@ -338,3 +339,53 @@ def test_benchmark_model_errors(tmp_path):
     with pytest.raises(OSError, match="could not load the model"):
         benchmark_model(str(tmp_path / "missing"), device="cpu", output_dir=tmp_path, **TINY_GRID)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_runs_record_kernel_time_and_ceilings(result):
+    """Every run carries the process's kernel time per repetition and the arithmetic bounds of its grid point; the
+    decode bound is the ratio of the bytes a step reads (weights + the KV cache the run measured)."""
+    base_info, merged_info = result.models["base"], result.models["merged"]
+    for run in result.runs:
+        assert len(run.kernel_seconds) == 1 and run.kernel_seconds[0] >= 0
+        base_run, merged_run = result.run("base", run.batch, run.context), result.run("merged", run.batch, run.context)
+        read_base = base_info.weight_bytes + base_run.kv_cache_bytes
+        read_merged = merged_info.weight_bytes + merged_run.kv_cache_bytes
+        assert run.ceilings["decode"] == pytest.approx(read_base / read_merged, rel=1e-6)
+        assert run.ceilings["prefill"] > 0
+    assert "ceiling" in result.to_markdown() and "kernel s" in result.to_markdown()
+
+
+def test_prefill_ceiling_counts_the_shared_layers_arithmetic(models):
+    """Hand count on the tiny model: 2 of 5 layers shared, d=64, I=96, H=4, H_kv=2, d_h=16, r=4, m=16, V=128."""
+    base, merged = (ModelShape.of(model) for model in models)
+    context = 10
+    pairs = context * (context + 1) / 2
+    mlp = 6 * 64 * 96
+    full = (2 * 64 * 64 + 4 * 64 * 32 + 2 * 64 * 64 + mlp) * context + 4 * 4 * 16 * pairs
+    shared = (2 * 64 * 6 * 4 + 2 * 64 * 32 + 2 * 64 * 64 + mlp) * context
+    shared += (4 * 4 * 16 + 2 * 16 + 4 * 4 * 16 + 2 * 4 * 4) * pairs
+    head = 2 * 64 * 128
+    expected = (5 * full + head) / (3 * full + 2 * shared + head)
+    assert ceilings(base, merged, 1, context)["prefill"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
+    """The per-layer decode clock on a tiny stand-in geometry: every layer kind is timed, cache bytes per kind are
+    the model's, and the full-depth estimate adds them up as documented."""
+    from peft_lisa.benchmark import geometry
+
+    tiny = dict(
+        model_type="llama", hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_hidden_layers=8,
+    )  # fmt: skip
+    monkeypatch.setitem(geometry.GEOMETRIES, "tiny", tiny)
+    times = geometry.layer_decode_times("tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32)
+    assert set(times.seconds) == {"full", "source", "shared"} and all(s > 0 for s in times.seconds.values())
+    assert times.cache_bytes_per_token == {"full": 2 * 2 * 16 * 4, "source": 2 * 2 * 16 * 4, "shared": 2 * (8 + 16) * 4}
+    estimate = geometry.full_depth_estimate(times, share_fraction=0.5)
+    merged = estimate["models"]["merged"]
+    assert merged["layers"] == {"full": 0, "source": 4, "shared": 4}
+    step = times.outside_layers["merged"] + 4 * times.seconds["source"] + 4 * times.seconds["shared"]
+    assert merged["decode_step_seconds"] == pytest.approx(step)
+    assert estimate["models"]["base"]["budget_max_batch"] == 2 and merged["budget_max_batch"] >= 2
+    assert "tiny" in geometry.geometry_markdown([(times, estimate)])

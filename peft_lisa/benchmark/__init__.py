@@ -15,10 +15,11 @@ Modules, each importing only those above it:
 * :mod:`.cost_model`: :class:`ModelShape`, the working-memory estimate that skips runs, the analytic breakdown;
 * :mod:`.report`: :class:`BenchmarkResult` with its markdown report and plot;
 * :mod:`.run`: :func:`run_benchmark`, the grid of alternating runs and the maximum-throughput measure;
-* :mod:`.pipeline`: :func:`benchmark_model` and :func:`default_share_layers`.
+* :mod:`.pipeline`: :func:`benchmark_model` and :func:`default_share_layers`;
+* :mod:`.geometry`: per-layer decode cost of 7B-class geometries on depth-truncated random-weight models.
 """
 
-from .cost_model import ModelShape, analytic_breakdown, estimate_working_bytes
+from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import PeakMemory, cache_bytes, default_memory_limit, machine_info, synthetic_cache
 from .pipeline import BenchmarkOutputs, benchmark_model, default_share_layers
 from .report import BenchmarkResult, analytic_markdown, machine_label, result_summary
@@ -40,6 +41,7 @@ __all__ = [
     "analytic_markdown",
     "benchmark_model",
     "cache_bytes",
+    "ceilings",
     "default_memory_limit",
     "default_share_layers",
     "estimate_working_bytes",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -38,7 +39,6 @@ from .functional import (
     kv_group_alignment,
     kv_group_mask,
     lowrank_frequency_index,
-    lowrank_rotary,
     lowrank_rotary_columns,
     permutation_matrix,
     project_full_qkv,
@@ -169,14 +169,15 @@ class LiSASubstitute(nn.Module):
         different ones), on ``2 len(rotary_columns)`` of their r dims; not at all in a layer without rotary.
         """
         batch, q_len, _ = hidden_states.shape
+        num_heads, num_kv_heads = self.layout.num_heads, self.layout.num_kv_heads
         x = hidden_states.to(self.q_lowrank.weight.dtype)
-        q_small = self.q_lowrank(x).view(batch, q_len, self.layout.num_heads, self.rank).transpose(1, 2)
-        k_small = self.k_lowrank(x).view(batch, q_len, self.layout.num_kv_heads, self.rank).transpose(1, 2)
-        if not self.rotary_columns or position_embeddings is None:
-            return q_small, k_small
-        cos_r, sin_r = lowrank_rotary(position_embeddings, self.rotary_columns)
-        cos_r, sin_r = cos_r.to(x.dtype), sin_r.to(x.dtype)
-        return apply_partial_rotary(q_small, cos_r, sin_r), apply_partial_rotary(k_small, cos_r, sin_r)
+        # One matmul and one rotation for both: [Wq_r; Wk_r] is (H + H_kv) r x hidden.
+        weight = torch.cat([self.q_lowrank.weight, self.k_lowrank.weight])
+        qk_small = F.linear(x, weight).view(batch, q_len, num_heads + num_kv_heads, self.rank).transpose(1, 2)
+        if self.rotary_columns and position_embeddings is not None:
+            cos_r, sin_r = self.carrier.lowrank_rotary(position_embeddings, self.rotary_columns)
+            qk_small = apply_partial_rotary(qk_small, cos_r.to(x.dtype), sin_r.to(x.dtype))
+        return qk_small[:, :num_heads], qk_small[:, num_heads:]
 
     def logits(self, source_rows: torch.Tensor, q_rows: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
         """Steps 2-4: ``S_l = align(S_{l-1}) + Q_r K_r^T / sqrt(r)`` for a block of queries, before the mask.

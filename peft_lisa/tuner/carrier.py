@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .functional import fused_attention, grouped_scores, softcap_logits
+from .functional import fused_attention, grouped_scores, lowrank_rotary, softcap_logits
 
 
 class LogitsCarrier:
@@ -26,6 +26,21 @@ class LogitsCarrier:
     def __init__(self) -> None:
         self._logits: dict[int, SourceLogits] = {}
         self.observers: list[Callable[[SharedLayerCall], None]] = []
+        self._rotary: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def lowrank_rotary(
+        self, position_embeddings: tuple[torch.Tensor, torch.Tensor], columns: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`lowrank_rotary`, computed once per forward pass for all shared layers that get the same cos/sin."""
+        cos = position_embeddings[0]
+        key = (id(cos), columns)
+        cached = self._rotary.get(key)
+        if cached is None or cached[0] is not cos:
+            cached = (cos, *lowrank_rotary(position_embeddings, columns))  # holds cos, so its id cannot be reused
+            if len(self._rotary) >= 8:  # callers outside a forward pass (calibration) never clear: keep a few
+                self._rotary.pop(next(iter(self._rotary)))
+            self._rotary[key] = cached
+        return cached[1], cached[2]
 
     def put(self, layer_idx: int, logits: SourceLogits) -> None:
         self._logits[layer_idx] = logits
@@ -47,6 +62,7 @@ class LogitsCarrier:
 
     def clear(self) -> None:
         self._logits.clear()
+        self._rotary.clear()
 
 
 class SourceLogits:

@@ -315,7 +315,8 @@ def attend_from_logits(
     """``softmax(S + M) V`` (steps 4-5) from float32 logits S (B x H x T_q x T_k) and the additive mask M (None:
     nothing masked) -> B x T_q x (H d)."""
     probs = torch.softmax(logits if mask is None else logits + mask, dim=-1).to(value.dtype)
-    probs = F.dropout(probs, p=dropout, training=training)
+    if training and dropout > 0:
+        probs = F.dropout(probs, p=dropout, training=training)
     return grouped_attend(probs, value)
 
 
