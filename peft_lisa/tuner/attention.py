@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -95,10 +94,10 @@ class HeadAlign(nn.Module):
     def forward(self, source_logits: torch.Tensor) -> torch.Tensor:
         # source_logits: B x H x T_q x T_k -> aligned: B x H x T_q x T_k, computed in float32 whatever the
         # parameters' dtype (a merged bf16 model keeps them in bf16).
-        batch, num_heads, q_len, k_len = source_logits.shape
         source_logits = source_logits.float()
-        if self.hidden == 0:  # P s as one matmul over the flattened (query, key) entries
-            return torch.matmul(self.mixing(), source_logits.reshape(batch, num_heads, -1)).view(source_logits.shape)
+        if self.hidden == 0:
+            # einsum, not a broadcast matmul: the latter's result depended on the tensors' memory alignment (1e-7).
+            return torch.einsum("gh,bhqk->bgqk", self.mixing(), source_logits)
         # P and W1 read the logits in one pass: [P; W1] is (H + m) x H.
         stacked = torch.cat([self.mixing(), self.up.weight.float()])
         projected = torch.einsum("gh,bhqk->bgqk", stacked, source_logits)  # B x (H + m) x T_q x T_k
@@ -169,15 +168,14 @@ class LiSASubstitute(nn.Module):
         different ones), on ``2 len(rotary_columns)`` of their r dims; not at all in a layer without rotary.
         """
         batch, q_len, _ = hidden_states.shape
-        num_heads, num_kv_heads = self.layout.num_heads, self.layout.num_kv_heads
         x = hidden_states.to(self.q_lowrank.weight.dtype)
-        # One matmul and one rotation for both: [Wq_r; Wk_r] is (H + H_kv) r x hidden.
-        weight = torch.cat([self.q_lowrank.weight, self.k_lowrank.weight])
-        qk_small = F.linear(x, weight).view(batch, q_len, num_heads + num_kv_heads, self.rank).transpose(1, 2)
-        if self.rotary_columns and position_embeddings is not None:
-            cos_r, sin_r = self.carrier.lowrank_rotary(position_embeddings, self.rotary_columns)
-            qk_small = apply_partial_rotary(qk_small, cos_r.to(x.dtype), sin_r.to(x.dtype))
-        return qk_small[:, :num_heads], qk_small[:, num_heads:]
+        q_small = self.q_lowrank(x).view(batch, q_len, self.layout.num_heads, self.rank).transpose(1, 2)
+        k_small = self.k_lowrank(x).view(batch, q_len, self.layout.num_kv_heads, self.rank).transpose(1, 2)
+        if not self.rotary_columns or position_embeddings is None:
+            return q_small, k_small
+        cos_r, sin_r = self.carrier.lowrank_rotary(position_embeddings, self.rotary_columns)
+        cos_r, sin_r = cos_r.to(x.dtype), sin_r.to(x.dtype)
+        return apply_partial_rotary(q_small, cos_r, sin_r), apply_partial_rotary(k_small, cos_r, sin_r)
 
     def logits(self, source_rows: torch.Tensor, q_rows: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
         """Steps 2-4: ``S_l = align(S_{l-1}) + Q_r K_r^T / sqrt(r)`` for a block of queries, before the mask.
@@ -225,6 +223,7 @@ class LiSASubstitute(nn.Module):
         if self.align.hidden == 0 and isinstance(source, FoldedScores):
             # Steps 2-5 in one fused attention call: P S_{l-1} + Q_r K_r^T stays a product of queries and keys.
             logits = source.mixed(self.align.mixing(), self.align.group_map)
+            del source  # the previous layer's queries are no longer needed: free them before attending
             logits = logits.with_lowrank(q_small, k_small, self.rank**-0.5)
             attn_output = logits.attend(attention_mask, value, dropout)  # B x T_q x (H d_h)
         else:

@@ -111,109 +111,88 @@ class ScoresFromQueryKey(SourceLogits):
 
 
 class FoldedScores(SourceLogits):
-    """Logits kept as queries and keys: ``S[h] = q_shared[h] k_shared^T + q_grouped[h] k_grouped[g(h)]^T``, never
-    as a T_q x T_k tensor (``docs/method.md``, "Fused attention of a shared layer").
+    """Logits kept as queries and keys, never as a T_q x T_k tensor (``docs/method.md``, "Fused attention of a
+    shared layer"): ``S[h] = sum_i q_i[h] k_i[h // (H / H_i)]^T`` over parts ``(q_i, k_i)``.
 
-    q_shared: B x H x T_q x D_s against k_shared: B x 1 x T_k x D_s (one key for every head);
-    q_grouped: B x H x T_q x D_g against k_grouped: B x H_g x T_k x D_g (query head h reads key head h // (H / H_g)).
-    Either part may be missing. A full layer's logits ``scale Q K^T`` are the grouped part alone (scale folded into
-    the queries). A linear alignment ``P S`` and a low-rank term ``Q_r K_r^T`` stay in this form: :meth:`mixed` and
-    :meth:`with_lowrank` return the logits of the next shared layer, and :meth:`attend` runs them through one fused
-    attention call, whose head size is ``D_s + D_g``.
+    Each part pairs queries B x H x T_q x D_i with keys B x H_i x T_k x D_i, where H_i is 1 (one key for every head)
+    or the number of KV heads (query head h reads key head h // (H / H_i)). A full layer's logits ``scale Q K^T``
+    are one part (scale folded into the queries). A linear alignment ``P S`` and a low-rank term ``Q_r K_r^T`` keep
+    this form: :meth:`mixed` and :meth:`with_lowrank` return the logits of the next shared layer, and :meth:`attend`
+    runs them through fused attention calls of head size ``sum_i D_i``.
     """
 
-    def __init__(
-        self,
-        q_shared: Optional[torch.Tensor],
-        k_shared: Optional[torch.Tensor],
-        q_grouped: Optional[torch.Tensor],
-        k_grouped: Optional[torch.Tensor],
-    ) -> None:
-        self.q_shared, self.k_shared, self.q_grouped, self.k_grouped = q_shared, k_shared, q_grouped, k_grouped
-        query = q_shared if q_shared is not None else q_grouped
-        key = k_shared if k_shared is not None else k_grouped
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.parts = parts
+        query, key = parts[0]
         self.shape = torch.Size((query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
 
     @classmethod
     def from_query_key(cls, query: torch.Tensor, key: torch.Tensor, scaling: float) -> FoldedScores:
         """A full layer's logits ``scaling Q K^T``: query B x H x T_q x d_h, key B x H_kv x T_k x d_h."""
-        return cls(None, None, query * scaling, key)
+        return cls([(query * scaling, key)])
 
     @property
     def head_dim(self) -> int:
-        """Head size of the fused attention call: ``D_s + D_g``."""
-        return sum(part.shape[-1] for part in (self.q_shared, self.q_grouped) if part is not None)
+        """Head size of the fused attention call: ``sum_i D_i``."""
+        return sum(query.shape[-1] for query, _ in self.parts)
 
     def mixed(self, permute: torch.Tensor, group_map: Optional[list[int]] = None) -> FoldedScores:
         """``P S`` for an H x H matrix ``P`` (the linear head alignment), still folded.
 
-        The shared part's queries are mixed by P. With ``group_map`` (``head_mixing="kv_group"``: head h of KV group
-        j mixes only the heads of key head ``group_map[j]``), the grouped part keeps its head size: its queries are
-        mixed by P and its keys re-indexed. Otherwise it becomes shared: head h's queries against key head j are
-        ``sum_{g in group j} P[h, g] q_grouped[g]``, laid side by side for every j, against all key heads laid side
-        by side; its head size grows from D_g to H_g D_g.
+        A part whose key is shared by all heads keeps it; its queries are mixed by P. With ``group_map``
+        (``head_mixing="kv_group"``: head h of KV group j mixes only the heads of key head ``group_map[j]``), a part
+        with one key per KV group keeps its head size too: its queries are mixed by P and its keys re-indexed.
+        Otherwise such a part becomes a shared one: head h's queries against key head j are
+        ``sum_{g in group j} P[h, g] q[g]``, laid side by side for every j, against all key heads laid side by side,
+        so its head size grows from D to H_i D.
         """
-        parts = {"q_shared": [], "k_shared": [], "q_grouped": None, "k_grouped": None}
-        if self.q_shared is not None:
-            parts["q_shared"].append(torch.einsum("hg,bgtd->bhtd", permute, self.q_shared.float()))
-            parts["k_shared"].append(self.k_shared)
-        if self.q_grouped is not None and group_map is not None and len(group_map) == self.k_grouped.shape[1]:
-            parts["q_grouped"] = torch.einsum("hg,bgtd->bhtd", permute, self.q_grouped.float())
-            parts["k_grouped"] = self.k_grouped[:, group_map]
-        elif self.q_grouped is not None:
-            batch, num_heads, q_len, dim = self.q_grouped.shape
-            key_heads = self.k_grouped.shape[1]
-            grouped = self.q_grouped.float().view(batch, key_heads, num_heads // key_heads, q_len, dim)
+        parts = []
+        for query, key in self.parts:
+            batch, num_heads, q_len, dim = query.shape
+            key_heads = key.shape[1]
+            if key_heads == 1 or (group_map is not None and len(group_map) == key_heads):
+                mixed = torch.einsum("hg,bgtd->bhtd", permute, query.float()).to(key.dtype)
+                parts.append((mixed, key if key_heads == 1 else key[:, group_map]))
+                continue
+            grouped = query.float().view(batch, key_heads, num_heads // key_heads, q_len, dim)
             by_key = permute.view(num_heads, key_heads, num_heads // key_heads)  # P[h, j, i] = P[h, j G + i]
-            mixed = torch.einsum("hji,bjitd->bhtjd", by_key, grouped)  # B x H x T_q x H_g x D_g
-            parts["q_shared"].append(mixed.reshape(batch, num_heads, q_len, key_heads * dim))
-            key = self.k_grouped.transpose(1, 2).reshape(batch, 1, self.k_grouped.shape[2], key_heads * dim)
-            parts["k_shared"].append(key)
-        dtype = (self.k_shared if self.k_shared is not None else self.k_grouped).dtype
-        q_shared = torch.cat(parts["q_shared"], dim=-1).to(dtype) if parts["q_shared"] else None
-        k_shared = torch.cat(parts["k_shared"], dim=-1) if parts["k_shared"] else None
-        q_grouped = parts["q_grouped"].to(dtype) if parts["q_grouped"] is not None else None
-        return FoldedScores(q_shared, k_shared, q_grouped, parts["k_grouped"])
+            mixed = torch.einsum("hji,bjitd->bhtjd", by_key, grouped)  # B x H x T_q x H_i x D
+            mixed = mixed.reshape(batch, num_heads, q_len, key_heads * dim).to(key.dtype)
+            parts.append((mixed, key.transpose(1, 2).reshape(batch, 1, key.shape[2], key_heads * dim)))
+        return FoldedScores(parts)
 
     def with_lowrank(self, q_small: torch.Tensor, k_small: torch.Tensor, scaling: float) -> FoldedScores:
-        """``S + scaling Q_r K_r^T`` (q_small B x H x T_q x r, k_small B x H_kv x T_k x r), still folded: the
-        low-rank query and key join the grouped part, whose key heads must then be the layer's H_kv."""
-        if self.q_grouped is None:
-            return FoldedScores(self.q_shared, self.k_shared, q_small * scaling, k_small)
-        if self.k_grouped.shape[1] != k_small.shape[1]:
-            raise ValueError(
-                f"FoldedScores.with_lowrank: the grouped keys have {self.k_grouped.shape[1]} heads, the low-rank keys "
-                f"{k_small.shape[1]}; mix the logits without a group map first."
-            )
-        q_grouped = torch.cat([self.q_grouped, q_small * scaling], dim=-1)
-        k_grouped = self.k_grouped[:, :, -k_small.shape[2] :]  # a sliding-window layer keeps its last keys only
-        return FoldedScores(self.q_shared, self.k_shared, q_grouped, torch.cat([k_grouped, k_small], dim=-1))
+        """``S + scaling Q_r K_r^T`` (q_small B x H x T_q x r, k_small B x H_kv x T_k x r), still folded."""
+        return FoldedScores([*self.parts, (q_small * scaling, k_small)])
 
-    def query_key(self, keys: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused query (B x H x T_q x D) and key (B x H_g x T_k x D) with ``S = query key^T`` per head; the last
-        ``keys`` keys only, if given."""
-        parts_q = [part for part in (self.q_shared, self.q_grouped) if part is not None]
-        parts_k = []
-        key_heads = self.k_grouped.shape[1] if self.k_grouped is not None else 1
-        for part in (self.k_shared, self.k_grouped):
-            if part is None:
-                continue
-            part = part if keys is None or keys == part.shape[2] else part[:, :, -keys:]
-            parts_k.append(part.expand(part.shape[0], key_heads, *part.shape[2:]))
-        query = parts_q[0] if len(parts_q) == 1 else torch.cat(parts_q, dim=-1)
-        key = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=-1)
+    def _group(self, group: int, num_groups: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused query (B x G x T_q x D) of the G query heads of KV group ``group`` and their key
+        (B x 1 x keys x D): every part's queries and keys laid side by side."""
+        size = self.shape[1] // num_groups
+        queries, key_parts = [], []
+        for query, key in self.parts:
+            queries.append(query[:, group * size : (group + 1) * size])
+            key_head = 0 if key.shape[1] == 1 else group * key.shape[1] // num_groups
+            key_parts.append(key[:, key_head : key_head + 1, -keys:])
+        query = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)
+        key = key_parts[0] if len(key_parts) == 1 else torch.cat(key_parts, dim=-1)
         return query, key
 
     def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
-        query, key = self.query_key(keys)
-        return grouped_scores(query[:, :, rows], key, 1.0)
+        keys = self.shape[-1] if keys is None else keys
+        return sum(grouped_scores(query[:, :, rows], key[:, :, -keys:], 1.0) for query, key in self.parts)
 
     def attend(
         self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float = 0.0
     ) -> torch.Tensor:
-        """``softmax(S + M) V`` in one fused attention call -> B x T_q x (H d_v)."""
-        query, key = self.query_key(value.shape[2])
-        return fused_attention(query, key, value, attention_mask, dropout)
+        """``softmax(S + M) V`` -> B x T_q x (H d_v): one fused attention call per KV group of ``value``
+        (B x H_kv x T_k x d_v), so that the fused queries, keys and outputs of only one group exist at a time."""
+        num_groups, keys = value.shape[1], value.shape[2]
+        outputs = []
+        for group in range(num_groups):
+            query, key = self._group(group, num_groups, keys)
+            outputs.append(fused_attention(query, key, value[:, group : group + 1], attention_mask, dropout))
+        return outputs[0] if num_groups == 1 else torch.cat(outputs, dim=-1)  # B x T_q x (H d_v), heads in order
 
 
 class ChainedLogits(SourceLogits):
