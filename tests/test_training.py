@@ -11,9 +11,10 @@ import pytest
 import torch
 from peft import get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from peft_lisa import LiSAConfig
+from peft_lisa.calibration_step import LiSACalibrationConfig, dataset_texts
 from peft_lisa.data import chat_dataset, evaluation_texts, load_evaluation_texts, load_sft_dataset, text_dataset
 from peft_lisa.training import (
     AttentionDistiller,
@@ -189,6 +190,74 @@ def test_lisa_trainer_4bit_nf4_base_on_cpu(tmp_path):
             base_name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
             assert torch.equal(param.detach(), packed_before[base_name]), name
     assert any("attn_kl" in entry for entry in trainer.state.log_history)
+    report = trainer.calibration_report  # calibration (the default first step) runs on the 4-bit base too
+    assert report is not None and [row.layer for row in report.layers] == [2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration before training
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AdapterAtTrainBegin(TrainerCallback):
+    """Records the adapter's parameters when the training loop starts (after any calibration)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.params = adapter_parameters(model)
+
+
+def calibration_trainer(tmp_path, data=None, **kwargs):
+    return LiSATrainer(
+        model=tiny_model(),
+        args=sft_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=data if data is not None else text_dataset(random_texts()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+        calibration=LiSACalibrationConfig(num_sequences=4, adam_steps=10),
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_lisa_trainer_calibrates_before_the_first_step(tmp_path, chat):
+    data = chat_dataset(random_conversations()) if chat else None
+    trainer = calibration_trainer(tmp_path, data)
+    at_begin = AdapterAtTrainBegin()
+    trainer.add_callback(at_begin)
+    initial = adapter_parameters(trainer.model)
+    trainer.train()
+    report = trainer.calibration_report
+    assert report is not None and [row.layer for row in report.layers] == [2, 3]
+    assert report.seq_len == 32 and report.num_sequences == 4  # the training's max_length, the configured budget
+    assert report.mean_kl_after < report.mean_kl_before
+    assert any(not torch.equal(at_begin.params[name], initial[name]) for name in initial)  # calibrated before step 1
+    assert trainer.calibrate_adapter() is report  # once only
+
+
+def test_no_calibrate_and_resume_do_not_calibrate(tmp_path):
+    trainer = calibration_trainer(tmp_path, calibrate=False)
+    at_begin = AdapterAtTrainBegin()
+    trainer.add_callback(at_begin)
+    initial = adapter_parameters(trainer.model)
+    trainer.train()
+    assert trainer.calibration_report is None
+    assert all(torch.equal(at_begin.params[name], initial[name]) for name in initial)
+    resumed = calibration_trainer(tmp_path)
+    resumed.args.max_steps = 3
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed.calibration_report is None and resumed.state.global_step == 3
+
+
+def test_calibration_needs_texts(tmp_path):
+    trainer = calibration_trainer(tmp_path, calibration_texts=["w1 w2"])  # shorter than one sequence: skipped
+    assert trainer.calibrate_adapter() is None
+    with pytest.raises(ValueError, match="calibration_texts"):
+        dataset_texts(text_dataset(random_texts()).rename_column("text", "body"))
+    with pytest.raises(ValueError, match="num_sequences"):
+        LiSACalibrationConfig(num_sequences=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
