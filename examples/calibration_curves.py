@@ -87,7 +87,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("docs/calibration/curves"))
+    parser.add_argument("--plot", nargs="+", type=Path, help="only draw OUT.png from these results JSON files")
     args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.out.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -177,6 +181,37 @@ def main() -> None:
         run["generations"] = generations(peft_model, tokenizer, args.max_new_tokens)
         save()
     print(to_markdown(results))
+
+
+def plot(files: list[Path], out: Path) -> None:
+    """Held-out perplexity (pydoc, license) against CPU-minutes of calibration + training, one line per run."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.5))
+    axes = figure.subplots(1, 2)
+    for file in files:
+        results = json.loads(file.read_text())
+        label = f"{float(results['args']['fraction']):.0%} shared, calibration {results['args']['calibration']}"
+        start = results.get("calibrated", {"cpu_minutes": 0.0, **results["untrained"]})
+        for ax, text in zip(axes, ("pydoc", "license"), strict=True):
+            base = results["base"][text]
+            for name, run in results["runs"].items():
+                xs = [start["cpu_minutes"]] + [point["cpu_minutes"] for point in run["curve"]]
+                ys = [start[text] / base] + [point[text] / base for point in run["curve"]]
+                ax.plot(xs, ys, marker="o", label=f"{label}: then {name}")
+            ax.scatter([start["cpu_minutes"]], [start[text] / base], color="black", zorder=3)
+    for ax, text in zip(axes, ("pydoc test (held out)", "license text (another domain)"), strict=True):
+        for level, style in ((1.10, "--"), (1.15, ":")):
+            ax.axhline(level, color="gray", linestyle=style, linewidth=1)
+        ax.set_xlabel("CPU-minutes (1 thread): calibration, then training")
+        ax.set_ylabel("perplexity / base")
+        ax.set_title(text)
+        ax.set_ylim(1.0, 1.8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def to_markdown(results: dict) -> str:

@@ -322,6 +322,7 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     reduction_help = "combine the per-layer attention KLs by mean (default) or sum"
     option(distill, "--attn-kl-layer-reduction", ("mean", "sum"), "mean", reduction_help)
     option(distill, "--temperature", positive_float, 1.0, "output KL temperature (default 1)")
+    option(distill, "--lm-weight", non_negative_float, 1.0, "weight of the causal-LM loss (default: 1)")
 
     group = train.add_argument_group("evaluation after training")
     switch(group, "--eval", True, "measure the held-out perplexity of the trained adapter (default: on)")

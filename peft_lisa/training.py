@@ -72,6 +72,8 @@ class LiSADistillationConfig:
         output_kl_weight: Weight of the output KL to the adapter-disabled model. ``0`` disables it (no teacher
             forward).
         temperature: Temperature of the output KL (the term is multiplied by ``temperature**2``).
+        lm_weight: Weight of the causal-LM loss (1 by default; 0 with ``output_kl_weight > 0`` trains on the output
+            KL to the base model alone, which keeps the base model's behaviour instead of fitting the text).
     """
 
     attn_kl_weight: float = 0.0
@@ -80,10 +82,13 @@ class LiSADistillationConfig:
     attn_kl_layer_reduction: LayerReduction = "mean"
     output_kl_weight: float = 0.0
     temperature: float = 1.0
+    lm_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.attn_kl_weight < 0 or self.output_kl_weight < 0:
+        if self.attn_kl_weight < 0 or self.output_kl_weight < 0 or self.lm_weight < 0:
             raise ValueError("Distillation weights must be >= 0.")
+        if self.lm_weight == 0 and self.attn_kl_weight == 0 and self.output_kl_weight == 0:
+            raise ValueError("lm_weight=0 needs a distillation term: set output_kl_weight or attn_kl_weight > 0.")
         if self.attn_kl_schedule not in ("constant", "linear_decay"):
             raise ValueError(f"attn_kl_schedule must be 'constant' or 'linear_decay', got {self.attn_kl_schedule!r}.")
         if self.attn_kl_schedule == "linear_decay" and self.attn_kl_warmup_steps <= 0:
@@ -101,7 +106,7 @@ class LiSADistillationConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.attn_kl_weight > 0 or self.output_kl_weight > 0
+        return self.attn_kl_weight > 0 or self.output_kl_weight > 0 or self.lm_weight != 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -448,7 +453,7 @@ class LiSATrainer(_sft_trainer_cls()):
         config = self.distillation
         attn_weight = config.attn_kl_weight_at(self.state.global_step) if self.attention_distiller else 0.0
         use_output_kl = config.output_kl_weight > 0
-        if attn_weight == 0.0 and not use_output_kl:
+        if attn_weight == 0.0 and not use_output_kl and config.lm_weight == 1.0:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -468,6 +473,7 @@ class LiSATrainer(_sft_trainer_cls()):
             )
         loss, outputs = result if return_outputs else (result, None)
         lm_loss = loss.detach()
+        loss = loss * config.lm_weight
         # Like SFTTrainer's auxiliary loss: with num_items_in_batch the LM loss is already split over the
         # gradient-accumulation micro-batches, so split these per-micro-batch means the same way.
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1

@@ -403,6 +403,21 @@ def test_output_kl_is_zero_when_the_student_is_the_teacher(tmp_path):
     assert trainer._metrics["train"]["output_kl"][-1] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_lm_weight_scales_the_lm_loss(tmp_path):
+    """lm_weight=0 with the output KL: the loss is the output KL alone (training towards the base model's outputs)."""
+    trainer = make_trainer(tmp_path, LiSADistillationConfig(output_kl_weight=1.0, lm_weight=0.0))
+    randomize_adapter(trainer.model, seed=1)
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    metrics = trainer._metrics["train"]
+    assert loss.item() == pytest.approx(metrics["output_kl"][-1], rel=1e-5) and metrics["lm_loss"][-1] > 1.0
+    half = make_trainer(tmp_path, LiSADistillationConfig(lm_weight=0.5))
+    randomize_adapter(half.model, seed=1)
+    assert half.compute_loss(half.model, dict(batch)).item() == pytest.approx(0.5 * metrics["lm_loss"][-1], rel=1e-5)
+    with pytest.raises(ValueError, match="lm_weight=0"):
+        LiSADistillationConfig(lm_weight=0.0)
+
+
 def test_attention_kl_training_with_checkpointing_and_schedule(tmp_path):
     """Recomputation by (non-reentrant) gradient checkpointing does not record extra layers; the schedule logs."""
     distillation = LiSADistillationConfig(attn_kl_weight=1.0, attn_kl_schedule="linear_decay", attn_kl_warmup_steps=2)

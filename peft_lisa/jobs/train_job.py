@@ -81,7 +81,7 @@ SFT_OPTIONS = (
 )
 SFT_OPTIONS += ("save_steps", "save_total_limit")
 DISTILLATION_OPTIONS = ("attn_kl_weight", "attn_kl_warmup_steps", "attn_kl_layer_reduction", "output_kl_weight")
-DISTILLATION_OPTIONS += ("temperature",)
+DISTILLATION_OPTIONS += ("temperature", "lm_weight")
 
 
 @dataclass(kw_only=True)
@@ -97,8 +97,9 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit``.
     Calibration before training (:class:`peft_lisa.training.LiSATrainer`; not when resuming): ``calibrate``,
     ``calibration_sequences``, ``calibration_steps`` (Adam steps per shared layer), ``calibration_lr``.
-    Distillation (off by default): ``attn_kl_weight``, ``attn_kl_warmup_steps`` (linear decay to 0 over them),
-    ``attn_kl_layer_reduction``, ``output_kl_weight``, ``temperature``.
+    Objective (:class:`peft_lisa.training.LiSADistillationConfig`): ``lm_weight`` (the LM loss), ``attn_kl_weight``,
+    ``attn_kl_warmup_steps`` (linear decay to 0 over them), ``attn_kl_layer_reduction``, ``output_kl_weight``,
+    ``temperature``.
     Evaluation on the held-out text: ``evaluate`` (trained perplexity), ``eval_base`` (base model, before training),
     ``eval_untrained`` (the untrained adapter), ``eval_calibrated`` (the calibrated adapter, before training), with
     :class:`~.checks.HeldOutPerplexityOptions`; ``eval_license`` measures each of them on a second held-out text from
@@ -137,6 +138,7 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     attn_kl_layer_reduction: str = "mean"
     output_kl_weight: float = 0.0
     temperature: float = 1.0
+    lm_weight: float = 1.0
     evaluate: bool = True
     eval_base: bool = False
     eval_untrained: bool = False
@@ -255,6 +257,8 @@ def _check(job: TrainJob) -> Optional[dict[str, Any]]:
         raise JobInputError("--eval-calibrated needs calibration: drop --no-calibrate")
     if job.calibration_sequences < 1 or job.calibration_steps < 0 or job.calibration_lr <= 0:
         raise JobInputError("--calibration-sequences must be >= 1, --calibration-steps >= 0, --calibration-lr > 0")
+    if job.lm_weight == 0 and not (job.output_kl_weight or job.attn_kl_weight):
+        raise JobInputError("--lm-weight 0 needs --output-kl-weight or --attn-kl-weight > 0 (something to train on)")
     if job.attn_kl_warmup_steps and not job.attn_kl_weight:
         raise JobInputError("--attn-kl-warmup-steps needs --attn-kl-weight > 0")
     return job.perplexity_settings() if job.evaluate else None
