@@ -494,7 +494,8 @@ SCRIPT_EVAL = ["--eval-window", "32", "--eval-stride", "16", "--eval-max-tokens"
 
 
 def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_path, capsys):
-    """The main job's defaults on a tiny run: base, untrained and trained perplexity, generations, results.json."""
+    """The main job's defaults on a tiny run: base, untrained, calibrated and trained perplexity on the held-out text
+    and the license text, side by side; generations with the loop check; results.json."""
     data = tmp_path / "docs.txt"
     data.write_text("\n\n".join(random_texts(60)))
     out = tmp_path / "run"
@@ -515,19 +516,25 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
     assert len(saved["share_layers"]) == 2 and min(saved["share_layers"]) >= 2  # --keep-first 2
     assert saved["layer_choice"]["method"].startswith("analysis")
     metrics = saved["metrics"]
-    assert {"base_perplexity", "untrained_perplexity", "perplexity"} <= set(metrics)
+    keys = ("base_perplexity", "untrained_perplexity", "calibrated_perplexity", "perplexity")
+    assert set(keys) <= set(metrics) and set(keys) <= set(metrics["license"])
     assert metrics["perplexity"]["window"] == 32 and metrics["base_perplexity"]["num_tokens"] == 199
+    assert saved["calibration"]["layers"] and saved["calibration_config"]["num_sequences"] == 16
     assert saved["training"]["tokens_seen"] == 2 * 2 * 32
     assert any("attn_kl" in entry and "output_kl" in entry for entry in saved["training"]["log_history"])
     generations = saved["generations"]
     assert len(generations["prompts"]) == 4 and len(generations["base"]) == len(generations["trained_lisa"]) == 4
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "analysis.json").is_file()
-    # The printed table: one line per model, in this order, with the values of results.json.
-    for label, key in (("base model", "base_perplexity"), ("untrained LiSA", "untrained_perplexity")):
-        assert f"  {label:<16}{metrics[key]['ppl']:8.2f}\n" in printed
-    assert f"  trained LiSA    {metrics['perplexity']['ppl']:8.2f}\n" in printed
-    assert printed.index("base model  ") < printed.index("untrained LiSA  ") < printed.index("trained LiSA  ")
-    assert f">>> {generations['prompts'][0]}\n  [base model] " in printed and "[trained LiSA]" in printed
+    assert set(generations["loops"]) == {"base", "calibrated_lisa", "trained_lisa"}
+    # The printed table: one line per model, in this order, with the values of results.json for both texts.
+    labels = ("base model", "untrained LiSA", "calibrated LiSA", "trained LiSA")
+    for label, key in zip(labels, keys, strict=True):
+        own, other = metrics[key]["ppl"], metrics["license"][key]["ppl"]
+        vs_base = "" if key == "base_perplexity" else f"{own / metrics['base_perplexity']['ppl'] - 1:>+9.1%}"
+        assert f"  {label:<16}{own:>16.2f}{vs_base or '':>9}{other:>16.2f}" in printed, label
+    positions = [printed.index(f"  {label}  ") for label in labels]
+    assert positions == sorted(positions)
+    assert f">>> {generations['prompts'][0]}\n  [base model] " in printed and "[calibrated LiSA]" in printed
 
 
 def test_script_chat_data_on_4bit_base(tiny_checkpoint, tmp_path):

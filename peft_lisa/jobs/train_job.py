@@ -218,7 +218,7 @@ class TrainResult:
 def perplexity_table(metrics: dict[str, Any], data: str) -> list[str]:
     """The held-out perplexities of a run side by side: one row per model (base, untrained, calibrated, trained),
     the training data's held-out part and, when measured, the second held-out text, each with its change vs base."""
-    texts = [(f"{data} test", metrics)]
+    texts = [("held-out", metrics)]
     if isinstance(metrics.get(LICENSE_KEY), dict):
         texts.append(("license text", metrics[LICENSE_KEY]))
     keys = [key for key in PERPLEXITY_LABELS if key in metrics]
@@ -226,9 +226,10 @@ def perplexity_table(metrics: dict[str, Any], data: str) -> list[str]:
         return []
     first = metrics[keys[0]]
     lines = [
-        f"held-out perplexity (window {first['window']}, stride {first['stride']}; {first['num_tokens']:,} tokens"
-        + (f"; license text: {metrics[LICENSE_KEY].get('text')}" if len(texts) > 1 else "")
-        + "):",
+        f"perplexity on the held-out part of {data} ({first['num_tokens']:,} tokens, window {first['window']}, stride "
+        f"{first['stride']})"
+        + (f" and on the license text {metrics[LICENSE_KEY].get('text')}" if len(texts) > 1 else "")
+        + ":",
         f"  {'':<16}" + "".join(f"{name:>16}{'vs base':>9}" for name, _ in texts),
     ]
     for key in keys:
@@ -236,7 +237,8 @@ def perplexity_table(metrics: dict[str, Any], data: str) -> list[str]:
         for _, measured in texts:
             value, base = measured.get(key), measured.get("base_perplexity")
             row += f"{value['ppl']:>16.2f}" if value else f"{'':>16}"
-            row += f"{value['ppl'] / base['ppl'] - 1:>+9.1%}" if value and base else f"{'':>9}"
+            compared = value and base and key != "base_perplexity"
+            row += f"{value['ppl'] / base['ppl'] - 1:>+9.1%}" if compared else f"{'':>9}"
         lines.append(row)
     return lines
 
