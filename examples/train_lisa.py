@@ -49,8 +49,8 @@ import torch
 from peft_lisa.cli import main as peft_lisa_main
 
 # The main job's settings; options given on the command line come later and win (argparse keeps the last value).
-DEFAULTS = ["--output-dir", "runs/train_lisa", "--eval-base", "--eval-untrained", "--eval-calibrated", "--eval-license"]
-DEFAULTS += ["--max-new-tokens", "40"]
+DEFAULTS = ["--output-dir", "runs/train_lisa", "--eval-base", "--eval-untrained", "--eval-calibrated"]
+DEFAULTS += ["--eval-license", "--max-new-tokens", "40"]
 # This script's spellings -> peft-lisa train's.
 ALIASES = {"--skip-base-eval": ["--no-eval-base", "--no-eval-untrained", "--no-eval-calibrated"]}
 

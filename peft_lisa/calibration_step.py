@@ -5,7 +5,7 @@ the first optimizer step (``docs/method.md``, "Calibration")."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -52,16 +52,21 @@ class LiSACalibrationConfig:
         return asdict(self)
 
 
-def dataset_texts(dataset: Any, tokenizer: Any = None) -> Iterator[str]:
-    """The plain texts of a training dataset, lazily: its ``"text"`` column, or each ``"messages"`` conversation
-    rendered with the tokenizer's chat template (:func:`peft_lisa.data.render_conversation`)."""
+def dataset_texts(source: Any, tokenizer: Any = None) -> Iterable[str]:
+    """The calibration texts of a training run: ``source`` itself if it is texts, else (a dataset) lazily its
+    ``"text"`` column, or each ``"messages"`` conversation rendered with the tokenizer's chat template
+    (:func:`peft_lisa.data.render_conversation`)."""
     from .data import render_conversation
 
-    columns = getattr(dataset, "column_names", None) or []
+    if source is None:
+        raise ValueError("LiSATrainer has no texts to calibrate on: pass calibration_texts=..., or calibrate=False.")
+    if not hasattr(source, "column_names"):
+        return source
+    columns = source.column_names or []
     if "text" in columns:
-        return (row["text"] for row in dataset)
+        return (row["text"] for row in source)
     if "messages" in columns:
-        return (render_conversation(row["messages"], tokenizer) for row in dataset)
+        return (render_conversation(row["messages"], tokenizer) for row in source)
     raise ValueError(
         f"Calibration before training reads the training texts, but the dataset has no 'text' or 'messages' column "
         f"(columns: {columns}): pass calibration_texts=... to LiSATrainer, or calibrate=False."

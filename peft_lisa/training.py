@@ -416,13 +416,7 @@ class LiSATrainer(_sft_trainer_cls()):
         report (None if the texts are shorter than one calibration sequence)."""
         if self._calibrated:
             return self.calibration_report
-        source = self._calibration_source
-        if source is None:
-            raise ValueError(
-                "LiSATrainer has no texts to calibrate on: pass calibration_texts=..., or calibrate=False."
-            )
-        is_dataset = hasattr(source, "column_names")
-        texts = dataset_texts(source, self.processing_class) if is_dataset else source
+        texts = dataset_texts(self._calibration_source, self.processing_class)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.calibration_report = calibrate_before_training(
             unwrapped,
