@@ -103,7 +103,8 @@ def test_main_help_lists_the_commands(capsys):
 def test_no_command_is_a_usage_error(capsys):
     code, out, err = run(capsys)
     assert code == 2 and not out
-    message = "peft-lisa: error: choose a command: analyze, train, calibrate, eval, merge, bench (see 'peft-lisa --help')"
+    commands = "analyze, train, calibrate, eval, merge, bench"
+    message = f"peft-lisa: error: choose a command: {commands} (see 'peft-lisa --help')"
     assert err.strip().splitlines() == [message]
 
 
