@@ -17,8 +17,8 @@ Example::
     print(result.summary())
 
 Bad input raises :class:`JobInputError` (a ``ValueError``) before anything slow runs; a wrong result raises
-:class:`JobFailedError`. Progress goes to the ``peft_lisa`` logger. Only :func:`train` needs the ``train`` extras
-(TRL, datasets); analysing, evaluating and merging do not.
+:class:`JobFailedError`. Progress goes to the ``peft_lisa`` logger. Only :func:`train` and :func:`calibrate` need the
+``train`` extras (TRL, datasets); analysing, evaluating and merging do not.
 
 Modules, each importing only those above it: :mod:`.checks` (errors, input checks, device, base model),
 :mod:`.metrics` (perplexity, model-card metrics, JSON), :mod:`.analyze_job`, :mod:`.eval_job`, :mod:`.merge_job`,
