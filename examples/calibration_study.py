@@ -14,7 +14,6 @@ Writes ``docs/calibration/results.md`` and ``results.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import platform
@@ -25,34 +24,13 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, calibrate
+from peft_lisa.data import license_text, load_texts
 from peft_lisa.evaluation import perplexity
-from peft_lisa.resources import load_model_and_tokenizer, load_texts
+from peft_lisa.resources import load_model_and_tokenizer
 
 BASELINES = ("base", "untrained")
 REPO = Path(__file__).resolve().parents[1]
 ANALYSIS = REPO / "docs" / "analysis" / "smollm2_135m_analysis.json"
-# (distribution, file): long license texts shipped inside installed wheels; the first one found is used.
-LICENSE_TEXTS = (
-    ("pyarrow", "licenses/LICENSE.txt"),
-    ("pillow", "licenses/LICENSE"),
-    ("matplotlib", "LICENSE"),
-    ("numpy", "licenses/LICENSE.txt"),
-)
-
-
-def license_text() -> tuple[str, str]:
-    """A long held-out text from another domain (legal English): a license file shipped with an installed package."""
-    for name, relative in LICENSE_TEXTS:
-        try:
-            distribution = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for file in distribution.files or ():
-            if str(file).endswith(relative) and ".dist-info" in str(file):
-                path = Path(distribution.locate_file(file))
-                if path.is_file():
-                    return f"{name} {distribution.version} {relative}", path.read_text(encoding="utf-8")
-    raise FileNotFoundError(f"None of these license files is installed: {LICENSE_TEXTS}")
 
 
 def evaluate(model, tokenizer, held_out: dict[str, list[str]], tokens: int) -> dict[str, float]:

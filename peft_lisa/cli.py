@@ -7,13 +7,15 @@ a ``.jsonl``/``.json`` file with a text field or chat ``messages``; or a ``datas
     peft-lisa analyze --output-dir lisa-analysis
     peft-lisa train --analysis lisa-analysis/analysis.json --share-fraction 0.5 --output-dir lisa-run
     peft-lisa train --output-dir lisa-run --resume latest          # continue from the last checkpoint
+    peft-lisa calibrate --share-fraction 0.5 --output-dir lisa-calibrated
     peft-lisa eval --adapter lisa-run/adapter --compare-base
     peft-lisa merge --adapter lisa-run/adapter --output lisa-merged
     peft-lisa eval --merged lisa-merged
     peft-lisa bench --merged lisa-merged --quick
 
 Each subcommand parses its options (:mod:`peft_lisa.cli_options`) and calls one library function:
-:func:`peft_lisa.jobs.analyze`, :func:`~peft_lisa.jobs.train`, :func:`~peft_lisa.jobs.evaluate`,
+:func:`peft_lisa.jobs.analyze`, :func:`~peft_lisa.jobs.train`, :func:`~peft_lisa.jobs.calibrate`,
+:func:`~peft_lisa.jobs.evaluate`,
 :func:`~peft_lisa.jobs.merge` and :func:`peft_lisa.benchmark.benchmark_model`; it prints the result's report to stdout.
 Progress lines go to stderr through the ``peft_lisa`` logger (``[peft-lisa] ...``).
 
@@ -37,6 +39,7 @@ from typing import Any, Optional
 
 from .cli_options import (
     add_analyze_parser,
+    add_calibrate_parser,
     add_eval_parser,
     add_merge_parser,
     add_train_parser,
@@ -51,12 +54,14 @@ from .cli_options import (
 )
 from .jobs import (
     AnalyzeJob,
+    CalibrateJob,
     EvalJob,
     JobError,
     JobFailedError,
     MergeJob,
     TrainJob,
     analyze,
+    calibrate,
     evaluate,
     merge,
     train,
@@ -107,6 +112,7 @@ examples:
   peft-lisa analyze --output-dir lisa-analysis
   peft-lisa train --analysis lisa-analysis/analysis.json --share-fraction 0.5 --output-dir lisa-run
   peft-lisa train --output-dir lisa-run --resume latest
+  peft-lisa calibrate --share-fraction 0.5 --output-dir lisa-calibrated
   peft-lisa eval --adapter lisa-run/adapter --compare-base
   peft-lisa merge --adapter lisa-run/adapter --output lisa-merged
   peft-lisa eval --merged lisa-merged
@@ -117,7 +123,7 @@ Run 'peft-lisa <command> --help' for the options of a command. Bad arguments exi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``peft-lisa`` argument parser with its five subcommands."""
+    """The ``peft-lisa`` argument parser with its six subcommands."""
     from . import __version__
 
     parser = _Parser(
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     add_analyze_parser(commands, common)
     add_train_parser(commands, common)
+    add_calibrate_parser(commands, common)
     add_eval_parser(commands, common)
     add_merge_parser(commands, common)
 
@@ -229,6 +236,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``peft-lisa calibrate``: :func:`peft_lisa.jobs.calibrate`."""
+    print(calibrate(_job(CalibrateJob, args, evaluate=args.eval, command=_command_line(args))).summary())
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``peft-lisa eval``: :func:`peft_lisa.jobs.evaluate`."""
     window = {f"eval_{name}": getattr(args, name) for name in ("window", "stride", "max_tokens", "batch_size")}
@@ -300,7 +313,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # Entry point
 # --------------------------------------------------------------------------------------------------------------
 
-COMMANDS = {"analyze": cmd_analyze, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "bench": cmd_bench}
+COMMANDS = {
+    "analyze": cmd_analyze,
+    "train": cmd_train,
+    "calibrate": cmd_calibrate,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
+    "bench": cmd_bench,
+}
 
 
 @contextlib.contextmanager

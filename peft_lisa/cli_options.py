@@ -1,5 +1,5 @@
 """The options of ``peft-lisa``: argument types, the option groups the commands share, and the ``analyze``, ``train``,
-``eval`` and ``merge`` subcommand parsers (``peft_lisa.cli.build_parser`` puts them together with ``bench``)."""
+``calibrate``, ``eval`` and ``merge`` subcommand parsers (``peft_lisa.cli.build_parser`` adds ``bench``)."""
 
 from __future__ import annotations
 
@@ -149,6 +149,13 @@ def add_eval_options(group: Any, prefix: str = "") -> None:
     option(group, f"--{prefix}batch-size", positive_int, 8, "perplexity windows per forward (default: 8)")
 
 
+def add_calibration_options(group: Any) -> None:
+    """The budget of the layer-wise calibration (``peft_lisa.calibrate``): sequences, Adam steps, learning rate."""
+    option(group, "--calibration-sequences", positive_int, 16, "calibration sequences (default: 16)")
+    option(group, "--calibration-steps", non_negative_int, 100, "Adam steps per shared layer (default: 100)")
+    option(group, "--calibration-lr", positive_float, 1e-2, "Adam learning rate, cosine (default: 1e-2)")
+
+
 def add_generation_options(group: Any, default_tokens: int) -> None:
     """Greedy sample generation options: ``--prompts`` and ``--max-new-tokens``."""
     prompts_help = (
@@ -211,6 +218,19 @@ example:
   peft-lisa merge --adapter lisa-run/adapter --output lisa-merged
   python -c "import peft_lisa, transformers; transformers.AutoModelForCausalLM.from_pretrained('lisa-merged')\"""",
 )
+CALIBRATE_TEXTS = (
+    "fit a LiSA adapter layer by layer to its base model (no training of the LM)",
+    """Create a LiSA adapter (the layer options of 'train') or load one (--adapter), and fit each shared layer, in
+    layer order, to its own base layer's attention on --calibration-sequences sequences of the training text
+    (peft_lisa.calibrate: no backpropagation through the model). Prints the per-layer report (attention KL before and
+    after, seconds) and the held-out perplexity before and after (--no-eval to skip). Saves the adapter atomically to
+    OUTPUT_DIR/adapter (with lisa_calibration.json), OUTPUT_DIR/calibration.md and OUTPUT_DIR/results.json.""",
+    """\
+examples:
+  peft-lisa calibrate --share-fraction 0.5 --output-dir lisa-calibrated
+  peft-lisa calibrate --adapter lisa-run/adapter --calibration-steps 200 --output-dir lisa-recalibrated
+  peft-lisa train --no-calibrate ...   # train without calibrating first""",
+)
 _RECORDED_MODEL_HELP = "base model: a local directory or a hub id (default: the one recorded in {})"
 
 
@@ -244,13 +264,8 @@ def add_analyze_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     analyze.add_argument("--output-dir", "--output", default="lisa-analysis", help="default: lisa-analysis")
 
 
-def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    """``peft-lisa train``: its parser, added to ``commands``."""
-    train = subcommand(commands, "train", [common, data_parent("train")], TRAIN_TEXTS)
-    train.add_argument("--model", default=None, help=_MODEL_HELP)
-    switch(train, "--load-in-4bit", None, "load the base model in 4-bit NF4 (bitsandbytes)")
-
-    lisa = train.add_argument_group("LiSA adapter")
+def add_layer_options(lisa: Any) -> None:
+    """The options that choose a new adapter's layers and shape (``train`` and ``calibrate``)."""
     choice = lisa.add_mutually_exclusive_group()
     option(choice, "--share-layers", layer_list, None, "layers to share, e.g. 4,5,6,7")
     fraction_help = "share this fraction of all layers, chosen by the calibration analysis (default: 0.5)"
@@ -266,6 +281,15 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     option(lisa, "--rank", even_rank, None, "per-head rank of the low-rank Q/K (default: 8)")
     align_help = "hidden size of the head-alignment FFN (default: 0 = linear only; 4 x heads is the widest tested)"
     option(lisa, "--align-hidden", non_negative_int, None, align_help)
+
+
+def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``peft-lisa train``: its parser, added to ``commands``."""
+    train = subcommand(commands, "train", [common, data_parent("train")], TRAIN_TEXTS)
+    train.add_argument("--model", default=None, help=_MODEL_HELP)
+    switch(train, "--load-in-4bit", None, "load the base model in 4-bit NF4 (bitsandbytes)")
+
+    add_layer_options(train.add_argument_group("LiSA adapter"))
 
     group = train.add_argument_group("training")
     option(group, "--max-steps", positive_int, 120, "optimizer steps (default: 120)")
@@ -285,6 +309,10 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH|latest", help=resume_help)
 
+    calibration = train.add_argument_group("calibration before training (not when resuming)")
+    switch(calibration, "--calibrate", True, "fit the adapter layer by layer to the base model first (default: on)")
+    add_calibration_options(calibration)
+
     distill = train.add_argument_group("distillation (off by default)")
     option(distill, "--attn-kl-weight", non_negative_float, 0.0, "attention KL weight")
     warmup_help = "decay the attention KL weight linearly to 0 over this many steps (0: constant weight)"
@@ -294,6 +322,7 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     reduction_help = "combine the per-layer attention KLs by mean (default) or sum"
     option(distill, "--attn-kl-layer-reduction", ("mean", "sum"), "mean", reduction_help)
     option(distill, "--temperature", positive_float, 1.0, "output KL temperature (default 1)")
+    option(distill, "--lm-weight", non_negative_float, 1.0, "weight of the causal-LM loss (default: 1)")
 
     group = train.add_argument_group("evaluation after training")
     switch(group, "--eval", True, "measure the held-out perplexity of the trained adapter (default: on)")
@@ -301,9 +330,36 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     switch(group, "--eval-base", False, base_help)
     untrained_help = "also measure the untrained adapter's perplexity (direct sharing), before training (default: off)"
     switch(group, "--eval-untrained", False, untrained_help)
+    calibrated_help = (
+        "also measure the calibrated adapter's perplexity (and generations), before training (default: off)"
+    )
+    switch(group, "--eval-calibrated", False, calibrated_help)
+    license_help = (
+        "also measure every perplexity on a second held-out text from another domain: a license text shipped with an "
+        "installed package (default: off)"
+    )
+    switch(group, "--eval-license", False, license_help)
     add_eval_options(group, "eval-")
     add_generation_options(group, default_tokens=0)
     train.add_argument("--output-dir", "--output", default="lisa-run", help="default: lisa-run")
+
+
+def add_calibrate_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``peft-lisa calibrate``: its parser, added to ``commands``."""
+    calibrate = subcommand(commands, "calibrate", [common, data_parent("train")], CALIBRATE_TEXTS)
+    calibrate.add_argument("--model", default=None, help=_RECORDED_MODEL_HELP.format("--adapter, else the built-in"))
+    switch(calibrate, "--load-in-4bit", None, "load the base model in 4-bit NF4 (bitsandbytes)")
+    calibrate.add_argument("--adapter", default=None, help="an existing LiSA adapter directory to calibrate")
+    add_layer_options(calibrate.add_argument_group("new LiSA adapter (without --adapter)"))
+    group = calibrate.add_argument_group("calibration")
+    add_calibration_options(group)
+    option(group, "--seq-len", positive_int, 256, "tokens per calibration sequence (default: 256)")
+    option(group, "--batch-size", positive_int, 4, "sequences per forward and per Adam step (default: 4)")
+    option(group, "--seed", int, 0, "random seed (default: 0)")
+    group = calibrate.add_argument_group("evaluation")
+    switch(group, "--eval", True, "held-out perplexity before and after calibration (default: on)")
+    add_eval_options(group, "eval-")
+    calibrate.add_argument("--output-dir", "--output", default="lisa-calibrated", help="default: lisa-calibrated")
 
 
 def _comma_list(text: str) -> list[str]:

@@ -6,7 +6,8 @@ lines), a ``.jsonl``/``.json`` file (a text field, or chat ``messages``), or a `
 
 * Plain text: :func:`load_texts` (with the deterministic held-out split of :func:`split_texts`),
   :func:`pydoc_texts`, :func:`chunk_token_ids` (fixed-length token blocks).
-* Evaluation: :func:`load_evaluation_texts` (plain texts of any source, chat rendered with the chat template).
+* Evaluation: :func:`load_evaluation_texts` (plain texts of any source, chat rendered with the chat template),
+  :func:`license_text` (a second held-out text from another domain: legal English shipped with a package).
 * Training (``datasets.Dataset`` for TRL's ``SFTTrainer``): :func:`load_sft_dataset`, :func:`text_dataset`,
   :func:`chat_dataset`, :func:`load_conversations`, :func:`is_conversational_dataset`, :func:`evaluation_texts`.
 
@@ -335,6 +336,33 @@ def evaluation_texts(dataset: Any, tokenizer: Any = None) -> list[str]:
     if not is_conversational_dataset(dataset):
         return list(dataset["text"])
     return [render_conversation(messages, tokenizer) for messages in dataset["messages"]]
+
+
+# (distribution, file): long license texts shipped inside installed wheels; the first one found is used.
+LICENSE_TEXTS = (
+    ("pyarrow", "licenses/LICENSE.txt"),
+    ("pillow", "licenses/LICENSE"),
+    ("matplotlib", "LICENSE"),
+    ("numpy", "licenses/LICENSE.txt"),
+)
+
+
+def license_text() -> tuple[str, str]:
+    """``(name, text)`` of a long held-out text from another domain than the training data (legal English): the
+    first of :data:`LICENSE_TEXTS` that an installed package ships. Raises ``FileNotFoundError`` if none is."""
+    import importlib.metadata
+
+    for name, relative in LICENSE_TEXTS:
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in distribution.files or ():
+            if str(file).endswith(relative) and ".dist-info" in str(file):
+                path = Path(distribution.locate_file(file))
+                if path.is_file():
+                    return f"{name} {distribution.version} {relative}", path.read_text(encoding="utf-8")
+    raise FileNotFoundError(f"None of these license files is installed: {LICENSE_TEXTS}")
 
 
 def load_evaluation_texts(

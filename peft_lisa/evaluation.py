@@ -209,3 +209,22 @@ def generate_samples(
         model.train(was_training)
     new_tokens = output[:, encoded["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def repeated_ngram(text: str, max_n: int = 4, min_repeats: int = 3, phrase_words: int = 3) -> Optional[str]:
+    """The phrase a looping generation repeats, or None: the shortest run of ``n <= max_n`` words that occurs
+    ``min_repeats`` times in a row ("decorator decorator decorator", "tuple, tuple, tuple"; punctuation and case
+    ignored), or a phrase of ``phrase_words`` words that occurs ``min_repeats`` times anywhere in the text."""
+    words = [word for word in (token.strip(".,;:!?\"'()[]`").lower() for token in text.split()) if word]
+    for n in range(1, max_n + 1):
+        for start in range(len(words) - n * min_repeats + 1):
+            phrase = words[start : start + n]
+            if all(words[start + k * n : start + (k + 1) * n] == phrase for k in range(1, min_repeats)):
+                return " ".join(phrase)
+    counts: dict[tuple[str, ...], int] = {}
+    for start in range(len(words) - phrase_words + 1):
+        key = tuple(words[start : start + phrase_words])
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] >= min_repeats:
+            return " ".join(key)
+    return None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -34,6 +34,8 @@ from torch import nn
 
 import peft_lisa  # noqa: F401  (registers the LiSA PEFT type before SFTTrainer calls get_peft_model)
 
+from .calibration import CalibrationReport
+from .calibration_step import LiSACalibrationConfig, calibrate_before_training, dataset_texts
 from .data import (  # noqa: F401  (the dataset builders, importable from here as before)
     chat_dataset,
     evaluation_texts,
@@ -70,6 +72,8 @@ class LiSADistillationConfig:
         output_kl_weight: Weight of the output KL to the adapter-disabled model. ``0`` disables it (no teacher
             forward).
         temperature: Temperature of the output KL (the term is multiplied by ``temperature**2``).
+        lm_weight: Weight of the causal-LM loss (1 by default; 0 with ``output_kl_weight > 0`` trains on the output
+            KL to the base model alone, which keeps the base model's behaviour instead of fitting the text).
     """
 
     attn_kl_weight: float = 0.0
@@ -78,10 +82,13 @@ class LiSADistillationConfig:
     attn_kl_layer_reduction: LayerReduction = "mean"
     output_kl_weight: float = 0.0
     temperature: float = 1.0
+    lm_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.attn_kl_weight < 0 or self.output_kl_weight < 0:
+        if self.attn_kl_weight < 0 or self.output_kl_weight < 0 or self.lm_weight < 0:
             raise ValueError("Distillation weights must be >= 0.")
+        if self.lm_weight == 0 and self.attn_kl_weight == 0 and self.output_kl_weight == 0:
+            raise ValueError("lm_weight=0 needs a distillation term: set output_kl_weight or attn_kl_weight > 0.")
         if self.attn_kl_schedule not in ("constant", "linear_decay"):
             raise ValueError(f"attn_kl_schedule must be 'constant' or 'linear_decay', got {self.attn_kl_schedule!r}.")
         if self.attn_kl_schedule == "linear_decay" and self.attn_kl_warmup_steps <= 0:
@@ -99,7 +106,7 @@ class LiSADistillationConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.attn_kl_weight > 0 or self.output_kl_weight > 0
+        return self.attn_kl_weight > 0 or self.output_kl_weight > 0 or self.lm_weight != 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -359,6 +366,11 @@ class LiSATrainer(_sft_trainer_cls()):
     * keeps the LiSA parameters in float32 on a quantized base (``SFTTrainer`` casts trainable parameters of a
       quantized model to bfloat16, QLoRA style; pass ``keep_adapter_fp32=False`` to keep that), and applies
       :func:`keep_4bit_weights_trainable` (bitsandbytes on CPU otherwise stops gradients after any evaluation);
+    * calibrates the adapter (:func:`peft_lisa.calibrate`, budget ``calibration``, on ``calibration_texts`` or the
+      training dataset's texts) before the first training step, unless ``calibrate=False`` or the run resumes from a
+      checkpoint (whose adapter replaces it); the report is ``calibration_report``. Under DDP / FSDP every process
+      calibrates, on the same texts with the same seed, before the model is wrapped; the wrapper then broadcasts the
+      main process's parameters, so all processes start training from one state;
     * adds ``attn_kl_weight_at(step) * attn_kl + output_kl_weight * output_kl`` to the loss and logs ``lm_loss``,
       ``attn_kl``, ``attn_kl_weight`` and ``output_kl`` (unweighted values) next to ``loss``.
 
@@ -370,9 +382,19 @@ class LiSATrainer(_sft_trainer_cls()):
         *args: Any,
         distillation: Optional[LiSADistillationConfig] = None,
         keep_adapter_fp32: bool = True,
+        calibrate: bool = True,
+        calibration: Optional[LiSACalibrationConfig] = None,
+        calibration_texts: Optional[Iterable[str]] = None,
         **kwargs: Any,
     ) -> None:
         self.distillation = distillation or LiSADistillationConfig()
+        self.calibrate = calibrate
+        self.calibration = calibration or LiSACalibrationConfig()
+        self.calibration_report: Optional[CalibrationReport] = None
+        self._calibrated = False
+        # SFTTrainer tokenises (and packs) the dataset: keep the raw one for the calibration texts.
+        raw_dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        self._calibration_source = calibration_texts if calibration_texts is not None else raw_dataset
         training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if training_args is not None:
             _force_non_reentrant_checkpointing(training_args)
@@ -389,6 +411,31 @@ class LiSATrainer(_sft_trainer_cls()):
         if self.distillation.attn_kl_weight > 0:
             self.attention_distiller = AttentionDistiller(unwrapped, self.distillation.attn_kl_layer_reduction)
 
+    def calibrate_adapter(self) -> Optional[CalibrationReport]:
+        """Calibrate the adapter now (once: later calls, and :meth:`train`, do not calibrate again); returns the
+        report (None if the texts are shorter than one calibration sequence)."""
+        if self._calibrated:
+            return self.calibration_report
+        texts = dataset_texts(self._calibration_source, self.processing_class)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.calibration_report = calibrate_before_training(
+            unwrapped,
+            self.processing_class,
+            texts,
+            self.calibration,
+            max_length=getattr(self.args, "max_length", None),
+            progress=not self.args.disable_tqdm,
+        )
+        self._calibrated = True
+        return self.calibration_report
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``SFTTrainer.train``, after :meth:`calibrate_adapter` when ``calibrate`` is on and the run starts fresh
+        (not when resuming from a checkpoint)."""
+        if self.calibrate and not resume_from_checkpoint and self.state.global_step == 0:
+            self.calibrate_adapter()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -400,7 +447,7 @@ class LiSATrainer(_sft_trainer_cls()):
         config = self.distillation
         attn_weight = config.attn_kl_weight_at(self.state.global_step) if self.attention_distiller else 0.0
         use_output_kl = config.output_kl_weight > 0
-        if attn_weight == 0.0 and not use_output_kl:
+        if attn_weight == 0.0 and not use_output_kl and config.lm_weight == 1.0:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -420,6 +467,7 @@ class LiSATrainer(_sft_trainer_cls()):
             )
         loss, outputs = result if return_outputs else (result, None)
         lm_loss = loss.detach()
+        loss = loss * config.lm_weight
         # Like SFTTrainer's auxiliary loss: with num_items_in_batch the LM loss is already split over the
         # gradient-accumulation micro-batches, so split these per-micro-batch means the same way.
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1

@@ -25,7 +25,7 @@ from peft_lisa.cli import main
 from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
 from .test_training import WORDS, tiny_tokenizer
 
-COMMANDS = ("analyze", "train", "eval", "merge", "bench")
+COMMANDS = ("analyze", "train", "calibrate", "eval", "merge", "bench")
 RANK = 4
 TRAIN = ["--seq-len", "32", "--batch-size", "2", "--logging-steps", "1", "--save-steps", "1"]
 EVAL = ["--eval-window", "32", "--eval-stride", "16"]
@@ -103,7 +103,8 @@ def test_main_help_lists_the_commands(capsys):
 def test_no_command_is_a_usage_error(capsys):
     code, out, err = run(capsys)
     assert code == 2 and not out
-    message = "peft-lisa: error: choose a command: analyze, train, eval, merge, bench (see 'peft-lisa --help')"
+    commands = "analyze, train, calibrate, eval, merge, bench"
+    message = f"peft-lisa: error: choose a command: {commands} (see 'peft-lisa --help')"
     assert err.strip().splitlines() == [message]
 
 
@@ -226,7 +227,23 @@ def run_dir(work, analysis_dir):
     out = work / "run"
     layers = ["--analysis", analysis_dir / "analysis.json", "--share-fraction", 0.5, "--rank", RANK]
     assert (
-        call("train", *tiny(work), *layers, "--max-steps", 2, *TRAIN, *EVAL, "--eval-base", "--output-dir", out) == 0
+        call(
+            "train",
+            *tiny(work),
+            *layers,
+            "--max-steps",
+            2,
+            *TRAIN,
+            *EVAL,
+            "--eval-base",
+            "--eval-calibrated",
+            "--eval-license",
+            "--max-new-tokens",
+            4,
+            "--output-dir",
+            out,
+        )
+        == 0
     )
     return out
 
@@ -289,6 +306,14 @@ def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):
     assert f"stride 16): {ppl['ppl']:.2f}" in card and "; base model)" in card
     results = json.loads((run_dir / "results.json").read_text())
     assert results["training"]["global_step"] == 2 and results["share_layers"] == shared
+    # Calibrated before training (the default), measured before training, on both held-out texts.
+    assert [row["layer"] for row in results["calibration"]["layers"]] == shared
+    assert results["calibration_config"]["num_sequences"] == 16
+    assert {"base_perplexity", "calibrated_perplexity", "perplexity"} <= set(results["metrics"])
+    assert {"base_perplexity", "calibrated_perplexity", "perplexity"} <= set(results["metrics"]["license"])
+    generations = results["generations"]
+    assert set(generations["loops"]) == {"base", "calibrated_lisa", "trained_lisa"}
+    assert len(generations["calibrated_lisa"]) == len(generations["prompts"])
 
 
 def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):
@@ -324,10 +349,45 @@ def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):
     )
     results = json.loads((resumed / "results.json").read_text())
     assert results["training"]["global_step"] == 3
+    assert results["calibration"] is None  # a resumed run does not calibrate again
     assert results["training"]["resumed_from"] == str(resumed / "checkpoint-2")
     assert "trained to step 3" in printed
     assert (resumed / "checkpoint-3").is_dir()
     assert "Perplexity: not measured for this artifact" in (resumed / "adapter" / "README.md").read_text()
+
+
+def test_calibrate_creates_or_loads_an_adapter_and_saves_the_report(capsys, work, run_dir):
+    budget = ["--seq-len", 32, "--batch-size", 2, "--calibration-sequences", 4, "--calibration-steps", 5, *EVAL]
+    out = work / "calibrated"
+    printed = ok(
+        capsys, "calibrate", *tiny(work), "--share-layers", "2,3", "--rank", RANK, *budget, "--output-dir", out
+    )
+    assert "| layer | source | KL before |" in printed and "held-out perplexity calibrated:" in printed
+    results = json.loads((out / "results.json").read_text())
+    report = json.loads((out / "adapter" / "lisa_calibration.json").read_text())
+    assert [row["layer"] for row in report["layers"]] == [2, 3] == results["share_layers"]
+    assert all(row["kl_after"] <= row["kl_before"] for row in report["layers"])
+    assert (out / "calibration.md").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    # An existing adapter: its own layers, calibrated further, saved elsewhere.
+    again = work / "recalibrated"
+    ok(
+        capsys,
+        "calibrate",
+        "--adapter",
+        run_dir / "adapter",
+        "--data",
+        work / "data.txt",
+        *budget,
+        "--output-dir",
+        again,
+    )
+    trained = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert json.loads((again / "results.json").read_text())["share_layers"] == trained["share_layers"]
+    before = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    after = load_file(again / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    code, _, err = run(capsys, "calibrate", "--adapter", run_dir / "adapter", "--rank", RANK)
+    assert code == 2 and "--adapter brings its own layers" in err
 
 
 def test_eval_adapter_prints_perplexity_and_generations(capsys, work, run_dir):

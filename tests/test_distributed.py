@@ -79,6 +79,8 @@ def test_ddp_two_processes_match_one_process(model_dir, single, tmp_path):
     run = _launch("ddp_cpu.yaml", model_dir, out)
     assert run["world_size"] == 2 and run["distributed_type"] == "DistributedType.MULTI_CPU"  # DDP, gloo
     assert single["world_size"] == 1 and run["step"] == single["step"] == STEPS
+    # Calibrated before training in both layouts (every process, the same texts and seed), to the same result.
+    assert run["calibration_kl"] is not None and run["calibration_kl"] == pytest.approx(single["calibration_kl"])
     assert run["losses"] == pytest.approx(single["losses"], abs=ATOL)
     trained = {name.removeprefix("module."): value for name, value in run["params"].items()}  # DDP's wrapper
     assert _max_difference(trained, single["params"]) < ATOL
@@ -103,6 +105,7 @@ def test_fsdp2_two_processes_match_one_process_save_and_resume(model_dir, single
         shutil.rmtree(later)
     resumed = _launch("fsdp2_cpu.yaml", model_dir, out, "--resume", "--save-steps", "2", LISA_TEST_FSDP_ON_CPU="1")
     assert resumed["steps_this_run"] == 1 and resumed["step"] == STEPS
+    assert resumed["calibration_kl"] is None  # a resumed run does not calibrate again
     assert _max_difference(resumed["params"], single["params"]) < ATOL
     assert _max_difference(_saved(out), single["params"]) < ATOL
 

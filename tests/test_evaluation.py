@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
-from peft_lisa.evaluation import DEFAULT_PROMPTS, PerplexityResult, generate_samples, perplexity, sliding_windows
+from peft_lisa.evaluation import (
+    DEFAULT_PROMPTS,
+    PerplexityResult,
+    generate_samples,
+    perplexity,
+    repeated_ngram,
+    sliding_windows,
+)
 
 from .conftest import randomize_adapter, tiny_model
 from .test_training import random_texts, tiny_tokenizer
@@ -123,3 +130,14 @@ def test_generate_samples_greedy_left_padded():
     assert generate_samples(peft_model, tokenizer, prompts, max_new_tokens=6) == batched  # greedy: deterministic
     assert generate_samples(peft_model, tokenizer, []) == []
     assert len(DEFAULT_PROMPTS) >= 3
+
+
+def test_repeated_ngram_flags_looping_generations_only():
+    # The generations of the issue that opened calibration, and answers that do not loop.
+    assert repeated_ngram("A decorator decorator decorator decorator ...") == "decorator"
+    assert repeated_ngram("a tuple is a tuple in Python, tuple, tuple, tuple") == "tuple"
+    assert repeated_ngram("It is used to be used to be used to be") == "used to be"
+    assert repeated_ngram("The sea is blue. The sea is calm. The sea is deep.") == "the sea is"
+    assert repeated_ngram("A decorator is a function that takes another function and extends its behaviour.") is None
+    assert repeated_ngram("Waves fold on the shore, salt wind carries gull cries, the tide keeps its time.") is None
+    assert repeated_ngram("") is None

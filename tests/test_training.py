@@ -11,9 +11,10 @@ import pytest
 import torch
 from peft import get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from peft_lisa import LiSAConfig
+from peft_lisa.calibration_step import LiSACalibrationConfig, dataset_texts
 from peft_lisa.data import chat_dataset, evaluation_texts, load_evaluation_texts, load_sft_dataset, text_dataset
 from peft_lisa.training import (
     AttentionDistiller,
@@ -189,6 +190,74 @@ def test_lisa_trainer_4bit_nf4_base_on_cpu(tmp_path):
             base_name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
             assert torch.equal(param.detach(), packed_before[base_name]), name
     assert any("attn_kl" in entry for entry in trainer.state.log_history)
+    report = trainer.calibration_report  # calibration (the default first step) runs on the 4-bit base too
+    assert report is not None and [row.layer for row in report.layers] == [2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration before training
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AdapterAtTrainBegin(TrainerCallback):
+    """Records the adapter's parameters when the training loop starts (after any calibration)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.params = adapter_parameters(model)
+
+
+def calibration_trainer(tmp_path, data=None, **kwargs):
+    return LiSATrainer(
+        model=tiny_model(),
+        args=sft_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=data if data is not None else text_dataset(random_texts()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+        calibration=LiSACalibrationConfig(num_sequences=4, adam_steps=10),
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_lisa_trainer_calibrates_before_the_first_step(tmp_path, chat):
+    data = chat_dataset(random_conversations()) if chat else None
+    trainer = calibration_trainer(tmp_path, data)
+    at_begin = AdapterAtTrainBegin()
+    trainer.add_callback(at_begin)
+    initial = adapter_parameters(trainer.model)
+    trainer.train()
+    report = trainer.calibration_report
+    assert report is not None and [row.layer for row in report.layers] == [2, 3]
+    assert report.seq_len == 32 and report.num_sequences == 4  # the training's max_length, the configured budget
+    assert report.mean_kl_after < report.mean_kl_before
+    assert any(not torch.equal(at_begin.params[name], initial[name]) for name in initial)  # calibrated before step 1
+    assert trainer.calibrate_adapter() is report  # once only
+
+
+def test_no_calibrate_and_resume_do_not_calibrate(tmp_path):
+    trainer = calibration_trainer(tmp_path, calibrate=False)
+    at_begin = AdapterAtTrainBegin()
+    trainer.add_callback(at_begin)
+    initial = adapter_parameters(trainer.model)
+    trainer.train()
+    assert trainer.calibration_report is None
+    assert all(torch.equal(at_begin.params[name], initial[name]) for name in initial)
+    resumed = calibration_trainer(tmp_path)
+    resumed.args.max_steps = 3
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed.calibration_report is None and resumed.state.global_step == 3
+
+
+def test_calibration_needs_texts(tmp_path):
+    trainer = calibration_trainer(tmp_path, calibration_texts=["w1 w2"])  # shorter than one sequence: skipped
+    assert trainer.calibrate_adapter() is None
+    with pytest.raises(ValueError, match="calibration_texts"):
+        dataset_texts(text_dataset(random_texts()).rename_column("text", "body"))
+    with pytest.raises(ValueError, match="num_sequences"):
+        LiSACalibrationConfig(num_sequences=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,6 +403,21 @@ def test_output_kl_is_zero_when_the_student_is_the_teacher(tmp_path):
     assert trainer._metrics["train"]["output_kl"][-1] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_lm_weight_scales_the_lm_loss(tmp_path):
+    """lm_weight=0 with the output KL: the loss is the output KL alone (training towards the base model's outputs)."""
+    trainer = make_trainer(tmp_path, LiSADistillationConfig(output_kl_weight=1.0, lm_weight=0.0))
+    randomize_adapter(trainer.model, seed=1)
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    metrics = trainer._metrics["train"]
+    assert loss.item() == pytest.approx(metrics["output_kl"][-1], rel=1e-5) and metrics["lm_loss"][-1] > 1.0
+    half = make_trainer(tmp_path, LiSADistillationConfig(lm_weight=0.5))
+    randomize_adapter(half.model, seed=1)
+    assert half.compute_loss(half.model, dict(batch)).item() == pytest.approx(0.5 * metrics["lm_loss"][-1], rel=1e-5)
+    with pytest.raises(ValueError, match="lm_weight=0"):
+        LiSADistillationConfig(lm_weight=0.0)
+
+
 def test_attention_kl_training_with_checkpointing_and_schedule(tmp_path):
     """Recomputation by (non-reentrant) gradient checkpointing does not record extra layers; the schedule logs."""
     distillation = LiSADistillationConfig(attn_kl_weight=1.0, attn_kl_schedule="linear_decay", attn_kl_warmup_steps=2)
@@ -410,7 +494,8 @@ SCRIPT_EVAL = ["--eval-window", "32", "--eval-stride", "16", "--eval-max-tokens"
 
 
 def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_path, capsys):
-    """The main job's defaults on a tiny run: base, untrained and trained perplexity, generations, results.json."""
+    """The main job's defaults on a tiny run: base, untrained, calibrated and trained perplexity on the held-out text
+    and the license text, side by side; generations with the loop check; results.json."""
     data = tmp_path / "docs.txt"
     data.write_text("\n\n".join(random_texts(60)))
     out = tmp_path / "run"
@@ -431,19 +516,25 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
     assert len(saved["share_layers"]) == 2 and min(saved["share_layers"]) >= 2  # --keep-first 2
     assert saved["layer_choice"]["method"].startswith("analysis")
     metrics = saved["metrics"]
-    assert {"base_perplexity", "untrained_perplexity", "perplexity"} <= set(metrics)
+    keys = ("base_perplexity", "untrained_perplexity", "calibrated_perplexity", "perplexity")
+    assert set(keys) <= set(metrics) and set(keys) <= set(metrics["license"])
     assert metrics["perplexity"]["window"] == 32 and metrics["base_perplexity"]["num_tokens"] == 199
+    assert saved["calibration"]["layers"] and saved["calibration_config"]["num_sequences"] == 16
     assert saved["training"]["tokens_seen"] == 2 * 2 * 32
     assert any("attn_kl" in entry and "output_kl" in entry for entry in saved["training"]["log_history"])
     generations = saved["generations"]
     assert len(generations["prompts"]) == 4 and len(generations["base"]) == len(generations["trained_lisa"]) == 4
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "analysis.json").is_file()
-    # The printed table: one line per model, in this order, with the values of results.json.
-    for label, key in (("base model", "base_perplexity"), ("untrained LiSA", "untrained_perplexity")):
-        assert f"  {label:<16}{metrics[key]['ppl']:8.2f}\n" in printed
-    assert f"  trained LiSA    {metrics['perplexity']['ppl']:8.2f}\n" in printed
-    assert printed.index("base model  ") < printed.index("untrained LiSA  ") < printed.index("trained LiSA  ")
-    assert f">>> {generations['prompts'][0]}\n  [base model] " in printed and "[trained LiSA]" in printed
+    assert set(generations["loops"]) == {"base", "calibrated_lisa", "trained_lisa"}
+    # The printed table: one line per model, in this order, with the values of results.json for both texts.
+    labels = ("base model", "untrained LiSA", "calibrated LiSA", "trained LiSA")
+    for label, key in zip(labels, keys, strict=True):
+        own, other = metrics[key]["ppl"], metrics["license"][key]["ppl"]
+        vs_base = "" if key == "base_perplexity" else f"{own / metrics['base_perplexity']['ppl'] - 1:>+9.1%}"
+        assert f"  {label:<16}{own:>16.2f}{vs_base or '':>9}{other:>16.2f}" in printed, label
+    positions = [printed.index(f"  {label}  ") for label in labels]
+    assert positions == sorted(positions)
+    assert f">>> {generations['prompts'][0]}\n  [base model] " in printed and "[calibrated LiSA]" in printed
 
 
 def test_script_chat_data_on_4bit_base(tiny_checkpoint, tmp_path):

@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..data import evaluation_texts, is_conversational_dataset, load_evaluation_texts, load_sft_dataset
+from ..data import evaluation_texts, is_conversational_dataset, license_text, load_evaluation_texts, load_sft_dataset
+from ..evaluation import repeated_ngram
 from ..tuner.artifacts import atomic_directory, save_adapter
 from ..tuner.compression import qk_compression_report
 from .checks import (
@@ -53,9 +54,12 @@ TRAIN_RESULTS_FILE = "results.json"
 PERPLEXITY_LABELS = {
     "base_perplexity": "base model",
     "untrained_perplexity": "untrained LiSA",
+    "calibrated_perplexity": "calibrated LiSA",
     "perplexity": "trained LiSA",
 }
-GENERATION_LABELS = {"base": "base model", "trained_lisa": "trained LiSA"}
+GENERATION_LABELS = {"base": "base model", "calibrated_lisa": "calibrated LiSA", "trained_lisa": "trained LiSA"}
+# The second held-out text (--eval-license): its perplexities are in metrics["license"] under the same keys.
+LICENSE_KEY = "license"
 # TrainJob fields passed on under their own names to choose_lisa_config, lisa_sft_config, LiSADistillationConfig.
 LAYER_OPTIONS = (
     "share_layers",
@@ -77,7 +81,7 @@ SFT_OPTIONS = (
 )
 SFT_OPTIONS += ("save_steps", "save_total_limit")
 DISTILLATION_OPTIONS = ("attn_kl_weight", "attn_kl_warmup_steps", "attn_kl_layer_reduction", "output_kl_weight")
-DISTILLATION_OPTIONS += ("temperature",)
+DISTILLATION_OPTIONS += ("temperature", "lm_weight")
 
 
 @dataclass(kw_only=True)
@@ -91,12 +95,18 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     directory or ``"latest"``) takes them from the checkpoint instead.
     Training: ``max_steps``, ``seq_len``, ``batch_size``, ``learning_rate``, ``packing`` (auto/yes/no),
     ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit``.
-    Distillation (off by default): ``attn_kl_weight``, ``attn_kl_warmup_steps`` (linear decay to 0 over them),
-    ``attn_kl_layer_reduction``, ``output_kl_weight``, ``temperature``.
+    Calibration before training (:class:`peft_lisa.training.LiSATrainer`; not when resuming): ``calibrate``,
+    ``calibration_sequences``, ``calibration_steps`` (Adam steps per shared layer), ``calibration_lr``.
+    Objective (:class:`peft_lisa.training.LiSADistillationConfig`): ``lm_weight`` (the LM loss), ``attn_kl_weight``,
+    ``attn_kl_warmup_steps`` (linear decay to 0 over them), ``attn_kl_layer_reduction``, ``output_kl_weight``,
+    ``temperature``.
     Evaluation on the held-out text: ``evaluate`` (trained perplexity), ``eval_base`` (base model, before training),
-    ``eval_untrained`` (the untrained adapter), with :class:`~.checks.HeldOutPerplexityOptions`; greedy generations
-    of ``max_new_tokens`` tokens (0: none) for ``prompts`` (None: the built-in ones) by the trained adapter, and by
-    the base model with ``eval_base``.
+    ``eval_untrained`` (the untrained adapter), ``eval_calibrated`` (the calibrated adapter, before training), with
+    :class:`~.checks.HeldOutPerplexityOptions`; ``eval_license`` measures each of them on a second held-out text from
+    another domain too (:func:`peft_lisa.data.license_text`); greedy generations of ``max_new_tokens`` tokens (0:
+    none) for ``prompts`` (None: the built-in ones) by the trained adapter, by the base model with ``eval_base`` and
+    by the calibrated adapter with ``eval_calibrated``, each checked for loops
+    (:func:`peft_lisa.evaluation.repeated_ngram`).
     ``output_dir`` receives the checkpoints, ``adapter/`` and ``results.json``; ``command`` is recorded in it.
     """
 
@@ -119,14 +129,21 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     save_steps: int = 50
     save_total_limit: int = 2
     resume: Optional[str] = None
+    calibrate: bool = True
+    calibration_sequences: int = 16
+    calibration_steps: int = 100
+    calibration_lr: float = 1e-2
     attn_kl_weight: float = 0.0
     attn_kl_warmup_steps: int = 0
     attn_kl_layer_reduction: str = "mean"
     output_kl_weight: float = 0.0
     temperature: float = 1.0
+    lm_weight: float = 1.0
     evaluate: bool = True
     eval_base: bool = False
     eval_untrained: bool = False
+    eval_calibrated: bool = False
+    eval_license: bool = False
     max_new_tokens: int = 0
     prompts: Optional[list[str]] = None
     output_dir: str | os.PathLike = "lisa-run"
@@ -158,23 +175,30 @@ class TrainResult:
             f"{training['train_loss']:.4f}, {training['tokens_seen']:,} tokens seen); total {results['total_minutes']}"
             " min",
         ]
-        measured = {key: self.metrics[key] for key in PERPLEXITY_LABELS if key in self.metrics}
-        if measured:
-            first = next(iter(measured.values()))
+        if "calibration" in results and results["calibration"]:
+            calibration = results["calibration"]
             lines.append(
-                f"held-out perplexity ({results['data']} test, {first['num_tokens']:,} tokens, window "
-                f"{first['window']}, stride {first['stride']}):"
+                f"calibrated {len(calibration['layers'])} layers: mean attention KL"
+                f" {calibration['mean_kl_before']:.3f}"
+                f" -> {calibration['mean_kl_after']:.3f} ({calibration['seconds'] / 60:.1f} min)"
             )
-            lines += [f"  {PERPLEXITY_LABELS[key]:<16}{value['ppl']:8.2f}" for key, value in measured.items()]
+        lines += perplexity_table(self.metrics, results["data"])
         generations = results.get("generations", {})
         prompts = generations.get("prompts", [])
+        loops = generations.get("loops", {})
         for index, prompt in enumerate(prompts):
             lines.append(f"\n>>> {prompt}")
-            lines += [
-                f"  [{label}] {generations[key][index]!r}"
-                for key, label in GENERATION_LABELS.items()
-                if key in generations
-            ]
+            for key, label in GENERATION_LABELS.items():
+                if key in generations:
+                    loop = loops.get(key, [None] * len(prompts))[index]
+                    lines.append(
+                        f"  [{label}] {generations[key][index]!r}" + (f"  <- LOOPS: {loop!r}" if loop else "")
+                    )
+        if loops:
+            counts = ", ".join(
+                f"{GENERATION_LABELS[key]} {sum(1 for x in value if x)}/{len(value)}" for key, value in loops.items()
+            )
+            lines.append(f"\nlooping generations (a phrase repeated 3 times): {counts}")
         adapter = str(self.adapter_dir)
         merged = str(self.results_file.parent / "merged")
         lines += [
@@ -191,6 +215,34 @@ class TrainResult:
             raise JobFailedError("the trained perplexity is not finite")
 
 
+def perplexity_table(metrics: dict[str, Any], data: str) -> list[str]:
+    """The held-out perplexities of a run side by side: one row per model (base, untrained, calibrated, trained),
+    the training data's held-out part and, when measured, the second held-out text, each with its change vs base."""
+    texts = [("held-out", metrics)]
+    if isinstance(metrics.get(LICENSE_KEY), dict):
+        texts.append(("license text", metrics[LICENSE_KEY]))
+    keys = [key for key in PERPLEXITY_LABELS if key in metrics]
+    if not keys:
+        return []
+    first = metrics[keys[0]]
+    lines = [
+        f"perplexity on the held-out part of {data} ({first['num_tokens']:,} tokens, window {first['window']}, stride "
+        f"{first['stride']})"
+        + (f" and on the license text {metrics[LICENSE_KEY].get('text')}" if len(texts) > 1 else "")
+        + ":",
+        f"  {'':<16}" + "".join(f"{name:>16}{'vs base':>9}" for name, _ in texts),
+    ]
+    for key in keys:
+        row = f"  {PERPLEXITY_LABELS[key]:<16}"
+        for _, measured in texts:
+            value, base = measured.get(key), measured.get("base_perplexity")
+            row += f"{value['ppl']:>16.2f}" if value else f"{'':>16}"
+            compared = value and base and key != "base_perplexity"
+            row += f"{value['ppl'] / base['ppl'] - 1:>+9.1%}" if compared else f"{'':>9}"
+        lines.append(row)
+    return lines
+
+
 def _check(job: TrainJob) -> Optional[dict[str, Any]]:
     """Everything about ``job`` that can be refused before loading anything; the perplexity settings (or None)."""
     check_model_name(job.model)
@@ -203,9 +255,23 @@ def _check(job: TrainJob) -> Optional[dict[str, Any]]:
         check_share_layers(job.share_layers)
     if job.resume and (job.share_fraction is not None or job.analysis):
         raise JobInputError("--resume takes the shared layers from the checkpoint: drop --share-fraction/--analysis")
+    if job.eval_calibrated and not job.calibrate:
+        raise JobInputError("--eval-calibrated needs calibration: drop --no-calibrate")
+    if job.calibration_sequences < 1 or job.calibration_steps < 0 or job.calibration_lr <= 0:
+        raise JobInputError("--calibration-sequences must be >= 1, --calibration-steps >= 0, --calibration-lr > 0")
+    if job.lm_weight == 0 and not (job.output_kl_weight or job.attn_kl_weight):
+        raise JobInputError("--lm-weight 0 needs --output-kl-weight or --attn-kl-weight > 0 (something to train on)")
     if job.attn_kl_warmup_steps and not job.attn_kl_weight:
         raise JobInputError("--attn-kl-warmup-steps needs --attn-kl-weight > 0")
     return job.perplexity_settings() if job.evaluate else None
+
+
+def _license_text() -> Optional[tuple[str, str]]:
+    try:
+        return license_text()
+    except FileNotFoundError as error:
+        logger.warning(f"--eval-license: skipped ({error})")
+        return None
 
 
 def train(job: TrainJob) -> TrainResult:
@@ -236,7 +302,7 @@ def train(job: TrainJob) -> TrainResult:
             checkpoint, share_layers=job.share_layers, rank=job.rank, align_hidden=job.align_hidden
         )
 
-    from ..training import LiSADistillationConfig, LiSATrainer, lisa_sft_config
+    from ..training import LiSACalibrationConfig, LiSADistillationConfig, LiSATrainer, lisa_sft_config
 
     schedule = "linear_decay" if job.attn_kl_warmup_steps else "constant"
     distill = LiSADistillationConfig(
@@ -271,17 +337,30 @@ def train(job: TrainJob) -> TrainResult:
         metrics = {"data": job.data, "split": "test"}
         if job.load_in_4bit:
             metrics["base_quantization"] = "4-bit NF4"
+    license = _license_text() if settings is not None and job.eval_license else None
+    if license is not None:
+        metrics[LICENSE_KEY] = {"text": license[0]}
 
     def measure(key: str, model_: Any) -> None:
         if settings is not None:
+            label = PERPLEXITY_LABELS[key]
             metrics[key] = measure_perplexity(
-                model_, tokenizer, held_out, settings, progress=job.progress, label=PERPLEXITY_LABELS[key]
+                model_, tokenizer, held_out, settings, progress=job.progress, label=label
+            )
+            if license is not None:
+                metrics[LICENSE_KEY][key] = measure_perplexity(
+                    model_, tokenizer, [license[1]], settings, progress=job.progress, label=f"{label} (license text)"
+                )
+
+    def generate(key: str, model_: Any) -> None:
+        if prompts:
+            generations[key] = sample_generations(
+                model_, tokenizer, prompts, job.max_new_tokens, GENERATION_LABELS[key]
             )
 
     if job.eval_base:
         measure("base_perplexity", model)
-        if prompts:
-            generations["base"] = sample_generations(model, tokenizer, prompts, job.max_new_tokens, "base model")
+        generate("base", model)
 
     sft_options = {name: getattr(job, name) for name in SFT_OPTIONS}
     sft_config = lisa_sft_config(
@@ -292,8 +371,19 @@ def train(job: TrainJob) -> TrainResult:
         use_cpu=device.type == "cpu",
         **sft_options,
     )
+    calibrate = job.calibrate and checkpoint is None  # a resumed run continues from the checkpoint's adapter
+    calibration = LiSACalibrationConfig(
+        num_sequences=job.calibration_sequences, adam_steps=job.calibration_steps, lr=job.calibration_lr, seed=job.seed
+    )
     trainer = LiSATrainer(
-        model, sft_config, train_dataset=dataset, processing_class=tokenizer, peft_config=config, distillation=distill
+        model,
+        sft_config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=config,
+        distillation=distill,
+        calibrate=calibrate,
+        calibration=calibration,
     )
     peft_model = trainer.model
     base_name = portable_base_name(job.model)
@@ -303,6 +393,14 @@ def train(job: TrainJob) -> TrainResult:
     total = sum(p.numel() for p in peft_model.parameters())
     if job.eval_untrained:
         measure("untrained_perplexity", peft_model)
+    calibration_minutes = 0.0
+    if calibrate:
+        calibration_started = time.monotonic()
+        trainer.calibrate_adapter()  # LiSATrainer.train would do it; here first, to measure the calibrated adapter
+        calibration_minutes = (time.monotonic() - calibration_started) / 60
+        if job.eval_calibrated:
+            measure("calibrated_perplexity", peft_model)
+            generate("calibrated_lisa", peft_model)
     logger.info(
         f"training {job.max_steps} steps x {job.batch_size} x {job.seq_len} tokens, lr {job.learning_rate}; trainable "
         f"parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); checkpoints every "
@@ -320,10 +418,7 @@ def train(job: TrainJob) -> TrainResult:
         return TrainResult({"rank": trainer.accelerator.process_index}, out / "adapter", out / TRAIN_RESULTS_FILE)
 
     measure("perplexity", peft_model)
-    if prompts:
-        generations["trained_lisa"] = sample_generations(
-            peft_model, tokenizer, prompts, job.max_new_tokens, "trained LiSA"
-        )
+    generate("trained_lisa", peft_model)
 
     report = qk_compression_report(peft_model)
     align_hidden = config.resolved_align_hidden(peft_model.get_base_model().config.num_attention_heads)
@@ -347,6 +442,9 @@ def train(job: TrainJob) -> TrainResult:
         "rank": config.rank,
         "align_hidden": align_hidden,
         "distillation": distill.to_dict(),
+        "calibration_config": calibration.to_dict() if calibrate else None,
+        "calibration": trainer.calibration_report.to_dict() if trainer.calibration_report else None,
+        "calibration_minutes": round(calibration_minutes, 2),
         "training": {
             "max_steps": job.max_steps,
             "global_step": trainer.state.global_step,
@@ -367,6 +465,7 @@ def train(job: TrainJob) -> TrainResult:
         "total_minutes": round((time.monotonic() - started) / 60, 2),
     }
     if prompts:
-        results["generations"] = {"prompts": prompts, **generations}
+        loops = {key: [repeated_ngram(text) for text in texts] for key, texts in generations.items()}
+        results["generations"] = {"prompts": prompts, **generations, "loops": loops}
     write_text_atomic(out / TRAIN_RESULTS_FILE, to_json(results))
     return TrainResult(results, adapter_dir, out / TRAIN_RESULTS_FILE)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (
 from peft_lisa import LiSAConfig  # noqa: E402
 from peft_lisa.data import text_dataset  # noqa: E402
 from peft_lisa.distributed import gather_adapter_state_dict  # noqa: E402
-from peft_lisa.training import LiSATrainer, lisa_sft_config  # noqa: E402
+from peft_lisa.training import LiSACalibrationConfig, LiSATrainer, lisa_sft_config  # noqa: E402
 
 
 def texts() -> list[str]:
@@ -93,6 +93,7 @@ def main() -> None:
         train_dataset=text_dataset(texts()),
         processing_class=tokenizer,
         peft_config=LiSAConfig(share_layers=[2, 3], rank=4, task_type="CAUSAL_LM"),
+        calibration=LiSACalibrationConfig(num_sequences=4, adam_steps=10),  # every process, before DDP/FSDP wraps
     )
     steps_here = []  # optimizer steps taken by this process (a resumed run takes only the remaining ones)
     trainer.add_callback(StepCounter(steps_here))
@@ -112,6 +113,7 @@ def main() -> None:
                 "local_names": sorted(local),
                 "step": trainer.state.global_step,
                 "steps_this_run": len(steps_here),
+                "calibration_kl": trainer.calibration_report.mean_kl_after if trainer.calibration_report else None,
                 "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             },
             os.path.join(args.output_dir, "adapter_params.pt"),
