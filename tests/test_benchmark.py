@@ -381,7 +381,8 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
     monkeypatch.setitem(geometry.GEOMETRIES, "tiny", tiny)
     times = geometry.layer_decode_times("tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32)
     assert set(times.seconds) == {"full", "source", "shared"} and all(s > 0 for s in times.seconds.values())
-    assert times.cache_bytes_per_token == {"full": 2 * 2 * 16 * 4, "source": 2 * 2 * 16 * 4, "shared": 2 * (8 + 16) * 4}
+    full, shared = 2 * 2 * 16 * 4, 2 * (8 + 16) * 4  # fp32: K and V of 2 KV heads x 16; rank-8 keys and V
+    assert times.cache_bytes_per_token == {"full": full, "source": full, "shared": shared}
     estimate = geometry.full_depth_estimate(times, share_fraction=0.5)
     merged = estimate["models"]["merged"]
     assert merged["layers"] == {"full": 0, "source": 4, "shared": 4}
