@@ -32,7 +32,8 @@ linear-only head alignment and strided rotary frequencies (the library defaults)
 of 2 x 256 pydoc tokens at learning rate 2e-3 (cosine), LM loss + output KL; perplexity on the first 4096 tokens of
 the held-out pydoc text and of the license text, window 256, stride 128. Measured at one thread on a
 shared core: held-out pydoc perplexity 13.14 (base), 69.86 (untrained), 16.59 (calibrated), 13.42 (trained, +2.2%);
-license text 10.60, 66.72, 16.03, 14.63 (+38%); one of four trained generations loops; 23.8 CPU-minutes.
+license text 10.60, 66.72, 16.03, 14.63 (+38%); one of four trained generations loops; 23.8 CPU-minutes at one
+thread; 12.3 minutes on the idle 2-core machine with 2 threads.
 Measurements and choices: docs/calibration/objective.md.
 
 Examples::
