@@ -27,7 +27,7 @@ from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
 from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import ModelShape
-from .measure import random_ids, synthetic_cache
+from .measure import random_ids, synthetic_cache, timed_decode
 
 logger = logging.getLogger("peft_lisa")
 
@@ -152,12 +152,8 @@ def layer_decode_times(
                 cache = synthetic_cache(model, batch, context, device, seed=repetition)
                 next_ids = random_ids(batch, 1, model.config.vocab_size, device, repetition)
                 clock.reset()
-                started = time.perf_counter()
-                for _ in range(decode_tokens):
-                    out = model(input_ids=next_ids, cache=cache, use_cache=True)
-                    next_ids, cache = out.logits[:, -1].argmax(-1, keepdim=True), out.cache
-                total = (time.perf_counter() - started) / decode_tokens
-                del cache, out
+                total = timed_decode(model, cache, next_ids, decode_tokens, device) / decode_tokens
+                del cache
                 gc.collect()
                 if repetition == 0:
                     continue

@@ -201,7 +201,8 @@ def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: 
     return torch.randint(0, vocab, (batch, length), generator=generator).to(device)
 
 
-def _decode(model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: int, device: torch.device) -> float:
+def timed_decode(model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: int, device: torch.device) -> float:
+    """Seconds of ``steps`` greedy single-token steps feeding ``cache``, starting from ``next_ids``."""
     _sync(device)
     started = time.perf_counter()
     for _ in range(steps):
@@ -226,7 +227,7 @@ def prefill_then_decode(
     kv_bytes = cache_bytes(cache)
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     del out
-    decode = _decode(model, cache, next_ids, decode_tokens, device) if decode_tokens else 0.0
+    decode = timed_decode(model, cache, next_ids, decode_tokens, device) if decode_tokens else 0.0
     return prefill, decode, kv_bytes
 
 
@@ -261,4 +262,4 @@ def synthetic_decode(
     cache = synthetic_cache(model, batch, context, device, seed)
     kv_bytes = cache_bytes(cache)
     next_ids = random_ids(batch, 1, model.config.vocab_size, device, seed + 1)
-    return _decode(model, cache, next_ids, decode_tokens, device), kv_bytes
+    return timed_decode(model, cache, next_ids, decode_tokens, device), kv_bytes

@@ -226,6 +226,14 @@ def grouped_attend(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(batch, q_len, -1)
 
 
+def causal_allowed(rows: slice, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean causal mask (True where allowed) of the query rows ``rows``, len(rows) x T_k, when the ``q_len``
+    queries are the last of ``k_len`` positions (a prefill continuing a cache included)."""
+    start, stop, _ = rows.indices(q_len)
+    q_pos = torch.arange(k_len - q_len + start, k_len - q_len + stop, device=device)[:, None]
+    return torch.arange(k_len, device=device)[None, :] <= q_pos
+
+
 def additive_mask(
     attention_mask: Optional[torch.Tensor], q_len: int, k_len: int, device: torch.device
 ) -> torch.Tensor:
@@ -237,9 +245,7 @@ def additive_mask(
     """
     min_value = torch.finfo(torch.float32).min
     if attention_mask is None:
-        q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-        k_pos = torch.arange(k_len, device=device)[None, :]
-        return torch.zeros(q_len, k_len, device=device).masked_fill(k_pos > q_pos, min_value)
+        attention_mask = causal_allowed(slice(None), q_len, k_len, device)
     if attention_mask.dtype == torch.bool:
         return torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(~attention_mask, min_value)
     if attention_mask.is_floating_point():
@@ -259,12 +265,8 @@ def additive_mask_rows(
     if attention_mask is None and q_len == 1:
         return None
     if attention_mask is None:
-        start, stop, _ = rows.indices(q_len)
-        q_pos = torch.arange(k_len - q_len + start, k_len - q_len + stop, device=device)[:, None]
-        k_pos = torch.arange(k_len, device=device)[None, :]
-        return torch.zeros(stop - start, k_len, device=device).masked_fill(
-            k_pos > q_pos, torch.finfo(torch.float32).min
-        )
+        allowed = causal_allowed(rows, q_len, k_len, device)
+        return additive_mask(allowed, allowed.shape[0], k_len, device)
     block = attention_mask[..., rows, :k_len]
     return additive_mask(block, block.shape[-2], k_len, device)
 
@@ -291,9 +293,8 @@ def fused_attention(
     if attention_mask is None:
         if q_len == k_len or q_len == 1:
             is_causal = q_len > 1
-        else:  # queries are the last q_len of k_len positions (prefill continuing a cache)
-            q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
-            attention_mask = torch.arange(k_len, device=query.device)[None, :] <= q_pos
+        else:  # a prefill continuing a cache
+            attention_mask = causal_allowed(slice(None), q_len, k_len, query.device)
     elif attention_mask.dtype != torch.bool:
         attention_mask = attention_mask[..., :k_len].to(query.dtype)
     output = F.scaled_dot_product_attention(
