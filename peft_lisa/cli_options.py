@@ -281,6 +281,8 @@ def add_layer_options(lisa: Any) -> None:
     option(lisa, "--rank", even_rank, None, "per-head rank of the low-rank Q/K (default: 8)")
     align_help = "hidden size of the head-alignment FFN (default: 0 = linear only; 4 x heads is the widest tested)"
     option(lisa, "--align-hidden", non_negative_int, None, align_help)
+    mixing_help = "source heads the alignment mixes: full or kv_group (LiSAConfig.head_mixing; default: the library's)"
+    option(lisa, "--head-mixing", ("full", "kv_group"), None, mixing_help)
 
 
 def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:

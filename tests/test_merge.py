@@ -113,3 +113,33 @@ def test_merge_refuses_two_adapters_and_keeps_model():
         peft_model.base_model.merge_and_unload(adapter_names=["default", "other"])
     with torch.no_grad():
         assert torch.isfinite(peft_model(random_ids()).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: a value projection with a bias
+def test_fused_generation_projection_follows_the_weights(model_type):
+    """Without autograd a merged shared layer projects with one fused ``[Wq_r; Wk_r; W_v]`` product; it must equal the
+    separate projections (run with autograd) and follow weights changed in place after it was first built."""
+    merged = trained_lisa(model_type).merge_and_unload()
+    ids = random_ids()
+    for idx in SHARE:
+        bias = merged.model.layers[idx].self_attn.v_proj.bias
+        assert (bias is not None) == (model_type == "qwen2")
+        if bias is not None:  # the model initialises it at zero
+            torch.nn.init.normal_(bias, std=0.5)
+
+    def fused_and_separate():
+        with torch.no_grad():
+            fused = merged(ids).logits
+        with torch.enable_grad():
+            separate = merged(ids).logits.detach()
+        return fused, separate
+
+    fused, separate = fused_and_separate()
+    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+    attn = merged.model.layers[SHARE[0]].self_attn
+    with torch.no_grad():
+        attn.v_proj.weight.mul_(-2.0)
+        attn.k_lowrank.weight.add_(0.5)
+    changed, separate = fused_and_separate()
+    assert (changed - fused).abs().max() > 1e-2  # the change matters...
+    torch.testing.assert_close(changed, separate, atol=1e-5, rtol=1e-5)  # ...and the fused product follows it

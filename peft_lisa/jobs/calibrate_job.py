@@ -33,7 +33,15 @@ from .train_setup import choose_lisa_config, load_training_model, portable_base_
 logger = logging.getLogger("peft_lisa")
 
 CALIBRATION_REPORT_FILE = "lisa_calibration.json"
-LAYER_OPTIONS = ("share_layers", "share_fraction", "keep_first", "analysis_batches", "rank", "align_hidden")
+LAYER_OPTIONS = (
+    "share_layers",
+    "share_fraction",
+    "keep_first",
+    "analysis_batches",
+    "rank",
+    "align_hidden",
+    "head_mixing",
+)
 
 
 @dataclass(kw_only=True)
@@ -58,6 +66,7 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     analysis_batches: int = 2
     rank: Optional[int] = None
     align_hidden: Optional[int] = None
+    head_mixing: Optional[str] = None
     calibration_sequences: int = 16
     calibration_steps: int = 100
     calibration_lr: float = 1e-2

@@ -68,6 +68,7 @@ LAYER_OPTIONS = (
     "analysis_batches",
     "rank",
     "align_hidden",
+    "head_mixing",
     "progress",
 )
 SFT_OPTIONS = (
@@ -118,6 +119,7 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     analysis_batches: int = 2
     rank: Optional[int] = None
     align_hidden: Optional[int] = None
+    head_mixing: Optional[str] = None
     max_steps: int = 120
     seq_len: int = 256
     batch_size: int = 2

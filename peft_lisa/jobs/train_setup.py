@@ -22,6 +22,7 @@ CHECKPOINT_CONFIG_KEYS = (
     "share_layers",
     "rank",
     "align_hidden",
+    "head_mixing",
     "align_activation",
     "align_init_permutations",
     "rotary_frequencies",
@@ -90,6 +91,7 @@ def choose_lisa_config(
     analysis_batches: int = 2,
     rank: Optional[int] = None,
     align_hidden: Optional[int] = None,
+    head_mixing: Optional[str] = None,
     output_dir: str | os.PathLike = "lisa-run",
     progress: bool = True,
 ) -> tuple[LiSAConfig, dict[str, Any]]:
@@ -102,11 +104,13 @@ def choose_lisa_config(
       ``analysis_file``) or, without one, from a calibration analysis of ``analysis_batches`` batches of 4 x 256
       tokens of ``train_texts`` run here and saved to ``output_dir/analysis.json``.
 
-    ``rank`` defaults to 8, ``align_hidden`` to the library default (0: linear alignment only).
+    ``rank`` defaults to 8, ``align_hidden`` to the library default (0: linear alignment only), ``head_mixing`` to
+    ``LiSAConfig``'s.
     """
     common: dict[str, Any] = {
         "rank": rank or 8,
         "align_hidden": DEFAULT_ALIGN_HIDDEN if align_hidden is None else align_hidden,
+        **({} if head_mixing is None else {"head_mixing": head_mixing}),
         "task_type": "CAUSAL_LM",
     }
     num_layers = model.config.num_hidden_layers

@@ -23,7 +23,7 @@ from .artifacts import atomic_directory, model_card
 from .attention import LiSASubstitute, family_eager_attention, source_attention
 from .carrier import LogitsCarrier
 from .config import LISA_FORMAT_VERSION, LiSAConfig
-from .functional import AttentionLayout, cache_argument, family_rotary
+from .functional import AttentionLayout, apply_partial_rotary, cache_argument, family_rotary
 from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer
 
 
@@ -113,6 +113,48 @@ class LiSASharedAttention(LiSASubstitute):
         )
         self.attention_dropout: float = getattr(attn, "attention_dropout", 0.0)
         self.v_proj, self.o_proj = _value_linear(attn, layout), attn.o_proj
+        self._fused: Optional[tuple[tuple, torch.Tensor, Optional[torch.Tensor]]] = None  # see _fused_projection
+
+    def project(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        value_proj: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`LiSASubstitute.project` in one matrix product ``x [Wq_r; Wk_r; W_v]^T`` and one rotary call for
+        the rank-r queries and keys together, without autograd (generation): a decode step of a small model is
+        dominated by per-operation overhead, which this halves for the projections. With autograd, or a value
+        projection that is not a plain ``nn.Linear`` (a 4-bit base), the separate projections run."""
+        fused = None if torch.is_grad_enabled() or value_proj is not self.v_proj else self._fused_projection()
+        if fused is None:
+            return super().project(hidden_states, position_embeddings, value_proj)
+        weight, bias = fused
+        batch, q_len, _ = hidden_states.shape
+        layout, rank = self.layout, self.rank
+        small_heads = layout.num_heads + layout.num_kv_heads
+        projected = nn.functional.linear(hidden_states.to(weight.dtype), weight, bias)  # B x T x ((H + H_kv) r + ..)
+        small = projected[..., : small_heads * rank].view(batch, q_len, small_heads, rank).transpose(1, 2)
+        if self.rotary_columns and position_embeddings is not None:
+            cos_r, sin_r = self.carrier.lowrank_rotary(position_embeddings, self.rotary_columns)
+            small = apply_partial_rotary(small, cos_r.to(small.dtype), sin_r.to(small.dtype))
+        value = projected[..., small_heads * rank :].view(batch, q_len, layout.num_kv_heads, layout.head_dim)
+        return small[:, : layout.num_heads], small[:, layout.num_heads :], value.transpose(1, 2)
+
+    def _fused_projection(self) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """``[Wq_r; Wk_r; W_v]`` and ``[0; 0; b_v]``, built once and rebuilt whenever a weight is replaced or changed
+        in place (its storage or version counter); None when the value projection is not a plain ``nn.Linear``."""
+        if type(self.v_proj) is not nn.Linear or self.q_lowrank.weight.dtype != self.v_proj.weight.dtype:
+            return None
+        tensors = [self.q_lowrank.weight, self.k_lowrank.weight, self.v_proj.weight, self.v_proj.bias]
+        key = tuple((t.data_ptr(), t._version, t.device) if t is not None else None for t in tensors)
+        if self._fused is None or self._fused[0] != key:
+            weight = torch.cat(tensors[:3]).detach()
+            bias = None
+            if self.v_proj.bias is not None:
+                bias = torch.cat([weight.new_zeros(weight.shape[0] - self.v_proj.bias.shape[0]), self.v_proj.bias])
+                bias = bias.detach()
+            self._fused = (key, weight, bias)
+        return self._fused[1], self._fused[2]
 
     def forward(
         self,
