@@ -40,11 +40,11 @@ Modules, each importing only those above it:
 * :mod:`.choice`: :func:`choose_share_layers`, which applies ``peft_lisa.tuner.layer_choice.choose_layers``.
 """
 
-from .calibration import calibration_blocks
 from .choice import choose_share_layers
 from .divergence import best_grouped_matching, best_head_matching, js_divergence_matrix
 from .measure import analyze
 from .result import ANALYSIS_FORMAT_VERSION, AttentionAnalysis
+from .sampling import calibration_blocks
 
 __all__ = [
     "ANALYSIS_FORMAT_VERSION",

@@ -15,9 +15,9 @@ from torch import nn
 from ..tuner.architectures import attention_of, check_model_supported, decoder_layers
 from ..tuner.functional import additive_mask, layer_logits
 from ..tuner.layer import LiSALayer
-from .calibration import calibration_blocks, spread_indices, stratum_middles
 from .divergence import best_grouped_matching, best_head_matching, js_sum
 from .result import AttentionAnalysis, round_stored
+from .sampling import calibration_blocks, spread_indices, stratum_middles
 from .sensitivity import layer_sensitivity
 
 logger = logging.getLogger("peft_lisa")

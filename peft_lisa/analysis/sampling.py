@@ -1,4 +1,5 @@
-"""Calibration data for the analysis: token blocks from texts, and evenly spread choices of blocks and query rows."""
+"""Sampling for the analysis: token blocks from texts, and evenly spread choices of blocks and query rows (the
+analysis's "calibration data"; the layer-wise fit of LiSA modules is ``peft_lisa.calibration``)."""
 
 from __future__ import annotations
 
