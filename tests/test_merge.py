@@ -117,8 +117,9 @@ def test_merge_refuses_two_adapters_and_keeps_model():
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: a value projection with a bias
 def test_fused_generation_projection_follows_the_weights(model_type):
-    """Without autograd a merged shared layer projects with one fused ``[Wq_r; Wk_r; W_v]`` product; it must equal the
-    separate projections (run with autograd) and follow weights changed in place after it was first built."""
+    """Without autograd a merged shared layer projects its rank-r queries and keys with one fused ``[Wq_r; Wk_r]``
+    product; it must equal the separate projections (run with autograd) and follow weights changed in place after it
+    was first built."""
     merged = trained_lisa(model_type).merge_and_unload()
     ids = random_ids()
     for idx in SHARE:
@@ -140,6 +141,7 @@ def test_fused_generation_projection_follows_the_weights(model_type):
     with torch.no_grad():
         attn.v_proj.weight.mul_(-2.0)
         attn.k_lowrank.weight.add_(0.5)
+        attn.q_lowrank.weight.mul_(3.0)
     changed, separate = fused_and_separate()
     assert (changed - fused).abs().max() > 1e-2  # the change matters...
     torch.testing.assert_close(changed, separate, atol=1e-5, rtol=1e-5)  # ...and the fused product follows it

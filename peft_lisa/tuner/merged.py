@@ -113,7 +113,7 @@ class LiSASharedAttention(LiSASubstitute):
         )
         self.attention_dropout: float = getattr(attn, "attention_dropout", 0.0)
         self.v_proj, self.o_proj = _value_linear(attn, layout), attn.o_proj
-        self._fused: Optional[tuple[tuple, torch.Tensor, Optional[torch.Tensor]]] = None  # see _fused_projection
+        self._fused: Optional[tuple[tuple, torch.Tensor]] = None  # see _lowrank_weight
 
     def project(
         self,
@@ -121,40 +121,30 @@ class LiSASharedAttention(LiSASubstitute):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         value_proj: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`LiSASubstitute.project` in one matrix product ``x [Wq_r; Wk_r; W_v]^T`` and one rotary call for
-        the rank-r queries and keys together, without autograd (generation): a decode step of a small model is
-        dominated by per-operation overhead, which this halves for the projections. With autograd, or a value
-        projection that is not a plain ``nn.Linear`` (a 4-bit base), the separate projections run."""
-        fused = None if torch.is_grad_enabled() or value_proj is not self.v_proj else self._fused_projection()
-        if fused is None:
+        """:meth:`LiSASubstitute.project` with the rank-r queries and keys in one matrix product ``x [Wq_r; Wk_r]^T``
+        and one rotary call, without autograd (generation): a decode step of a small model is dominated by
+        per-operation overhead. With autograd the separate projections run."""
+        if torch.is_grad_enabled():
             return super().project(hidden_states, position_embeddings, value_proj)
-        weight, bias = fused
         batch, q_len, _ = hidden_states.shape
         layout, rank = self.layout, self.rank
-        small_heads = layout.num_heads + layout.num_kv_heads
-        projected = nn.functional.linear(hidden_states.to(weight.dtype), weight, bias)  # B x T x ((H + H_kv) r + ..)
-        small = projected[..., : small_heads * rank].view(batch, q_len, small_heads, rank).transpose(1, 2)
+        x = hidden_states.to(self.q_lowrank.weight.dtype)
+        small = nn.functional.linear(x, self._lowrank_weight())  # B x T x (H + H_kv) r
+        small = small.view(batch, q_len, layout.num_heads + layout.num_kv_heads, rank).transpose(1, 2)
         if self.rotary_columns and position_embeddings is not None:
             cos_r, sin_r = self.carrier.lowrank_rotary(position_embeddings, self.rotary_columns)
             small = apply_partial_rotary(small, cos_r.to(small.dtype), sin_r.to(small.dtype))
-        value = projected[..., small_heads * rank :].view(batch, q_len, layout.num_kv_heads, layout.head_dim)
-        return small[:, : layout.num_heads], small[:, layout.num_heads :], value.transpose(1, 2)
+        value = value_proj(hidden_states).view(batch, q_len, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+        return small[:, : layout.num_heads], small[:, layout.num_heads :], value
 
-    def _fused_projection(self) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """``[Wq_r; Wk_r; W_v]`` and ``[0; 0; b_v]``, built once and rebuilt whenever a weight is replaced or changed
-        in place (its storage or version counter); None when the value projection is not a plain ``nn.Linear``."""
-        if type(self.v_proj) is not nn.Linear or self.q_lowrank.weight.dtype != self.v_proj.weight.dtype:
-            return None
-        tensors = [self.q_lowrank.weight, self.k_lowrank.weight, self.v_proj.weight, self.v_proj.bias]
-        key = tuple((t.data_ptr(), t._version, t.device) if t is not None else None for t in tensors)
+    def _lowrank_weight(self) -> torch.Tensor:
+        """``[Wq_r; Wk_r]`` ((H + H_kv) r x hidden, a copy of the two small factors), built once and rebuilt whenever
+        either is replaced or changed in place (its storage or version counter)."""
+        tensors = (self.q_lowrank.weight, self.k_lowrank.weight)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if self._fused is None or self._fused[0] != key:
-            weight = torch.cat(tensors[:3]).detach()
-            bias = None
-            if self.v_proj.bias is not None:
-                bias = torch.cat([weight.new_zeros(weight.shape[0] - self.v_proj.bias.shape[0]), self.v_proj.bias])
-                bias = bias.detach()
-            self._fused = (key, weight, bias)
-        return self._fused[1], self._fused[2]
+            self._fused = (key, torch.cat(tensors).detach())
+        return self._fused[1]
 
     def forward(
         self,
