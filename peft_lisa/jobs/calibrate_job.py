@@ -28,20 +28,12 @@ from .checks import (
     resolve_device,
 )
 from .metrics import ADAPTER_METRICS_FILE, card_metrics, measure_perplexity, to_json, write_text_atomic
-from .train_setup import choose_lisa_config, load_training_model, portable_base_name
+from .train_setup import NEW_ADAPTER_OPTIONS, choose_lisa_config, load_training_model, portable_base_name
 
 logger = logging.getLogger("peft_lisa")
 
 CALIBRATION_REPORT_FILE = "lisa_calibration.json"
-LAYER_OPTIONS = (
-    "share_layers",
-    "share_fraction",
-    "keep_first",
-    "analysis_batches",
-    "rank",
-    "align_hidden",
-    "head_mixing",
-)
+LAYER_OPTIONS = NEW_ADAPTER_OPTIONS
 
 
 @dataclass(kw_only=True)

@@ -40,6 +40,7 @@ from .metrics import (
     write_text_atomic,
 )
 from .train_setup import (
+    NEW_ADAPTER_OPTIONS,
     choose_lisa_config,
     config_from_checkpoint,
     find_checkpoint,
@@ -61,16 +62,7 @@ GENERATION_LABELS = {"base": "base model", "calibrated_lisa": "calibrated LiSA",
 # The second held-out text (--eval-license): its perplexities are in metrics["license"] under the same keys.
 LICENSE_KEY = "license"
 # TrainJob fields passed on under their own names to choose_lisa_config, lisa_sft_config, LiSADistillationConfig.
-LAYER_OPTIONS = (
-    "share_layers",
-    "share_fraction",
-    "keep_first",
-    "analysis_batches",
-    "rank",
-    "align_hidden",
-    "head_mixing",
-    "progress",
-)
+LAYER_OPTIONS = (*NEW_ADAPTER_OPTIONS, "progress")
 SFT_OPTIONS = (
     "max_steps",
     "seq_len",

@@ -17,6 +17,16 @@ from .checks import JobInputError, check_adapter_dir, check_share_layers, load_b
 
 logger = logging.getLogger("peft_lisa")
 
+# The job options (TrainJob / CalibrateJob fields) that choose_lisa_config takes under their own names.
+NEW_ADAPTER_OPTIONS = (
+    "share_layers",
+    "share_fraction",
+    "keep_first",
+    "analysis_batches",
+    "rank",
+    "align_hidden",
+    "head_mixing",
+)
 # The LiSAConfig fields a resumed run takes from its checkpoint's adapter_config.json.
 CHECKPOINT_CONFIG_KEYS = (
     "share_layers",
