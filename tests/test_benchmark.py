@@ -20,6 +20,7 @@ from peft_lisa.benchmark import (
     BenchmarkResult,
     ModelShape,
     PeakMemory,
+    TensorPeak,
     analytic_breakdown,
     benchmark_model,
     cache_bytes,
@@ -219,6 +220,36 @@ def test_peak_memory_sees_an_allocation():
     if peak.method.startswith("psutil"):
         pytest.skip("RSS sampling can miss short peaks")
     assert peak.peak >= 24 * 1024 * 1024
+
+
+def test_tensor_peak_counts_live_tensors_only():
+    """Two tensors alive at once (4 + 2 MiB), then one freed and a smaller one made: the peak is their sum, 6 MiB,
+    not the 7 MiB allocated in all; a tensor alive before the block does not count."""
+    before = torch.ones(1024 * 1024)  # 4 MiB
+    with TensorPeak(torch.device("cpu")) as tensors:
+        big = torch.ones(1024 * 1024)
+        small = torch.ones(512 * 1024)
+        del big
+        other = torch.ones(256 * 1024)
+        del small, other
+    assert before.numel() and tensors.peak == pytest.approx(6 * 2**20, abs=64 * 1024)
+
+
+def test_runs_record_peak_tensor_bytes(result):
+    """Every grid point measures the peak bytes of live tensors of each model; at least the KV cache it built."""
+    for run in result.runs:
+        assert run.peak_tensor_bytes is not None and run.peak_tensor_bytes >= run.kv_cache_bytes
+    assert "peak tensors" in result.to_markdown()
+
+
+def test_max_throughput_ceiling_is_batch_over_bytes_read(result):
+    mt = result.max_throughput
+    base, merged = mt.points["base"], mt.points["merged"]
+    for point in (base, merged):
+        assert point.step_bytes == point.weight_bytes + point.kv_cache_bytes
+    expected = (merged.max_batch / merged.step_bytes) / (base.max_batch / base.step_bytes)
+    assert mt.ceiling == pytest.approx(expected) and mt.to_dict()["ceiling"] == pytest.approx(expected)
+    assert f"ceiling {mt.ceiling:.3f}x" in result.to_markdown()
 
 
 def test_default_share_layers():

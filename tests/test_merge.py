@@ -145,3 +145,5 @@ def test_fused_generation_projection_follows_the_weights(model_type):
     changed, separate = fused_and_separate()
     assert (changed - fused).abs().max() > 1e-2  # the change matters...
     torch.testing.assert_close(changed, separate, atol=1e-5, rtol=1e-5)  # ...and the fused product follows it
+    copy = attn._fused[1]  # what the layer holds beyond its parameters, counted by the benchmark's weight bytes
+    assert attn.fused_copy_bytes() == copy.numel() * copy.element_size() > 0

@@ -20,7 +20,7 @@ Modules, each importing only those above it:
 """
 
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
-from .measure import PeakMemory, cache_bytes, default_memory_limit, machine_info, synthetic_cache
+from .measure import PeakMemory, TensorPeak, cache_bytes, default_memory_limit, machine_info, synthetic_cache
 from .pipeline import BenchmarkOutputs, benchmark_model, default_share_layers
 from .report import BenchmarkResult, analytic_markdown, machine_label, result_summary
 from .results import BenchmarkData, MaxThroughput, ModelInfo, Run, Skipped, ThroughputPoint
@@ -34,6 +34,7 @@ __all__ = [
     "ModelInfo",
     "ModelShape",
     "PeakMemory",
+    "TensorPeak",
     "Run",
     "Skipped",
     "ThroughputPoint",

@@ -90,8 +90,10 @@ class ModelShape:
 
 
 def _weight_bytes(model: nn.Module) -> int:
+    """Parameters and buffers (tied ones once), and the copy of the low-rank factors a merged shared layer keeps for
+    generation (:meth:`LiSASharedAttention.fused_copy_bytes`)."""
     seen: set[int] = set()
-    total = 0
+    total = sum(m.fused_copy_bytes() for m in model.modules() if isinstance(m, LiSASharedAttention))
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.data_ptr() in seen:  # tied embeddings
             continue

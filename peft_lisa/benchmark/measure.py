@@ -2,7 +2,8 @@
 
 * :func:`machine_info` names the machine (CPU, GPU, library versions, threads);
 * :class:`PeakMemory` measures the peak working memory of a block of code (CUDA allocator stats on GPU, the peak
-  resident set size on CPU) and :func:`default_memory_limit` is what a run may use;
+  resident set size on CPU), :class:`TensorPeak` the peak bytes of tensors alive at once (what the CUDA figure is,
+  on CPU too), and :func:`default_memory_limit` is what a run may use;
 * :func:`cache_bytes` reads the size of a transformers cache off its tensors;
 * :func:`prefill_then_decode` times a prefill and greedy decode steps after it; :func:`synthetic_cache` and
   :func:`synthetic_decode` time decoding on a random cache of a size whose prefill does not fit.
@@ -21,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 # --------------------------------------------------------------------------------------------------------------
 # Machine
@@ -147,6 +149,49 @@ class PeakMemory:
                 self._sampler.join()
             self.peak = self._sampled_peak - self._start
         self.peak = max(int(self.peak), 0)
+
+
+class TensorPeak:
+    """Peak bytes of the tensors alive at once during a block of code, above the level at its start.
+
+    This is what ``torch.cuda.max_memory_allocated`` measures on GPU, and on CUDA it is that. On CPU, torch's
+    allocator reports every tensor allocation and free to the profiler (``profile_memory=True``); the peak is the
+    largest running total of those reports. Unlike :class:`PeakMemory`'s resident set size it leaves out the C
+    allocator's slack (freed memory it keeps mapped), Python objects and the buffers math libraries allocate
+    themselves, so it compares the two models' tensors alone. The profiler slows the block down: measure it in a
+    pass of its own, never in a timed one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._profiler: Any = None
+        self._start = 0
+
+    def __enter__(self) -> TensorPeak:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(torch.cuda.max_memory_allocated(self.device) - self._start, 0)
+            return
+        self._profiler.__exit__(*exc)
+        events = self._profiler.profiler.kineto_results.events()
+        # nbytes > 0: an allocation, < 0: a free; frees of tensors allocated before the block are not reported.
+        changes = sorted((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]")
+        live = 0
+        for _, change in changes:
+            live += change
+            self.peak = max(self.peak, live)
 
 
 def _proc_status_bytes(key: str) -> int:

@@ -98,8 +98,8 @@ def render_markdown(result: BenchmarkData) -> str:
         "",
         "| batch | context | prefill tok/s base | prefill tok/s merged | speedup | ceiling | decode tok/s base "
         "| decode tok/s merged | speedup | ceiling | KV cache base | KV cache merged | peak mem base "
-        "| peak mem merged | kernel s base | kernel s merged |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak mem merged | peak tensors base | peak tensors merged | kernel s base | kernel s merged |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     configs = sorted({(r.context, r.batch) for r in result.runs})
     for context, batch in configs:
@@ -121,14 +121,17 @@ def render_markdown(result: BenchmarkData) -> str:
             f"| {_fmt_bound(merged, 'decode')} "
             f"| {fmt_bytes(get(base, 'kv_cache_bytes'))} | {fmt_bytes(get(merged, 'kv_cache_bytes'))} "
             f"| {fmt_bytes(get(base, 'peak_memory_bytes'))} | {fmt_bytes(get(merged, 'peak_memory_bytes'))} "
+            f"| {fmt_bytes(get(base, 'peak_tensor_bytes'))} | {fmt_bytes(get(merged, 'peak_tensor_bytes'))} "
             f"| {_fmt_seconds(get(base, 'kernel_seconds_median'))} "
             f"| {_fmt_seconds(get(merged, 'kernel_seconds_median'))} |"
         )
     lines += [
         "",
-        "Peak memory = the model's weights + the peak working memory of the run (prefill + decode). Kernel s = the "
-        "process's system CPU time during the run (page faults, memory mapping), median. Ceiling = the arithmetic "
-        "bound of the speedup (see the notes).",
+        "Peak memory = the model's weights + the peak working memory of the run (prefill + decode). Peak tensors = "
+        "the peak bytes of tensors alive at once above the level before the run (weights not included), counted by "
+        "torch's allocator in one more, untimed run: on CPU the peak memory also holds the C allocator's slack, "
+        "which depends on the order of allocations. Kernel s = the process's system CPU time during the run (page "
+        "faults, memory mapping), median. Ceiling = the arithmetic bound of the speedup (see the notes).",
     ]
     if result.skipped:
         lines += ["", "### Skipped", "", "| model | batch | context | phase | reason |", "|---|---:|---:|---|---|"]
@@ -176,7 +179,9 @@ def render_markdown(result: BenchmarkData) -> str:
                 f"| {key} | {point.max_batch} | {fmt_bytes(point.weight_bytes)} | {fmt_bytes(point.kv_cache_bytes)} "
                 f"| {fmt_rate(point.decode_tokens_per_s)} | {point.method} |"
             )
-        lines += ["", f"Max-throughput ratio merged / base: **{mt.ratio:.3f}x**." if mt.ratio else ""]
+        if mt.ratio:
+            bound = f" (ceiling {mt.ceiling:.3f}x: max batch / bytes read per decode step)" if mt.ceiling else ""
+            lines += ["", f"Max-throughput ratio merged / base: **{mt.ratio:.3f}x**{bound}."]
         weight_share = mt.points["base"].weight_bytes / mt.budget_bytes if mt.budget_bytes else 0.0
         if weight_share > 0.5:
             lines += [

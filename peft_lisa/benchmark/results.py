@@ -30,6 +30,7 @@ class Run:
     kv_cache_bytes: int = 0  # after the prefill: B * T tokens cached
     peak_memory_bytes: int = 0  # own weights + peak working memory (max over the repetitions)
     peak_working_bytes: int = 0  # peak memory above the level before the run
+    peak_tensor_bytes: Optional[int] = None  # peak bytes of live tensors above that level (one untimed pass)
     estimated_working_bytes: int = 0  # what the skip logic predicted, for comparison
     decode_cache: str = "prefill"  # "prefill": decode continues the measured prefill; "synthetic": see notes
     kernel_seconds: list[float] = field(default_factory=list)  # the process's system (kernel) CPU time per run
@@ -107,6 +108,7 @@ class ThroughputPoint:
     decode_tokens_per_s: Optional[float]  # = throughput (tokens/s over the whole batch)
     method: str  # "measured (...)", "extrapolated (...)" or "not available (...)"
     decode_seconds: list[float] = field(default_factory=list)
+    step_bytes: int = 0  # bytes a decode step reads at max_batch: weights + KV cache
 
 
 @dataclass
@@ -126,9 +128,18 @@ class MaxThroughput:
             return None
         return merged.decode_tokens_per_s / base.decode_tokens_per_s
 
+    @property
+    def ceiling(self) -> Optional[float]:
+        """The ratio's bytes bound: each model's max batch over the bytes its decode step reads (weights + KV
+        cache), merged / base; decoding long contexts is bound by the cache it reads."""
+        base, merged = self.points.get("base"), self.points.get("merged")
+        if base is None or merged is None or not base.max_batch or not merged.step_bytes or not base.step_bytes:
+            return None
+        return (merged.max_batch / merged.step_bytes) / (base.max_batch / base.step_bytes)
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["ratio"] = self.ratio
+        out["ratio"], out["ceiling"] = self.ratio, self.ceiling
         return out
 
 

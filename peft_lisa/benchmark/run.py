@@ -8,7 +8,8 @@ measures both in one run, alternating between them within every repetition:
 * decode tokens/s: after that prefill, ``N`` greedy single-token steps feeding the cache, ``B * N / time``;
 * KV-cache bytes, in total and per token, read off the cache tensors themselves (keys and values of every layer);
 * peak memory of a run (prefill + decode): the model's own weights plus the peak working memory above the level
-  before the run (:class:`~.measure.PeakMemory`);
+  before the run (:class:`~.measure.PeakMemory`), and the peak bytes of live tensors alone, in one more untimed
+  pass (:class:`~.measure.TensorPeak`);
 * Q/K parameters and the compression ratio (:func:`peft_lisa.qk_compression_report`);
 * maximum throughput under a fixed memory budget, the measure the LiSA paper reports: for each model the largest
   batch whose weights and KV cache (at a fixed context) fit the budget, times its decode rate at that batch;
@@ -36,6 +37,7 @@ from ..tuner.compression import qk_compression_report
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import (
     PeakMemory,
+    TensorPeak,
     default_memory_limit,
     machine_info,
     prefill_then_decode,
@@ -258,19 +260,22 @@ def _run_config(
         key: Run(key, batch, context, decode_tokens, estimated_working_bytes=estimates[key], decode_cache=mode[key])
         for key in mode
     }
+
+    def one_run(key: str) -> tuple[Optional[float], float, int]:
+        if mode[key] == "prefill":
+            return prefill_then_decode(models[key], ids, decode_tokens, device)
+        decode, _ = synthetic_decode(models[key], batch, context, decode_tokens, device, seed)
+        return None, decode, shapes[key].cache_bytes_per_token * batch * context
+
     for repetition in range(warmup + repeats):
         timed = repetition >= warmup
         for key in _order(repetition):
             if key not in mode:
                 continue
-            run, model = results[key], models[key]
+            run = results[key]
             kernel_before = _kernel_seconds()
             with PeakMemory(device) as peak:
-                if mode[key] == "prefill":
-                    prefill, decode, kv_bytes = prefill_then_decode(model, ids, decode_tokens, device)
-                else:
-                    decode, _ = synthetic_decode(model, batch, context, decode_tokens, device, seed)
-                    prefill, kv_bytes = None, shapes[key].cache_bytes_per_token * batch * context
+                prefill, decode, kv_bytes = one_run(key)
             kernel = _kernel_seconds() - kernel_before
             if not timed:
                 continue
@@ -282,6 +287,11 @@ def _run_config(
             run.kv_cache_bytes = kv_bytes
             run.peak_working_bytes = max(run.peak_working_bytes, peak.peak)
             run.peak_memory_bytes = shapes[key].weight_bytes + run.peak_working_bytes
+        gc.collect()
+    for key in mode:  # one more, untimed pass: the profiler that counts the tensors slows the run down
+        with TensorPeak(device) as tensors:
+            one_run(key)
+        results[key].peak_tensor_bytes = tensors.peak
         gc.collect()
     bounds = ceilings(shapes["base"], shapes["merged"], batch, context)
     for key in MODEL_KEYS:
@@ -347,6 +357,7 @@ def _max_throughput(
             max_batch=batches[key],
             weight_bytes=shape.weight_bytes,
             kv_cache_bytes=int(per_sequence * batches[key]),
+            step_bytes=int(shape.weight_bytes + per_sequence * batches[key]),
             decode_tokens_per_s=None,
             method="not available (the weights alone exceed the budget)",
         )

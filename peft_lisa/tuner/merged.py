@@ -137,6 +137,11 @@ class LiSASharedAttention(LiSASubstitute):
         value = value_proj(hidden_states).view(batch, q_len, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
         return small[:, : layout.num_heads], small[:, layout.num_heads :], value
 
+    def fused_copy_bytes(self) -> int:
+        """Bytes of the ``[Wq_r; Wk_r]`` copy :meth:`project` keeps once it ran without autograd: memory the module
+        holds beyond its parameters."""
+        return sum(t.numel() * t.element_size() for t in (self.q_lowrank.weight, self.k_lowrank.weight))
+
     def _lowrank_weight(self) -> torch.Tensor:
         """``[Wq_r; Wk_r]`` ((H + H_kv) r x hidden, a copy of the two small factors), built once and rebuilt whenever
         either is replaced or changed in place (its storage or version counter)."""
