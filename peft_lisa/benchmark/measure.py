@@ -175,6 +175,8 @@ class TensorPeak:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            # kineto logs two "USDT" lines per profiler session below this level; read when it first starts.
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._profiler.__enter__()
         return self

@@ -189,10 +189,14 @@ class LiSASubstitute(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The rank-r rotary query (B x H x T x r) and key (B x H_kv x T x r) of step 3, and the values
         (B x H_kv x T x d_h) of ``value_proj``."""
-        batch, q_len, _ = hidden_states.shape
         q_small, k_small = self.lowrank_query_key(hidden_states, position_embeddings)
+        return q_small, k_small, self.values(hidden_states, value_proj)
+
+    def values(self, hidden_states: torch.Tensor, value_proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The values of ``value_proj`` per KV head: B x H_kv x T x d_h."""
+        batch, q_len, _ = hidden_states.shape
         value = value_proj(hidden_states).view(batch, q_len, self.layout.num_kv_heads, self.layout.head_dim)
-        return q_small, k_small, value.transpose(1, 2)
+        return value.transpose(1, 2)
 
     def logits(self, source_rows: torch.Tensor, q_rows: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
         """Steps 2-4: ``S_l = align(S_{l-1}) + Q_r K_r^T / sqrt(r)`` for a block of queries, before the mask.

@@ -134,8 +134,7 @@ class LiSASharedAttention(LiSASubstitute):
         if self.rotary_columns and position_embeddings is not None:
             cos_r, sin_r = self.carrier.lowrank_rotary(position_embeddings, self.rotary_columns)
             small = apply_partial_rotary(small, cos_r.to(small.dtype), sin_r.to(small.dtype))
-        value = value_proj(hidden_states).view(batch, q_len, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
-        return small[:, : layout.num_heads], small[:, layout.num_heads :], value
+        return small[:, : layout.num_heads], small[:, layout.num_heads :], self.values(hidden_states, value_proj)
 
     def fused_copy_bytes(self) -> int:
         """Bytes of the ``[Wq_r; Wk_r]`` copy :meth:`project` keeps once it ran without autograd: memory the module
