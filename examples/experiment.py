@@ -1,5 +1,7 @@
-"""The LiSA experiment: perplexity of base, direct sharing, permutation-only sharing and trained LiSA (LM loss, and LM
-loss + attention distillation) at about 30%, 50% and 70% of SmolLM2-135M-Instruct's layers shared.
+"""The LiSA experiment: perplexity of base, direct sharing, permutation-only sharing, trained LiSA (LM loss, and LM
+loss + attention distillation, from the untrained adapter), calibrated LiSA (layer-wise calibration alone) and
+calibrated + trained LiSA (calibration, then LM loss) at about 30%, 50% and 70% of SmolLM2-135M-Instruct's layers
+shared.
 
 Every run is cached as a JSON file under ``--output-dir``: a re-run only computes what is missing, and ``--only``
 runs a subset (e.g. ``--only 0.5:lisa_lm``). At the end it writes ``results.md`` (table), ``results.json`` and two
@@ -13,8 +15,11 @@ the way).
 A ``--tag`` names a variant (other alignment width, rank, learning rate, budget): it is cached under its own name
 and listed in a second table with its settings, so the main table always compares like with like.
 
-Data: the built-in pydoc text; training uses the train split, perplexity the held-out topics (never trained on),
-sliding windows of 256 tokens with stride 128. Layers and initial head permutations come from the calibration
+Data: the built-in pydoc text; calibration and training use the train split, perplexity the held-out topics (never
+trained on), sliding windows of 256 tokens with stride 128; runs computed since the calibration methods were added are
+also scored on a license text shipped with an installed package (another domain, nothing trains on it).
+Calibration uses :class:`peft_lisa.LiSACalibrationConfig`'s defaults, as ``LiSATrainer`` does before training.
+Layers and initial head permutations come from the calibration
 analysis (``peft_lisa.analyze``) on training text.
 """
 
@@ -32,14 +37,20 @@ from peft import get_peft_model
 from transformers import TrainerCallback
 
 import peft_lisa  # noqa: F401  (registers the tuner)
-from peft_lisa import AttentionAnalysis, LiSAConfig, analyze, choose_share_layers
-from peft_lisa.data import load_texts
+from peft_lisa import AttentionAnalysis, LiSAConfig, analyze, calibrate, choose_share_layers
+from peft_lisa.data import license_text, load_texts
 from peft_lisa.evaluation import perplexity
 from peft_lisa.resources import load_model_and_tokenizer
-from peft_lisa.training import LiSADistillationConfig, LiSATrainer, lisa_sft_config, text_dataset
+from peft_lisa.training import (
+    LiSACalibrationConfig,
+    LiSADistillationConfig,
+    LiSATrainer,
+    lisa_sft_config,
+    text_dataset,
+)
 
 FRACTIONS = (0.3, 0.5, 0.7)
-METHODS = ("direct", "permutation", "lisa_lm", "lisa_lm_attn_kl")
+METHODS = ("direct", "permutation", "lisa_lm", "lisa_lm_attn_kl", "calibrated", "calibrated_lm")
 # The order runs are computed in: the headline comparison first, so a partial run is already useful.
 PRIORITY = [(0.5, m) for m in METHODS] + [(f, m) for f in (0.3, 0.7) for m in METHODS]
 logger = logging.getLogger("peft_lisa")
@@ -92,7 +103,7 @@ def run_name(fraction: float, method: str, tag: str) -> str:
     return f"{fraction}_{method}" + (f"_{tag}" if tag else "")
 
 
-def run_one(fraction: float, method: str, analysis, args, test_texts, train_texts) -> dict[str, Any]:
+def run_one(fraction: float, method: str, analysis, args, test_texts, train_texts, other_texts) -> dict[str, Any]:
     model, tokenizer = load_model_and_tokenizer(args.model)
     config = lisa_config(analysis, fraction, method, args)
     record: dict[str, Any] = {
@@ -111,6 +122,26 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
             p.numel() for p in peft_model.parameters()
         )
         return record
+    calibration = LiSACalibrationConfig()
+    if method == "calibrated":
+        peft_model = get_peft_model(model, config)
+        report = calibrate(
+            peft_model,
+            tokenizer,
+            train_texts,
+            num_sequences=calibration.num_sequences,
+            adam_steps=calibration.adam_steps,
+            lr=calibration.lr,
+            lbfgs_steps=calibration.lbfgs_steps,
+            progress=False,
+        )
+        record["train_minutes"] = (time.perf_counter() - start) / 60
+        record["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
+        record["calibration"] = {**calibration.to_dict(), "mean_kl_after": report.mean_kl_after}
+        peft_model.eval()
+        record["eval"] = evaluate(peft_model, tokenizer, test_texts, args)
+        record["eval_other"] = evaluate(peft_model, tokenizer, other_texts, args)
+        return record
     distillation = LiSADistillationConfig()
     if method == "lisa_lm_attn_kl":
         distillation = LiSADistillationConfig(
@@ -127,6 +158,8 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
         processing_class=tokenizer,
         peft_config=config,
         distillation=distillation,
+        calibrate=method == "calibrated_lm",  # the other trained methods start from the untrained adapter
+        calibration=calibration,
     )
     tokens_per_step = args.seq_len * args.batch_size
     curve = None
@@ -145,8 +178,11 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
         args.batch_size,
     )
     record["distillation"] = distillation.to_dict()
+    if trainer.calibration_report is not None:
+        record["calibration"] = {**calibration.to_dict(), "mean_kl_after": trainer.calibration_report.mean_kl_after}
     trainer.model.eval()
     record["eval"] = evaluate(trainer.model, tokenizer, test_texts, args)
+    record["eval_other"] = evaluate(trainer.model, tokenizer, other_texts, args)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     record["trainable_fraction"] = trainable / total
     if curve is not None:
@@ -170,14 +206,18 @@ def _align_width(record: dict) -> str:
     return "4H" if width is None else str(width)
 
 
-def _row(record: dict, base_ppl: float) -> tuple[str, str]:
-    ppl = record["eval"]["ppl"]
+def _row(record: dict, base: dict) -> tuple[str, str]:
+    ppl, base_ppl = record["eval"]["ppl"], base["eval"]["ppl"]
+    other = "- | -"
+    if "eval_other" in record:
+        other_ppl = record["eval_other"]["ppl"]
+        other = f"{other_ppl:.2f} | {(other_ppl / base['eval_other']['ppl'] - 1) * 100:+.1f}%"
     minutes = f"{record['train_minutes']:.1f}" if "train_minutes" in record else "-"
     if "train_cpu_minutes" in record:
         minutes += f" / {record['train_cpu_minutes']:.1f}"
     tokens = f"{record['train_tokens']:,}" if "train_tokens" in record else "-"
     shared = f"{len(record['share_layers'])} ({record['fraction']:.0%})"
-    return shared, f"{ppl:.2f} | {(ppl / base_ppl - 1) * 100:+.1f}% | {tokens} | {minutes}"
+    return shared, f"{ppl:.2f} | {(ppl / base_ppl - 1) * 100:+.1f}% | {other} | {tokens} | {minutes}"
 
 
 def report(
@@ -201,26 +241,28 @@ def report(
     lines = [
         f"Held-out pydoc perplexity (first {args.eval_tokens} tokens of the held-out topics), window {args.window}, "
         f"stride {args.stride}{settings}. Train min: wall minutes / CPU minutes (process time, where recorded) of "
-        "one process on one torch thread (2-core machine, two runs at a time), evaluations excluded.",
+        "one process on one torch thread (2-core machine, two runs at a time), evaluations excluded; calibration "
+        "counts as training. License: a license text from another domain (same windows, whole text), scored by the "
+        "runs computed since the calibration methods were added.",
         "",
-        "| shared | layers | method | perplexity | vs base | train tokens | train min |",
-        "|---:|---|---|---:|---:|---:|---:|",
-        f"| 0 | - | base | {base_ppl:.2f} | - | - | - |",
+        "| shared | layers | method | perplexity | vs base | license ppl | vs base | train tokens | train min |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| 0 | - | base | {base_ppl:.2f} | - | {base['eval_other']['ppl']:.2f} | - | - | - |",
     ]
     for (_, method), record in sorted(main_runs.items()):
-        shared, cells = _row(record, base_ppl)
+        shared, cells = _row(record, base)
         lines.append(f"| {shared} | {record['share_layers']} | {method} | {cells} |")
     if variants:
         lines += [
             "",
             "Variants (`--tag`): other alignment widths, ranks, learning rates or budgets, same layers and data.",
             "",
-            "| tag | shared | method | align_hidden | rank | lr | steps | perplexity | vs base | train tokens "
-            "| train min |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| tag | shared | method | align_hidden | rank | lr | steps | perplexity | vs base | license ppl "
+            "| vs base | train tokens | train min |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for (_, method, tag), record in sorted(variants.items()):
-            shared, cells = _row(record, base_ppl)
+            shared, cells = _row(record, base)
             lines.append(
                 f"| {tag} | {shared} | {method} | {_align_width(record)} | {record.get('rank', '-')} | "
                 f"{record.get('lr', '-')} | {record.get('steps', '-')} | {cells} |"
@@ -318,6 +360,14 @@ def main() -> None:
         return {"method": "base", "eval": evaluate(model.eval(), tokenizer, test_texts, args, args.curve_tokens)}
 
     base_curve = cached(out / f"base_first_{args.curve_tokens}.json", compute_base_curve)
+    other_name, other_text = license_text()
+    other_texts = [other_text]
+
+    def compute_base_other() -> dict:
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        return {"method": "base", "text": other_name, "eval": evaluate(model.eval(), tokenizer, other_texts, args)}
+
+    base["eval_other"] = cached(out / "base_other.json", compute_base_other)["eval"]
     wanted = PRIORITY
     if args.only is not None:  # `--only` with nothing after it: just the report from the cache
         wanted = [(float(f), m) for f, m in (item.split(":") for item in args.only)]
@@ -328,7 +378,7 @@ def main() -> None:
         logger.info(f"== {fraction:.0%} shared, {method}" + (f" [{args.tag}]" if args.tag else ""))
         cached(
             out / f"run_{run_name(fraction, method, args.tag)}.json",
-            lambda f=fraction, m=method: run_one(f, m, analysis, args, test_texts, train_texts),
+            lambda f=fraction, m=method: run_one(f, m, analysis, args, test_texts, train_texts, other_texts),
         )
     results = {}
     for path in sorted(out.glob("run_*.json")):
