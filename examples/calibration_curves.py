@@ -2,8 +2,11 @@
 
 A fresh LiSA adapter (``LiSAConfig.from_analysis`` on the checked-in analysis, ``--fraction`` of the layers shared,
 rank 8, linear alignment, the library's rotary default) is calibrated once (:func:`peft_lisa.calibrate`,
-``--calibration SEQUENCES:STEPS``) on the pydoc *train* split; from that calibrated state every ``--objectives``
-entry trains ``--steps`` steps of ``--batch-size`` x 256 pydoc train tokens (AdamW, 5% warm-up, cosine) with
+``--calibration SEQUENCES:STEPS``) on ``--calibration-data``: the pydoc *train* split, text the base model samples
+itself (``generated``: :func:`peft_lisa.data.sample_texts`, answers to generic prompts, temperature 1; its CPU time
+counts as calibration), or both (``mix``: half the tokens each, interleaved). From that calibrated state every
+``--objectives`` entry trains ``--steps`` steps of ``--batch-size`` x 256 train tokens (``--train-data``: pydoc train,
+or the generated calibration texts, cycled) (AdamW, 5% warm-up, cosine) with
 
 * ``lm``: the causal-LM loss;
 * ``kl``: the output KL to the adapter-disabled base model (temperature 1);
@@ -36,7 +39,7 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, calibrate
-from peft_lisa.data import chunk_token_ids, license_text, load_texts
+from peft_lisa.data import GENERIC_PROMPTS, chunk_token_ids, license_text, load_texts, sample_texts
 from peft_lisa.evaluation import generate_samples, perplexity, repeated_ngram
 from peft_lisa.resources import load_model_and_tokenizer
 
@@ -56,6 +59,31 @@ def evaluate(model, tokenizer, held_out: dict[str, list[str]], tokens: int) -> d
 def generations(model, tokenizer, max_new_tokens: int) -> list[dict[str, str | None]]:
     outputs = generate_samples(model, tokenizer, max_new_tokens=max_new_tokens)
     return [{"text": text, "loop": repeated_ngram(text)} for text in outputs]
+
+
+def self_generated(model, tokenizer, tokens: int, batch: int = 8) -> list[str]:
+    """Sampled answers of ``model`` to the generic prompts, ``batch`` at a time (next prompts, next seed), until they
+    hold ``tokens`` tokens."""
+    texts: list[str] = []
+    count = 0
+    while count < tokens:
+        first = len(texts) % len(GENERIC_PROMPTS)
+        prompts = GENERIC_PROMPTS[first:] + GENERIC_PROMPTS[:first]
+        new = sample_texts(model, tokenizer, batch, prompts=prompts, seed=len(texts), batch_size=batch)
+        count += sum(len(ids) + 1 for ids in tokenizer(new, add_special_tokens=False)["input_ids"])
+        texts += new
+    return texts
+
+
+def interleave(tokenizer, first: list[str], second: list[str]) -> list[str]:
+    """The texts of both lists, each next one from the list that has given fewer tokens so far."""
+    out, counts, lists = [], [0, 0], [list(first), list(second)]
+    while any(lists):
+        side = min((i for i in (0, 1) if lists[i]), key=lambda i: counts[i])
+        text = lists[side].pop(0)
+        counts[side] += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        out.append(text)
+    return out
 
 
 def objective_loss(peft_model, objective: str, ids: torch.Tensor, distiller) -> torch.Tensor:
@@ -79,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--calibration", default="16:100", help="SEQUENCES:ADAM_STEPS (0:0 = no calibration)")
+    parser.add_argument("--calibration-data", choices=("pydoc", "generated", "mix"), default="pydoc")
+    parser.add_argument("--train-data", choices=("pydoc", "generated"), default="pydoc")
     parser.add_argument("--objectives", nargs="*", default=["lm:2e-3", "kl:2e-3"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -110,29 +140,44 @@ def main() -> None:
     results["base"] = evaluate(model, tokenizer, held_out, args.eval_tokens)
     results["base_generations"] = generations(model, tokenizer, args.max_new_tokens)
     print("base", results["base"], flush=True)
+    sequences, steps = (int(x) for x in args.calibration.split(":"))
+    generated: list[str] = []
+    generation_cpu = 0.0
+    if args.calibration_data != "pydoc" or args.train_data == "generated":
+        start = time.process_time()
+        share = 0.5 if args.calibration_data == "mix" else 1.0
+        generated = self_generated(model, tokenizer, math.ceil(share * max(sequences, 1) * 256))
+        generation_cpu = (time.process_time() - start) / 60
+        results["generation"] = {"texts": len(generated), "cpu_minutes": round(generation_cpu, 2)}
+        results["generation"]["loops"] = sum(1 for text in generated if repeated_ngram(text))
+        results["generated_texts"] = generated
+        print("generation", results["generation"], flush=True)
+    calibration_texts = {"pydoc": train_texts, "generated": generated}.get(args.calibration_data)
+    if args.calibration_data == "mix":
+        calibration_texts = interleave(tokenizer, train_texts, generated)
     config = LiSAConfig.from_analysis(ANALYSIS, fraction=args.fraction, rank=8, align_hidden=0)
     peft_model = get_peft_model(model, config)
     results["share_layers"] = list(config.share_layers)
     results["untrained"] = evaluate(peft_model, tokenizer, held_out, args.eval_tokens)
     print("untrained", results["untrained"], flush=True)
-    sequences, steps = (int(x) for x in args.calibration.split(":"))
-    calibration_cpu = 0.0
+    calibration_cpu = generation_cpu if args.calibration_data != "pydoc" else 0.0
     if sequences:
         start = time.process_time()
         report = calibrate(
-            peft_model, tokenizer, train_texts, num_sequences=sequences, adam_steps=steps, progress=False
+            peft_model, tokenizer, calibration_texts, num_sequences=sequences, adam_steps=steps, progress=False
         )
-        calibration_cpu = (time.process_time() - start) / 60
+        calibration_cpu += (time.process_time() - start) / 60
         results["calibrated"] = {
             **evaluate(peft_model, tokenizer, held_out, args.eval_tokens),
-            "cpu_minutes": round(calibration_cpu, 2),
+            "cpu_minutes": round(calibration_cpu, 2),  # generation included
+            "generation_cpu_minutes": round(generation_cpu if args.calibration_data != "pydoc" else 0.0, 2),
             "mean_kl_after": round(report.mean_kl_after, 4),
         }
         results["calibrated_generations"] = generations(peft_model, tokenizer, args.max_new_tokens)
         print("calibrated", results["calibrated"], flush=True)
     save()
     state = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
-    blocks = chunk_token_ids(tokenizer, train_texts, 256)
+    blocks = chunk_token_ids(tokenizer, generated if args.train_data == "generated" else train_texts, 256)
     order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(0))
 
     for entry in args.objectives:
@@ -158,7 +203,7 @@ def main() -> None:
             distiller = AttentionDistiller(peft_model)
         run = {"objective": objective, "lr": float(lr), "curve": []}
         results["runs"][entry] = run
-        cpu = calibration_cpu
+        cpu = calibration_cpu + (generation_cpu if args.calibration_data == "pydoc" else 0.0)
         peft_model.train()
         for step in range(args.steps):
             start = time.process_time()
@@ -217,8 +262,10 @@ def plot(files: list[Path], out: Path) -> None:
 def to_markdown(results: dict) -> str:
     base = results["base"]
     lines = [
-        f"Calibration {results['args']['calibration']} (sequences:Adam steps), {results['args']['fraction']} shared, "
-        f"{results['args']['threads']} thread(s); training batch {results['args']['batch_size']} x 256. "
+        f"Calibration {results['args']['calibration']} (sequences:Adam steps) on "
+        f"{results['args'].get('calibration_data', 'pydoc')} text, {results['args']['fraction']} shared, "
+        f"{results['args']['threads']} thread(s); training batch {results['args']['batch_size']} x 256 of "
+        f"{results['args'].get('train_data', 'pydoc')} text. "
         f"Held out: pydoc test and {results['license']}.",
         "",
         "| run | step | CPU-min | pydoc ppl | vs base | license ppl | vs base |",
@@ -231,6 +278,9 @@ def to_markdown(results: dict) -> str:
             f"{point['license']:.2f} | {point['license'] / base['license'] - 1:+.1%} |"
         )
 
+    if "generation" in results:
+        gen = results["generation"]
+        lines.insert(1, f"Self-generated: {gen['texts']} texts, {gen['cpu_minutes']} CPU-min, {gen['loops']} looping.")
     row("base", "", "", base)
     row("untrained", "", "", results["untrained"])
     if "calibrated" in results:

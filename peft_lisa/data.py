@@ -10,6 +10,8 @@ lines), a ``.jsonl``/``.json`` file (a text field, or chat ``messages``), or a `
   :func:`license_text` (a second held-out text from another domain: legal English shipped with a package).
 * Training (``datasets.Dataset`` for TRL's ``SFTTrainer``): :func:`load_sft_dataset`, :func:`text_dataset`,
   :func:`chat_dataset`, :func:`load_conversations`, :func:`is_conversational_dataset`, :func:`evaluation_texts`.
+* Self-generated: :func:`sample_texts` (the model's own sampled answers to :data:`GENERIC_PROMPTS`; calibration data
+  of no particular domain).
 
 This module imports neither ``trl`` nor (until a function needs it) ``datasets``: analysing and evaluating need no
 training extras.
@@ -390,4 +392,127 @@ def load_evaluation_texts(
     if not texts:
         name = "pydoc" if source is None else os.fspath(source)
         raise ValueError(f"The data {name!r} has no non-empty text in its {split!r} part: choose other data or split.")
+    return texts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Self-generated text
+# --------------------------------------------------------------------------------------------------------------
+
+GENERIC_PROMPTS: tuple[str, ...] = (
+    "Tell me about your favourite season and why.",
+    "How do plants make their food?",
+    "Write a short story about a lost dog finding its way home.",
+    "What caused the fall of the Roman Empire?",
+    "Give me a simple recipe for tomato soup.",
+    "What should I pack for a week-long trip to the mountains?",
+    "Explain how a for loop works in programming.",
+    "Why is the sky blue?",
+    "Describe a busy market in the morning.",
+    "What are some tips for getting better sleep?",
+    "How does a bicycle stay upright?",
+    "Write a poem about the moon.",
+    "Who was Marie Curie and what did she discover?",
+    "How do I make bread at home?",
+    "What are the main sights to see in Rome?",
+    "Explain what a variable is to a beginner programmer.",
+    "What is photosynthesis?",
+    "Tell me a story about a robot who learns to paint.",
+    "How did the printing press change the world?",
+    "What is a healthy breakfast?",
+    "How can I learn a new language quickly?",
+    "Describe how volcanoes form.",
+    "Write a letter to a friend about your holiday.",
+    "What is the difference between weather and climate?",
+    "How do you sort a list of numbers?",
+    "Why do we have leap years?",
+    "What are good exercises for beginners?",
+    "Explain how the heart pumps blood.",
+    "Describe your ideal weekend.",
+    "What was the Industrial Revolution?",
+    "How do I cook rice properly?",
+    "What is gravity?",
+)
+"""Varied everyday, science, history, cooking, travel, programming and story requests for :func:`sample_texts`."""
+
+
+@torch.no_grad()
+def sample_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    num_texts: int,
+    max_new_tokens: int = 256,
+    prompts: Optional[Sequence[str]] = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Texts the model writes itself: ``num_texts`` sampled continuations (pure sampling at ``temperature``: no top-k,
+    no top-p), e.g. as calibration data of no particular domain.
+
+    Text ``i`` continues prompt ``i % len(prompts)``. With a chat template each prompt is a user turn (with the
+    generation prompt) and ``prompts=None`` means :data:`GENERIC_PROMPTS`; without one, prompts are plain text and
+    ``prompts=None`` means sampling from the BOS token (EOS if there is none) alone. Only the new text is returned
+    (special tokens dropped, ends stripped): the model's own words, without our prompts or the chat markup. Prompts
+    are batched ``batch_size`` at a time with left padding; the output is a function of ``seed`` and ``batch_size``
+    (the global torch RNG is left as it was).
+
+    Raises:
+        ValueError: ``num_texts < 1``, ``max_new_tokens < 1``, ``temperature <= 0``, ``batch_size < 1``, empty
+            ``prompts``, or no template, no prompts and no BOS/EOS token to start from.
+    """
+    if num_texts < 1 or max_new_tokens < 1 or batch_size < 1 or not temperature > 0:
+        raise ValueError(
+            f"sample_texts() needs num_texts >= 1, max_new_tokens >= 1, batch_size >= 1 and temperature > 0; got "
+            f"{num_texts}, {max_new_tokens}, {batch_size}, {temperature}."
+        )
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if prompts is None:
+        prompts = GENERIC_PROMPTS if chat else [""]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("sample_texts() got an empty prompts list: pass None for the built-in prompts.")
+    start_token = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
+    if chat:
+        inputs = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        add_special_tokens = False  # the template already holds them
+    else:
+        if start_token is None and not all(prompts):
+            raise ValueError("sample_texts(): the tokenizer has no chat template, no BOS and no EOS token to start.")
+        inputs, add_special_tokens = [f"{start_token}{p}" if start_token else p for p in prompts], False
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    was_training = model.training
+    texts: list[str] = []
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for first in range(0, num_texts, batch_size):
+                batch = [inputs[i % len(inputs)] for i in range(first, min(first + batch_size, num_texts))]
+                encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+                encoded = {key: value.to(device) for key, value in encoded.items()}
+                output = model.generate(
+                    **encoded,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                )
+                new_tokens = output[:, encoded["input_ids"].shape[1] :]
+                texts += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = padding_side
+        if pad_token is None:
+            tokenizer.pad_token = pad_token
+        model.train(was_training)
     return texts
