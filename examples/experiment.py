@@ -37,7 +37,8 @@ from peft import get_peft_model
 from transformers import TrainerCallback
 
 import peft_lisa  # noqa: F401  (registers the tuner)
-from peft_lisa import AttentionAnalysis, LiSAConfig, analyze, calibrate, choose_share_layers
+from peft_lisa import AttentionAnalysis, LiSAConfig, analyze, choose_share_layers
+from peft_lisa.calibration_step import calibrate_before_training
 from peft_lisa.data import license_text, load_texts
 from peft_lisa.evaluation import perplexity
 from peft_lisa.resources import load_model_and_tokenizer
@@ -125,15 +126,9 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
     calibration = LiSACalibrationConfig()
     if method == "calibrated":
         peft_model = get_peft_model(model, config)
-        report = calibrate(
-            peft_model,
-            tokenizer,
-            train_texts,
-            num_sequences=calibration.num_sequences,
-            adam_steps=calibration.adam_steps,
-            lr=calibration.lr,
-            lbfgs_steps=calibration.lbfgs_steps,
-            progress=False,
+        # The calibration LiSATrainer runs before training, alone.
+        report = calibrate_before_training(
+            peft_model, tokenizer, train_texts, calibration, max_length=args.seq_len, progress=False
         )
         record["train_minutes"] = (time.perf_counter() - start) / 60
         record["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
