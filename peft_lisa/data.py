@@ -472,17 +472,17 @@ def sample_texts(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("sample_texts() got an empty prompts list: pass None for the built-in prompts.")
-    start_token = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
+    # The inputs hold their special tokens themselves (the template's, or the start token), so the tokenizer adds none.
     if chat:
         inputs = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
-        add_special_tokens = False  # the template already holds them
     else:
+        start_token = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
         if start_token is None and not all(prompts):
             raise ValueError("sample_texts(): the tokenizer has no chat template, no BOS and no EOS token to start.")
-        inputs, add_special_tokens = [f"{start_token}{p}" if start_token else p for p in prompts], False
+        inputs = [f"{start_token}{p}" if start_token else p for p in prompts]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
@@ -497,7 +497,7 @@ def sample_texts(
             torch.manual_seed(seed)
             for first in range(0, num_texts, batch_size):
                 batch = [inputs[i % len(inputs)] for i in range(first, min(first + batch_size, num_texts))]
-                encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+                encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
                 encoded = {key: value.to(device) for key, value in encoded.items()}
                 output = model.generate(
                     **encoded,

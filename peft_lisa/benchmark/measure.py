@@ -165,26 +165,24 @@ class TensorPeak:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
+        self._cuda = PeakMemory(device) if device.type == "cuda" else None  # its CUDA figure is this one
         self._profiler: Any = None
-        self._start = 0
 
     def __enter__(self) -> TensorPeak:
+        if self._cuda is not None:
+            self._cuda.__enter__()
+            return self
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            # kineto logs two "USDT" lines per profiler session below this level; read when it first starts.
-            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+        # kineto logs two "USDT" lines per profiler session below this level; read when it first starts.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = max(torch.cuda.max_memory_allocated(self.device) - self._start, 0)
+        if self._cuda is not None:
+            self._cuda.__exit__(*exc)
+            self.peak = self._cuda.peak
             return
         self._profiler.__exit__(*exc)
         events = self._profiler.profiler.kineto_results.events()
