@@ -1,7 +1,7 @@
 """Calibration, then training: held-out perplexity against CPU-minutes on SmolLM2-135M (built in).
 
 A fresh LiSA adapter (``LiSAConfig.from_analysis`` on the checked-in analysis, ``--fraction`` of the layers shared,
-rank 8, linear alignment, the library's rotary default) is calibrated once (:func:`peft_lisa.calibrate`,
+rank ``--rank`` (8), linear alignment, the library's rotary default) is calibrated once (:func:`peft_lisa.calibrate`,
 ``--calibration SEQUENCES:STEPS``) on ``--calibration-data``: the pydoc *train* split, text the base model samples
 itself (``generated``: :func:`peft_lisa.data.sample_texts`, answers to generic prompts, temperature 1; its CPU time
 counts as calibration), or both (``mix``: half the tokens each, interleaved). From that calibrated state every
@@ -40,7 +40,7 @@ from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, calibrate
 from peft_lisa.data import GENERIC_PROMPTS, chunk_token_ids, license_text, load_texts, sample_texts
-from peft_lisa.evaluation import generate_samples, perplexity, repeated_ngram
+from peft_lisa.evaluation import DEFAULT_PROMPTS, generate_samples, perplexity, repeated_ngram
 from peft_lisa.resources import load_model_and_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,9 +56,13 @@ def evaluate(model, tokenizer, held_out: dict[str, list[str]], tokens: int) -> d
     }
 
 
-def generations(model, tokenizer, max_new_tokens: int) -> list[dict[str, str | None]]:
-    outputs = generate_samples(model, tokenizer, max_new_tokens=max_new_tokens)
-    return [{"text": text, "loop": repeated_ngram(text)} for text in outputs]
+def generations(model, tokenizer, max_new_tokens: int, generic: int = 0) -> list[dict[str, str | None]]:
+    """Greedy answers to the four built-in prompts and the first ``generic`` of ``GENERIC_PROMPTS``, each with the
+    phrase it loops on (or None)."""
+    prompts = [*DEFAULT_PROMPTS, *GENERIC_PROMPTS[:generic]]
+    outputs = generate_samples(model, tokenizer, prompts=prompts, max_new_tokens=max_new_tokens)
+    pairs = zip(prompts, outputs, strict=True)
+    return [{"prompt": prompt, "text": text, "loop": repeated_ngram(text)} for prompt, text in pairs]
 
 
 def self_generated(model, tokenizer, tokens: int, batch: int = 8) -> list[str]:
@@ -106,6 +110,7 @@ def objective_loss(peft_model, objective: str, ids: torch.Tensor, distiller) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--calibration", default="16:100", help="SEQUENCES:ADAM_STEPS (0:0 = no calibration)")
     parser.add_argument("--calibration-data", choices=("pydoc", "generated", "mix"), default="pydoc")
     parser.add_argument("--train-data", choices=("pydoc", "generated"), default="pydoc")
@@ -115,6 +120,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument(
+        "--loop-prompts", type=int, default=0, help="also answer the first N generic prompts (loop counts over more)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("docs/calibration/curves"))
     parser.add_argument("--plot", nargs="+", type=Path, help="only draw OUT.png from these results JSON files")
@@ -138,7 +146,7 @@ def main() -> None:
         args.out.with_suffix(".md").write_text(to_markdown(results) + "\n")
 
     results["base"] = evaluate(model, tokenizer, held_out, args.eval_tokens)
-    results["base_generations"] = generations(model, tokenizer, args.max_new_tokens)
+    results["base_generations"] = generations(model, tokenizer, args.max_new_tokens, args.loop_prompts)
     print("base", results["base"], flush=True)
     sequences, steps = (int(x) for x in args.calibration.split(":"))
     generated: list[str] = []
@@ -155,7 +163,7 @@ def main() -> None:
     calibration_texts = {"pydoc": train_texts, "generated": generated}.get(args.calibration_data)
     if args.calibration_data == "mix":
         calibration_texts = interleave(tokenizer, train_texts, generated)
-    config = LiSAConfig.from_analysis(ANALYSIS, fraction=args.fraction, rank=8, align_hidden=0)
+    config = LiSAConfig.from_analysis(ANALYSIS, fraction=args.fraction, rank=args.rank, align_hidden=0)
     peft_model = get_peft_model(model, config)
     results["share_layers"] = list(config.share_layers)
     results["untrained"] = evaluate(peft_model, tokenizer, held_out, args.eval_tokens)
@@ -175,7 +183,7 @@ def main() -> None:
             "generation_cpu_minutes": round(generation_in_calibration, 2),
             "mean_kl_after": round(report.mean_kl_after, 4),
         }
-        results["calibrated_generations"] = generations(peft_model, tokenizer, args.max_new_tokens)
+        results["calibrated_generations"] = generations(peft_model, tokenizer, args.max_new_tokens, args.loop_prompts)
         print("calibrated", results["calibrated"], flush=True)
     save()
     state = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
@@ -225,7 +233,7 @@ def main() -> None:
                 save()
         if distiller is not None:
             distiller.remove()
-        run["generations"] = generations(peft_model, tokenizer, args.max_new_tokens)
+        run["generations"] = generations(peft_model, tokenizer, args.max_new_tokens, args.loop_prompts)
         save()
     print(to_markdown(results))
 
@@ -266,6 +274,7 @@ def to_markdown(results: dict) -> str:
     lines = [
         f"Calibration {results['args']['calibration']} (sequences:Adam steps) on "
         f"{results['args'].get('calibration_data', 'pydoc')} text, {results['args']['fraction']} shared, "
+        f"rank {results['args'].get('rank', 8)}, "
         f"{results['args']['threads']} thread(s); training batch {results['args']['batch_size']} x 256 of "
         f"{results['args'].get('train_data', 'pydoc')} text. "
         f"Held out: pydoc test and {results['license']}.",
@@ -296,7 +305,11 @@ def to_markdown(results: dict) -> str:
     for name, gens in named:
         if gens:
             loops = sum(1 for g in gens if g["loop"])
-            lines.append(f"- {name}: {loops}/{len(gens)} looping; " + " | ".join(repr(g["text"][:80]) for g in gens))
+            builtin = gens[: len(DEFAULT_PROMPTS)]
+            counts = f"{loops}/{len(gens)} looping"
+            if len(gens) > len(builtin):
+                counts += f" ({sum(1 for g in builtin if g['loop'])}/{len(builtin)} of the built-in prompts)"
+            lines.append(f"- {name}: {counts}; " + " | ".join(repr(g["text"][:80]) for g in builtin))
     return "\n".join(lines)
 
 
