@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Optional
 
+from .calibration_step import LiSACalibrationConfig
 from .jobs.analyze_job import SCORES
 from .jobs.checks import DTYPE_NAMES, JobInputError, check_share_layers
 
@@ -151,9 +152,11 @@ def add_eval_options(group: Any, prefix: str = "") -> None:
 
 def add_calibration_options(group: Any) -> None:
     """The budget of the layer-wise calibration (``peft_lisa.calibrate``): sequences, Adam steps, learning rate."""
-    option(group, "--calibration-sequences", positive_int, 16, "calibration sequences (default: 16)")
-    option(group, "--calibration-steps", non_negative_int, 100, "Adam steps per shared layer (default: 100)")
-    option(group, "--calibration-lr", positive_float, 1e-2, "Adam learning rate, cosine (default: 1e-2)")
+    default = LiSACalibrationConfig()  # the library's defaults, stated once
+    sequences, steps, lr = default.num_sequences, default.adam_steps, default.lr
+    option(group, "--calibration-sequences", positive_int, sequences, f"calibration sequences (default: {sequences})")
+    option(group, "--calibration-steps", non_negative_int, steps, f"Adam steps per shared layer (default: {steps})")
+    option(group, "--calibration-lr", positive_float, lr, f"Adam learning rate, cosine (default: {lr:g})")
 
 
 def add_generation_options(group: Any, default_tokens: int) -> None:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_lisa.analysis import choose_share_layers
+from peft_lisa.calibration_step import LiSACalibrationConfig
 from peft_lisa.cli import main
 
 from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
@@ -308,7 +309,7 @@ def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):
     assert results["training"]["global_step"] == 2 and results["share_layers"] == shared
     # Calibrated before training (the default), measured before training, on both held-out texts.
     assert [row["layer"] for row in results["calibration"]["layers"]] == shared
-    assert results["calibration_config"]["num_sequences"] == 16
+    assert results["calibration_config"]["num_sequences"] == LiSACalibrationConfig().num_sequences
     assert {"base_perplexity", "calibrated_perplexity", "perplexity"} <= set(results["metrics"])
     assert {"base_perplexity", "calibrated_perplexity", "perplexity"} <= set(results["metrics"]["license"])
     generations = results["generations"]

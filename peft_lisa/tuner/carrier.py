@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -110,88 +110,130 @@ class ScoresFromQueryKey(SourceLogits):
         return softcap_logits(grouped_scores(self.query[:, :, rows], key, self.scaling), self.softcap)
 
 
-class FoldedScores(SourceLogits):
-    """Logits kept as queries and keys, never as a T_q x T_k tensor (``docs/method.md``, "Fused attention of a
-    shared layer"): ``S[h] = sum_i q_i[h] k_i[h // (H / H_i)]^T`` over parts ``(q_i, k_i)``.
+@dataclass(eq=False)
+class FoldedPart:
+    """One term ``sum_g mix[h, g] q[g] k[kv(g)]^T`` of :class:`FoldedScores`: queries B x H x T_q x D, keys
+    B x H_k x T_k x D (H_k is 1, one key for every head, or the number of KV heads: query head g reads key head
+    ``g // (H / H_k)``), the H x H head mixing still to apply to the queries (None: none yet) and a scale (the
+    layer's ``scaling``; kept apart so that the queries are the layer's own tensor, not a scaled copy of it).
 
-    Each part pairs queries B x H x T_q x D_i with keys B x H_i x T_k x D_i, where H_i is 1 (one key for every head)
-    or the number of KV heads (query head h reads key head h // (H / H_i)). A full layer's logits ``scale Q K^T``
-    are one part (scale folded into the queries). A linear alignment ``P S`` and a low-rank term ``Q_r K_r^T`` keep
-    this form: :meth:`mixed` and :meth:`with_lowrank` return the logits of the next shared layer, and :meth:`attend`
-    runs them through fused attention calls of head size ``sum_i D_i``.
+    ``key_index`` records that the mixing is block-structured (``head_mixing="kv_group"``): the query heads of KV group
+    j mix only query heads that read key head ``key_index[j]``, so they need that key head alone. None: any head may
+    mix any other (``"full"``), so a head's mixed query is laid out against all key heads side by side.
     """
 
-    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    query: torch.Tensor
+    key: torch.Tensor
+    mix: Optional[torch.Tensor] = None
+    key_index: Optional[list[int]] = None
+    scale: float = 1.0
+    _spread_key: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mix is None and self.key_index is None:
+            self.key_index = list(range(self.key.shape[1]))  # unmixed: group j reads its own key head
+
+    def mixed(self, permute: torch.Tensor, group_map: Optional[list[int]]) -> FoldedPart:
+        """This part under ``P`` (composed with the mixing it already has; no tensor of queries is touched)."""
+        mix = self.scale * (permute if self.mix is None else permute @ self.mix)
+        key_index = None
+        if group_map is not None and self.key_index is not None and len(group_map) == len(self.key_index):
+            key_index = [self.key_index[source] for source in group_map]
+        return FoldedPart(self.query, self.key, mix, key_index)
+
+    @property
+    def fused_dim(self) -> int:
+        """This part's share of the fused head size."""
+        spread = self.key.shape[1] > 1 and self.key_index is None
+        return self.query.shape[-1] * (self.key.shape[1] if spread else 1)
+
+    def group(self, heads: slice, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused query (B x G x T_q x D') of query heads ``heads`` (KV group ``group``) and their key
+        (B x 1 x T_k x D')."""
+        query, key = self.query, self.key
+        batch, num_heads, q_len, dim = query.shape
+        key_heads = key.shape[1]
+        if self.mix is None:
+            return query[:, heads] * self.scale, key[:, self.key_index[group] : self.key_index[group] + 1]
+        rows = self.mix[heads]  # G x H
+        if key_heads == 1:
+            return torch.einsum("gh,bhtd->bgtd", rows, query.float()).to(key.dtype), key
+        size = num_heads // key_heads
+        grouped = query.float().view(batch, key_heads, size, q_len, dim)
+        if self.key_index is not None:  # block-structured: only the source group's heads contribute
+            source = self.key_index[group]
+            block = rows[:, source * size : (source + 1) * size]  # G x (H / H_k)
+            mixed = torch.einsum("gi,bitd->bgtd", block, grouped[:, source]).to(key.dtype)
+            return mixed, key[:, source : source + 1]
+        # Any head: its queries against key head j are sum_{g in group j} mix[h, g] q[g], laid side by side.
+        mixed = torch.einsum("gji,bjitd->bgtjd", rows.view(-1, key_heads, size), grouped)  # B x G x T_q x H_k x D
+        mixed = mixed.reshape(batch, mixed.shape[1], q_len, key_heads * dim).to(key.dtype)
+        if self._spread_key is None:  # all key heads side by side, B x 1 x T_k x H_k D: built once for all groups
+            self._spread_key = key.transpose(1, 2).reshape(batch, 1, key.shape[2], key_heads * dim)
+        return mixed, self._spread_key
+
+    def scores(self, rows: slice, keys: int) -> torch.Tensor:
+        """This part's logits of queries ``rows`` against the last ``keys`` keys, B x H x len(rows) x keys."""
+        scores = grouped_scores(self.query[:, :, rows], self.key[:, :, -keys:], self.scale)
+        return scores if self.mix is None else torch.einsum("hg,bgqk->bhqk", self.mix, scores)
+
+
+class FoldedScores(SourceLogits):
+    """Logits kept as queries and keys, never as a T_q x T_k tensor (``docs/method.md``, "Fused attention of a
+    shared layer"): ``S = sum_i mix_i (q_i k_i^T)`` over :class:`FoldedPart` s.
+
+    A full layer's logits ``scale Q K^T`` are one part. A linear alignment ``P S`` and
+    a low-rank term ``Q_r K_r^T`` keep this form: :meth:`mixed` composes ``P`` with each part's mixing (H x H, no
+    tensor of queries is touched) and :meth:`with_lowrank` appends a part; :meth:`attend` mixes the queries of one KV
+    group at a time and runs them through fused attention calls of head size ``sum_i D_i`` (a part whose mixing may
+    reach every key head counts ``H_kv D_i``). A chain of shared layers thus holds only its source's queries and the
+    rank-r queries of its links, never the mixed queries of a link.
+    """
+
+    def __init__(self, parts: list[FoldedPart]) -> None:
         self.parts = parts
-        query, key = parts[0]
+        query, key = parts[0].query, parts[0].key
         self.shape = torch.Size((query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
 
     @classmethod
     def from_query_key(cls, query: torch.Tensor, key: torch.Tensor, scaling: float) -> FoldedScores:
         """A full layer's logits ``scaling Q K^T``: query B x H x T_q x d_h, key B x H_kv x T_k x d_h."""
-        return cls([(query * scaling, key)])
+        return cls([FoldedPart(query, key, scale=scaling)])
 
     @property
     def head_dim(self) -> int:
-        """Head size of the fused attention call: ``sum_i D_i``."""
-        return sum(query.shape[-1] for query, _ in self.parts)
+        """Head size of the fused attention call: ``sum_i D_i``, ``H_kv D_i`` for a fully mixed part."""
+        return sum(part.fused_dim for part in self.parts)
 
     def mixed(self, permute: torch.Tensor, group_map: Optional[list[int]] = None) -> FoldedScores:
-        """``P S`` for an H x H matrix ``P`` (the linear head alignment), still folded.
-
-        A part whose key is shared by all heads keeps it; its queries are mixed by P. With ``group_map``
-        (``head_mixing="kv_group"``: head h of KV group j mixes only the heads of key head ``group_map[j]``), a part
-        with one key per KV group keeps its head size too: its queries are mixed by P and its keys re-indexed.
-        Otherwise such a part becomes a shared one: head h's queries against key head j are
-        ``sum_{g in group j} P[h, g] q[g]``, laid side by side for every j, against all key heads laid side by side,
-        so its head size grows from D to H_i D.
-        """
-        parts = []
-        for query, key in self.parts:
-            batch, num_heads, q_len, dim = query.shape
-            key_heads = key.shape[1]
-            if key_heads == 1 or (group_map is not None and len(group_map) == key_heads):
-                mixed = torch.einsum("hg,bgtd->bhtd", permute, query.float()).to(key.dtype)
-                parts.append((mixed, key if key_heads == 1 else key[:, group_map]))
-                continue
-            grouped = query.float().view(batch, key_heads, num_heads // key_heads, q_len, dim)
-            by_key = permute.view(num_heads, key_heads, num_heads // key_heads)  # P[h, j, i] = P[h, j G + i]
-            mixed = torch.einsum("hji,bjitd->bhtjd", by_key, grouped)  # B x H x T_q x H_i x D
-            mixed = mixed.reshape(batch, num_heads, q_len, key_heads * dim).to(key.dtype)
-            parts.append((mixed, key.transpose(1, 2).reshape(batch, 1, key.shape[2], key_heads * dim)))
-        return FoldedScores(parts)
+        """``P S`` for an H x H matrix ``P`` (the linear head alignment), still folded. ``group_map``
+        (``head_mixing="kv_group"``): head h of KV group j mixes only the heads of key head ``group_map[j]``."""
+        return FoldedScores([part.mixed(permute, group_map) for part in self.parts])
 
     def with_lowrank(self, q_small: torch.Tensor, k_small: torch.Tensor, scaling: float) -> FoldedScores:
         """``S + scaling Q_r K_r^T`` (q_small B x H x T_q x r, k_small B x H_kv x T_k x r), still folded."""
-        return FoldedScores([*self.parts, (q_small * scaling, k_small)])
-
-    def _group(self, group: int, num_groups: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused query (B x G x T_q x D) of the G query heads of KV group ``group`` and their key
-        (B x 1 x keys x D): every part's queries and keys laid side by side."""
-        size = self.shape[1] // num_groups
-        queries, key_parts = [], []
-        for query, key in self.parts:
-            queries.append(query[:, group * size : (group + 1) * size])
-            key_head = 0 if key.shape[1] == 1 else group * key.shape[1] // num_groups
-            key_parts.append(key[:, key_head : key_head + 1, -keys:])
-        query = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)
-        key = key_parts[0] if len(key_parts) == 1 else torch.cat(key_parts, dim=-1)
-        return query, key
+        return FoldedScores([*self.parts, FoldedPart(q_small, k_small, scale=scaling)])
 
     def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
         keys = self.shape[-1] if keys is None else keys
-        return sum(grouped_scores(query[:, :, rows], key[:, :, -keys:], 1.0) for query, key in self.parts)
+        return sum(part.scores(rows, keys) for part in self.parts)
 
     def attend(
         self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float = 0.0
     ) -> torch.Tensor:
         """``softmax(S + M) V`` -> B x T_q x (H d_v): one fused attention call per KV group of ``value``
-        (B x H_kv x T_k x d_v), so that the fused queries, keys and outputs of only one group exist at a time."""
+        (B x H_kv x T_k x d_v), so that the mixed queries, keys and outputs of only one group exist at a time."""
         num_groups, keys = value.shape[1], value.shape[2]
+        size = self.shape[1] // num_groups
         outputs = []
         for group in range(num_groups):
-            query, key = self._group(group, num_groups, keys)
-            outputs.append(fused_attention(query, key, value[:, group : group + 1], attention_mask, dropout))
+            heads = slice(group * size, (group + 1) * size)
+            queries, key_parts = zip(*(part.group(heads, group) for part in self.parts), strict=True)
+            query = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)
+            key = torch.cat([k[:, :, -keys:] for k in key_parts], dim=-1) if len(key_parts) > 1 else key_parts[0]
+            outputs.append(
+                fused_attention(query, key[:, :, -keys:], value[:, group : group + 1], attention_mask, dropout)
+            )
         return outputs[0] if num_groups == 1 else torch.cat(outputs, dim=-1)  # B x T_q x (H d_v), heads in order
 
 
