@@ -6,7 +6,7 @@ rank ``--rank`` (8), linear alignment, the library's rotary default) is calibrat
 itself (``generated``: :func:`peft_lisa.data.sample_texts`, answers to generic prompts, temperature 1; its CPU time
 counts as calibration), or both (``mix``: half the tokens each, interleaved). From that calibrated state every
 ``--objectives`` entry trains ``--steps`` steps of ``--batch-size`` x 256 train tokens (``--train-data``: pydoc train,
-or the generated calibration texts, cycled) (AdamW, 5% warm-up, cosine) with
+the generated texts, cycled, or ``mix``: one row of each in turn) (AdamW, 5% warm-up, cosine) with
 
 * ``lm``: the causal-LM loss;
 * ``kl``: the output KL to the adapter-disabled base model (temperature 1);
@@ -17,7 +17,9 @@ each written ``OBJECTIVE:LR``. The held-out pydoc *test* split and a license tex
 (legal English, nothing calibrates or trains on it) are measured (window 256, stride 128, first ``--eval-tokens``
 tokens) before, after calibration and every ``--eval-every`` steps; CPU-minutes are ``time.process_time()`` of the
 calibration and training only (evaluation excluded), so run it pinned to one core with ``--threads 1``. At the end,
-greedy generations of the four built-in prompts, with the loop detector of :func:`peft_lisa.evaluation.repeated_ngram`.
+greedy generations of the four built-in prompts and of the last ``--loop-prompts`` generic prompts, with the loop
+detector of :func:`peft_lisa.evaluation.repeated_ngram`; text is sampled from the first ``--generation-prompts``
+only, and the two sets may not overlap.
 
     taskset -c 1 python examples/calibration_curves.py --threads 1 --calibration 16:100 \\
         --objectives lm:2e-3 kl:2e-3 --steps 60 --out docs/calibration/curves
@@ -57,22 +59,23 @@ def evaluate(model, tokenizer, held_out: dict[str, list[str]], tokens: int) -> d
 
 
 def generations(model, tokenizer, max_new_tokens: int, generic: int = 0) -> list[dict[str, str | None]]:
-    """Greedy answers to the four built-in prompts and the first ``generic`` of ``GENERIC_PROMPTS``, each with the
-    phrase it loops on (or None)."""
-    prompts = [*DEFAULT_PROMPTS, *GENERIC_PROMPTS[:generic]]
+    """Greedy answers to the four built-in prompts and the last ``generic`` of ``GENERIC_PROMPTS`` (the first ones
+    may have been sampled for training text: ``--generation-prompts``), each with the phrase it loops on (or None)."""
+    prompts = [*DEFAULT_PROMPTS, *GENERIC_PROMPTS[len(GENERIC_PROMPTS) - generic :]]
     outputs = generate_samples(model, tokenizer, prompts=prompts, max_new_tokens=max_new_tokens)
     pairs = zip(prompts, outputs, strict=True)
     return [{"prompt": prompt, "text": text, "loop": repeated_ngram(text)} for prompt, text in pairs]
 
 
-def self_generated(model, tokenizer, tokens: int, batch: int = 8) -> list[str]:
-    """Sampled answers of ``model`` to the generic prompts, ``batch`` at a time (next prompts, next seed), until they
-    hold ``tokens`` tokens."""
+def self_generated(model, tokenizer, tokens: int, num_prompts: int, batch: int = 8) -> list[str]:
+    """Sampled answers of ``model`` to the first ``num_prompts`` generic prompts, ``batch`` at a time (next prompts,
+    next seed), until they hold ``tokens`` tokens."""
     texts: list[str] = []
     count = 0
+    pool = GENERIC_PROMPTS[:num_prompts]
     while count < tokens:
-        first = len(texts) % len(GENERIC_PROMPTS)
-        prompts = GENERIC_PROMPTS[first:] + GENERIC_PROMPTS[:first]
+        first = len(texts) % len(pool)
+        prompts = (pool[first:] + pool[:first]) * (batch // len(pool) + 1)
         new = sample_texts(model, tokenizer, batch, prompts=prompts, seed=len(texts), batch_size=batch)
         count += sum(len(ids) + 1 for ids in tokenizer(new, add_special_tokens=False)["input_ids"])
         texts += new
@@ -113,7 +116,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--calibration", default="16:100", help="SEQUENCES:ADAM_STEPS (0:0 = no calibration)")
     parser.add_argument("--calibration-data", choices=("pydoc", "generated", "mix"), default="pydoc")
-    parser.add_argument("--train-data", choices=("pydoc", "generated"), default="pydoc")
+    parser.add_argument("--train-data", choices=("pydoc", "generated", "mix"), default="pydoc")
+    parser.add_argument(
+        "--generation-prompts", type=int, default=len(GENERIC_PROMPTS), help="sample text from the first K prompts"
+    )
     parser.add_argument("--objectives", nargs="*", default=["lm:2e-3", "kl:2e-3"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -121,7 +127,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument(
-        "--loop-prompts", type=int, default=0, help="also answer the first N generic prompts (loop counts over more)"
+        "--loop-prompts", type=int, default=0, help="also answer the last N generic prompts (loop counts over more)"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("docs/calibration/curves"))
@@ -130,6 +136,12 @@ def main() -> None:
     if args.plot:
         plot(args.plot, args.out.with_suffix(".png"))
         return
+    uses_generated = args.calibration_data != "pydoc" or args.train_data != "pydoc"
+    if uses_generated and args.generation_prompts + args.loop_prompts > len(GENERIC_PROMPTS):
+        parser.error(
+            f"--generation-prompts {args.generation_prompts} and --loop-prompts {args.loop_prompts} overlap: the loop "
+            f"count must use prompts no training text was sampled from (together at most {len(GENERIC_PROMPTS)})"
+        )
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -151,10 +163,11 @@ def main() -> None:
     sequences, steps = (int(x) for x in args.calibration.split(":"))
     generated: list[str] = []
     generation_cpu = 0.0
-    if args.calibration_data != "pydoc" or args.train_data == "generated":
+    if args.calibration_data != "pydoc" or args.train_data != "pydoc":
         start = time.process_time()
         share = 0.5 if args.calibration_data == "mix" else 1.0
-        generated = self_generated(model, tokenizer, math.ceil(share * max(sequences, 1) * 256))
+        tokens = math.ceil(share * max(sequences, 1) * 256)
+        generated = self_generated(model, tokenizer, tokens, args.generation_prompts)
         generation_cpu = (time.process_time() - start) / 60
         results["generation"] = {"texts": len(generated), "cpu_minutes": round(generation_cpu, 2)}
         results["generation"]["loops"] = sum(1 for text in generated if repeated_ngram(text))
@@ -187,8 +200,20 @@ def main() -> None:
         print("calibrated", results["calibrated"], flush=True)
     save()
     state = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
-    blocks = chunk_token_ids(tokenizer, generated if args.train_data == "generated" else train_texts, 256)
-    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(0))
+    # Training rows: pydoc, generated, or (mix) one of each in turn; each source cycled in its own random order.
+    names = {"pydoc": ["pydoc"], "generated": ["generated"], "mix": ["pydoc", "generated"]}[args.train_data]
+    texts = {"pydoc": train_texts, "generated": generated}
+    sources = [chunk_token_ids(tokenizer, texts[name], 256) for name in names]
+    orders = [torch.randperm(len(b), generator=torch.Generator().manual_seed(0)) for b in sources]
+
+    def batch_rows(step: int) -> torch.Tensor:
+        rows = []
+        for i in range(args.batch_size):
+            n = step * args.batch_size + i
+            source = n % len(sources)
+            index = orders[source][(n // len(sources)) % len(orders[source])]
+            rows.append(sources[source][index])
+        return torch.stack(rows)
 
     for entry in args.objectives:
         objective, lr = entry.split(":")
@@ -217,8 +242,7 @@ def main() -> None:
         peft_model.train()
         for step in range(args.steps):
             start = time.process_time()
-            index = order[(step * args.batch_size + torch.arange(args.batch_size)) % blocks.shape[0]]
-            loss = objective_loss(peft_model, objective, blocks[index], distiller)
+            loss = objective_loss(peft_model, objective, batch_rows(step), distiller)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

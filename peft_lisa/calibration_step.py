@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .calibration import CalibrationReport, calibrate
+from .calibration import DEFAULT_ADAM_STEPS, DEFAULT_LR, DEFAULT_NUM_SEQUENCES, CalibrationReport, calibrate
 
 logger = logging.getLogger("peft_lisa")
 
@@ -30,9 +30,9 @@ class LiSACalibrationConfig:
         seed: seed of the Adam mini-batch order.
     """
 
-    num_sequences: int = 16
-    adam_steps: int = 100
-    lr: float = 1e-2
+    num_sequences: int = DEFAULT_NUM_SEQUENCES
+    adam_steps: int = DEFAULT_ADAM_STEPS
+    lr: float = DEFAULT_LR
     lbfgs_steps: int = 10
     seq_len: Optional[int] = None
     batch_size: int = 4

@@ -346,6 +346,11 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     switch(group, "--eval-license", False, license_help)
     add_eval_options(group, "eval-")
     add_generation_options(group, default_tokens=0)
+    loop_help = (
+        "also answer the last N of the library's everyday prompts (peft_lisa.data.GENERIC_PROMPTS) with every "
+        "generating model and print how many loop (default: 0)"
+    )
+    option(group, "--loop-check", non_negative_int, 0, loop_help)
     train.add_argument("--output-dir", "--output", default="lisa-run", help="default: lisa-run")
 
 

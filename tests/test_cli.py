@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM
 from peft_lisa.analysis import choose_share_layers
 from peft_lisa.calibration_step import LiSACalibrationConfig
 from peft_lisa.cli import main
+from peft_lisa.data import GENERIC_PROMPTS
+from peft_lisa.jobs.train_job import GENERATION_LABELS, TrainResult
 
 from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
 from .test_training import WORDS, tiny_tokenizer
@@ -126,6 +128,8 @@ def bad_argument_cases(work):
         (["train", "--output-dir", work / "empty", "--resume"], "train", "no checkpoint-"),
         (["train", "--resume", work / "empty"], "train", "not a training checkpoint"),
         (["train", "--analysis", work / "missing.json"], "train", "no such file"),
+        (["train", "--loop-check", "40", "--max-new-tokens", "2"], "train", "there are 32 everyday prompts"),
+        (["train", "--loop-check", "2"], "train", "--loop-check needs generations: set --max-new-tokens > 0"),
         (["analyze", "--model", work / "data.txt"], "analyze", "not a model directory"),
         (["eval", "--adapter", work / "missing"], "eval", "no such directory"),
         (["eval", "--adapter", lora], "eval", "not a LiSA adapter (its peft_type is 'LORA'"),
@@ -241,6 +245,8 @@ def run_dir(work, analysis_dir):
             "--eval-license",
             "--max-new-tokens",
             4,
+            "--loop-check",
+            2,
             "--output-dir",
             out,
         )
@@ -315,6 +321,12 @@ def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):
     generations = results["generations"]
     assert set(generations["loops"]) == {"base", "calibrated_lisa", "trained_lisa"}
     assert len(generations["calibrated_lisa"]) == len(generations["prompts"])
+    check = results["loop_check"]  # --loop-check 2: the last two everyday prompts, answered by every model
+    assert check["prompts"] == list(GENERIC_PROMPTS[-2:])
+    assert {key: len(check[key]) for key in check["loops"]} == {"base": 2, "calibrated_lisa": 2, "trained_lisa": 2}
+    counts = ", ".join(f"{label} {sum(map(bool, check['loops'][key]))}/2" for key, label in GENERATION_LABELS.items())
+    summary = TrainResult(results, adapter, run_dir / "results.json").summary()
+    assert f"looping on 2 more everyday prompts: {counts}" in summary
 
 
 def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..calibration import DEFAULT_ADAM_STEPS, DEFAULT_LR, DEFAULT_NUM_SEQUENCES
 from ..calibration import calibrate as calibrate_layers
 from ..data import load_evaluation_texts
 from ..tuner.artifacts import atomic_directory, save_adapter
@@ -59,9 +60,9 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     rank: Optional[int] = None
     align_hidden: Optional[int] = None
     head_mixing: Optional[str] = None
-    calibration_sequences: int = 16
-    calibration_steps: int = 100
-    calibration_lr: float = 1e-2
+    calibration_sequences: int = DEFAULT_NUM_SEQUENCES
+    calibration_steps: int = DEFAULT_ADAM_STEPS
+    calibration_lr: float = DEFAULT_LR
     seq_len: int = 256
     batch_size: int = 4
     seed: int = 0

@@ -14,7 +14,15 @@ from typing import Any, Optional
 
 import torch
 
-from ..data import evaluation_texts, is_conversational_dataset, license_text, load_evaluation_texts, load_sft_dataset
+from ..calibration import DEFAULT_ADAM_STEPS, DEFAULT_LR, DEFAULT_NUM_SEQUENCES
+from ..data import (
+    GENERIC_PROMPTS,
+    evaluation_texts,
+    is_conversational_dataset,
+    license_text,
+    load_evaluation_texts,
+    load_sft_dataset,
+)
 from ..evaluation import repeated_ngram
 from ..tuner.artifacts import atomic_directory, save_adapter
 from ..tuner.compression import qk_compression_report
@@ -124,9 +132,9 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     save_total_limit: int = 2
     resume: Optional[str] = None
     calibrate: bool = True
-    calibration_sequences: int = 16
-    calibration_steps: int = 100
-    calibration_lr: float = 1e-2
+    calibration_sequences: int = DEFAULT_NUM_SEQUENCES
+    calibration_steps: int = DEFAULT_ADAM_STEPS
+    calibration_lr: float = DEFAULT_LR
     attn_kl_weight: float = 0.0
     attn_kl_warmup_steps: int = 0
     attn_kl_layer_reduction: str = "mean"
@@ -140,8 +148,24 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     eval_license: bool = False
     max_new_tokens: int = 0
     prompts: Optional[list[str]] = None
+    loop_check: int = 0
     output_dir: str | os.PathLike = "lisa-run"
     command: Optional[str] = None
+
+
+def loop_check_prompts(count: int) -> list[str]:
+    """The last ``count`` everyday prompts of :data:`peft_lisa.data.GENERIC_PROMPTS` (the first ones are those
+    :func:`peft_lisa.data.sample_texts` draws training text from in the project's experiments)."""
+    if count > len(GENERIC_PROMPTS):
+        raise JobInputError(f"--loop-check {count}: there are {len(GENERIC_PROMPTS)} everyday prompts; ask for fewer")
+    return list(GENERIC_PROMPTS[len(GENERIC_PROMPTS) - count :])
+
+
+def loop_counts(loops: dict[str, list[Optional[str]]]) -> str:
+    """``base model 1/16, trained LiSA 5/16``: how many generations of each model loop."""
+    return ", ".join(
+        f"{GENERATION_LABELS[key]} {sum(1 for x in value if x)}/{len(value)}" for key, value in loops.items()
+    )
 
 
 @dataclass
@@ -189,10 +213,10 @@ class TrainResult:
                         f"  [{label}] {generations[key][index]!r}" + (f"  <- LOOPS: {loop!r}" if loop else "")
                     )
         if loops:
-            counts = ", ".join(
-                f"{GENERATION_LABELS[key]} {sum(1 for x in value if x)}/{len(value)}" for key, value in loops.items()
-            )
-            lines.append(f"\nlooping generations (a phrase repeated 3 times): {counts}")
+            lines.append(f"\nlooping generations (a phrase repeated 3 times): {loop_counts(loops)}")
+        check = results.get("loop_check")
+        if check:
+            lines.append(f"looping on {len(check['prompts'])} more everyday prompts: {loop_counts(check['loops'])}")
         adapter = str(self.adapter_dir)
         merged = str(self.results_file.parent / "merged")
         lines += [
@@ -289,6 +313,10 @@ def train(job: TrainJob) -> TrainResult:
     out = Path(job.output_dir)
     checkpoint = find_checkpoint(job.resume, out) if job.resume else None
     prompts = load_prompts(job.prompts) if job.max_new_tokens else []
+    if job.loop_check and not job.max_new_tokens:
+        raise JobInputError("--loop-check needs generations: set --max-new-tokens > 0")
+    check_prompts = loop_check_prompts(job.loop_check) if job.max_new_tokens else []
+    loop_check: dict[str, list[str]] = {}
     analysis = load_analysis_file(job.analysis) if job.analysis else None
     resume_config = None
     if checkpoint is not None:
@@ -351,6 +379,9 @@ def train(job: TrainJob) -> TrainResult:
             generations[key] = sample_generations(
                 model_, tokenizer, prompts, job.max_new_tokens, GENERATION_LABELS[key]
             )
+        if check_prompts:
+            label = f"{GENERATION_LABELS[key]} (loop check)"
+            loop_check[key] = sample_generations(model_, tokenizer, check_prompts, job.max_new_tokens, label)
 
     if job.eval_base:
         measure("base_perplexity", model)
@@ -461,5 +492,8 @@ def train(job: TrainJob) -> TrainResult:
     if prompts:
         loops = {key: [repeated_ngram(text) for text in texts] for key, texts in generations.items()}
         results["generations"] = {"prompts": prompts, **generations, "loops": loops}
+    if check_prompts:
+        loops = {key: [repeated_ngram(text) for text in texts] for key, texts in loop_check.items()}
+        results["loop_check"] = {"prompts": check_prompts, **loop_check, "loops": loops}
     write_text_atomic(out / TRAIN_RESULTS_FILE, to_json(results))
     return TrainResult(results, adapter_dir, out / TRAIN_RESULTS_FILE)
