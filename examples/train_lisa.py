@@ -56,8 +56,8 @@ from peft_lisa.cli import main as peft_lisa_main
 
 # The main job's settings; options given on the command line come later and win (argparse keeps the last value).
 DEFAULTS = ["--output-dir", "runs/train_lisa", "--eval-base", "--eval-untrained", "--eval-calibrated"]
-DEFAULTS += ["--eval-license", "--max-new-tokens", "40"]
-# After calibration (16 sequences x 100 Adam steps per layer, the default): 60 steps of the LM loss plus the output KL
+DEFAULTS += ["--eval-license", "--max-new-tokens", "40", "--loop-check", "16"]
+# After calibration (32 sequences x 100 Adam steps per layer, the default): 60 steps of the LM loss plus the output KL
 # to the base model (docs/calibration/objective.md).
 DEFAULTS += ["--max-steps", "60", "--output-kl-weight", "1"]
 # This script's spellings -> peft-lisa train's.

@@ -159,12 +159,13 @@ class FoldedPart:
         if key_heads == 1:
             return torch.einsum("gh,bhtd->bgtd", rows, query.float()).to(key.dtype), key
         size = num_heads // key_heads
-        grouped = query.float().view(batch, key_heads, size, q_len, dim)
+        grouped = query.view(batch, key_heads, size, q_len, dim)
         if self.key_index is not None:  # block-structured: only the source group's heads contribute
             source = self.key_index[group]
             block = rows[:, source * size : (source + 1) * size]  # G x (H / H_k)
-            mixed = torch.einsum("gi,bitd->bgtd", block, grouped[:, source]).to(key.dtype)
+            mixed = torch.einsum("gi,bitd->bgtd", block, grouped[:, source].float()).to(key.dtype)
             return mixed, key[:, source : source + 1]
+        grouped = grouped.float()
         # Any head: its queries against key head j are sum_{g in group j} mix[h, g] q[g], laid side by side.
         mixed = torch.einsum("gji,bjitd->bgtjd", rows.view(-1, key_heads, size), grouped)  # B x G x T_q x H_k x D
         mixed = mixed.reshape(batch, mixed.shape[1], q_len, key_heads * dim).to(key.dtype)
