@@ -60,7 +60,8 @@ def test_fused_head_size(head_mixing, head_dims, monkeypatch):
 def test_chain_hands_on_only_its_sources_queries_not_mixed_ones(head_mixing, monkeypatch):
     """Memory: a chain's links compose their P's as H x H matrices; the tensors they hand on are the source layer's
     own query and the rank-r queries, never mixed queries (B x H x T x H_kv d_h under the full mixing), which would
-    live through every MLP of the chain (measured: +13% of the peak tensors of a SmolLM2 prefill at 1 x 2048)."""
+    live through every MLP of the chain (measured on SmolLM2 at 1 x 2048: peak tensors 140.8 MiB with them,
+    128.3 without; base 145.0)."""
     handed = []
     original_put = LogitsCarrier.put
     monkeypatch.setattr(
