@@ -136,6 +136,9 @@ def main() -> None:
     if args.plot:
         plot(args.plot, args.out.with_suffix(".png"))
         return
+    prompts = len(GENERIC_PROMPTS)
+    if not (0 <= args.loop_prompts <= prompts and 1 <= args.generation_prompts <= prompts):
+        parser.error(f"--loop-prompts must be in 0..{prompts} and --generation-prompts in 1..{prompts}")
     uses_generated = args.calibration_data != "pydoc" or args.train_data != "pydoc"
     if uses_generated and args.generation_prompts + args.loop_prompts > len(GENERIC_PROMPTS):
         parser.error(

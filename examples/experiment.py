@@ -124,7 +124,7 @@ def run_one(fraction: float, method: str, analysis, args, test_texts, train_text
             p.numel() for p in peft_model.parameters()
         )
         return record
-    calibration = LiSACalibrationConfig(num_sequences=16)  # the budget the recorded runs used
+    calibration = LiSACalibrationConfig(num_sequences=16, adam_steps=100, lr=1e-2)  # the recorded runs' budget
     if method == "calibrated":
         peft_model = get_peft_model(model, config)
         # The calibration LiSATrainer runs before training, alone.

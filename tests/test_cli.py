@@ -128,7 +128,11 @@ def bad_argument_cases(work):
         (["train", "--output-dir", work / "empty", "--resume"], "train", "no checkpoint-"),
         (["train", "--resume", work / "empty"], "train", "not a training checkpoint"),
         (["train", "--analysis", work / "missing.json"], "train", "no such file"),
-        (["train", "--loop-check", "40", "--max-new-tokens", "2"], "train", "there are 32 everyday prompts"),
+        (
+            ["train", "--loop-check", "40", "--max-new-tokens", "2"],
+            "train",
+            f"there are {len(GENERIC_PROMPTS)} everyday",
+        ),
         (["train", "--loop-check", "2"], "train", "--loop-check needs generations: set --max-new-tokens > 0"),
         (["analyze", "--model", work / "data.txt"], "analyze", "not a model directory"),
         (["eval", "--adapter", work / "missing"], "eval", "no such directory"),

@@ -107,7 +107,8 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     another domain too (:func:`peft_lisa.data.license_text`); greedy generations of ``max_new_tokens`` tokens (0:
     none) for ``prompts`` (None: the built-in ones) by the trained adapter, by the base model with ``eval_base`` and
     by the calibrated adapter with ``eval_calibrated``, each checked for loops
-    (:func:`peft_lisa.evaluation.repeated_ngram`).
+    (:func:`peft_lisa.evaluation.repeated_ngram`); ``loop_check`` more everyday prompts answered by the same models,
+    of which only the loop counts are printed (:func:`loop_check_prompts`).
     ``output_dir`` receives the checkpoints, ``adapter/`` and ``results.json``; ``command`` is recorded in it.
     """
 
@@ -156,6 +157,8 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
 def loop_check_prompts(count: int) -> list[str]:
     """The last ``count`` everyday prompts of :data:`peft_lisa.data.GENERIC_PROMPTS` (the first ones are those
     :func:`peft_lisa.data.sample_texts` draws training text from in the project's experiments)."""
+    if count < 0:
+        raise JobInputError(f"--loop-check {count}: give a number of prompts >= 0")
     if count > len(GENERIC_PROMPTS):
         raise JobInputError(f"--loop-check {count}: there are {len(GENERIC_PROMPTS)} everyday prompts; ask for fewer")
     return list(GENERIC_PROMPTS[len(GENERIC_PROMPTS) - count :])
