@@ -519,13 +519,15 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
     keys = ("base_perplexity", "untrained_perplexity", "calibrated_perplexity", "perplexity")
     assert set(keys) <= set(metrics) and set(keys) <= set(metrics["license"])
     assert metrics["perplexity"]["window"] == 32 and metrics["base_perplexity"]["num_tokens"] == 199
-    assert saved["calibration"]["layers"] and saved["calibration_config"]["num_sequences"] == 16
+    assert saved["calibration"]["layers"]
+    assert saved["calibration_config"]["num_sequences"] == LiSACalibrationConfig().num_sequences
     assert saved["training"]["tokens_seen"] == 2 * 2 * 32
     assert any("attn_kl" in entry and "output_kl" in entry for entry in saved["training"]["log_history"])
     generations = saved["generations"]
     assert len(generations["prompts"]) == 4 and len(generations["base"]) == len(generations["trained_lisa"]) == 4
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "analysis.json").is_file()
     assert set(generations["loops"]) == {"base", "calibrated_lisa", "trained_lisa"}
+    assert len(saved["loop_check"]["prompts"]) == 16 and "looping on 16 more everyday prompts: base model " in printed
     # The printed table: one line per model, in this order, with the values of results.json for both texts.
     labels = ("base model", "untrained LiSA", "calibrated LiSA", "trained LiSA")
     for label, key in zip(labels, keys, strict=True):
