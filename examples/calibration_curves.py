@@ -3,10 +3,10 @@
 A fresh LiSA adapter (``LiSAConfig.from_analysis`` on the checked-in analysis, ``--fraction`` of the layers shared,
 rank ``--rank`` (8), linear alignment, the library's rotary default) is calibrated once (:func:`peft_lisa.calibrate`,
 ``--calibration SEQUENCES:STEPS``) on ``--calibration-data``: the pydoc *train* split, text the base model samples
-itself (``generated``: :func:`peft_lisa.data.sample_texts`, answers to generic prompts, temperature 1; its CPU time
-counts as calibration), or both (``mix``: half the tokens each, interleaved). From that calibrated state every
-``--objectives`` entry trains ``--steps`` steps of ``--batch-size`` x 256 train tokens (``--train-data``: pydoc train,
-the generated texts, cycled, or ``mix``: one row of each in turn) (AdamW, 5% warm-up, cosine) with
+itself (``generated``: :func:`peft_lisa.generated_text.sample_answers`, answers to generic prompts, temperature 1;
+its CPU time counts as calibration), or both (``mix``: half the tokens each, interleaved). From that calibrated state
+every ``--objectives`` entry trains ``--steps`` steps of ``--batch-size`` x 256 train tokens (``--train-data``: pydoc
+train, the generated texts, cycled, or ``mix``: one row of each in turn) (AdamW, 5% warm-up, cosine) with
 
 * ``lm``: the causal-LM loss;
 * ``kl``: the output KL to the adapter-disabled base model (temperature 1);
@@ -41,8 +41,9 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, calibrate
-from peft_lisa.data import GENERIC_PROMPTS, chunk_token_ids, license_text, load_texts, sample_texts
+from peft_lisa.data import chunk_token_ids, license_text, load_texts
 from peft_lisa.evaluation import DEFAULT_PROMPTS, generate_samples, perplexity, repeated_ngram
+from peft_lisa.generated_text import GENERIC_PROMPTS, sample_answers
 from peft_lisa.resources import load_model_and_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,17 +70,8 @@ def generations(model, tokenizer, max_new_tokens: int, generic: int = 0) -> list
 
 def self_generated(model, tokenizer, tokens: int, num_prompts: int, batch: int = 8) -> list[str]:
     """Sampled answers of ``model`` to the first ``num_prompts`` generic prompts, ``batch`` at a time (next prompts,
-    next seed), until they hold ``tokens`` tokens."""
-    texts: list[str] = []
-    count = 0
-    pool = GENERIC_PROMPTS[:num_prompts]
-    while count < tokens:
-        first = len(texts) % len(pool)
-        prompts = (pool[first:] + pool[:first]) * (batch // len(pool) + 1)
-        new = sample_texts(model, tokenizer, batch, prompts=prompts, seed=len(texts), batch_size=batch)
-        count += sum(len(ids) + 1 for ids in tokenizer(new, add_special_tokens=False)["input_ids"])
-        texts += new
-    return texts
+    next seed), until they hold ``tokens`` tokens (:func:`peft_lisa.generated_text.sample_answers`)."""
+    return [answer for _, answer in sample_answers(model, tokenizer, tokens, GENERIC_PROMPTS[:num_prompts], batch)]
 
 
 def interleave(tokenizer, first: list[str], second: list[str]) -> list[str]:

@@ -308,6 +308,15 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     option(group, "--logging-steps", positive_int, 10, "log every N steps (default: 10)")
     option(group, "--save-steps", positive_int, 50, "checkpoint every N steps (default: 50)")
     option(group, "--save-total-limit", positive_int, 2, "checkpoints kept, oldest deleted (default: 2)")
+    generated_help = (
+        "mix the base model's own sampled answers to everyday prompts into the training data, at least N tokens of "
+        "them, cycled (0: off; the main job uses 4096): keeps a model trained on one domain answering without loops"
+    )
+    option(group, "--self-generated", non_negative_int, 0, generated_help)
+    prompts_help = "sample them from the first K everyday prompts (default: 16; --loop-check counts on the last ones)"
+    option(group, "--self-generated-prompts", positive_int, 16, prompts_help)
+    share_help = "share of the training tokens they make, cycled (default: 0.5)"
+    option(group, "--self-generated-share", fraction, 0.5, share_help)
     resume_help = (
         "continue from a checkpoint directory, or from the last one in OUTPUT_DIR ('latest', also the value of a bare "
         "--resume); the adapter's layers and shape come from the checkpoint"
@@ -347,8 +356,8 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     add_eval_options(group, "eval-")
     add_generation_options(group, default_tokens=0)
     loop_help = (
-        "also answer the last N of the library's everyday prompts (peft_lisa.data.GENERIC_PROMPTS) with every "
-        "generating model and print how many loop (default: 0)"
+        "also answer the last N of the library's everyday prompts (peft_lisa.generated_text.GENERIC_PROMPTS) with "
+        "every generating model and print how many loop (default: 0)"
     )
     option(group, "--loop-check", non_negative_int, 0, loop_help)
     train.add_argument("--output-dir", "--output", default="lisa-run", help="default: lisa-run")

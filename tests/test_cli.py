@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from peft_lisa.analysis import choose_share_layers
 from peft_lisa.calibration_step import LiSACalibrationConfig
 from peft_lisa.cli import main
-from peft_lisa.data import GENERIC_PROMPTS
+from peft_lisa.generated_text import GENERIC_PROMPTS
 from peft_lisa.jobs.train_job import GENERATION_LABELS, TrainResult
 
 from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
@@ -134,6 +134,14 @@ def bad_argument_cases(work):
             f"there are {len(GENERIC_PROMPTS)} everyday",
         ),
         (["train", "--loop-check", "2"], "train", "--loop-check needs generations: set --max-new-tokens > 0"),
+        (
+            ["train", "--self-generated", "64", "--self-generated-prompts", "20", "--loop-check", "16"]
+            + ["--max-new-tokens", "2"],
+            "train",
+            "--self-generated-prompts 20 and --loop-check 16 overlap",
+        ),
+        (["train", "--self-generated", "64", "--self-generated-prompts", "33"], "train", "choose 1 to 32"),
+        (["train", "--self-generated-share", "1"], "train", "strictly between 0 and 1"),
         (["analyze", "--model", work / "data.txt"], "analyze", "not a model directory"),
         (["eval", "--adapter", work / "missing"], "eval", "no such directory"),
         (["eval", "--adapter", lora], "eval", "not a LiSA adapter (its peft_type is 'LORA'"),

@@ -507,6 +507,8 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
         "0.1",
         "--output-kl-weight",
         "0.1",
+        "--self-generated",
+        "40",
         "--output-dir",
         str(out),
     ]
@@ -522,6 +524,13 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
     assert saved["calibration"]["layers"]
     assert saved["calibration_config"]["num_sequences"] == LiSACalibrationConfig().num_sequences
     assert saved["training"]["tokens_seen"] == 2 * 2 * 32
+    # --self-generated 40: the base model's answers to the first 16 everyday prompts are half the training tokens;
+    # the calibration fits on the data alone.
+    mix = saved["self_generated"]
+    assert mix["prompts"] == 16 and mix["answers"] >= 1 and mix["share"] == 0.5
+    train_documents = len(load_sft_dataset(str(data), "train"))
+    assert saved["training"]["documents"] > train_documents + mix["answers"]  # answers cycled through the data
+    assert "trained on the data mixed with" in printed
     assert any("attn_kl" in entry and "output_kl" in entry for entry in saved["training"]["log_history"])
     generations = saved["generations"]
     assert len(generations["prompts"]) == 4 and len(generations["base"]) == len(generations["trained_lisa"]) == 4

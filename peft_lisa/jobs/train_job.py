@@ -16,7 +16,6 @@ import torch
 
 from ..calibration import DEFAULT_ADAM_STEPS, DEFAULT_LR, DEFAULT_NUM_SEQUENCES
 from ..data import (
-    GENERIC_PROMPTS,
     evaluation_texts,
     is_conversational_dataset,
     license_text,
@@ -24,6 +23,7 @@ from ..data import (
     load_sft_dataset,
 )
 from ..evaluation import repeated_ngram
+from ..generated_text import GENERIC_PROMPTS, mixed_dataset, sample_answers
 from ..tuner.artifacts import atomic_directory, save_adapter
 from ..tuner.compression import qk_compression_report
 from .checks import (
@@ -95,7 +95,11 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     analysis.json path), ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``; ``resume`` (a checkpoint
     directory or ``"latest"``) takes them from the checkpoint instead.
     Training: ``max_steps``, ``seq_len``, ``batch_size``, ``learning_rate``, ``packing`` (auto/yes/no),
-    ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit``.
+    ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit``;
+    ``self_generated`` (tokens, 0: off): the base model's sampled answers to the first ``self_generated_prompts``
+    everyday prompts (:func:`peft_lisa.generated_text.sample_answers`), mixed into the training data to make
+    ``self_generated_share`` of its tokens (:func:`peft_lisa.generated_text.mixed_dataset`); calibration still uses
+    the data alone.
     Calibration before training (:class:`peft_lisa.training.LiSATrainer`; not when resuming): ``calibrate``,
     ``calibration_sequences``, ``calibration_steps`` (Adam steps per shared layer), ``calibration_lr``.
     Objective (:class:`peft_lisa.training.LiSADistillationConfig`): ``lm_weight`` (the LM loss), ``attn_kl_weight``,
@@ -126,6 +130,9 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     batch_size: int = 2
     learning_rate: float = 2e-3
     packing: str = "auto"
+    self_generated: int = 0
+    self_generated_prompts: int = 16
+    self_generated_share: float = 0.5
     gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = 10
@@ -155,13 +162,27 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
 
 
 def loop_check_prompts(count: int) -> list[str]:
-    """The last ``count`` everyday prompts of :data:`peft_lisa.data.GENERIC_PROMPTS` (the first ones are those
-    :func:`peft_lisa.data.sample_texts` draws training text from in the project's experiments)."""
+    """The last ``count`` everyday prompts of :data:`peft_lisa.generated_text.GENERIC_PROMPTS` (the first ones are
+    those ``--self-generated`` samples training text from)."""
     if count < 0:
         raise JobInputError(f"--loop-check {count}: give a number of prompts >= 0")
     if count > len(GENERIC_PROMPTS):
         raise JobInputError(f"--loop-check {count}: there are {len(GENERIC_PROMPTS)} everyday prompts; ask for fewer")
     return list(GENERIC_PROMPTS[len(GENERIC_PROMPTS) - count :])
+
+
+def check_self_generated(job: TrainJob) -> None:
+    """Refuse self-generated settings that cannot work, or that would count loops on the prompts it trains on."""
+    total = len(GENERIC_PROMPTS)
+    if not 1 <= job.self_generated_prompts <= total:
+        raise JobInputError(f"--self-generated-prompts {job.self_generated_prompts}: choose 1 to {total}")
+    if not 0 < job.self_generated_share < 1:
+        raise JobInputError(f"--self-generated-share {job.self_generated_share}: choose a number between 0 and 1")
+    if job.self_generated_prompts + job.loop_check > total and job.max_new_tokens:
+        raise JobInputError(
+            f"--self-generated-prompts {job.self_generated_prompts} and --loop-check {job.loop_check} overlap: the "
+            f"loop check would count prompts the adapter was trained to answer; together they may use {total}"
+        )
 
 
 def loop_counts(loops: dict[str, list[Optional[str]]]) -> str:
@@ -196,6 +217,12 @@ class TrainResult:
             f"{training['train_loss']:.4f}, {training['tokens_seen']:,} tokens seen); total {results['total_minutes']}"
             " min",
         ]
+        if results.get("self_generated"):
+            mix = results["self_generated"]
+            lines.append(
+                f"trained on the data mixed with {mix['answers']} of the base model's own answers to {mix['prompts']} "
+                f"everyday prompts ({mix['share']:.0%} of the tokens; {mix['minutes']:.1f} min to sample)"
+            )
         if "calibration" in results and results["calibration"]:
             calibration = results["calibration"]
             lines.append(
@@ -282,6 +309,8 @@ def _check(job: TrainJob) -> Optional[dict[str, Any]]:
         raise JobInputError("--calibration-sequences must be >= 1, --calibration-steps >= 0, --calibration-lr > 0")
     if job.lm_weight == 0 and not (job.output_kl_weight or job.attn_kl_weight):
         raise JobInputError("--lm-weight 0 needs --output-kl-weight or --attn-kl-weight > 0 (something to train on)")
+    if job.self_generated:
+        check_self_generated(job)
     if job.attn_kl_warmup_steps and not job.attn_kl_weight:
         raise JobInputError("--attn-kl-warmup-steps needs --attn-kl-weight > 0")
     return job.perplexity_settings() if job.evaluate else None
@@ -293,6 +322,28 @@ def _license_text() -> Optional[tuple[str, str]]:
     except FileNotFoundError as error:
         logger.warning(f"--eval-license: skipped ({error})")
         return None
+
+
+def _mix_self_generated(job: TrainJob, model: Any, tokenizer: Any, dataset: Any) -> tuple[Any, dict[str, Any]]:
+    """The training dataset with the base model's own answers mixed in (``job.self_generated``), and what was mixed."""
+    started = time.monotonic()
+    prompts = GENERIC_PROMPTS[: job.self_generated_prompts]
+    logger.info(f"sampling the base model's answers to {len(prompts)} everyday prompts ({job.self_generated} tokens)")
+    pairs = sample_answers(model, tokenizer, job.self_generated, prompts, progress=job.progress)
+    mixed = mixed_dataset(dataset, tokenizer, pairs, job.self_generated_share)
+    info = {
+        "min_tokens": job.self_generated,
+        "answers": len(pairs),
+        "prompts": len(prompts),
+        "share": job.self_generated_share,
+        "looping_answers": sum(1 for _, answer in pairs if repeated_ngram(answer)),
+        "minutes": round((time.monotonic() - started) / 60, 2),
+    }
+    logger.info(
+        f"mixed {len(pairs)} self-generated answers into the training data ({job.self_generated_share:.0%} of its "
+        f"tokens) in {info['minutes']:.1f} min"
+    )
+    return mixed, info
 
 
 def train(job: TrainJob) -> TrainResult:
@@ -390,6 +441,10 @@ def train(job: TrainJob) -> TrainResult:
         measure("base_perplexity", model)
         generate("base", model)
 
+    train_dataset, self_generated = dataset, None
+    if job.self_generated:
+        train_dataset, self_generated = _mix_self_generated(job, model, tokenizer, dataset)
+
     sft_options = {name: getattr(job, name) for name in SFT_OPTIONS}
     sft_config = lisa_sft_config(
         out,
@@ -406,8 +461,10 @@ def train(job: TrainJob) -> TrainResult:
     trainer = LiSATrainer(
         model,
         sft_config,
-        train_dataset=dataset,
+        train_dataset=train_dataset,
         processing_class=tokenizer,
+        # Calibration fits the base model on the data alone (mixing self-generated text in was measured worse there).
+        calibration_texts=evaluation_texts(dataset, tokenizer) if self_generated else None,
         peft_config=config,
         distillation=distill,
         calibrate=calibrate,
@@ -470,6 +527,7 @@ def train(job: TrainJob) -> TrainResult:
         "rank": config.rank,
         "align_hidden": align_hidden,
         "distillation": distill.to_dict(),
+        "self_generated": self_generated,
         "calibration_config": calibration.to_dict() if calibrate else None,
         "calibration": trainer.calibration_report.to_dict() if trainer.calibration_report else None,
         "calibration_minutes": round(calibration_minutes, 2),
@@ -477,6 +535,7 @@ def train(job: TrainJob) -> TrainResult:
             "max_steps": job.max_steps,
             "global_step": trainer.state.global_step,
             "resumed_from": str(checkpoint) if checkpoint else None,
+            "documents": len(train_dataset),  # before packing; with self-generated answers mixed in
             "batch_size": job.batch_size,
             "seq_len": job.seq_len,
             "learning_rate": job.learning_rate,
