@@ -587,6 +587,10 @@ def test_script_is_peft_lisa_train_with_the_main_job_defaults(capsys):
     assert not args.eval_base and not args.eval_untrained and args.max_new_tokens == 40 and args.threads >= 1
     script.main(["--threads", "2"])
     assert parsed["args"].eval_base and parsed["args"].eval_untrained and parsed["args"].threads == 2
+    # The main job mixes 4,096 tokens of the base model's own answers into its training data; 0 turns it off.
+    assert parsed["args"].self_generated == 4096 and parsed["args"].loop_check == 16
+    script.main(["--self-generated", "0"])
+    assert parsed["args"].self_generated == 0
 
 
 def test_4bit_training_after_an_evaluation_still_gets_gradients(tmp_path):
