@@ -8,11 +8,12 @@
 
 Why: a LiSA adapter trained on one domain of plain text (the built-in pydoc text) learns to repeat itself on everyday
 prompts; mixing the base model's own answers into its training text keeps it answering them as the base model does
-(docs/calibration/objective.md, "Loops").
+(docs/calibration/objective.md, "Looping on everyday prompts").
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, TypeVar
 
@@ -194,22 +195,23 @@ def _mix(
     if not documents or not extra:
         raise ValueError("Mixing needs documents on both sides: got an empty list.")
     lengths = [max(1, length(doc)) for doc in documents]
-    extra_lengths = [max(1, length(doc)) for doc in extra]
     wanted = fraction / (1 - fraction) * sum(lengths)  # tokens of extra text that make the share
+    extras = itertools.cycle([(doc, max(1, length(doc))) for doc in extra])
     out: list[Document] = []
     own = added = 0
-    index = 0
-    for doc, size in zip(documents, lengths, strict=True):
+
+    def catch_up() -> None:  # extra documents until they reach their share of what is out so far
+        nonlocal added
         while added < wanted and added * (1 - fraction) <= own * fraction:
-            out.append(extra[index % len(extra)])
-            added += extra_lengths[index % len(extra)]
-            index += 1
+            doc, size = next(extras)
+            out.append(doc)
+            added += size
+
+    for doc, size in zip(documents, lengths, strict=True):
+        catch_up()
         out.append(doc)
         own += size
-    while added < wanted:
-        out.append(extra[index % len(extra)])
-        added += extra_lengths[index % len(extra)]
-        index += 1
+    catch_up()
     return out
 
 
