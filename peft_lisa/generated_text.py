@@ -167,6 +167,7 @@ def sample_answers(
             f"sample_answers() needs min_tokens >= 1 and prompts; got {min_tokens}, {len(prompts)} prompts"
         )
     pairs: list[tuple[str, str]] = []
+    count_tokens = _token_count(tokenizer)
     count = 0
     bar = tqdm(total=min_tokens, desc="sampling answers", unit="tok", disable=not progress)
     while count < min_tokens:
@@ -175,11 +176,11 @@ def sample_answers(
         answers = sample_texts(
             model, tokenizer, batch_size, max_new_tokens, prompts=batch, seed=len(pairs), batch_size=batch_size
         )
-        added = sum(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"])
-        if added == 0:
+        added = sum(count_tokens(answer) for answer in answers)
+        if added == len(answers):  # only the separating EOS of each
             raise ValueError("sample_answers(): the model answered every prompt with nothing; nothing to mix in.")
-        count += added + len(answers)  # + one separating EOS each, as packing joins them
-        bar.update(min(added + len(answers), min_tokens - bar.n))
+        count += added
+        bar.update(min(added, min_tokens - bar.n))
         pairs += list(zip(batch, answers, strict=True))
     bar.close()
     return pairs
