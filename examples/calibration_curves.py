@@ -105,6 +105,7 @@ def objective_loss(peft_model, objective: str, ids: torch.Tensor, distiller) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--share-layers", help="comma-separated layer indices (instead of --fraction)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--calibration", default="16:100", help="SEQUENCES:ADAM_STEPS (0:0 = no calibration)")
     parser.add_argument("--calibration-data", choices=("pydoc", "generated", "mix"), default="pydoc")
@@ -172,6 +173,11 @@ def main() -> None:
     if args.calibration_data == "mix":
         calibration_texts = interleave(tokenizer, train_texts, generated)
     config = LiSAConfig.from_analysis(ANALYSIS, fraction=args.fraction, rank=args.rank, align_hidden=0)
+    if args.share_layers:  # explicit layers, still with the analysis' best head permutations as initial P
+        layers = [int(x) for x in args.share_layers.split(",")]
+        config = LiSAConfig.from_analysis(ANALYSIS, fraction=28 / 30, rank=args.rank, align_hidden=0)
+        perms = {int(k): v for k, v in (config.align_init_permutations or {}).items() if int(k) in layers}
+        config = LiSAConfig(share_layers=layers, rank=args.rank, align_hidden=0, align_init_permutations=perms)
     peft_model = get_peft_model(model, config)
     results["share_layers"] = list(config.share_layers)
     results["untrained"] = evaluate(peft_model, tokenizer, held_out, args.eval_tokens)

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -156,6 +156,16 @@ def _token_blocks(tokenizer: Any, texts: Iterable[str], seq_len: int, num_sequen
     if blocks < num_sequences:
         logger.warning("calibrate: the texts give only %d of the %d sequences asked for", blocks, num_sequences)
     return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
+
+
+def _given_blocks(ids: torch.Tensor) -> torch.LongTensor:
+    """Token blocks given to :func:`calibrate` as a tensor, checked: ``num_blocks x block_len`` integers."""
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(
+            f"calibrate() got a tensor of shape {tuple(ids.shape)} and dtype {ids.dtype} as texts; token blocks must "
+            "be an integer tensor num_blocks x block_len (block_len >= 2), or pass the texts as strings."
+        )
+    return ids.long()
 
 
 def _wrappers(peft_model: nn.Module) -> tuple[str, dict[int, LiSALayer]]:
@@ -338,7 +348,7 @@ DEFAULT_LR = 1e-2
 def calibrate(
     peft_model: nn.Module,
     tokenizer: Any,
-    texts: Iterable[str],
+    texts: Union[Iterable[str], torch.LongTensor],
     *,
     num_sequences: int = DEFAULT_NUM_SEQUENCES,
     seq_len: int = 256,
@@ -368,7 +378,8 @@ def calibrate(
         peft_model: a ``PeftModel`` whose active adapter is a LiSA adapter.
         tokenizer: its tokenizer.
         texts: calibration documents; read lazily, joined by EOS and cut into ``num_sequences`` blocks of
-            ``seq_len`` tokens.
+            ``seq_len`` tokens. Or token ids already cut into blocks (a ``num_blocks x block_len`` integer tensor),
+            used as they are: ``num_sequences`` and ``seq_len`` then do not apply.
         batch_size: sequences per forward pass of the base model and per Adam step.
         cache_targets: keep the current layer's source and teacher logits (``2 x num_sequences x H x T x T``
             float32) while it is fitted instead of recomputing them at every step: about 40% faster; ``False``
@@ -388,7 +399,11 @@ def calibrate(
         )
     adapter, wrappers = _wrappers(peft_model)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    ids = _token_blocks(tokenizer, texts, seq_len, num_sequences)
+    ids = (
+        _given_blocks(texts)
+        if isinstance(texts, torch.Tensor)
+        else _token_blocks(tokenizer, texts, seq_len, num_sequences)
+    )
     batches = list(_record_batches(peft_model, wrappers, ids, batch_size))
     stored = sum(t.numel() * t.element_size() for batch in batches for t in batch.hidden.values())
     logger.info(
@@ -402,7 +417,7 @@ def calibrate(
     shared = [layer for layer in wrappers if work.is_shared(layer)]
     report = CalibrationReport(
         num_sequences=ids.shape[0],
-        seq_len=seq_len,
+        seq_len=ids.shape[1],
         batch_size=batch_size,
         lbfgs_steps=lbfgs_steps,
         adam_steps=adam_steps,

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from .calibration_step import LiSACalibrationConfig
-from .jobs.analyze_job import SCORES
 from .jobs.checks import DTYPE_NAMES, JobInputError, check_share_layers
+from .jobs.train_setup import DEFAULT_LAYER_SCORE
+from .tuner.layer_choice import SCORES
 
 # --------------------------------------------------------------------------------------------------------------
 # Argument types
@@ -259,6 +260,8 @@ def add_analyze_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     option(group, "--batch-size", positive_int, 4, "sequences per forward (default: 4)")
     option(group, "--max-batches", positive_int, 8, "calibration batches (default: 8)")
     switch(group, "--no-sensitivity", None, "skip the per-layer sensitivity (one extra forward pass per layer)")
+    calibrated_help = "also score each layer calibrated alone (the sensitivity_calibrated score; minutes, not seconds)"
+    switch(group, "--calibrated-sensitivity", None, calibrated_help)
     option(group, "--fraction", fraction, 0.5, "fraction of all layers to suggest for sharing (default: 0.5)")
     option(group, "--keep-first", non_negative_int, 2, "first layers kept full (default: 2)")
     option(
@@ -278,6 +281,12 @@ def add_layer_options(lisa: Any) -> None:
         "OUTPUT_DIR/analysis.json); with --share-layers it gives their initial head permutations"
     )
     lisa.add_argument("--analysis", default=None, help=analysis_help)
+    score_help = (
+        "how --share-fraction ranks the layers: sensitivity_calibrated (each layer calibrated alone, scored by the "
+        "output KL to the base; the analysis takes minutes), js_matched (attention similarity to the previous layer; "
+        f"seconds) or another score of 'peft-lisa analyze' (default: {DEFAULT_LAYER_SCORE})"
+    )
+    option(lisa, "--layer-score", SCORES, DEFAULT_LAYER_SCORE, score_help)
     option(lisa, "--keep-first", non_negative_int, 2, "first layers kept full (default: 2)")
     batches_help = "batches of 4 x 256 tokens for the analysis run by train (default: 2)"
     option(lisa, "--analysis-batches", positive_int, 2, batches_help)

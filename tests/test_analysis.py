@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_lisa import LiSAConfig, LiSALayer
+from peft_lisa import LiSAConfig, LiSALayer, calibrate
 from peft_lisa.analysis import (
     AttentionAnalysis,
     analyze,
@@ -227,6 +227,51 @@ def test_sensitivity_equals_a_direct_measurement():
         assert analysis.sensitivity_direct[layer] == pytest.approx(loss - base, abs=1e-5)
 
 
+def test_calibrated_sensitivity_equals_a_direct_measurement():
+    """Each calibrated score equals calibrating that layer alone by hand (same blocks, same budget) and measuring the
+    output KL to the base of a plain get_peft_model run, without the replay of earlier layers."""
+    model = tiny_model("llama").eval()
+    tokenizer = CharTokenizer()
+    blocks = calibration_blocks(tokenizer, TEXTS, 24, 4)
+    small = dict(SMALL, sensitivity=False, sensitivity_sequences=2, calibration_sequences=2)
+    analysis = analyze(model, tokenizer, TEXTS, calibrated_sensitivity=True, calibration_rank=2, **small)
+    eval_blocks = blocks[[0, 3]]  # the sensitivity batch (2 blocks spread over 4); calibration takes the other two
+    calibration_ids = blocks[[1, 2]]
+    with torch.no_grad():
+        base = torch.log_softmax(model(input_ids=eval_blocks).logits, dim=-1)
+    assert analysis.sensitivity_calibrated[0] is None and analysis.sensitivity_direct is None
+    assert analysis.calibration == {"rank": 2, "sequences": 2, "adam_steps": 25}
+    for layer in (1, 3, 4):
+        config = LiSAConfig(
+            share_layers=[layer], rank=2, align_init_permutations={layer: analysis.permutations[layer]}
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(layer)  # as the analysis initialises layer l's adapter
+            shared = get_peft_model(copy.deepcopy(model), config)
+        calibrate(shared, tokenizer, calibration_ids, adam_steps=25, progress=False)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(shared(input_ids=eval_blocks).logits, dim=-1)
+        kl = (base.exp() * (base - log_probs)).sum(-1).mean().item()
+        assert kl > 0 and analysis.sensitivity_calibrated[layer] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    # The score chooses layers; a saved analysis keeps it.
+    assert choose_share_layers(analysis, fraction=0.4, score="sensitivity_calibrated") == sorted(
+        sorted(range(2, analysis.num_layers), key=lambda layer: analysis.sensitivity_calibrated[layer])[:2]
+    )
+
+
+def test_calibrated_sensitivity_leaves_the_model_untouched():
+    model = tiny_model("qwen2")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    analyze(model, CharTokenizer(), TEXTS, calibrated_sensitivity=True, calibration_steps=5, **SMALL)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())
+    assert not hasattr(model, "peft_config")
+    assert not any(isinstance(module, LiSALayer) for module in model.modules())
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
 def test_analysis_leaves_the_model_untouched():
     model = tiny_model("qwen2")  # q/k/v biases
     model.model.embed_tokens.weight.requires_grad_(False)  # a non-default pattern of flags to restore
@@ -307,6 +352,10 @@ def test_json_round_trip(gqa_permuted, tmp_path):
     assert loaded.to_dict() == analysis.to_dict()
     data = json.loads((tmp_path / "sub" / "analysis.json").read_text())
     assert data["permutations"][TARGET] == [3, 2, 1, 0] and data["js_indexed"][0] is None
+    # An analysis written before the calibrated sensitivity existed still loads.
+    older = {key: value for key, value in data.items() if key not in ("sensitivity_calibrated", "calibration")}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert AttentionAnalysis.from_json(tmp_path / "older.json") == analysis
     (tmp_path / "bad.json").write_text('{"model_name": "x"}')
     with pytest.raises(ValueError, match="missing keys"):
         AttentionAnalysis.from_json(tmp_path / "bad.json")
@@ -319,10 +368,13 @@ def test_plots_and_table(gqa_permuted, tmp_path):
     _, analysis = gqa_permuted
     no_sensitivity = copy.deepcopy(analysis)
     no_sensitivity.sensitivity_direct = no_sensitivity.sensitivity_permuted = None
+    calibrated = copy.deepcopy(analysis)
+    calibrated.sensitivity_calibrated = [None] + [0.01 * layer for layer in range(1, analysis.num_layers)]
     paths = [
         analysis.plot_heatmap(tmp_path / "heatmap.png"),
         analysis.plot_layers(tmp_path / "layers.png"),
         no_sensitivity.plot_layers(tmp_path / "layers_js_only.png"),
+        calibrated.plot_layers(tmp_path / "layers_calibrated.png"),
     ]
     for path in paths:
         data = open(path, "rb").read()
@@ -333,6 +385,10 @@ def test_plots_and_table(gqa_permuted, tmp_path):
     assert lines[0].startswith("| layer | JS indexed | JS matched")
     assert "3 2 1 0" in lines[2 + TARGET]
     assert "loss rise" not in no_sensitivity.summary_table()
+    assert "calibrated" not in table
+    calibrated_lines = calibrated.summary_table().splitlines()
+    assert calibrated_lines[0].endswith("| output KL, calibrated |")
+    assert calibrated_lines[2 + TARGET].endswith(f"| {0.01 * TARGET:.4f} |")
 
 
 # ---- layer choice ---------------------------------------------------------------------------------------------
@@ -401,6 +457,8 @@ def test_choose_share_layers_errors(tmp_path):
         choose_share_layers(analysis, threshold=1.0, score="loss")
     with pytest.raises(ValueError, match="sensitivity=True"):
         choose_share_layers(analysis, threshold=1.0, score="sensitivity_direct")
+    with pytest.raises(ValueError, match=r"calibrated_sensitivity=True"):
+        choose_share_layers(analysis, threshold=1.0, score="sensitivity_calibrated")
     with pytest.raises(ValueError, match="threshold must be"):
         choose_share_layers(analysis, threshold=float("nan"))
     # From a saved JSON as well.

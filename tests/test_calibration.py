@@ -115,6 +115,24 @@ def test_calibration_on_a_4bit_base(tmp_path):
     assert report.mean_kl_after < report.mean_kl_before
 
 
+def test_token_blocks_calibrate_as_the_texts_they_come_from():
+    """A num_blocks x block_len tensor of token ids is used as is: the same fit as the texts that give those blocks."""
+    ids = [int(word[1:]) for text in texts() for word in (text + " w1").split()][: 4 * 32]
+    fitted = []
+    for source in (" ".join(f"w{i}" for i in ids), torch.tensor(ids).view(4, 32)):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2], rank=4, align_hidden=0))
+        report = calibrate(peft_model, WordTokenizer(), [source] if isinstance(source, str) else source, **FAST)
+        assert report.num_sequences == 4 and report.seq_len == 32
+        fitted.append({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lisa_" in n})
+    assert fitted[0].keys() == fitted[1].keys()
+    assert all(torch.equal(fitted[0][n], fitted[1][n]) for n in fitted[0])
+    peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2], rank=4, align_hidden=0))
+    for bad in (torch.tensor(ids), torch.rand(4, 32), torch.zeros(4, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match="num_blocks x block_len"):
+            calibrate(peft_model, WordTokenizer(), bad, **FAST)
+
+
 def test_calibrate_rejects_a_model_without_a_lisa_adapter():
     with pytest.raises(ValueError, match="active LiSA adapter"):
         calibrate(tiny_model("llama"), WordTokenizer(), texts(), **FAST)

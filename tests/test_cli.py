@@ -242,7 +242,8 @@ def analysis_dir(work):
 def run_dir(work, analysis_dir):
     """Two training steps with a checkpoint after each; layers from the analysis."""
     out = work / "run"
-    layers = ["--analysis", analysis_dir / "analysis.json", "--share-fraction", 0.5, "--rank", RANK]
+    layers = ["--analysis", analysis_dir / "analysis.json", "--share-fraction", 0.5, "--layer-score", "js_matched"]
+    layers += ["--rank", RANK]
     assert (
         call(
             "train",
@@ -302,6 +303,39 @@ def test_analyze_writes_json_and_plots(capsys, work, analysis_dir):
         f"suggested share_layers (1 of 5 layers, fraction 0.25, lowest js_matched, first 2 kept full): {expected[0]}\n"
         in out
     )
+
+
+def test_layers_chosen_by_the_calibrated_score(capsys, work, analysis_dir):
+    """``analyze --calibrated-sensitivity`` measures the score the jobs choose layers by; an analysis without it is
+    refused by the default --layer-score, with the fix named, before anything is trained."""
+    out = ok(
+        capsys,
+        "analyze",
+        *tiny(work),
+        "--seq-len",
+        "16",
+        "--max-batches",
+        "2",
+        "--calibrated-sensitivity",
+        "--score",
+        "sensitivity_calibrated",
+        "--fraction",
+        "0.25",
+        "--output-dir",
+        work / "analysis_calibrated",
+    )
+    data = json.loads((work / "analysis_calibrated" / "analysis.json").read_text())
+    scores = data["sensitivity_calibrated"]
+    assert scores[0] is None and all(value > 0 for value in scores[1:])
+    best = min(range(2, 5), key=lambda layer: scores[layer])
+    assert f"lowest sensitivity_calibrated, first 2 kept full): {best}\n" in out
+    assert "--layer-score sensitivity_calibrated" in out
+    code, _, err = run(
+        capsys, "calibrate", *tiny(work), "--analysis", analysis_dir / "analysis.json", "--share-fraction", "0.5"
+    )
+    assert code == 2 and "has no sensitivity_calibrated" in err and "--calibrated-sensitivity" in err
+    code, _, err = run(capsys, "analyze", *tiny(work), "--score", "sensitivity_calibrated")
+    assert code == 2 and "needs --calibrated-sensitivity" in err
 
 
 def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):

@@ -25,6 +25,7 @@ from peft_lisa.training import (
     lisa_sft_config,
     output_kl,
 )
+from peft_lisa.tuner.layer_choice import choose_layers
 
 from .conftest import random_ids, randomize_adapter, tiny_model
 
@@ -516,7 +517,11 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
     printed = capsys.readouterr().out
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["share_layers"]) == 2 and min(saved["share_layers"]) >= 2  # --keep-first 2
-    assert saved["layer_choice"]["method"].startswith("analysis")
+    assert saved["layer_choice"]["method"] == "analysis (sensitivity_calibrated)"  # the default --layer-score
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert saved["share_layers"] == choose_layers(
+        analysis["sensitivity_calibrated"], analysis["num_layers"], fraction=0.4, score="sensitivity_calibrated"
+    )
     metrics = saved["metrics"]
     keys = ("base_perplexity", "untrained_perplexity", "calibrated_perplexity", "perplexity")
     assert set(keys) <= set(metrics) and set(keys) <= set(metrics["license"])

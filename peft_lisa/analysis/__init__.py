@@ -17,7 +17,9 @@ permutation initialises ``P`` of the head alignment.
   ``l-1`` that head ``i`` of layer ``l`` starts from, the convention of ``LiSAConfig.align_init_permutations``;
 * an ``L x L`` matrix of best-matched JS between every pair of layers (for the heatmap);
 * optionally the *sensitivity* of every layer: how much the LM loss rises when only that layer shares directly (an
-  untrained LiSA adapter on that layer alone), with the identity and with the best permutation.
+  untrained LiSA adapter on that layer alone), with the identity and with the best permutation;
+* optionally the *calibrated sensitivity* (``sensitivity_calibrated``): how far the output moves (KL to the base)
+  when only that layer shares after a short layer-wise calibration, the score the jobs choose layers by.
 
 GQA: the matching is unconstrained on purpose. LiSA aligns the per-*query*-head logits of layer ``l-1``; a shared
 layer keeps its own values and its own (low-rank) keys per KV group, so any head of layer ``l-1`` can feed any head
@@ -42,12 +44,13 @@ Modules, each importing only those above it:
 
 from .choice import choose_share_layers
 from .divergence import best_grouped_matching, best_head_matching, js_divergence_matrix
-from .measure import analyze
+from .measure import CALIBRATED_SCORE_SETTINGS, analyze
 from .result import ANALYSIS_FORMAT_VERSION, AttentionAnalysis
 from .sampling import calibration_blocks
 
 __all__ = [
     "ANALYSIS_FORMAT_VERSION",
+    "CALIBRATED_SCORE_SETTINGS",
     "AttentionAnalysis",
     "analyze",
     "best_grouped_matching",

@@ -18,9 +18,14 @@ from ..tuner.layer import LiSALayer
 from .divergence import best_grouped_matching, best_head_matching, js_sum
 from .result import AttentionAnalysis, round_stored
 from .sampling import calibration_blocks, spread_indices, stratum_middles
-from .sensitivity import layer_sensitivity
+from .sensitivity import calibrated_layer_sensitivity, layer_sensitivity
 
 logger = logging.getLogger("peft_lisa")
+
+# The settings the jobs analyse with when they choose layers by ``sensitivity_calibrated``
+# (docs/calibration/layer_choice.md): 4 sequences calibrate each layer (L-BFGS 10 + Adam 25 steps), 4 others score
+# it; with 2 batches of 4 sequences the two sets are disjoint.
+CALIBRATED_SCORE_SETTINGS = {"calibrated_sensitivity": True, "sensitivity_sequences": 4, "calibration_sequences": 4}
 
 
 @contextmanager
@@ -71,6 +76,10 @@ def analyze(
     query_rows: int = 64,
     matrix_rows: int = 8,
     sensitivity_sequences: int = 2,
+    calibrated_sensitivity: bool = False,
+    calibration_rank: int = 8,
+    calibration_sequences: int = 4,
+    calibration_steps: int = 25,
 ) -> AttentionAnalysis:
     """Measure how similar each layer's attention is to its predecessor's, on calibration text.
 
@@ -89,6 +98,12 @@ def analyze(
         matrix_rows: query positions per sequence (a subset of the above) for the L x L layer matrix, whose cost
             grows with the square of the number of layers.
         sensitivity_sequences: sequences (evenly spread over the calibration set) in the sensitivity batch.
+        calibrated_sensitivity: also measure ``sensitivity_calibrated``, the score ``docs/method.md`` ("Layer
+            choice") recommends: how far the output moves (mean per-token KL to the base model on the sensitivity
+            batch) when each layer alone shares after a short layer-wise calibration, a rank-``calibration_rank``
+            adapter fitted by :func:`peft_lisa.calibrate` on ``calibration_sequences`` of the calibration
+            sequences (L-BFGS 10 + Adam ``calibration_steps``; outside the sensitivity batch where there are
+            enough sequences). Costs about one calibration of every layer at that budget.
 
     Returns:
         An :class:`AttentionAnalysis`; pass it to :func:`choose_share_layers` or ``LiSAConfig.from_analysis``.
@@ -105,6 +120,9 @@ def analyze(
         ("query_rows", query_rows),
         ("matrix_rows", matrix_rows),
         ("sensitivity_sequences", sensitivity_sequences),
+        ("calibration_rank", calibration_rank),
+        ("calibration_sequences", calibration_sequences),
+        ("calibration_steps", calibration_steps),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -179,11 +197,32 @@ def analyze(
             _, matched = best_head_matching((total / matrix_count).numpy())
             js_layers[a][b] = js_layers[b][a] = round_stored(matched)
 
-        direct = permuted = None
+        direct = permuted = calibrated = calibration = None
         base_loss = None
-        sens_blocks = blocks[spread_indices(len(blocks), sensitivity_sequences)]
+        sens_indices = spread_indices(len(blocks), sensitivity_sequences)
+        sens_blocks = blocks[sens_indices]
         if sensitivity:
             direct, permuted, base_loss = layer_sensitivity(model, sens_blocks.to(device), permutations, progress)
+        if calibrated_sensitivity:
+            # Calibrated on sequences outside the sensitivity batch where there are enough, scored on that batch.
+            rest = blocks[[index for index in range(len(blocks)) if index not in sens_indices]]
+            pool = rest if len(rest) >= calibration_sequences else blocks
+            calibration_ids = pool[spread_indices(len(pool), calibration_sequences)]
+            calibrated, base_loss = calibrated_layer_sensitivity(
+                model,
+                tokenizer,
+                calibration_ids,
+                sens_blocks.to(device),
+                permutations,
+                rank=calibration_rank,
+                adam_steps=calibration_steps,
+                progress=progress,
+            )
+            calibration = {
+                "rank": calibration_rank,
+                "sequences": len(calibration_ids),
+                "adam_steps": calibration_steps,
+            }
     finally:
         model.train(was_training)
 
@@ -205,6 +244,8 @@ def analyze(
         js_layers=js_layers,
         sensitivity_direct=direct,
         sensitivity_permuted=permuted,
+        sensitivity_calibrated=calibrated,
+        calibration=calibration,
         base_loss=None if base_loss is None else round_stored(base_loss),
-        sensitivity_tokens=int(sens_blocks.numel()) if sensitivity else 0,
+        sensitivity_tokens=int(sens_blocks.numel()) if sensitivity or calibrated_sensitivity else 0,
     )

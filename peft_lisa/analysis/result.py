@@ -46,6 +46,10 @@ class AttentionAnalysis:
         sensitivity_direct: rise of the LM loss when only layer ``l`` shares directly (identity permutation,
             untrained LiSA); ``None`` if not measured.
         sensitivity_permuted: the same with ``permutations[l]`` as initial alignment.
+        sensitivity_calibrated: the mean per-token ``KL(base || adapted)`` of the next-token distributions (nats)
+            when only layer ``l`` shares, after a short layer-wise calibration of that layer alone (``calibration``
+            says how); ``None`` if not measured.
+        calibration: rank, sequences and Adam steps of the calibration behind ``sensitivity_calibrated``.
         base_loss: LM loss of the unmodified model on the sensitivity batch.
         sensitivity_tokens: tokens in the sensitivity batch.
         format_version: version of this format.
@@ -68,6 +72,8 @@ class AttentionAnalysis:
     js_layers: list[list[float]]
     sensitivity_direct: Optional[list[Optional[float]]] = None
     sensitivity_permuted: Optional[list[Optional[float]]] = None
+    sensitivity_calibrated: Optional[list[Optional[float]]] = None
+    calibration: Optional[dict[str, int]] = None
     base_loss: Optional[float] = None
     sensitivity_tokens: int = 0
     format_version: int = field(default=ANALYSIS_FORMAT_VERSION)
@@ -127,6 +133,8 @@ class AttentionAnalysis:
         header = ["layer", "JS indexed", "JS matched", "JS matched (KV groups kept)", "best permutation"]
         if self.sensitivity_direct is not None:
             header += ["loss rise, direct", "loss rise, permuted"]
+        if self.sensitivity_calibrated is not None:
+            header += ["output KL, calibrated"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
         def fmt(values: Optional[Sequence[Optional[float]]], layer: int) -> str:
@@ -150,6 +158,8 @@ class AttentionAnalysis:
             ]
             if self.sensitivity_direct is not None:
                 cells += [fmt(self.sensitivity_direct, layer), fmt(self.sensitivity_permuted, layer)]
+            if self.sensitivity_calibrated is not None:
+                cells.append(fmt(self.sensitivity_calibrated, layer))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -182,7 +192,16 @@ class AttentionAnalysis:
         from matplotlib.figure import Figure
 
         layers = np.arange(self.num_layers)
-        has_sensitivity = self.sensitivity_direct is not None
+        rises = [
+            (values, label, color)
+            for values, label, color in (
+                (self.sensitivity_direct, "untrained, identity", "tab:red"),
+                (self.sensitivity_permuted, "untrained, best permutation", "tab:orange"),
+                (self.sensitivity_calibrated, "calibrated", "tab:green"),
+            )
+            if values is not None
+        ]
+        has_sensitivity = bool(rises)
         width_in = min(16.0, 4.0 + 0.35 * self.num_layers)
         fig = Figure(figsize=(width_in, 7.0 if has_sensitivity else 4.0))
         axes = fig.subplots(2 if has_sensitivity else 1, 1, sharex=True, squeeze=False)[:, 0]
@@ -198,21 +217,13 @@ class AttentionAnalysis:
         top.grid(axis="y", alpha=0.3)
         if has_sensitivity:
             bottom = axes[1]
-            bottom.bar(
-                layers - bar / 2, _nan(self.sensitivity_direct), bar, label="direct (identity)", color="tab:red"
-            )
-            if self.sensitivity_permuted is not None:
-                bottom.bar(
-                    layers + bar / 2,
-                    _nan(self.sensitivity_permuted),
-                    bar,
-                    label="best permutation",
-                    color="tab:orange",
-                )
+            width = 0.8 / len(rises)
+            for index, (values, label, color) in enumerate(rises):
+                offset = (index - (len(rises) - 1) / 2) * width
+                bottom.bar(layers + offset, _nan(values), width, label=label, color=color)
             if self.base_loss is not None:
                 bottom.set_title(
-                    f"untrained LiSA on layer l alone; {self.sensitivity_tokens} tokens, "
-                    f"base loss {self.base_loss:.3f}",
+                    f"LiSA on layer l alone; {self.sensitivity_tokens} tokens, base loss {self.base_loss:.3f}",
                     fontsize=9,
                 )
             bottom.set_yscale("symlog", linthresh=0.01)

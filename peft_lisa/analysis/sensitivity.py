@@ -1,7 +1,9 @@
-"""Sensitivity of each layer: how much the LM loss rises when only that layer shares, untrained.
+"""Sensitivity of each layer: how much the LM loss rises when only that layer shares.
 
-This is direct sharing, an untrained baseline of ``docs/method.md`` ("Our design", "Baselines"): an untrained LiSA
-adapter on layer ``l`` alone, with the identity and with the best head permutation as initial alignment ``P``.
+:func:`layer_sensitivity` measures direct sharing, an untrained baseline of ``docs/method.md`` ("Our design",
+"Baselines"): an untrained LiSA adapter on layer ``l`` alone, with the identity and with the best head permutation as
+initial alignment ``P``. :func:`calibrated_layer_sensitivity` measures the same adapter after a short layer-wise
+calibration (``docs/method.md``, "Layer choice"), the default score of the layer choice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..calibration import calibrate
 from ..tuner.architectures import decoder_layers, sharing_refusal
 from ..tuner.config import LiSAConfig
 from ..tuner.functional import permutation_matrix
@@ -60,6 +63,71 @@ def _lm_loss(model: nn.Module, blocks: torch.Tensor) -> float:
         return float(model(input_ids=blocks, labels=blocks, use_cache=False).loss)
 
 
+def _log_probs(model: nn.Module, blocks: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities, (B * T) x V float32."""
+    with torch.no_grad():
+        logits = model(input_ids=blocks, use_cache=False).logits
+    return torch.log_softmax(logits.float().flatten(0, 1), dim=-1)
+
+
+def output_kl(model: nn.Module, blocks: torch.Tensor, base_log_probs: torch.Tensor) -> float:
+    """Mean per-token ``KL(base || model)`` of the next-token distributions on ``blocks`` (nats)."""
+    log_probs = _log_probs(model, blocks)
+    return float((base_log_probs.exp() * (base_log_probs - log_probs)).sum(-1).mean())
+
+
+def _base_run(model: nn.Module, blocks: torch.Tensor) -> tuple[dict[int, Any], float, torch.Tensor]:
+    """The base model's LM loss and next-token log-probabilities on ``blocks``, and every decoder layer's output
+    (for :func:`_replay_layers`)."""
+    outputs: dict[int, Any] = {}
+    handles = [
+        layer.register_forward_hook(lambda module, args, output, index=index: outputs.__setitem__(index, output))
+        for index, layer in enumerate(decoder_layers(model))
+    ]
+    try:
+        log_probs = _log_probs(model, blocks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    targets = blocks[:, 1:].flatten()
+    rows = log_probs.view(*blocks.shape, -1)[:, :-1].flatten(0, 1)
+    loss = float(-rows.gather(1, targets[:, None].to(rows.device)).mean())
+    return outputs, loss, log_probs
+
+
+@contextmanager
+def _single_layer_adapter(model: nn.Module, config: LiSAConfig, seed: Optional[int] = None) -> Iterator[nn.Module]:
+    """``get_peft_model(model, config)`` for the duration of the block, then ``unload()``; the base model's
+    ``requires_grad`` flags (which peft clears) are restored, and no ``peft_config`` is left on it. With ``seed``,
+    the adapter is initialised under ``torch.manual_seed(seed)`` and the global RNG restored after."""
+    from peft import get_peft_model
+
+    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        if seed is not None:
+            torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+        model.__dict__.pop("peft_config", None)
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad[name])
+
+
+def _candidate_layers(model: nn.Module) -> Iterator[int]:
+    """Layers ``1..L-1`` that may share with their predecessor (e.g. not a full-attention layer after a
+    sliding-window one)."""
+    for layer_idx in range(1, len(decoder_layers(model))):
+        refusal = sharing_refusal(model, layer_idx)
+        if refusal is None:
+            yield layer_idx
+        else:
+            logger.debug("LiSA analysis: no sensitivity for layer %d: %s", layer_idx, refusal)
+
+
 def layer_sensitivity(
     model: nn.Module, blocks: torch.Tensor, permutations: list[Optional[list[int]]], progress: bool
 ) -> tuple[list[Optional[float]], list[Optional[float]], float]:
@@ -69,50 +137,73 @@ def layer_sensitivity(
     Uses ``peft.get_peft_model(model, LiSAConfig(share_layers=[l]))`` and ``unload()``; the base model's
     ``requires_grad`` flags (which peft clears) are restored, and no ``peft_config`` is left on it.
     """
-    from peft import get_peft_model
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
-    outputs: dict[int, Any] = {}
-    handles = [
-        layer.register_forward_hook(lambda module, args, output, index=index: outputs.__setitem__(index, output))
-        for index, layer in enumerate(layers)
-    ]
-    try:
-        base_loss = _lm_loss(model, blocks)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
+    outputs, base_loss, _ = _base_run(model, blocks)
     direct: list[Optional[float]] = [None] * len(layers)
     permuted: list[Optional[float]] = [None] * len(layers)
-    for layer_idx in tqdm(range(1, len(layers)), desc="LiSA analysis: sensitivity", disable=not progress):
-        refusal = sharing_refusal(model, layer_idx)
-        if refusal is not None:  # e.g. a full-attention layer after a sliding-window one
-            logger.debug("LiSA analysis: no sensitivity for layer %d: %s", layer_idx, refusal)
-            continue
+    for layer_idx in tqdm(list(_candidate_layers(model)), desc="LiSA analysis: sensitivity", disable=not progress):
         config = LiSAConfig(share_layers=[layer_idx], rank=2, align_hidden=0)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            peft_model = get_peft_model(model, config)
-        try:
-            with _replay_layers(layers, outputs, layer_idx - 1):
-                direct[layer_idx] = round_stored(_lm_loss(peft_model, blocks) - base_loss)
-                perm = permutations[layer_idx]
-                if perm is None or perm == list(range(len(perm))):
-                    permuted[layer_idx] = direct[layer_idx]
-                else:
-                    align = _attention_wrapper(layers[layer_idx]).lisa_substitute["default"].align
-                    with torch.no_grad():
-                        align.permute.copy_(permutation_matrix(perm).to(align.permute))
-                    permuted[layer_idx] = round_stored(_lm_loss(peft_model, blocks) - base_loss)
-        finally:
-            peft_model.unload()
-            model.__dict__.pop("peft_config", None)
-            for name, param in model.named_parameters():
-                param.requires_grad_(requires_grad[name])
+        with _single_layer_adapter(model, config) as peft_model, _replay_layers(layers, outputs, layer_idx - 1):
+            direct[layer_idx] = round_stored(_lm_loss(peft_model, blocks) - base_loss)
+            perm = permutations[layer_idx]
+            if perm is None or perm == list(range(len(perm))):
+                permuted[layer_idx] = direct[layer_idx]
+            else:
+                align = _attention_wrapper(layers[layer_idx]).lisa_substitute["default"].align
+                with torch.no_grad():
+                    align.permute.copy_(permutation_matrix(perm).to(align.permute))
+                permuted[layer_idx] = round_stored(_lm_loss(peft_model, blocks) - base_loss)
     return direct, permuted, base_loss
+
+
+def calibrated_layer_sensitivity(
+    model: nn.Module,
+    tokenizer: Any,
+    calibration_ids: torch.Tensor,
+    blocks: torch.Tensor,
+    permutations: list[Optional[list[int]]],
+    *,
+    rank: int,
+    adam_steps: int,
+    progress: bool,
+) -> tuple[list[Optional[float]], float]:
+    """How far the model's output moves when only layer ``l`` shares, after a short layer-wise calibration of that
+    layer alone (``docs/method.md``, "Layer choice").
+
+    Per layer: a rank-``rank`` LiSA adapter on layer ``l`` alone, initialised with ``permutations[l]``, is fitted
+    by :func:`peft_lisa.calibration.calibrate` on ``calibration_ids`` (L-BFGS 10 + Adam ``adam_steps``); its score
+    is the mean per-token ``KL(base || adapted)`` of the next-token distributions on ``blocks`` (nats; unlike a
+    loss rise it does not depend on the labels, and it is never negative). It measures what the layer costs once
+    its LiSA modules have done their best, where the untrained sensitivity measures direct sharing. The adapter of
+    layer ``l`` is initialised under ``torch.manual_seed(l)`` (the global RNG is restored after), so the scores repeat.
+    """
+    from tqdm.auto import tqdm
+
+    layers = decoder_layers(model)
+    outputs, base_loss, base_log_probs = _base_run(model, blocks)
+    scores: list[Optional[float]] = [None] * len(layers)
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))  # no per-layer calibration logs, 28 times
+    try:
+        for layer_idx in tqdm(
+            list(_candidate_layers(model)), desc="LiSA analysis: calibrated sensitivity", disable=not progress
+        ):
+            perm = permutations[layer_idx]
+            config = LiSAConfig(
+                share_layers=[layer_idx],
+                rank=rank,
+                align_hidden=0,
+                align_init_permutations=None if perm is None else {layer_idx: perm},
+            )
+            with _single_layer_adapter(model, config, seed=layer_idx) as peft_model:
+                calibrate(peft_model, tokenizer, calibration_ids, adam_steps=adam_steps, progress=False)
+                with _replay_layers(layers, outputs, layer_idx - 1):
+                    scores[layer_idx] = round_stored(output_kl(peft_model, blocks, base_log_probs))
+    finally:
+        logger.setLevel(level)
+    return scores, base_loss
 
 
 def _attention_wrapper(layer: nn.Module) -> LiSALayer:

@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..analysis import CALIBRATED_SCORE_SETTINGS, choose_share_layers
 from ..analysis import analyze as run_analysis
-from ..analysis import choose_share_layers
 from ..data import load_evaluation_texts
+from ..tuner.layer_choice import SCORES
 from .checks import JobInputError, JobOptions, check_data_source, check_model_name, load_base_model, resolve_device
 
 logger = logging.getLogger("peft_lisa")
-
-SCORES = ("js_matched", "js_indexed", "js_matched_grouped", "sensitivity_direct", "sensitivity_permuted")
 
 
 @dataclass(kw_only=True)
@@ -28,6 +27,8 @@ class AnalyzeJob(JobOptions):
     Args:
         seq_len, batch_size, max_batches: calibration blocks of ``seq_len`` tokens, ``batch_size`` per forward.
         sensitivity: also measure each layer's loss rise when it alone shares (one extra forward per layer).
+        calibrated_sensitivity: also measure ``sensitivity_calibrated``, each layer calibrated alone and scored by
+            the output KL to the base (``peft_lisa.analyze(..., **CALIBRATED_SCORE_SETTINGS)``).
         fraction, keep_first, score: the ``share_layers`` suggestion (:func:`peft_lisa.choose_share_layers`).
         output_dir: where ``analysis.json``, ``attention_heatmap.png`` and ``attention_layers.png`` go.
     """
@@ -36,6 +37,7 @@ class AnalyzeJob(JobOptions):
     batch_size: int = 4
     max_batches: int = 8
     sensitivity: bool = True
+    calibrated_sensitivity: bool = False
     fraction: float = 0.5
     keep_first: int = 2
     score: str = "js_matched"
@@ -61,7 +63,7 @@ class AnalyzeResult:
             analysis.summary_table(),
             "",
             f"{analysis.num_sequences} sequences x {analysis.seq_len} tokens, {analysis.query_rows} query rows each; "
-            f"JS divergences in bits, loss rises in nats ({self.seconds:.0f} s)",
+            f"JS divergences in bits, loss rises and output KL in nats ({self.seconds:.0f} s)",
         ]
         if self.share_layers is None:
             lines.append(f"no share_layers suggestion: {self.no_suggestion}")
@@ -75,7 +77,7 @@ class AnalyzeResult:
             analysis_file = Path(job.output_dir) / "analysis.json"
             lines.append(
                 f"train with: peft-lisa train{model_flag} --analysis {shlex.quote(str(analysis_file))} "
-                f"--share-fraction {job.fraction}"
+                f"--share-fraction {job.fraction} --layer-score {job.score}"
             )
         lines.append("wrote " + ", ".join(str(path) for path in self.files))
         return "\n".join(lines)
@@ -90,7 +92,9 @@ def analyze(job: AnalyzeJob) -> AnalyzeResult:
     device = resolve_device(job.device)
     if job.score not in SCORES:
         raise JobInputError(f"--score {job.score}: expected one of {', '.join(SCORES)}")
-    if not job.sensitivity and job.score.startswith("sensitivity"):
+    if job.score == "sensitivity_calibrated" and not job.calibrated_sensitivity:
+        raise JobInputError(f"--score {job.score} needs --calibrated-sensitivity")
+    if not job.sensitivity and job.score in ("sensitivity_direct", "sensitivity_permuted"):
         raise JobInputError(f"--score {job.score} needs the sensitivity, which --no-sensitivity skips")
 
     model, tokenizer = load_base_model(job.model)
@@ -109,6 +113,7 @@ def analyze(job: AnalyzeJob) -> AnalyzeResult:
         batch_size=job.batch_size,
         max_batches=job.max_batches,
         sensitivity=job.sensitivity,
+        **(CALIBRATED_SCORE_SETTINGS if job.calibrated_sensitivity else {}),
         progress=job.progress,
     )
     result = AnalyzeResult(job, analysis, time.monotonic() - started)

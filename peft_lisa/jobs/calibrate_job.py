@@ -29,7 +29,13 @@ from .checks import (
     resolve_device,
 )
 from .metrics import ADAPTER_METRICS_FILE, card_metrics, measure_perplexity, to_json, write_text_atomic
-from .train_setup import NEW_ADAPTER_OPTIONS, choose_lisa_config, load_training_model, portable_base_name
+from .train_setup import (
+    DEFAULT_LAYER_SCORE,
+    NEW_ADAPTER_OPTIONS,
+    choose_lisa_config,
+    load_training_model,
+    portable_base_name,
+)
 
 logger = logging.getLogger("peft_lisa")
 
@@ -43,7 +49,7 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
 
     The adapter: ``adapter`` (an existing LiSA adapter directory, calibrated further), or a new one on ``model``
     (``load_in_4bit``) with the layer options of ``peft-lisa train`` (``share_layers`` or ``share_fraction``,
-    ``analysis``, ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``). The calibration:
+    ``layer_score``, ``analysis``, ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``). The calibration:
     ``calibration_sequences`` of ``seq_len`` tokens of ``data`` (its training part), ``batch_size`` per step,
     ``calibration_steps`` Adam steps per shared layer at ``calibration_lr``, ``seed``. ``evaluate``: the held-out
     perplexity before and after (:class:`~.checks.HeldOutPerplexityOptions`). ``output_dir`` receives ``adapter/``
@@ -54,6 +60,7 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     adapter: Optional[str] = None
     share_layers: Optional[list[int]] = None
     share_fraction: Optional[float] = None
+    layer_score: str = DEFAULT_LAYER_SCORE
     analysis: Optional[str] = None
     keep_first: int = 2
     analysis_batches: int = 2

@@ -48,6 +48,7 @@ from .metrics import (
     write_text_atomic,
 )
 from .train_setup import (
+    DEFAULT_LAYER_SCORE,
     NEW_ADAPTER_OPTIONS,
     choose_lisa_config,
     config_from_checkpoint,
@@ -91,9 +92,9 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
 
     Model and data (:class:`~.checks.JobOptions`): ``model``, ``load_in_4bit``; ``data``, ``text_field``, ``split``
     (what to train on; the perplexity uses the held-out part), ``held_out_fraction``; ``device``, ``progress``.
-    Layers (see :func:`~.train_setup.choose_lisa_config`): ``share_layers`` or ``share_fraction``, ``analysis`` (an
-    analysis.json path), ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``; ``resume`` (a checkpoint
-    directory or ``"latest"``) takes them from the checkpoint instead.
+    Layers (see :func:`~.train_setup.choose_lisa_config`): ``share_layers`` or ``share_fraction``, ``layer_score``,
+    ``analysis`` (an analysis.json path), ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``;
+    ``resume`` (a checkpoint directory or ``"latest"``) takes them from the checkpoint instead.
     Training: ``max_steps``, ``seq_len``, ``batch_size``, ``learning_rate``, ``packing`` (auto/yes/no),
     ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit``;
     ``self_generated`` (tokens, 0: off): the base model's sampled answers to the first ``self_generated_prompts``
@@ -119,6 +120,7 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     load_in_4bit: bool = False
     share_layers: Optional[list[int]] = None
     share_fraction: Optional[float] = None
+    layer_score: str = DEFAULT_LAYER_SCORE
     analysis: Optional[str] = None
     keep_first: int = 2
     analysis_batches: int = 2

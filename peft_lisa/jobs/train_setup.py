@@ -10,9 +10,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..analysis import analyze
+from ..analysis import CALIBRATED_SCORE_SETTINGS, analyze
 from ..resources import DEFAULT_MODEL
 from ..tuner.config import DEFAULT_ALIGN_HIDDEN, LiSAConfig
+from ..tuner.layer_choice import SCORES
 from .checks import JobInputError, check_adapter_dir, check_share_layers, load_base_model
 
 logger = logging.getLogger("peft_lisa")
@@ -21,12 +22,17 @@ logger = logging.getLogger("peft_lisa")
 NEW_ADAPTER_OPTIONS = (
     "share_layers",
     "share_fraction",
+    "layer_score",
     "keep_first",
     "analysis_batches",
     "rank",
     "align_hidden",
     "head_mixing",
 )
+# The default score a new run chooses its layers by (any of peft_lisa.tuner.layer_choice.SCORES may be asked for),
+# measured in docs/calibration/layer_choice.md: each candidate layer calibrated alone, scored by the output KL to the
+# base.
+DEFAULT_LAYER_SCORE = "sensitivity_calibrated"
 # The LiSAConfig fields a resumed run takes from its checkpoint's adapter_config.json.
 CHECKPOINT_CONFIG_KEYS = (
     "share_layers",
@@ -95,6 +101,7 @@ def choose_lisa_config(
     *,
     share_layers: Optional[list[int]] = None,
     share_fraction: Optional[float] = None,
+    layer_score: str = DEFAULT_LAYER_SCORE,
     analysis: Any = None,
     analysis_file: Optional[str | os.PathLike] = None,
     keep_first: int = 2,
@@ -109,10 +116,13 @@ def choose_lisa_config(
 
     * ``share_layers`` given: exactly those (checked against the model's layer count); with an ``analysis``, its
       head permutations initialise their alignment.
-    * otherwise ``share_fraction`` (default 0.5) of all layers, the lowest best-matched JS divergence first and the
-      first ``keep_first`` layers kept full (:meth:`LiSAConfig.from_analysis`), from ``analysis`` (loaded from
+    * otherwise ``share_fraction`` (default 0.5) of all layers, the lowest ``layer_score`` first and the first
+      ``keep_first`` layers kept full (:meth:`LiSAConfig.from_analysis`), from ``analysis`` (loaded from
       ``analysis_file``) or, without one, from a calibration analysis of ``analysis_batches`` batches of 4 x 256
-      tokens of ``train_texts`` run here and saved to ``output_dir/analysis.json``.
+      tokens of ``train_texts`` run here and saved to ``output_dir/analysis.json``. ``layer_score``
+      ``sensitivity_calibrated`` (the default) makes that analysis calibrate every candidate layer alone, at rank
+      ``rank`` (``peft_lisa.analysis.CALIBRATED_SCORE_SETTINGS``); ``js_matched`` is the cheaper
+      attention-similarity score (any of ``peft_lisa.tuner.layer_choice.SCORES`` may be asked for).
 
     ``rank`` defaults to 8, ``align_hidden`` to the library default (0: linear alignment only), ``head_mixing`` to
     ``LiSAConfig``'s.
@@ -137,8 +147,21 @@ def choose_lisa_config(
         config = LiSAConfig(share_layers=share_layers, align_init_permutations=permutations, **common)
         return config, {"method": "explicit", "analysis": None if analysis_file is None else str(analysis_file)}
     fraction = 0.5 if share_fraction is None else share_fraction
+    if layer_score not in SCORES:
+        raise JobInputError(f"--layer-score {layer_score}: expected one of {', '.join(SCORES)}")
+    calibrated = layer_score == "sensitivity_calibrated"
+    untrained = layer_score in ("sensitivity_direct", "sensitivity_permuted")
+    if analysis is not None and getattr(analysis, layer_score) is None:
+        fix = "--calibrated-sensitivity" if calibrated else "without --no-sensitivity"
+        raise JobInputError(
+            f"--analysis {analysis_file} has no {layer_score} to choose layers by --layer-score: run 'peft-lisa "
+            f"analyze {fix}', or choose another --layer-score"
+        )
     if analysis is None:
-        logger.info(f"calibration analysis for --share-fraction {fraction} ({analysis_batches} batch(es) of 4 x 256)")
+        logger.info(
+            f"calibration analysis for --share-fraction {fraction} ({analysis_batches} batch(es) of 4 x 256"
+            f"{', each layer calibrated alone' if calibrated else ''})"
+        )
         analysis = analyze(
             model,
             tokenizer,
@@ -146,16 +169,20 @@ def choose_lisa_config(
             seq_len=256,
             batch_size=4,
             max_batches=analysis_batches,
-            sensitivity=False,
+            sensitivity=untrained,
+            calibration_rank=common["rank"],
+            **(CALIBRATED_SCORE_SETTINGS if calibrated else {}),
             progress=progress,
         )
         analysis_file = Path(output_dir) / "analysis.json"
         analysis.to_json(analysis_file)  # creates the output directory
     try:
-        config = LiSAConfig.from_analysis(analysis, fraction=fraction, keep_first=keep_first, **common)
+        config = LiSAConfig.from_analysis(
+            analysis, fraction=fraction, keep_first=keep_first, score=layer_score, **common
+        )
     except ValueError as error:
         raise JobInputError(f"--share-fraction {fraction}: {error}") from None
-    info = {"method": "analysis (js_matched)", "fraction": fraction, "keep_first": keep_first}
+    info = {"method": f"analysis ({layer_score})", "fraction": fraction, "keep_first": keep_first}
     return config, {**info, "analysis": None if analysis_file is None else str(analysis_file)}
 
 

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from numbers import Real
 from typing import Optional
 
-SCORES = ("js_matched", "js_indexed", "js_matched_grouped", "sensitivity_direct", "sensitivity_permuted")
+SCORES = (
+    "js_matched",
+    "js_indexed",
+    "js_matched_grouped",
+    "sensitivity_direct",
+    "sensitivity_permuted",
+    "sensitivity_calibrated",
+)
 
 
 def choose_layers(
@@ -45,7 +52,8 @@ def choose_layers(
     if score not in SCORES:
         raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}.")
     if values is None:
-        raise ValueError(f"The analysis has no {score!r}: run analyze(..., sensitivity=True) to measure it.")
+        switch = "calibrated_sensitivity" if score == "sensitivity_calibrated" else "sensitivity"
+        raise ValueError(f"The analysis has no {score!r}: run analyze(..., {switch}=True) to measure it.")
     if fraction is None and threshold is None:
         raise ValueError("Give fraction and/or threshold (e.g. fraction=0.5) to choose the shared layers.")
     if fraction is not None and (
