@@ -81,6 +81,10 @@ def test_chain_hands_on_only_its_sources_queries_not_mixed_ones(head_mixing, mon
         assert parts[0].query is source_query
         assert [part.query.shape[-1] for part in parts[1:]] == [4] * (idx - 1)  # one rank-r query per link
     assert folded[3].parts[1].query is folded[2].parts[1].query  # layer 2's rank-r query, handed on unmixed
+    # What attend built for its groups (the keys side by side, the float queries) is freed when it returns, not kept
+    # alive with the logits handed on.
+    for logits in folded.values():
+        assert all(part._spread_key is None and part._float_query is None for part in logits.parts)
 
 
 def test_P_outside_the_groups_gets_no_gradient():

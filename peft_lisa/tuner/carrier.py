@@ -128,6 +128,7 @@ class FoldedPart:
     key_index: Optional[list[int]] = None
     scale: float = 1.0
     _spread_key: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    _float_query: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mix is None and self.key_index is None:
@@ -165,13 +166,20 @@ class FoldedPart:
             block = rows[:, source * size : (source + 1) * size]  # G x (H / H_k)
             mixed = torch.einsum("gi,bitd->bgtd", block, grouped[:, source].float()).to(key.dtype)
             return mixed, key[:, source : source + 1]
-        grouped = grouped.float()
+        if self._float_query is None:  # float32 for the mixing, converted once for all groups (a no-op in float32)
+            self._float_query = grouped.float()
+        grouped = self._float_query
         # Any head: its queries against key head j are sum_{g in group j} mix[h, g] q[g], laid side by side.
         mixed = torch.einsum("gji,bjitd->bgtjd", rows.view(-1, key_heads, size), grouped)  # B x G x T_q x H_k x D
         mixed = mixed.reshape(batch, mixed.shape[1], q_len, key_heads * dim).to(key.dtype)
         if self._spread_key is None:  # all key heads side by side, B x 1 x T_k x H_k D: built once for all groups
             self._spread_key = key.transpose(1, 2).reshape(batch, 1, key.shape[2], key_heads * dim)
         return mixed, self._spread_key
+
+    def release(self) -> None:
+        """Drop the tensors :meth:`group` built for the groups of one attention call (the part itself may live on,
+        handed to the next layer of a chain)."""
+        self._spread_key = self._float_query = None
 
     def scores(self, rows: slice, keys: int) -> torch.Tensor:
         """This part's logits of queries ``rows`` against the last ``keys`` keys, B x H x len(rows) x keys."""
@@ -235,6 +243,8 @@ class FoldedScores(SourceLogits):
             outputs.append(
                 fused_attention(query, key[:, :, -keys:], value[:, group : group + 1], attention_mask, dropout)
             )
+        for part in self.parts:
+            part.release()
         return outputs[0] if num_groups == 1 else torch.cat(outputs, dim=-1)  # B x T_q x (H d_v), heads in order
 
 
