@@ -16,7 +16,8 @@ What it does, in order:
    "text" field or chat "messages", or a ``datasets`` name). A deterministic held-out part of the data (or the
    dataset's own test split) is never trained on;
 2. chooses the shared layers: --share-layers, or --share-fraction of all layers from a calibration analysis
-   (``peft_lisa.analysis``: lowest best-matched JS divergence, first layers kept full, head permutations as the
+   (``peft_lisa.analysis``: by default each layer calibrated alone and scored by the output KL to the base,
+   ``--layer-score sensitivity_calibrated``; the lowest first, first layers kept full, head permutations as the
    alignment's initialisation);
 3. measures the held-out sliding-window perplexity and greedy generations of the base model, and the perplexity of
    the untrained LiSA model (direct sharing with realigned heads);
@@ -34,9 +35,10 @@ The default run (no arguments): SmolLM2-135M-Instruct with 15 of its 30 layers s
 linear-only head alignment and strided rotary frequencies (the library defaults); calibration 32 x 100; then 60 steps
 of 2 x 256 tokens, half pydoc, half the base model's own answers, at learning rate 2e-3 (cosine), LM loss + output KL;
 perplexity on the first 4096 tokens of the held-out pydoc text and of the license text, window 256, stride 128.
-Measured with 2 threads on the project's 2-core machine: held-out pydoc perplexity 13.14 (base), 69.86 (untrained),
-15.90 (calibrated), 13.79 (trained, +5.0%); license text 10.60, 66.72, 15.53, 14.25 (+34%); 1 of the four trained
-generations loops, 3 of the 16 everyday ones do (base: 0, calibrated: 10; without the mix 8); 16.0 minutes in all.
+Measured with 2 threads on the project's 2-core machine: held-out pydoc perplexity 13.14 (base), 58.09 (untrained),
+15.04 (calibrated), 13.12 (trained, -0.1%); license text 10.60, 51.69, 14.09, 12.96 (+22%); none of the four trained
+generations loops, 1 of the 16 everyday ones does (base: 0, calibrated: 5); 18.75 minutes in all, 3.2 of them
+choosing the layers (``--layer-score js_matched`` takes seconds: 16.0 minutes, +5.0% / +34%, 4 of 20 looping).
 Measurements and choices: docs/calibration/objective.md.
 
 Examples::

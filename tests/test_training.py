@@ -518,6 +518,10 @@ def test_script_plain_text_with_analysis_and_distillation(tiny_checkpoint, tmp_p
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["share_layers"]) == 2 and min(saved["share_layers"]) >= 2  # --keep-first 2
     assert saved["layer_choice"]["method"] == "analysis (sensitivity_calibrated)"  # the default --layer-score
+    assert (
+        saved["layer_choice"]["analysis_minutes"] >= 0
+        and "layers chosen by analysis (sensitivity_calibrated) (" in printed
+    )
     analysis = json.loads((out / "analysis.json").read_text())
     assert saved["share_layers"] == choose_layers(
         analysis["sensitivity_calibrated"], analysis["num_layers"], fraction=0.4, score="sensitivity_calibrated"

@@ -219,6 +219,9 @@ class TrainResult:
             f"{training['train_loss']:.4f}, {training['tokens_seen']:,} tokens seen); total {results['total_minutes']}"
             " min",
         ]
+        choice = results.get("layer_choice") or {}
+        if choice.get("analysis_minutes") is not None:
+            lines.append(f"layers chosen by {choice['method']} ({choice['analysis_minutes']:.1f} min)")
         if results.get("self_generated"):
             mix = results["self_generated"]
             lines.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -157,7 +158,9 @@ def choose_lisa_config(
             f"--analysis {analysis_file} has no {layer_score} to choose layers by --layer-score: run 'peft-lisa "
             f"analyze {fix}', or choose another --layer-score"
         )
+    analysis_minutes = None
     if analysis is None:
+        started = time.monotonic()
         logger.info(
             f"calibration analysis for --share-fraction {fraction} ({analysis_batches} batch(es) of 4 x 256"
             f"{', each layer calibrated alone' if calibrated else ''})"
@@ -176,6 +179,7 @@ def choose_lisa_config(
         )
         analysis_file = Path(output_dir) / "analysis.json"
         analysis.to_json(analysis_file)  # creates the output directory
+        analysis_minutes = round((time.monotonic() - started) / 60, 2)
     try:
         config = LiSAConfig.from_analysis(
             analysis, fraction=fraction, keep_first=keep_first, score=layer_score, **common
@@ -183,6 +187,8 @@ def choose_lisa_config(
     except ValueError as error:
         raise JobInputError(f"--share-fraction {fraction}: {error}") from None
     info = {"method": f"analysis ({layer_score})", "fraction": fraction, "keep_first": keep_first}
+    if analysis_minutes is not None:
+        info["analysis_minutes"] = analysis_minutes
     return config, {**info, "analysis": None if analysis_file is None else str(analysis_file)}
 
 
