@@ -359,6 +359,7 @@ def calibrate(
     cache_targets: bool = True,
     seed: int = 0,
     progress: bool = True,
+    log: bool = True,
 ) -> CalibrationReport:
     """Fit each shared layer's LiSA modules, in layer order, to its own base layer's attention (teacher-forced).
 
@@ -386,6 +387,8 @@ def calibrate(
             keeps only hidden states.
         seed: seed of the Adam mini-batch order.
         progress: show a progress bar over the shared layers.
+        log: log what was recorded and each layer's KL at INFO level on the ``peft_lisa`` logger; ``False`` logs
+            them at DEBUG (for callers that calibrate many times and report themselves).
 
     Returns:
         A :class:`CalibrationReport` with the per-layer KL before/after and time, and the totals.
@@ -404,9 +407,10 @@ def calibrate(
         if isinstance(texts, torch.Tensor)
         else _token_blocks(tokenizer, texts, seq_len, num_sequences)
     )
+    info = logger.info if log else logger.debug
     batches = list(_record_batches(peft_model, wrappers, ids, batch_size))
     stored = sum(t.numel() * t.element_size() for batch in batches for t in batch.hidden.values())
-    logger.info(
+    info(
         "calibrate: recorded %d sequences x %d tokens at %d wrapped layers (%.1f MiB of hidden states)",
         ids.shape[0],
         seq_len,
@@ -450,7 +454,7 @@ def calibrate(
             seconds = time.perf_counter() - layer_start
             source = layer - 1
             report.layers.append(LayerCalibration(layer, source, before, after_p, after, seconds))
-            logger.info(
+            info(
                 "calibrate: layer %d: KL %.4f -> %.4f (P) -> %.4f (P + low-rank) in %.1f s",
                 layer,
                 before,
@@ -463,7 +467,7 @@ def calibrate(
             p.requires_grad_(flag)
     report.seconds = time.perf_counter() - start_wall
     report.cpu_seconds = time.process_time() - start_cpu
-    logger.info(
+    info(
         "calibrate: mean KL %.4f -> %.4f over %d layers in %.1f s",
         report.mean_kl_before,
         report.mean_kl_after,

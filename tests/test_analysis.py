@@ -330,6 +330,22 @@ def test_analyze_logs_and_prints_nothing(caplog, capsys):
     assert captured.out == "" and captured.err == ""
 
 
+def test_calibrated_sensitivity_keeps_its_calibrations_out_of_the_info_log(caplog):
+    """The one calibration per layer logs at DEBUG, not INFO (a line per layer, 29 times on SmolLM2, would bury the
+    analysis' own lines), without touching the level of the shared ``peft_lisa`` logger."""
+    shared_logger = logging.getLogger("peft_lisa")
+    level = shared_logger.level
+    with caplog.at_level(logging.DEBUG, logger="peft_lisa"):
+        analysis = analyze(
+            tiny_model("llama"), CharTokenizer(), TEXTS, calibrated_sensitivity=True, calibration_steps=2, **SMALL
+        )
+        assert shared_logger.level == logging.DEBUG
+    calibration_lines = [record for record in caplog.records if record.getMessage().startswith("calibrate: layer")]
+    assert len(calibration_lines) == analysis.num_layers - 1  # layers 1.. of the tiny model, each calibrated alone
+    assert {record.levelno for record in calibration_lines} == {logging.DEBUG}
+    assert shared_logger.level == level
+
+
 def test_bad_arguments():
     model, tokenizer = tiny_model("llama"), CharTokenizer()
     with pytest.raises(ValueError, match="seq_len"):

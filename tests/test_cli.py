@@ -68,6 +68,12 @@ def tiny(work, data: str = "data.txt") -> list:
     return ["--model", work / "tiny", "--data", work / data]
 
 
+def analyze_at_quarter(work, data: str, batches: int, *options, output_dir) -> list:
+    """An ``analyze`` command line on the tiny model: 16-token sequences, ``batches`` batches, fraction 0.25."""
+    return ["analyze", *tiny(work, data), "--seq-len", "16", "--max-batches", str(batches), *options,
+            "--fraction", "0.25", "--output-dir", output_dir]  # fmt: skip
+
+
 def call(*argv) -> int:
     return main([str(item) for item in argv])
 
@@ -283,20 +289,7 @@ def test_analyze_writes_json_and_plots(capsys, work, analysis_dir):
     }
     data = json.loads((analysis_dir / "analysis.json").read_text())
     assert data["num_layers"] == 5 and data["sensitivity_direct"] is not None
-    out = ok(
-        capsys,
-        "analyze",
-        *tiny(work, "data.jsonl"),
-        "--seq-len",
-        "16",
-        "--max-batches",
-        "1",
-        "--no-sensitivity",
-        "--fraction",
-        "0.25",
-        "--output-dir",
-        work / "analysis2",
-    )
+    out = ok(capsys, *analyze_at_quarter(work, "data.jsonl", 1, "--no-sensitivity", output_dir=work / "analysis2"))
     assert "| layer | JS indexed |" in out
     expected = choose_share_layers(work / "analysis2" / "analysis.json", fraction=0.25)
     assert (
@@ -310,19 +303,15 @@ def test_layers_chosen_by_the_calibrated_score(capsys, work, analysis_dir):
     refused by the default --layer-score, with the fix named, before anything is trained."""
     out = ok(
         capsys,
-        "analyze",
-        *tiny(work),
-        "--seq-len",
-        "16",
-        "--max-batches",
-        "2",
-        "--calibrated-sensitivity",
-        "--score",
-        "sensitivity_calibrated",
-        "--fraction",
-        "0.25",
-        "--output-dir",
-        work / "analysis_calibrated",
+        *analyze_at_quarter(
+            work,
+            "data.txt",
+            2,
+            "--calibrated-sensitivity",
+            "--score",
+            "sensitivity_calibrated",
+            output_dir=work / "analysis_calibrated",
+        ),
     )
     data = json.loads((work / "analysis_calibrated" / "analysis.json").read_text())
     scores = data["sensitivity_calibrated"]
@@ -335,7 +324,9 @@ def test_layers_chosen_by_the_calibrated_score(capsys, work, analysis_dir):
     )
     assert code == 2 and "has no sensitivity_calibrated" in err and "--calibrated-sensitivity" in err
     code, _, err = run(capsys, "analyze", *tiny(work), "--score", "sensitivity_calibrated")
-    assert code == 2 and "needs --calibrated-sensitivity" in err
+    assert code == 2 and "only by an analysis with --calibrated-sensitivity" in err
+    code, _, err = run(capsys, "analyze", *tiny(work), "--no-sensitivity", "--score", "sensitivity_direct")
+    assert code == 2 and "only by an analysis without --no-sensitivity" in err
 
 
 def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):

@@ -76,9 +76,12 @@ def output_kl(model: nn.Module, blocks: torch.Tensor, base_log_probs: torch.Tens
     return float((base_log_probs.exp() * (base_log_probs - log_probs)).sum(-1).mean())
 
 
-def _base_run(model: nn.Module, blocks: torch.Tensor) -> tuple[dict[int, Any], float, torch.Tensor]:
-    """The base model's LM loss and next-token log-probabilities on ``blocks``, and every decoder layer's output
-    (for :func:`_replay_layers`)."""
+def _base_run(
+    model: nn.Module, blocks: torch.Tensor, keep_log_probs: bool
+) -> tuple[dict[int, Any], float, Optional[torch.Tensor]]:
+    """Every decoder layer's output on ``blocks`` (for :func:`_replay_layers`), the base model's LM loss and, with
+    ``keep_log_probs``, its next-token log-probabilities (``B*T x V`` float32: about 200 MB at 4 x 256 tokens and a
+    50k vocabulary; ``None`` without)."""
     outputs: dict[int, Any] = {}
     handles = [
         layer.register_forward_hook(lambda module, args, output, index=index: outputs.__setitem__(index, output))
@@ -92,7 +95,7 @@ def _base_run(model: nn.Module, blocks: torch.Tensor) -> tuple[dict[int, Any], f
     targets = blocks[:, 1:].flatten()
     rows = log_probs.view(*blocks.shape, -1)[:, :-1].flatten(0, 1)
     loss = float(-rows.gather(1, targets[:, None].to(rows.device)).mean())
-    return outputs, loss, log_probs
+    return outputs, loss, log_probs if keep_log_probs else None
 
 
 @contextmanager
@@ -140,7 +143,7 @@ def layer_sensitivity(
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
-    outputs, base_loss, _ = _base_run(model, blocks)
+    outputs, base_loss, _ = _base_run(model, blocks, keep_log_probs=False)
     direct: list[Optional[float]] = [None] * len(layers)
     permuted: list[Optional[float]] = [None] * len(layers)
     for layer_idx in tqdm(list(_candidate_layers(model)), desc="LiSA analysis: sensitivity", disable=not progress):
@@ -182,27 +185,23 @@ def calibrated_layer_sensitivity(
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
-    outputs, base_loss, base_log_probs = _base_run(model, blocks)
+    outputs, base_loss, base_log_probs = _base_run(model, blocks, keep_log_probs=True)
     scores: list[Optional[float]] = [None] * len(layers)
-    level = logger.level
-    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))  # no per-layer calibration logs, 28 times
-    try:
-        for layer_idx in tqdm(
-            list(_candidate_layers(model)), desc="LiSA analysis: calibrated sensitivity", disable=not progress
-        ):
-            perm = permutations[layer_idx]
-            config = LiSAConfig(
-                share_layers=[layer_idx],
-                rank=rank,
-                align_hidden=0,
-                align_init_permutations=None if perm is None else {layer_idx: perm},
-            )
-            with _single_layer_adapter(model, config, seed=layer_idx) as peft_model:
-                calibrate(peft_model, tokenizer, calibration_ids, adam_steps=adam_steps, progress=False)
-                with _replay_layers(layers, outputs, layer_idx - 1):
-                    scores[layer_idx] = round_stored(output_kl(peft_model, blocks, base_log_probs))
-    finally:
-        logger.setLevel(level)
+    for layer_idx in tqdm(
+        list(_candidate_layers(model)), desc="LiSA analysis: calibrated sensitivity", disable=not progress
+    ):
+        perm = permutations[layer_idx]
+        config = LiSAConfig(
+            share_layers=[layer_idx],
+            rank=rank,
+            align_hidden=0,
+            align_init_permutations=None if perm is None else {layer_idx: perm},
+        )
+        with _single_layer_adapter(model, config, seed=layer_idx) as peft_model:
+            # one calibration per layer: no per-layer INFO lines from calibrate(), the progress bar reports
+            calibrate(peft_model, tokenizer, calibration_ids, adam_steps=adam_steps, progress=False, log=False)
+            with _replay_layers(layers, outputs, layer_idx - 1):
+                scores[layer_idx] = round_stored(output_kl(peft_model, blocks, base_log_probs))
     return scores, base_loss
 
 

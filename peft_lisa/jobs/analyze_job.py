@@ -13,8 +13,16 @@ from typing import Any, Optional
 from ..analysis import CALIBRATED_SCORE_SETTINGS, choose_share_layers
 from ..analysis import analyze as run_analysis
 from ..data import load_evaluation_texts
-from ..tuner.layer_choice import SCORES
-from .checks import JobInputError, JobOptions, check_data_source, check_model_name, load_base_model, resolve_device
+from ..tuner.layer_choice import SCORES, score_switch
+from .checks import (
+    ANALYZE_SWITCH_OPTIONS,
+    JobInputError,
+    JobOptions,
+    check_data_source,
+    check_model_name,
+    load_base_model,
+    resolve_device,
+)
 
 logger = logging.getLogger("peft_lisa")
 
@@ -92,10 +100,9 @@ def analyze(job: AnalyzeJob) -> AnalyzeResult:
     device = resolve_device(job.device)
     if job.score not in SCORES:
         raise JobInputError(f"--score {job.score}: expected one of {', '.join(SCORES)}")
-    if job.score == "sensitivity_calibrated" and not job.calibrated_sensitivity:
-        raise JobInputError(f"--score {job.score} needs --calibrated-sensitivity")
-    if not job.sensitivity and job.score in ("sensitivity_direct", "sensitivity_permuted"):
-        raise JobInputError(f"--score {job.score} needs the sensitivity, which --no-sensitivity skips")
+    switch = score_switch(job.score)
+    if switch is not None and not getattr(job, switch):
+        raise JobInputError(f"--score {job.score} is measured only by an analysis {ANALYZE_SWITCH_OPTIONS[switch]}")
 
     model, tokenizer = load_base_model(job.model)
     model.to(device)

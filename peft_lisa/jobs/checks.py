@@ -24,6 +24,11 @@ from ..tuner.config import validate_share_layers
 logger = logging.getLogger("peft_lisa")
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# How a 'peft-lisa analyze' command turns on each analyze() switch of peft_lisa.tuner.layer_choice.score_switch.
+ANALYZE_SWITCH_OPTIONS = {
+    "sensitivity": "without --no-sensitivity",
+    "calibrated_sensitivity": "with --calibrated-sensitivity",
+}
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 

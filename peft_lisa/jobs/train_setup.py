@@ -14,8 +14,8 @@ import torch
 from ..analysis import CALIBRATED_SCORE_SETTINGS, analyze
 from ..resources import DEFAULT_MODEL
 from ..tuner.config import DEFAULT_ALIGN_HIDDEN, LiSAConfig
-from ..tuner.layer_choice import SCORES
-from .checks import JobInputError, check_adapter_dir, check_share_layers, load_base_model
+from ..tuner.layer_choice import SCORES, score_switch
+from .checks import ANALYZE_SWITCH_OPTIONS, JobInputError, check_adapter_dir, check_share_layers, load_base_model
 
 logger = logging.getLogger("peft_lisa")
 
@@ -150,13 +150,12 @@ def choose_lisa_config(
     fraction = 0.5 if share_fraction is None else share_fraction
     if layer_score not in SCORES:
         raise JobInputError(f"--layer-score {layer_score}: expected one of {', '.join(SCORES)}")
-    calibrated = layer_score == "sensitivity_calibrated"
-    untrained = layer_score in ("sensitivity_direct", "sensitivity_permuted")
+    switch = score_switch(layer_score)
+    calibrated = switch == "calibrated_sensitivity"
     if analysis is not None and getattr(analysis, layer_score) is None:
-        fix = "--calibrated-sensitivity" if calibrated else "without --no-sensitivity"
         raise JobInputError(
             f"--analysis {analysis_file} has no {layer_score} to choose layers by --layer-score: run 'peft-lisa "
-            f"analyze {fix}', or choose another --layer-score"
+            f"analyze' {ANALYZE_SWITCH_OPTIONS[switch]}, or choose another --layer-score"
         )
     analysis_minutes = None
     if analysis is None:
@@ -172,7 +171,7 @@ def choose_lisa_config(
             seq_len=256,
             batch_size=4,
             max_batches=analysis_batches,
-            sensitivity=untrained,
+            sensitivity=switch == "sensitivity",
             calibration_rank=common["rank"],
             **(CALIBRATED_SCORE_SETTINGS if calibrated else {}),
             progress=progress,

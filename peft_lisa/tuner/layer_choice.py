@@ -11,14 +11,25 @@ from collections.abc import Sequence
 from numbers import Real
 from typing import Optional
 
-SCORES = (
-    "js_matched",
-    "js_indexed",
-    "js_matched_grouped",
-    "sensitivity_direct",
-    "sensitivity_permuted",
-    "sensitivity_calibrated",
-)
+# The keyword of ``peft_lisa.analyze`` that must be True for an analysis to carry a score (``None``: every analysis
+# carries it). The one place that says which measurement produces which score.
+_SCORE_SWITCHES = {
+    "js_matched": None,
+    "js_indexed": None,
+    "js_matched_grouped": None,
+    "sensitivity_direct": "sensitivity",
+    "sensitivity_permuted": "sensitivity",
+    "sensitivity_calibrated": "calibrated_sensitivity",
+}
+SCORES = tuple(_SCORE_SWITCHES)  # the per-layer scores a layer choice may rank by
+
+
+def score_switch(score: str) -> Optional[str]:
+    """The :func:`peft_lisa.analyze` keyword (``"sensitivity"`` or ``"calibrated_sensitivity"``) that must be True
+    for an analysis to measure ``score``; ``None`` for the attention scores, which every analysis measures."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}.")
+    return _SCORE_SWITCHES[score]
 
 
 def choose_layers(
@@ -49,10 +60,8 @@ def choose_layers(
     Returns:
         The chosen layer indices, ascending.
     """
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}.")
+    switch = score_switch(score)
     if values is None:
-        switch = "calibrated_sensitivity" if score == "sensitivity_calibrated" else "sensitivity"
         raise ValueError(f"The analysis has no {score!r}: run analyze(..., {switch}=True) to measure it.")
     if fraction is None and threshold is None:
         raise ValueError("Give fraction and/or threshold (e.g. fraction=0.5) to choose the shared layers.")
