@@ -9,8 +9,9 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
+from peft_lisa.tuner import carrier as carrier_module
 from peft_lisa.tuner.carrier import FoldedScores, LogitsCarrier
-from peft_lisa.tuner.functional import kv_group_alignment
+from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_alignment, kv_group_mask
 from tests.conftest import random_ids, randomize_adapter, tiny_model
 from tests.test_method import adapter_weights, reference_logits
 
@@ -71,7 +72,7 @@ def test_chain_hands_on_only_its_sources_queries_not_mixed_ones(head_mixing, mon
         tiny_model("llama"), LiSAConfig(share_layers=[2, 3, 4], rank=4, head_mixing=head_mixing)
     )
     randomize_adapter(peft_model)
-    with torch.no_grad():
+    with torch.enable_grad():  # the fused calls (training), which build the tensors below for their groups
         peft_model(random_ids(1, 30))
     folded = {idx: logits for idx, logits in handed if isinstance(logits, FoldedScores)}
     assert sorted(folded) == [1, 2, 3]
@@ -104,3 +105,64 @@ def test_kv_group_alignment_keeps_each_group_in_one_source_group():
     assert sorted(aligned) == list(range(9))
     assert all(aligned[h] // 3 == group_map[h // 3] for h in range(9))
     assert [aligned[h] for h in (1, 2, 4, 5, 6, 7, 8)] == [1, 2, 3, 5, 8, 7, 6]  # heads already in place stay
+
+
+def _chain_of_two(batch: int, q_len: int, k_len: int, group_map, generator) -> FoldedScores:
+    """A source's logits, mixed and corrected by two shared layers (4 heads, 2 KV heads, d_h 8, rank 2)."""
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    mask = torch.ones(4, 4) if group_map is None else kv_group_mask(group_map, 4)
+    logits = FoldedScores.from_query_key(rand(batch, 4, q_len, 8), rand(batch, 2, k_len, 8), 8**-0.5)
+    for _ in range(2):
+        logits = logits.mixed(rand(4, 4) * mask, group_map)
+        logits = logits.with_lowrank(rand(batch, 4, q_len, 2), rand(batch, 2, k_len, 2), 2**-0.5)
+    return logits
+
+
+@pytest.mark.parametrize("group_map", [None, [1, 0]], ids=["full", "kv_group"])
+@pytest.mark.parametrize("masking", ["causal", "padding", "after_cache"])
+def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, masking, monkeypatch):
+    """Inference runs a widely mixed shared layer as explicit blocks of queries (``attend_by_blocks``), training as
+    fused calls: both equal ``softmax(S + M) V`` from the dense logits, in blocks of a few queries and sequences, with
+    a padding mask, and for a prefill that continues a cache (fewer queries than keys, no mask)."""
+    generator = torch.Generator().manual_seed(0)
+    batch, q_len = 3, 21
+    k_len = q_len + 6 if masking == "after_cache" else q_len
+    logits = _chain_of_two(batch, q_len, k_len, group_map, generator)
+    value = torch.randn(batch, 2, k_len, 8, generator=generator)
+    allowed = causal_allowed(slice(None), q_len, k_len, value.device).expand(batch, 1, q_len, k_len).clone()
+    attention_mask = None
+    if masking == "padding":
+        allowed[1, ..., :5] = False  # sequence 1 is left-padded by 5 tokens
+        allowed[1, ..., :5, 4] = True  # (a padded query sees one key, as transformers' masks keep a row finite)
+        attention_mask = allowed
+    dense = grouped_attend(
+        torch.softmax(logits.rows(slice(None)) + additive_mask(allowed, q_len, k_len, value.device), -1), value
+    )
+    monkeypatch.setattr(carrier_module, "EXPLICIT_BLOCK_KEYS", 2 * k_len)  # two sequences per block
+    explicit = logits.attend_by_blocks(attention_mask, value, block=4)
+    fused = logits.attend_fused(attention_mask, value, 0.0)
+    torch.testing.assert_close(explicit, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_mixing, explicit", [("full", True), ("kv_group", False)])
+def test_inference_takes_explicit_blocks_only_for_wide_fused_calls(head_mixing, explicit, monkeypatch):
+    """The full mixing of a GQA model would need fused calls of head size H_kv d_h + r (>= 2 d_h): inference runs it
+    as explicit blocks; kv_group (d_h + r) stays fused; training always runs fused. All three agree."""
+    calls = []
+    original = FoldedScores.attend_by_blocks
+    monkeypatch.setattr(
+        FoldedScores, "attend_by_blocks", lambda self, *args, **kw: calls.append(1) or original(self, *args, **kw)
+    )
+    peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2, 3], rank=4, head_mixing=head_mixing))
+    randomize_adapter(peft_model)
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        inference = peft_model(ids).logits
+    assert len(calls) == (2 if explicit else 0)
+    training = peft_model(ids).logits
+    assert len(calls) == (2 if explicit else 0)
+    torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)

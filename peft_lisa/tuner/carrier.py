@@ -4,12 +4,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
-from .functional import fused_attention, grouped_scores, lowrank_rotary, softcap_logits
+from .functional import (
+    additive_mask_rows,
+    attend_from_logits,
+    fused_attention,
+    grouped_scores,
+    lowrank_rotary,
+    softcap_logits,
+)
+
+# Inference (no autograd) computes a shared layer's logits explicitly, a small block of queries at a time, when the
+# fused call would be at least this many times wider than the values: with head_mixing="full" on a GQA model the
+# fused head size is H_kv d_h + r, and a fused kernel pays that width twice (Q K^T and the zero-padded A V) where the
+# explicit logits pay d_h for Q K^T, 2H for the P mixing (one GEMM over the head axis) and d_h for A V. Measured on
+# SmolLM2 shapes (1 x 2048 tokens, one CPU thread, `python examples/attention_core.py`): full mixing, fused head
+# size 200, 259 ms; explicit blocks 124-141 ms; the base's sdpa 92-107 ms; kv_group's fused head size 72: 104 ms
+# (it stays fused). Training keeps the fused call, whose backward needs no T_q x T_k tensor either.
+EXPLICIT_MIN_WIDENING = 2.0
+# Query rows per block of the explicit path: its B x H x rows x T_k float32 logits are the largest tensors of a block.
+EXPLICIT_QUERY_BLOCK = 64
+# ... for as many sequences as give at most this many keys (one sequence of 2048 tokens, 8 of 512, 32 of 128).
+EXPLICIT_BLOCK_KEYS = 4096
 
 
 class LogitsCarrier:
@@ -181,10 +201,12 @@ class FoldedPart:
         handed to the next layer of a chain)."""
         self._spread_key = self._float_query = None
 
-    def scores(self, rows: slice, keys: int) -> torch.Tensor:
-        """This part's logits of queries ``rows`` against the last ``keys`` keys, B x H x len(rows) x keys."""
-        scores = grouped_scores(self.query[:, :, rows], self.key[:, :, -keys:], self.scale)
-        return scores if self.mix is None else torch.einsum("hg,bgqk->bhqk", self.mix, scores)
+    def scores(self, rows: slice, keys: int, stop: Optional[int] = None) -> torch.Tensor:
+        """This part's float32 logits ``q k^T``, before its mixing, of queries ``rows`` against the last ``keys``
+        keys (the first ``stop`` of them, when given): B x H x len(rows) x keys (or stop)."""
+        key = self.key[:, :, -keys:]
+        key = key if stop is None else key[:, :, :stop]
+        return grouped_scores(self.query[:, :, rows], key, self.scale)  # B x H x T_block x T_k
 
 
 class FoldedScores(SourceLogits):
@@ -223,15 +245,87 @@ class FoldedScores(SourceLogits):
         """``S + scaling Q_r K_r^T`` (q_small B x H x T_q x r, k_small B x H_kv x T_k x r), still folded."""
         return FoldedScores([*self.parts, FoldedPart(q_small, k_small, scale=scaling)])
 
-    def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
+    def rows(self, rows: slice, keys: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """The float32 logits of queries ``rows`` against the last ``keys`` keys (the first ``stop`` of them, when
+        given), B x H x len(rows) x keys (or stop): the unmixed parts summed, then each mixed part added by one GEMM
+        over the head axis, ``total += mix @ scores`` (H x H @ B x H x (T_block T_k))."""
         keys = self.shape[-1] if keys is None else keys
-        return sum(part.scores(rows, keys) for part in self.parts)
+        total = None
+        for part in sorted(self.parts, key=lambda part: part.mix is not None):  # the unmixed first
+            scores = part.scores(rows, keys, stop)
+            if part.mix is None:
+                total = scores if total is None else total.add_(scores)
+                continue
+            batch, heads, q_len, k_len = scores.shape
+            mix = part.mix.float().expand(batch, heads, heads)
+            flat = scores.view(batch, heads, q_len * k_len)
+            if total is None:
+                total = torch.bmm(mix, flat).view(scores.shape)
+            else:
+                total.view(batch, heads, q_len * k_len).baddbmm_(mix, flat)
+        return total
 
     def attend(
         self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float = 0.0
     ) -> torch.Tensor:
-        """``softmax(S + M) V`` -> B x T_q x (H d_v): one fused attention call per KV group of ``value``
-        (B x H_kv x T_k x d_v), so that the mixed queries, keys and outputs of only one group exist at a time."""
+        """``softmax(S + M) V`` -> B x T_q x (H d_v), for values B x H_kv x T_k x d_v.
+
+        With autograd, or when the fused head size is less than ``EXPLICIT_MIN_WIDENING`` times ``d_v``:
+        :meth:`attend_fused`. Otherwise (inference with a widely mixed source): :meth:`attend_by_blocks`.
+        """
+        if not torch.is_grad_enabled() and dropout == 0.0 and self.head_dim >= EXPLICIT_MIN_WIDENING * value.shape[-1]:
+            return self.attend_by_blocks(attention_mask, value)
+        return self.attend_fused(attention_mask, value, dropout)
+
+    def attend_by_blocks(
+        self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, block: int = EXPLICIT_QUERY_BLOCK
+    ) -> torch.Tensor:
+        """``softmax(S + M) V`` -> B x T_q x (H d_v) from explicit float32 logits, ``block`` queries of a few
+        sequences at a time (so that a block's logits stay in the CPU's cache): each part's ``q k^T`` at its own
+        head size, the mixing as one GEMM over the head axis. Without a mask (causal, no padding) a block reads only
+        the keys its last query sees and masks only the last ``block`` of them."""
+        batch, num_heads, q_len, _ = self.shape
+        k_len, value_dim = value.shape[-2], value.shape[-1]
+        step = max(1, EXPLICIT_BLOCK_KEYS // k_len)  # sequences per block
+        output = value.new_empty(batch, q_len, num_heads * value_dim)
+        for first in range(0, batch, step):
+            sequences = slice(first, min(first + step, batch))
+            part = self.sequences(sequences)
+            mask = None
+            if attention_mask is not None:
+                mask = attention_mask[sequences] if attention_mask.shape[0] > 1 else attention_mask
+            for start in range(0, q_len, block):
+                rows = slice(start, min(start + block, q_len))
+                logits, stop = part.masked_rows(mask, rows, k_len)  # B' x H x T_block x stop
+                output[sequences, rows] = attend_from_logits(logits, None, value[sequences, :, :stop], 0.0, False)
+        return output
+
+    def sequences(self, sequences: slice) -> FoldedScores:
+        """These logits for ``sequences`` of the batch alone (views, no copy)."""
+        return FoldedScores(
+            [replace(part, query=part.query[sequences], key=part.key[sequences]) for part in self.parts]
+        )
+
+    def masked_rows(self, attention_mask: Optional[torch.Tensor], rows: slice, k_len: int) -> tuple[torch.Tensor, int]:
+        """The logits of queries ``rows`` with the mask applied (B x H x len(rows) x stop, float32) and ``stop``, the
+        keys they cover: without a mask (causal) only the keys up to the block's last query, masked in place on
+        the diagonal block; with one, all ``k_len`` keys plus the mask's rows."""
+        q_len = self.shape[-2]
+        if attention_mask is not None:
+            mask = additive_mask_rows(attention_mask, rows, q_len, k_len, self.parts[0].query.device)
+            return self.rows(rows, k_len).add_(mask), k_len
+        stop = k_len - q_len + rows.stop  # the position of the block's last query, + 1: later keys are masked
+        logits = self.rows(rows, k_len, stop)
+        size = rows.stop - rows.start
+        future = torch.ones(size, size, dtype=torch.bool, device=logits.device).triu_(1)  # T_block x T_block
+        logits[..., stop - size :].masked_fill_(future, float("-inf"))
+        return logits, stop
+
+    def attend_fused(
+        self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float = 0.0
+    ) -> torch.Tensor:
+        """``softmax(S + M) V`` -> B x T_q x (H d_v) as one fused attention call per KV group of ``value`` (head size
+        :attr:`head_dim`): the mixed queries, keys and outputs of only one group exist at a time."""
         num_groups, keys = value.shape[1], value.shape[2]
         size = self.shape[1] // num_groups
         outputs = []
