@@ -159,9 +159,10 @@ def run_benchmark(
         )
     implementation = getattr(models["base"].config, "_attn_implementation", None)
     notes.append(
-        "The merged model's shared layers with a linear alignment run one fused attention call (torch sdpa) on "
-        "prefill, their logits kept as queries and keys (docs/method.md, 'Fused attention of a shared layer'); on "
-        "decode steps they compute their one row of logits explicitly. The full layers feeding them run "
+        "The merged model's shared layers with a linear alignment keep their logits as queries and keys on "
+        "prefill (docs/method.md, 'Fused attention of a shared layer') and attend by fused sdpa calls, or by "
+        "explicit blocks of queries where those calls would be at least twice as wide as the values "
+        "(head_mixing='full' on a GQA model); on decode steps they compute their one row of logits explicitly. The full layers feeding them run "
         f"{implementation} on prefill and compute their row of logits explicitly on decode steps; every other "
         f"layer, and every layer of the base model, uses {implementation}."
     )

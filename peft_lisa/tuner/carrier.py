@@ -201,6 +201,33 @@ class FoldedPart:
         handed to the next layer of a chain)."""
         self._spread_key = self._float_query = None
 
+    @property
+    def spread_width(self) -> int:
+        """Head size of this part laid against all its key heads side by side (:meth:`spread_query`)."""
+        return self.key.shape[1] * self.query.shape[-1]
+
+    def spread_query(self, rows: slice) -> torch.Tensor:
+        """Queries ``rows`` of every head, mixed and scaled, laid against all key heads side by side:
+        B x H x len(rows) x (H_k D) float32, with zeros where a head reads no query of a key head's group. Against
+        :meth:`spread_key` one product gives this part's mixed logits, with no pass over them for the mixing."""
+        query = self.query[:, :, rows].float()
+        batch, num_heads, q_len, dim = query.shape
+        key_heads = self.key.shape[1]
+        size = num_heads // key_heads
+        if self.mix is None:  # head g reads its own key head: the identity mixing
+            mix = torch.eye(num_heads, device=query.device) * self.scale
+        else:
+            mix = self.mix.float()
+        grouped = query.view(batch, key_heads, size, q_len, dim)
+        spread = torch.einsum("hji,bjitd->bhtjd", mix.view(num_heads, key_heads, size), grouped)
+        return spread.reshape(batch, num_heads, q_len, key_heads * dim)
+
+    def spread_key(self, keys: int) -> torch.Tensor:
+        """The last ``keys`` keys of all key heads side by side, B x T_k x (H_k D) float32."""
+        key = self.key[:, :, -keys:].float()
+        batch, key_heads, k_len, dim = key.shape
+        return key.transpose(1, 2).reshape(batch, k_len, key_heads * dim)
+
     def scores(self, rows: slice, keys: int, stop: Optional[int] = None) -> torch.Tensor:
         """This part's float32 logits ``q k^T``, before its mixing, of queries ``rows`` against the last ``keys``
         keys (the first ``stop`` of them, when given): B x H x len(rows) x keys (or stop)."""
@@ -245,13 +272,32 @@ class FoldedScores(SourceLogits):
         """``S + scaling Q_r K_r^T`` (q_small B x H x T_q x r, k_small B x H_kv x T_k x r), still folded."""
         return FoldedScores([*self.parts, FoldedPart(q_small, k_small, scale=scaling)])
 
-    def rows(self, rows: slice, keys: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+    def rows(
+        self,
+        rows: slice,
+        keys: Optional[int] = None,
+        stop: Optional[int] = None,
+        narrow_key: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """The float32 logits of queries ``rows`` against the last ``keys`` keys (the first ``stop`` of them, when
-        given), B x H x len(rows) x keys (or stop): the unmixed parts summed, then each mixed part added by one GEMM
-        over the head axis, ``total += mix @ scores`` (H x H @ B x H x (T_block T_k))."""
+        given), B x H x len(rows) x keys (or stop).
+
+        Parts no wider than the source's head size when laid against all key heads (a chain's rank-r links) are
+        folded into one product of :meth:`FoldedPart.spread_query` against their keys side by side
+        (``narrow_key``: :meth:`narrow_key`, when the caller keeps it for several blocks). Each wider part (the
+        source, under ``head_mixing="full"`` with several KV heads) is computed at its own head size and mixed by one
+        GEMM over the head axis, ``total += mix @ scores`` (H x H @ B x H x (T_block T_k))."""
         keys = self.shape[-1] if keys is None else keys
+        narrow, wide = self._narrow_and_wide()
         total = None
-        for part in sorted(self.parts, key=lambda part: part.mix is not None):  # the unmixed first
+        if narrow:
+            query = torch.cat([part.spread_query(rows) for part in narrow], dim=-1)  # B x H x T_block x W
+            key = self.narrow_key(keys) if narrow_key is None else narrow_key  # B x T_k x W
+            key = key if stop is None else key[:, :stop]
+            batch, heads, q_len, width = query.shape
+            total = torch.bmm(query.reshape(batch, heads * q_len, width), key.transpose(1, 2))
+            total = total.view(batch, heads, q_len, key.shape[1])
+        for part in wide:
             scores = part.scores(rows, keys, stop)
             if part.mix is None:
                 total = scores if total is None else total.add_(scores)
@@ -264,6 +310,17 @@ class FoldedScores(SourceLogits):
             else:
                 total.view(batch, heads, q_len * k_len).baddbmm_(mix, flat)
         return total
+
+    def narrow_key(self, keys: int) -> Optional[torch.Tensor]:
+        """The keys of the parts :meth:`rows` folds into one product, side by side: B x T_k x W float32 (None
+        without such parts)."""
+        narrow, _ = self._narrow_and_wide()
+        return torch.cat([part.spread_key(keys) for part in narrow], dim=-1) if narrow else None
+
+    def _narrow_and_wide(self) -> tuple[list[FoldedPart], list[FoldedPart]]:
+        width = self.parts[0].query.shape[-1]  # the source's head size
+        narrow = [part for part in self.parts if part.spread_width <= width]
+        return narrow, [part for part in self.parts if part.spread_width > width]
 
     def attend(
         self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float = 0.0
@@ -291,12 +348,13 @@ class FoldedScores(SourceLogits):
         for first in range(0, batch, step):
             sequences = slice(first, min(first + step, batch))
             part = self.sequences(sequences)
+            narrow_key = part.narrow_key(k_len)  # laid out once for all blocks of these sequences
             mask = None
             if attention_mask is not None:
                 mask = attention_mask[sequences] if attention_mask.shape[0] > 1 else attention_mask
             for start in range(0, q_len, block):
                 rows = slice(start, min(start + block, q_len))
-                logits, stop = part.masked_rows(mask, rows, k_len)  # B' x H x T_block x stop
+                logits, stop = part.masked_rows(mask, rows, k_len, narrow_key)  # B' x H x T_block x stop
                 output[sequences, rows] = attend_from_logits(logits, None, value[sequences, :, :stop], 0.0, False)
         return output
 
@@ -306,16 +364,22 @@ class FoldedScores(SourceLogits):
             [replace(part, query=part.query[sequences], key=part.key[sequences]) for part in self.parts]
         )
 
-    def masked_rows(self, attention_mask: Optional[torch.Tensor], rows: slice, k_len: int) -> tuple[torch.Tensor, int]:
+    def masked_rows(
+        self,
+        attention_mask: Optional[torch.Tensor],
+        rows: slice,
+        k_len: int,
+        narrow_key: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, int]:
         """The logits of queries ``rows`` with the mask applied (B x H x len(rows) x stop, float32) and ``stop``, the
         keys they cover: without a mask (causal) only the keys up to the block's last query, masked in place on
         the diagonal block; with one, all ``k_len`` keys plus the mask's rows."""
         q_len = self.shape[-2]
         if attention_mask is not None:
             mask = additive_mask_rows(attention_mask, rows, q_len, k_len, self.parts[0].query.device)
-            return self.rows(rows, k_len).add_(mask), k_len
+            return self.rows(rows, k_len, narrow_key=narrow_key).add_(mask), k_len
         stop = k_len - q_len + rows.stop  # the position of the block's last query, + 1: later keys are masked
-        logits = self.rows(rows, k_len, stop)
+        logits = self.rows(rows, k_len, stop, narrow_key)
         size = rows.stop - rows.start
         future = torch.ones(size, size, dtype=torch.bool, device=logits.device).triu_(1)  # T_block x T_block
         logits[..., stop - size :].masked_fill_(future, float("-inf"))
