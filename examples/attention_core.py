@@ -4,11 +4,14 @@ Times, on random tensors (speed does not depend on the values), the causal atten
 ``--tokens`` tokens (9 query heads, 3 KV heads of 64, rank 8), the subjects alternating, medians of ``--repeats``:
 
 * the base layer's ``scaled_dot_product_attention`` (head size 64, GQA);
+* the last shared layer of a chain of ``--links`` (1: a shared layer after a full one); the fused head sizes below
+  grow by ``H_kv r`` (full) or ``r`` (kv_group) per further link;
 * a shared layer (source logits mixed by ``P``, plus the rank-8 term) as the library runs it
   (:class:`peft_lisa.tuner.carrier.FoldedScores`), for ``head_mixing="full"`` and ``"kv_group"``:
   ``attend_fused``, one fused call per KV group of head size ``H_kv d_h + r = 200`` (full) or ``d_h + r = 72``
-  (kv_group), what training runs; and ``attend_by_blocks``, the explicit logits a few queries at a time, what
-  inference runs when the fused call would be at least ``EXPLICIT_MIN_WIDENING`` times wider than the values.
+  (kv_group) for the first link, what training runs; and ``attend_by_blocks``, the explicit logits a few queries
+  at a time, what inference runs when the fused call would be at least ``EXPLICIT_MIN_WIDENING`` times wider than the
+  values.
 
     taskset -c 0 python examples/attention_core.py --threads 1
 
@@ -31,16 +34,25 @@ from peft_lisa.tuner.functional import kv_group_mask
 HEADS, KV_HEADS, HEAD_DIM, RANK = 9, 3, 64, 8
 
 
-def shared_layer_logits(batch: int, tokens: int, group_map: list[int] | None) -> Callable[[], FoldedScores]:
-    """A shared layer's logits ``P (scale Q K^T) + Q_r K_r^T / sqrt(r)``, folded, as a fresh object per call."""
+def shared_layer_logits(
+    batch: int, tokens: int, group_map: list[int] | None, links: int = 1
+) -> Callable[[], FoldedScores]:
+    """The logits of the last of ``links`` chained shared layers, each ``P S + Q_r K_r^T / sqrt(r)`` of the one
+    before, from a source's ``scale Q K^T``; folded, as a fresh object per call."""
     query, key = torch.randn(batch, HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM)
-    q_small, k_small = torch.randn(batch, HEADS, tokens, RANK), torch.randn(batch, KV_HEADS, tokens, RANK)
-    mixing = torch.randn(HEADS, HEADS) * (1.0 if group_map is None else kv_group_mask(group_map, HEADS))
-    return lambda: (
-        FoldedScores.from_query_key(query, key, HEAD_DIM**-0.5)
-        .mixed(mixing, group_map)
-        .with_lowrank(q_small, k_small, RANK**-0.5)
-    )
+    mask = 1.0 if group_map is None else kv_group_mask(group_map, HEADS)
+    chain = []  # per link: P, Q_r, K_r
+    for _ in range(links):
+        q_small, k_small = torch.randn(batch, HEADS, tokens, RANK), torch.randn(batch, KV_HEADS, tokens, RANK)
+        chain.append((torch.randn(HEADS, HEADS) * mask, q_small, k_small))
+
+    def logits() -> FoldedScores:
+        scores = FoldedScores.from_query_key(query, key, HEAD_DIM**-0.5)
+        for mixing, q_small, k_small in chain:
+            scores = scores.mixed(mixing, group_map).with_lowrank(q_small, k_small, RANK**-0.5)
+        return scores
+
+    return logits
 
 
 def main() -> None:
@@ -49,21 +61,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--links", type=int, default=1, help="the last layer of a chain of this many shared layers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = (args.batch, KV_HEADS, args.tokens, HEAD_DIM)
     query, key, value = torch.randn(args.batch, HEADS, args.tokens, HEAD_DIM), torch.randn(shape), torch.randn(shape)
-    full, kv_group = (
-        shared_layer_logits(args.batch, args.tokens, None),
-        shared_layer_logits(args.batch, args.tokens, list(range(KV_HEADS))),
-    )
+    full = shared_layer_logits(args.batch, args.tokens, None, args.links)
+    kv_group = shared_layer_logits(args.batch, args.tokens, list(range(KV_HEADS)), args.links)
     subjects: dict[str, Callable[[], object]] = {
         "base sdpa (head size 64)": lambda: F.scaled_dot_product_attention(
             query, key, value, is_causal=True, enable_gqa=True
         ),
-        "full: fused calls, head size 200 (training)": lambda: full().attend_fused(None, value),
+        f"full: fused calls, head size {full().head_dim} (training)": lambda: full().attend_fused(None, value),
         "full: explicit blocks (inference)": lambda: full().attend_by_blocks(None, value),
-        "kv_group: fused calls, head size 72 (training, inference)": lambda: kv_group().attend_fused(None, value),
+        f"kv_group: fused calls, head size {kv_group().head_dim} (training, inference)": lambda: (
+            kv_group().attend_fused(None, value)
+        ),
         "kv_group: explicit blocks": lambda: kv_group().attend_by_blocks(None, value),
     }
     times: dict[str, list[float]] = {name: [] for name in subjects}
@@ -78,8 +91,8 @@ def main() -> None:
     results = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     base = results["base sdpa (head size 64)"]
     print(
-        f"attention core of one layer, {args.batch} x {args.tokens} tokens, {torch.get_num_threads()} thread(s), "
-        f"median of {args.repeats}"
+        f"attention core of one layer (link {args.links} of a chain), {args.batch} x {args.tokens} tokens, "
+        f"{torch.get_num_threads()} thread(s), median of {args.repeats}"
     )
     print("| subject | ms | x base |\n|---|---:|---:|")
     for name, ms in results.items():

@@ -162,9 +162,9 @@ def run_benchmark(
         "The merged model's shared layers with a linear alignment keep their logits as queries and keys on "
         "prefill (docs/method.md, 'Fused attention of a shared layer') and attend by fused sdpa calls, or by "
         "explicit blocks of queries where those calls would be at least twice as wide as the values "
-        "(head_mixing='full' on a GQA model); on decode steps they compute their one row of logits explicitly. The full layers feeding them run "
-        f"{implementation} on prefill and compute their row of logits explicitly on decode steps; every other "
-        f"layer, and every layer of the base model, uses {implementation}."
+        "(head_mixing='full' on a GQA model); on decode steps they compute their one row of logits explicitly. "
+        f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "
+        f"on decode steps; every other layer, and every layer of the base model, uses {implementation}."
     )
     notes.append(
         "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
