@@ -242,10 +242,11 @@ class FoldedScores(SourceLogits):
 
     A full layer's logits ``scale Q K^T`` are one part. A linear alignment ``P S`` and
     a low-rank term ``Q_r K_r^T`` keep this form: :meth:`mixed` composes ``P`` with each part's mixing (H x H, no
-    tensor of queries is touched) and :meth:`with_lowrank` appends a part; :meth:`attend` mixes the queries of one KV
-    group at a time and runs them through fused attention calls of head size ``sum_i D_i`` (a part whose mixing may
-    reach every key head counts ``H_kv D_i``). A chain of shared layers thus holds only its source's queries and the
-    rank-r queries of its links, never the mixed queries of a link.
+    tensor of queries is touched) and :meth:`with_lowrank` appends a part. :meth:`attend` either mixes the queries of
+    one KV group at a time and runs them through fused attention calls of head size ``sum_i D_i`` (a part whose mixing
+    may reach every key head counts ``H_kv D_i``; :meth:`attend_fused`), or, in inference when that head size is wide,
+    computes the logits explicitly a block of queries at a time (:meth:`attend_by_blocks`). A chain of shared layers
+    thus holds only its source's queries and the rank-r queries of its links, never the mixed queries of a link.
     """
 
     def __init__(self, parts: list[FoldedPart]) -> None:
