@@ -23,8 +23,8 @@ from .functional import (
 # fused head size is H_kv d_h + r, and a fused kernel pays that width twice (Q K^T and the zero-padded A V) where the
 # explicit logits pay d_h for Q K^T, 2H for the P mixing (one GEMM over the head axis) and d_h for A V. Measured on
 # SmolLM2 shapes (1 x 2048 tokens, one CPU thread, `python examples/attention_core.py`): full mixing, fused head
-# size 200, 259 ms; explicit blocks 124-141 ms; the base's sdpa 92-107 ms; kv_group's fused head size 72: 104 ms
-# (it stays fused). Training keeps the fused call, whose backward needs no T_q x T_k tensor either.
+# size 200, 274 ms; explicit blocks 151 ms; the base's sdpa 89 ms; kv_group's fused head size 72: 112 ms, explicit
+# 153 ms (it stays fused). Training keeps the fused call, whose backward needs no T_q x T_k tensor either.
 EXPLICIT_MIN_WIDENING = 2.0
 # Query rows per block of the explicit path: its B x H x rows x T_k float32 logits are the largest tensors of a block.
 EXPLICIT_QUERY_BLOCK = 64
