@@ -6,6 +6,7 @@ Both functions take any causal LM that ``transformers`` can run: a plain model, 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -50,6 +51,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward takes transformers' ``logits_to_keep`` (every causal LM of transformers does; a
+    ``PeftModel`` passes it on to its base model)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def _stream_ids(tokenizer: Any, texts: Sequence[str]) -> list[int]:
@@ -105,7 +113,9 @@ def perplexity(
     The texts are joined by blank lines and tokenised once, without special tokens. Windows of ``window`` tokens
     start every ``stride`` tokens; the first window scores all its tokens (but the first), every later window only
     the ``stride`` tokens that are new to it, so each token is scored once, with at least ``window - stride`` tokens
-    of context. Windows of equal length run in batches of ``batch_size``. Returns ``exp`` of the mean negative
+    of context. Windows of equal length run in batches of ``batch_size``; a model whose forward takes
+    ``logits_to_keep`` (transformers' causal LMs, and a ``PeftModel`` of one) runs its LM head only on the positions
+    that predict scored tokens. Returns ``exp`` of the mean negative
     log-likelihood over all scored tokens. ``max_tokens`` keeps only the first ``max_tokens`` tokens of the stream
     (a cheaper, still deterministic evaluation); ``None`` uses all.
 
@@ -131,6 +141,7 @@ def perplexity(
         groups.setdefault(item[1] - item[0], []).append(item)
     batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
+    trim_logits = _takes_logits_to_keep(model)
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
@@ -142,10 +153,17 @@ def perplexity(
             iterator = tqdm(batches, desc=f"perplexity (window {window}, stride {stride})", unit="batch")
         for batch in iterator:
             input_ids = torch.stack([stream[begin:end] for begin, end, _ in batch]).to(device)
-            logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
-            # Position p of the logits predicts token p + 1; score the new tokens [first, end) of each window.
+            length = input_ids.shape[1]
+            # The LM head runs only on the last `keep` positions: those that predict a scored token, and the last.
+            keep = max(end - first for _, end, first in batch) + 1 if trim_logits else length
+            extra = {"logits_to_keep": keep} if trim_logits else {}
+            logits = model(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False, **extra
+            ).logits  # B x keep x V
+            # Position p of the window predicts token p + 1; score the new tokens [first, end) of each window.
             for row, (begin, end, first) in enumerate(batch):
-                scored_logits = logits[row, first - begin - 1 : end - begin - 1].float()
+                start = first - begin - 1 - (length - keep)  # position first - begin - 1 among the kept ones
+                scored_logits = logits[row, start : start + end - first].float()
                 targets = input_ids[row, first - begin : end - begin]
                 total_nll += F.cross_entropy(scored_logits, targets, reduction="sum").item()
                 total_tokens += end - first

@@ -149,13 +149,17 @@ def sample_answers(
     tokenizer: Any,
     min_tokens: int,
     prompts: Sequence[str],
-    batch_size: int = 8,
+    batch_size: int = 24,
     max_new_tokens: int = 256,
     progress: bool = False,
 ) -> list[tuple[str, str]]:
     """``(prompt, answer)`` pairs: the model's sampled answers (:func:`sample_texts`, temperature 1) to ``prompts``,
     ``batch_size`` at a time (each batch starting at the next prompt, with its own seed) until the answers hold at
     least ``min_tokens`` tokens. Deterministic for given arguments; ``progress`` shows a bar of tokens.
+
+    A round lasts as long as its longest answer, so one wide round is cheaper than several narrow ones: on
+    SmolLM2-135M-Instruct (2 threads, the project's 2-core CPU) 24 answers to 16 prompts, 5,631 tokens, took 65 s in
+    one round of 24 and 104 s in three rounds of 8 (5,483 tokens); the main job's 4,096 tokens need one round of 24.
 
     Raises:
         ValueError: ``min_tokens < 1``, empty ``prompts``, or a round of ``batch_size`` answers that adds no token

@@ -1,16 +1,9 @@
 """Training LiSA adapters with TRL's ``SFTTrainer``, with optional distillation losses.
 
 The objective is the causal-LM loss of ``SFTTrainer`` (continued pre-training on plain text with packing, or SFT on
-chat data), with the base model frozen. Two optional terms, both off by default (``docs/method.md``, "Training
-objective"):
-
-* **Layer-local attention distillation**: for every shared layer ``l``, ``KL(A_l^orig || A_l^LiSA)`` between the
-  attention the layer would have computed with its own (still present) ``q_proj``/``k_proj`` and the LiSA attention,
-  averaged over valid query rows and heads, then *averaged over the shared layers* (not summed: a prototype showed
-  that the sum over 15 layers at weight 1 swamps the LM loss, 46.6 vs 24.3 perplexity), weighted, and optionally
-  decayed linearly to zero over the first steps.
-* **Output distillation**: ``T^2 KL(p_teacher || p_student)`` of the next-token distributions at temperature ``T``,
-  the teacher being the same model with the adapter disabled (i.e. the original base model).
+chat data), with the base model frozen, plus two optional terms, both off by default: layer-local attention
+distillation and output distillation to the adapter-disabled model (:mod:`peft_lisa.distillation`,
+``docs/method.md``, "Training objective").
 
 Use :class:`LiSATrainer` (an ``SFTTrainer``) with a :class:`LiSADistillationConfig`; with both weights at zero it is
 exactly ``SFTTrainer``. :func:`lisa_sft_config` builds an ``SFTConfig`` with settings LiSA needs; the datasets come
@@ -23,13 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import peft_lisa  # noqa: F401  (registers the LiSA PEFT type before SFTTrainer calls get_peft_model)
@@ -44,237 +35,16 @@ from .data import (  # noqa: F401  (the dataset builders, importable from here a
     load_sft_dataset,
     text_dataset,
 )
-from .tuner.carrier import SharedLayerCall
-from .tuner.functional import additive_mask, layer_logits
-from .tuner.layer import LiSALayer
-
-AttnKLSchedule = Literal["constant", "linear_decay"]
-LayerReduction = Literal["mean", "sum"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LiSADistillationConfig:
-    """Optional distillation terms added to the LM loss by :class:`LiSATrainer`. All off by default.
-
-    Args:
-        attn_kl_weight: Weight of the layer-local attention KL. ``0`` disables it (no extra computation).
-        attn_kl_schedule: ``"constant"`` keeps ``attn_kl_weight`` for the whole run; ``"linear_decay"`` decays it
-            linearly from ``attn_kl_weight`` at step 0 to zero at ``attn_kl_warmup_steps`` (a warm-up that pulls the
-            adapter towards the original attention first, then leaves the LM loss alone).
-        attn_kl_warmup_steps: Length of the linear decay, in optimizer steps (required > 0 for ``"linear_decay"``).
-        attn_kl_layer_reduction: How the per-layer KLs combine: ``"mean"`` (default, independent of how many
-            layers share) or ``"sum"`` (the naive variant, for comparison).
-        output_kl_weight: Weight of the output KL to the adapter-disabled model. ``0`` disables it (no teacher
-            forward).
-        temperature: Temperature of the output KL (the term is multiplied by ``temperature**2``).
-        lm_weight: Weight of the causal-LM loss (1 by default; 0 with ``output_kl_weight > 0`` trains on the output
-            KL to the base model alone, which keeps the base model's behaviour instead of fitting the text).
-    """
-
-    attn_kl_weight: float = 0.0
-    attn_kl_schedule: AttnKLSchedule = "constant"
-    attn_kl_warmup_steps: int = 0
-    attn_kl_layer_reduction: LayerReduction = "mean"
-    output_kl_weight: float = 0.0
-    temperature: float = 1.0
-    lm_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.attn_kl_weight < 0 or self.output_kl_weight < 0 or self.lm_weight < 0:
-            raise ValueError("Distillation weights must be >= 0.")
-        if self.lm_weight == 0 and self.attn_kl_weight == 0 and self.output_kl_weight == 0:
-            raise ValueError("lm_weight=0 needs a distillation term: set output_kl_weight or attn_kl_weight > 0.")
-        if self.attn_kl_schedule not in ("constant", "linear_decay"):
-            raise ValueError(f"attn_kl_schedule must be 'constant' or 'linear_decay', got {self.attn_kl_schedule!r}.")
-        if self.attn_kl_schedule == "linear_decay" and self.attn_kl_warmup_steps <= 0:
-            raise ValueError("attn_kl_schedule='linear_decay' needs attn_kl_warmup_steps > 0.")
-        if self.attn_kl_layer_reduction not in ("mean", "sum"):
-            raise ValueError(f"attn_kl_layer_reduction must be 'mean' or 'sum', got {self.attn_kl_layer_reduction!r}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-
-    def attn_kl_weight_at(self, step: int) -> float:
-        """The attention-KL weight at optimizer step ``step`` (0-based), following the schedule."""
-        if self.attn_kl_schedule == "linear_decay":
-            return self.attn_kl_weight * max(0.0, 1.0 - step / self.attn_kl_warmup_steps)
-        return self.attn_kl_weight
-
-    @property
-    def enabled(self) -> bool:
-        return self.attn_kl_weight > 0 or self.output_kl_weight > 0 or self.lm_weight != 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Attention distillation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def attention_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    query_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Mean ``KL(softmax(teacher + M) || softmax(student + M))`` over heads and valid query rows.
-
-    ``student_logits`` / ``teacher_logits``: pre-softmax, pre-mask logits B x H x T_q x T_k. ``attention_mask`` is
-    what the attention layer receives (additive float, boolean, or None for plain causal). A query row counts when
-    it has at least one allowed key and, if ``query_mask`` (B x T_q, True for real tokens) is given, is a real token.
-    Masked keys contribute nothing. Returns a scalar (0 when no row is valid).
-    """
-    q_len, k_len = student_logits.shape[-2:]
-    mask = additive_mask(attention_mask, q_len, k_len, student_logits.device)
-    allowed = mask > torch.finfo(torch.float32).min / 2  # broadcastable to B x H x T_q x T_k
-    student_log_probs = torch.log_softmax(student_logits.float() + mask, dim=-1)
-    teacher_log_probs = torch.log_softmax(teacher_logits.float() + mask, dim=-1)
-    terms = teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)
-    row_kl = terms.masked_fill(~allowed, 0.0).sum(-1)  # B x H x T_q
-    valid = allowed.any(-1).expand_as(row_kl)
-    if query_mask is not None:
-        valid = valid & query_mask.to(valid.device, torch.bool)[:, None, -q_len:]
-    count = valid.sum()
-    return (row_kl * valid).sum() / count.clamp(min=1)
-
-
-def teacher_attention_logits(wrapper: LiSALayer, call: SharedLayerCall) -> torch.Tensor:
-    """The original (pre-softmax, pre-mask) attention logits of a shared layer, from its own ``q_proj``/``k_proj``.
-
-    Computed without gradient from the layer's inputs recorded in ``call``: B x H x T_q x T_k, float32.
-    """
-    with torch.no_grad():
-        return layer_logits(wrapper.base_layer, call.hidden_states, call.position_embeddings)
-
-
-class AttentionDistiller:
-    """Collects the layer-local attention KL of every shared LiSA layer during a forward pass.
-
-    It registers itself as an observer of the model's logits carrier(s) (see
-    :class:`peft_lisa.tuner.layer.LogitsCarrier`). Calls are recorded only inside :meth:`collect`, so generation,
-    evaluation outside it, and the recomputation of gradient checkpointing during backward are ignored. The KL itself
-    is computed after the forward pass, by :meth:`loss` (computing it inside a checkpointed layer would save tensors
-    for backward that the recomputation does not save again, which non-reentrant checkpointing refuses).
-
-    Example::
-
-        distiller = AttentionDistiller(peft_model)
-        with distiller.collect(query_mask=batch["attention_mask"]):
-            out = peft_model(**batch)
-        loss = out.loss + 0.1 * distiller.loss()
-    """
-
-    def __init__(self, model: nn.Module, layer_reduction: LayerReduction = "mean") -> None:
-        self.wrappers: dict[int, LiSALayer] = {m.layer_idx: m for m in model.modules() if isinstance(m, LiSALayer)}
-        if not self.wrappers:
-            raise ValueError("AttentionDistiller needs a model with LiSA layers (get_peft_model with a LiSAConfig).")
-        if layer_reduction not in ("mean", "sum"):
-            raise ValueError(f"layer_reduction must be 'mean' or 'sum', got {layer_reduction!r}.")
-        self.layer_reduction = layer_reduction
-        self.carriers = list({id(w.carrier): w.carrier for w in self.wrappers.values()}.values())
-        self.calls: dict[int, SharedLayerCall] = {}
-        self.last_layer_kls: dict[int, float] = {}  # per-layer values of the last loss(), for logging
-        self._active = False
-        self._query_mask: Optional[torch.Tensor] = None
-        for carrier in self.carriers:
-            carrier.observers.append(self)
-
-    def __call__(self, call: SharedLayerCall) -> None:
-        if self._active:
-            self.calls[call.layer_idx] = call
-
-    @contextlib.contextmanager
-    def collect(self, query_mask: Optional[torch.Tensor] = None) -> Iterator[AttentionDistiller]:
-        """Record every shared layer that runs inside the block (earlier records are dropped).
-
-        ``query_mask`` (B x T, nonzero for real tokens), typically the batch's 2-D ``attention_mask``, keeps padding
-        query rows out of the KL.
-        """
-        self.calls = {}
-        self._query_mask = query_mask
-        self._active = True
-        try:
-            yield self
-        finally:
-            self._active = False
-
-    def layer_losses(self) -> dict[int, torch.Tensor]:
-        """The KL of every recorded shared layer (see :func:`attention_kl`), by layer index."""
-        return {
-            layer_idx: attention_kl(
-                call.logits,
-                teacher_attention_logits(self.wrappers[layer_idx], call),
-                call.attention_mask,
-                self._query_mask,
-            )
-            for layer_idx, call in sorted(self.calls.items())
-        }
-
-    def loss(self) -> torch.Tensor:
-        """Mean (or sum, see ``layer_reduction``) over the recorded layers of their KL; 0 if none was recorded.
-
-        Releases the recorded calls (and the activations they hold).
-        """
-        losses = self.layer_losses()
-        self.calls = {}
-        self.last_layer_kls = {layer_idx: value.item() for layer_idx, value in losses.items()}
-        if not losses:
-            return torch.zeros(())
-        stacked = torch.stack(list(losses.values()))
-        return stacked.mean() if self.layer_reduction == "mean" else stacked.sum()
-
-    def remove(self) -> None:
-        """Detach from the model's carriers."""
-        for carrier in self.carriers:
-            carrier.observers[:] = [observer for observer in carrier.observers if observer is not self]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Output distillation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def output_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * mean_tokens KL(softmax(teacher / T) || softmax(student / T))`` over the rows of N x V logits."""
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    student_log_probs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_probs = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
-    return kl * temperature**2 / student_logits.shape[0]
-
-
-def _backbone(causal_lm: nn.Module) -> nn.Module:
-    """The decoder stack (``model.model``) of a transformers causal LM."""
-    inner = getattr(causal_lm, "base_model", None)
-    if inner is None or inner is causal_lm:
-        inner = getattr(causal_lm, "model", None)
-    if inner is None:
-        raise ValueError(f"Could not find the decoder stack of {type(causal_lm).__name__}.")
-    return inner
-
-
-@contextlib.contextmanager
-def _capture_last_hidden_state(backbone: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Record ``last_hidden_state`` of every forward of ``backbone`` inside the block."""
-    captured: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        captured.append(hidden)
-
-    handle = backbone.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
+from .distillation import (  # noqa: F401  (the distillation terms, importable from here as before)
+    AttentionDistiller,
+    AttnKLSchedule,
+    LayerReduction,
+    LiSADistillationConfig,
+    attention_kl,
+    lm_and_output_kl,
+    output_kl,
+    teacher_attention_logits,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # 4-bit base models on CPU
@@ -407,6 +177,14 @@ class LiSATrainer(_sft_trainer_cls()):
             for name, param in unwrapped.named_parameters():
                 if param.requires_grad and "lisa_" in name and param.dtype != torch.float32:
                     param.data = param.data.float()
+        if self.distillation.output_kl_weight > 0 and (
+            self.label_smoother is not None or self.compute_loss_func is not None
+        ):
+            raise ValueError(
+                "Output distillation (output_kl_weight > 0) computes the LM loss from the logits it shares with the "
+                "KL, without label smoothing or a compute_loss_func: drop label_smoothing_factor / "
+                "compute_loss_func, or set output_kl_weight=0."
+            )
         self.attention_distiller: Optional[AttentionDistiller] = None
         if self.distillation.attn_kl_weight > 0:
             self.attention_distiller = AttentionDistiller(unwrapped, self.distillation.attn_kl_layer_reduction)
@@ -443,7 +221,10 @@ class LiSATrainer(_sft_trainer_cls()):
         return_outputs: bool = False,
         num_items_in_batch: Optional[torch.Tensor] = None,
     ):
-        """``SFTTrainer``'s loss plus the weighted distillation terms (when any weight is non-zero)."""
+        """``SFTTrainer``'s loss plus the weighted distillation terms (when any weight is non-zero).
+
+        With the output KL on, the LM loss is computed here from the same student logits as the KL
+        (:func:`~peft_lisa.distillation.lm_and_output_kl`), with ``SFTTrainer``'s normalisation and metrics."""
         config = self.distillation
         attn_weight = config.attn_kl_weight_at(self.state.global_step) if self.attention_distiller else 0.0
         use_output_kl = config.output_kl_weight > 0
@@ -453,19 +234,21 @@ class LiSATrainer(_sft_trainer_cls()):
             )
 
         mode = "train" if self.model.training else "eval"
-        unwrapped = self.accelerator.unwrap_model(model)
-        base_causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        backbone = _backbone(base_causal_lm)
-        query_mask = inputs.get("attention_mask")
         distiller_ctx = (
-            self.attention_distiller.collect(query_mask=query_mask) if attn_weight > 0 else contextlib.nullcontext()
+            self.attention_distiller.collect(query_mask=inputs.get("attention_mask"))
+            if attn_weight > 0
+            else contextlib.nullcontext()
         )
-        capture_ctx = _capture_last_hidden_state(backbone) if use_output_kl else contextlib.nullcontext([])
-        with distiller_ctx, capture_ctx as captured:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        loss, outputs = result if return_outputs else (result, None)
+        with distiller_ctx:
+            if use_output_kl:
+                outputs = model(**self._logits_inputs(inputs))  # the student's B x T x V logits, with grad
+            else:
+                result = super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+                loss, outputs = result if return_outputs else (result, None)
+        if use_output_kl:
+            loss, out_term = self._lm_loss_and_output_kl(model, inputs, outputs, num_items_in_batch, mode)
         lm_loss = loss.detach()
         loss = loss * config.lm_weight
         # Like SFTTrainer's auxiliary loss: with num_items_in_batch the LM loss is already split over the
@@ -478,39 +261,67 @@ class LiSATrainer(_sft_trainer_cls()):
             self._metrics[mode]["attn_kl"].append(attn_term.item())
             self._metrics[mode]["attn_kl_weight"].append(attn_weight)
         if use_output_kl:
-            out_term = self._output_kl(unwrapped, base_causal_lm, backbone, inputs, captured[0])
             loss = loss + config.output_kl_weight * out_term.to(loss.device) / steps
             self._metrics[mode]["output_kl"].append(out_term.item())
         self._metrics[mode]["lm_loss"].append(lm_loss.item())
         return (loss, outputs) if return_outputs else loss
 
-    def _output_kl(
+    def _logits_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's inputs for a forward that returns the full logits (no labels: the loss is computed here)."""
+        if "shift_labels" in inputs:
+            raise ValueError(
+                "Output distillation (output_kl_weight > 0) does not support pre-shifted labels (context or "
+                "sequence parallelism); set output_kl_weight=0 or train without context parallelism."
+            )
+        logits_inputs = {key: value for key, value in inputs.items() if key not in ("labels", "num_items_in_batch")}
+        logits_inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: the model returns its router load-balancing loss, as under SFTTrainer
+            logits_inputs["output_router_logits"] = True
+        return logits_inputs
+
+    def _lm_loss_and_output_kl(
         self,
-        peft_model: nn.Module,
-        causal_lm: nn.Module,
-        backbone: nn.Module,
+        model: nn.Module,
         inputs: Mapping[str, Any],
-        student_hidden: torch.Tensor,
-    ) -> torch.Tensor:
-        """Output KL at the scored positions (next-token label != -100) against the adapter-disabled model."""
-        backbone_inputs = {
-            key: value
-            for key, value in inputs.items()
-            if key not in ("labels", "shift_labels", "num_items_in_batch", "use_cache")
-        }
-        if not hasattr(peft_model, "disable_adapter"):
+        outputs: Any,
+        num_items_in_batch: Optional[torch.Tensor],
+        mode: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``SFTTrainer``'s LM loss (with its cross-device factor and MoE auxiliary loss) and the output KL against
+        the adapter-disabled model, both from the student ``outputs``; logs ``SFTTrainer``'s token metrics."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not hasattr(unwrapped, "disable_adapter"):
             raise ValueError("Output distillation needs a PeftModel (its teacher is the adapter-disabled model).")
-        with torch.no_grad(), peft_model.disable_adapter():
-            teacher_hidden = backbone(**backbone_inputs, use_cache=False).last_hidden_state
-        labels = inputs.get("labels")
-        if labels is None:
-            labels = inputs["input_ids"]
-        mask = labels[:, 1:] != -100
-        lm_head = causal_lm.get_output_embeddings()
-        student_logits = lm_head(student_hidden[:, :-1][mask])
-        with torch.no_grad():
-            teacher_logits = lm_head(teacher_hidden[:, :-1][mask])
-        return output_kl(student_logits, teacher_logits, self.distillation.temperature)
+        with torch.no_grad(), unwrapped.disable_adapter():
+            teacher_logits = unwrapped(**self._logits_inputs(inputs)).logits  # B x T x V
+        labels = inputs["labels"] if inputs.get("labels") is not None else inputs["input_ids"]
+        terms = lm_and_output_kl(
+            outputs.logits,
+            teacher_logits,
+            labels,
+            num_items_in_batch=num_items_in_batch,
+            temperature=self.distillation.temperature,
+            loss_type=self.args.loss_type,
+        )
+        loss = terms.lm_loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+
+        gather = self.accelerator.gather_for_metrics  # SFTTrainer's per-step metrics, from the same logits
+        num_valid = gather(terms.num_scored).sum()
+        for name, total in (("entropy", terms.entropy_sum), ("mean_token_accuracy", terms.num_correct)):
+            self._metrics[mode][name].append((gather(total).sum() / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            else:  # padding-free batches carry position_ids instead
+                num_tokens = gather(torch.tensor(inputs["position_ids"].size(1), device=labels.device)).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss, terms.output_kl
 
     def save_distillation_config(self, output_dir: str | os.PathLike) -> None:
         """Write the distillation settings next to a saved adapter (``lisa_distillation.json``)."""

@@ -84,6 +84,37 @@ def test_sliding_window_perplexity_matches_a_hand_computation():
     assert prefix.num_tokens == 49
 
 
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep``: the perplexity must run its LM head everywhere."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_perplexity_runs_the_lm_head_only_where_it_scores():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    texts = random_texts(6, seed=3)
+    window, stride = 32, 8
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[:2].numel()))
+    trimmed = perplexity(model, tokenizer, texts, window=window, stride=stride, batch_size=4, progress=False)
+    windows = sliding_windows(len(stream(tokenizer, texts)), window, stride)
+    # every scored prediction, plus each window's unused last position; the first window's batch is wider
+    assert sum(head_rows) <= trimmed.num_tokens + 4 * (window - stride) + len(windows)
+    assert sum(head_rows) < sum(end - begin for begin, end, _ in windows) / 2
+    head_rows.clear()
+    full = perplexity(
+        NoLogitsToKeep(model), tokenizer, texts, window=window, stride=stride, batch_size=4, progress=False
+    )
+    assert sum(head_rows) == sum(end - begin for begin, end, _ in windows)
+    assert full.nll == pytest.approx(trimmed.nll, rel=1e-6)
+    assert full.num_tokens == trimmed.num_tokens
+
+
 def test_perplexity_of_peft_merged_and_disabled_models():
     tokenizer, texts = tiny_tokenizer(), random_texts(4, seed=2)
     base = tiny_model()

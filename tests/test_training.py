@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
@@ -23,6 +24,7 @@ from peft_lisa.training import (
     adapter_parameters,
     attention_kl,
     lisa_sft_config,
+    lm_and_output_kl,
     output_kl,
 )
 from peft_lisa.tuner.layer_choice import choose_layers
@@ -402,6 +404,72 @@ def test_output_kl_is_zero_when_the_student_is_the_teacher(tmp_path):
     with trainer.model.disable_adapter():
         trainer.compute_loss(trainer.model, dict(batch))
     assert trainer._metrics["train"]["output_kl"][-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_output_kl_loss_equals_sft_trainer_loss_plus_a_hand_computed_kl(tmp_path):
+    """With the output KL on, LiSATrainer computes the LM loss itself, from the logits it shares with the KL: loss,
+    gradients and SFTTrainer's metrics must equal SFTTrainer's own loss plus the KL computed by hand."""
+    from trl import SFTTrainer
+
+    sft = SFTTrainer(
+        model=tiny_model(),
+        args=sft_args(tmp_path),
+        train_dataset=text_dataset(random_texts()),
+        processing_class=tiny_tokenizer(),
+        peft_config=lisa_config(),
+    )
+    lisa = make_trainer(tmp_path, LiSADistillationConfig(output_kl_weight=0.5))
+    for trainer in (sft, lisa):
+        randomize_adapter(trainer.model, seed=4)
+        trainer.model.train()
+    batch = first_batch(sft)
+    batch["labels"][0, :5] = -100  # positions that are not scored (a prompt, padding)
+
+    loss = lisa.compute_loss(lisa.model, dict(batch))
+    loss.backward()
+    expected_lm = sft.compute_loss(sft.model, dict(batch))
+    student = sft.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad(), sft.model.disable_adapter():
+        teacher = sft.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    scored = batch["labels"][:, 1:] != -100
+    expected_kl = output_kl(student[:, :-1][scored], teacher[:, :-1][scored])
+    (expected_lm + 0.5 * expected_kl).backward()
+
+    assert loss.item() == pytest.approx((expected_lm + 0.5 * expected_kl).item(), rel=1e-5)
+    assert lisa._metrics["train"]["output_kl"][-1] == pytest.approx(expected_kl.item(), rel=1e-5)
+    for name in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert lisa._metrics["train"][name][-1] == pytest.approx(sft._metrics["train"][name][-1], rel=1e-5), name
+    grads = {name: p.grad for name, p in lisa.model.named_parameters() if p.requires_grad}
+    reference = {name: p.grad for name, p in sft.model.named_parameters() if p.requires_grad}
+    assert grads.keys() == reference.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lm_and_output_kl_by_hand():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 7, 11), torch.randn(2, 7, 11)
+    labels = torch.randint(0, 11, (2, 7))
+    labels[1, :3] = -100
+    rows, targets = student[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1)
+    nll = F.cross_entropy(rows, targets, ignore_index=-100, reduction="none")
+    scored = targets != -100
+    terms = lm_and_output_kl(student, teacher, labels)
+    assert terms.lm_loss.item() == pytest.approx(nll[scored].mean().item(), rel=1e-6)
+    assert terms.num_scored.item() == scored.sum().item() == 10
+    assert terms.output_kl.item() == pytest.approx(
+        output_kl(rows[scored], teacher[:, :-1].reshape(-1, 11)[scored]).item(), rel=1e-6
+    )
+    dft = lm_and_output_kl(student, teacher, labels, loss_type="dft", num_items_in_batch=torch.tensor(20))
+    assert dft.lm_loss.item() == pytest.approx((nll[scored] * (-nll[scored]).exp()).sum().item() / 20, rel=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        lm_and_output_kl(student, teacher, labels, loss_type="chunked")
+
+
+def test_output_kl_refuses_label_smoothing(tmp_path):
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make_trainer(tmp_path, LiSADistillationConfig(output_kl_weight=1.0), label_smoothing_factor=0.1)
 
 
 def test_lm_weight_scales_the_lm_loss(tmp_path):
