@@ -120,17 +120,42 @@ class _StopForward(Exception):
     """Raised by the recording hook once the last wrapped layer's input is recorded: the rest is not needed."""
 
 
+@dataclass
+class TeacherRows:
+    """A fixed teacher's attention rows, prepared once for many KLs against them (every Adam step of a layer's fit).
+
+    ``KL(p || q) = sum p log p - sum p log q`` per row: the first term and ``p`` are computed here once, so a step
+    pays one ``log_softmax`` of the student and one product, instead of two ``log_softmax`` and an ``exp``.
+    """
+
+    probs: torch.Tensor  # B x H x T_q x T_k, teacher probabilities, 0 where masked
+    neg_entropy: torch.Tensor  # B x H x T_q, sum_k p log p
+    valid: torch.Tensor  # B x H x T_q, rows with at least one allowed key
+    mask: torch.Tensor  # additive, broadcastable to B x H x T_q x T_k
+
+    @classmethod
+    def of(cls, teacher_logits: torch.Tensor, mask: torch.Tensor) -> TeacherRows:
+        """``teacher_logits``: B x H x T_q x T_k pre-softmax, pre-mask; ``mask``: additive, broadcastable."""
+        allowed = mask > torch.finfo(torch.float32).min / 2
+        log_probs = torch.log_softmax(teacher_logits.float() + mask, dim=-1)
+        probs = log_probs.exp().masked_fill(~allowed, 0.0)
+        neg_entropy = (probs * log_probs).sum(-1)
+        valid = allowed.any(-1).expand_as(neg_entropy)
+        return cls(probs, neg_entropy, valid, mask)
+
+    def kl(self, student_logits: torch.Tensor) -> torch.Tensor:
+        """Mean over heads and valid query rows of ``KL(teacher || softmax(student_logits + mask))``."""
+        student = torch.log_softmax(student_logits.float() + self.mask, dim=-1)  # B x H x T_q x T_k
+        row_kl = self.neg_entropy - (self.probs * student).sum(-1)  # B x H x T_q
+        return (row_kl * self.valid).sum() / self.valid.sum().clamp(min=1)
+
+
 def attention_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over heads and query rows (with at least one allowed key) of ``KL(softmax(T + M) || softmax(S + M))``.
 
     ``student_logits``/``teacher_logits``: B x H x T_q x T_k pre-softmax, pre-mask; ``mask``: additive, broadcastable.
     """
-    allowed = mask > torch.finfo(torch.float32).min / 2
-    teacher = torch.log_softmax(teacher_logits.float() + mask, dim=-1)
-    student = torch.log_softmax(student_logits.float() + mask, dim=-1)
-    row_kl = (teacher.exp() * (teacher - student)).masked_fill(~allowed, 0.0).sum(-1)  # B x H x T_q
-    valid = allowed.any(-1).expand_as(row_kl)
-    return (row_kl * valid).sum() / valid.sum().clamp(min=1)
+    return TeacherRows.of(teacher_logits, mask).kl(student_logits)
 
 
 def _token_blocks(tokenizer: Any, texts: Iterable[str], seq_len: int, num_sequences: int) -> torch.LongTensor:
@@ -251,9 +276,17 @@ class _Layerwise:
         """The mask of ``layer`` itself (a sliding-window layer re-applies its own window)."""
         return additive_mask(batch.attention_mask[layer], length, length, batch.hidden[layer].device)
 
-    def loss(self, layer: int, batch: _Batch, source: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        student = _lisa_logits(self.substitute(layer), source, batch)
-        return attention_kl_rows(student, teacher, self.mask(layer, batch, teacher.shape[-1]))
+    def teacher(self, layer: int, batch: _Batch) -> TeacherRows:
+        """The attention rows of ``layer``'s own base attention, which its LiSA modules are fitted to."""
+        teacher_logits = _full_logits(self.wrappers[layer], batch)
+        return TeacherRows.of(teacher_logits, self.mask(layer, batch, teacher_logits.shape[-1]))
+
+    def loss(self, layer: int, batch: _Batch, source: torch.Tensor, teacher: TeacherRows) -> torch.Tensor:
+        return teacher.kl(_lisa_logits(self.substitute(layer), source, batch))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _fit_layer(
@@ -267,18 +300,17 @@ def _fit_layer(
     generator: torch.Generator,
 ) -> tuple[float, float, float, int]:
     substitute = work.substitute(layer)
-    teacher_wrapper = work.wrappers[layer]
     total = sum(batch.size for batch in work.batches)
 
-    def compute_targets(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_targets(batch: _Batch) -> tuple[torch.Tensor, TeacherRows]:
         with torch.no_grad():
-            return work.source(layer, batch), _full_logits(teacher_wrapper, batch)
+            return work.source(layer, batch), work.teacher(layer, batch)
 
-    # The source and teacher logits stay fixed while this layer is fitted: with cache_targets they are computed
-    # once per batch (2 x num_sequences x H x T x T float32, freed when the layer is done), else at every use.
+    # The source logits and the teacher's rows stay fixed while this layer is fitted: with cache_targets they are
+    # computed once per batch (2 x num_sequences x H x T x T float32, freed when the layer is done), else at every use.
     cached = {id(batch): compute_targets(batch) for batch in work.batches} if cache_targets else {}
 
-    def targets(batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(batch: _Batch) -> tuple[torch.Tensor, TeacherRows]:
         return cached[id(batch)] if cache_targets else compute_targets(batch)
 
     @torch.no_grad()
@@ -334,7 +366,7 @@ def _fit_layer(
             optimizer.step()
             schedule.step()
     kl_after = keep_if_better(kl_after_p, mean_kl()) if adam_steps > 0 else kl_after_p
-    cached_bytes = sum(t.numel() * t.element_size() for pair in cached.values() for t in pair)
+    cached_bytes = sum(_nbytes(source) + _nbytes(teacher.probs) for source, teacher in cached.values())
     return kl_before, kl_after_p, kl_after, cached_bytes
 
 
@@ -477,4 +509,10 @@ def calibrate(
     return report
 
 
-__all__: Sequence[str] = ("CalibrationReport", "LayerCalibration", "attention_kl_rows", "calibrate")
+__all__: Sequence[str] = (
+    "CalibrationReport",
+    "LayerCalibration",
+    "TeacherRows",
+    "attention_kl_rows",
+    "calibrate",
+)

@@ -177,3 +177,32 @@ def test_calibration_runs_on_other_families(family):
     for row in report.layers:
         assert row.kl_after <= row.kl_before + 1e-6
     assert report.mean_kl_after < report.mean_kl_before
+
+
+def test_teacher_rows_kl_equals_the_dense_kl_and_its_gradient():
+    """The prepared teacher (probabilities and entropy computed once) gives the KL of the two masked softmaxes, with
+    the same gradient; rows without an allowed key (left padding) count for nothing."""
+    from peft_lisa.calibration import TeacherRows
+    from peft_lisa.tuner.functional import additive_mask
+
+    torch.manual_seed(0)
+    batch, heads, length = 2, 3, 6
+    allowed = torch.ones(length, length).tril().bool().expand(batch, 1, length, length).clone()
+    allowed[1, :, :, :2] = False  # sequence 1 is left-padded by two tokens
+    allowed[1, :, :2, :] = False  # ... and its padding rows see nothing
+    mask = additive_mask(allowed, length, length, torch.device("cpu"))
+    teacher = torch.randn(batch, heads, length, length)
+    student = torch.randn(batch, heads, length, length, requires_grad=True)
+
+    rows = allowed.any(-1).expand(batch, heads, length)  # B x H x T_q
+    p = torch.softmax(teacher.masked_fill(~allowed, float("-inf")), -1)[rows]  # N x T_k
+    log_q = torch.log_softmax(student.masked_fill(~allowed, float("-inf")), -1)[rows]
+    dense = (p * (p.clamp(min=1e-30).log() - log_q)).masked_fill(p == 0, 0.0).sum(-1).mean()
+    (dense_grad,) = torch.autograd.grad(dense, student)
+
+    prepared = TeacherRows.of(teacher, mask)
+    kl = prepared.kl(student)
+    (grad,) = torch.autograd.grad(kl, student)
+    assert kl.item() == pytest.approx(dense.item(), rel=1e-5)
+    torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-7)
+    assert prepared.kl(teacher).item() == pytest.approx(0.0, abs=1e-6)
