@@ -434,13 +434,16 @@ def train(job: TrainJob) -> TrainResult:
                 )
 
     def generate(key: str, model_: Any) -> None:
+        if not prompts and not check_prompts:
+            return
+        # One batch for the shown and the loop-check prompts: a batch costs its number of decode steps.
+        texts = sample_generations(
+            model_, tokenizer, [*prompts, *check_prompts], job.max_new_tokens, GENERATION_LABELS[key]
+        )
         if prompts:
-            generations[key] = sample_generations(
-                model_, tokenizer, prompts, job.max_new_tokens, GENERATION_LABELS[key]
-            )
+            generations[key] = texts[: len(prompts)]
         if check_prompts:
-            label = f"{GENERATION_LABELS[key]} (loop check)"
-            loop_check[key] = sample_generations(model_, tokenizer, check_prompts, job.max_new_tokens, label)
+            loop_check[key] = texts[len(prompts) :]
 
     if job.eval_base:
         measure("base_perplexity", model)
