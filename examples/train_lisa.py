@@ -36,9 +36,9 @@ linear-only head alignment and strided rotary frequencies (the library defaults)
 of 2 x 256 tokens, half pydoc, half the base model's own answers, at learning rate 2e-3 (cosine), LM loss + output KL;
 perplexity on the first 4096 tokens of the held-out pydoc text and of the license text, window 256, stride 128.
 Measured with 2 threads on the project's 2-core machine: held-out pydoc perplexity 13.14 (base), 58.09 (untrained),
-15.04 (calibrated), 13.12 (trained, -0.1%); license text 10.60, 51.69, 14.09, 12.96 (+22%); none of the four trained
-generations loops, 1 of the 16 everyday ones does (base: 0, calibrated: 5); 18.75 minutes in all, 3.2 of them
-choosing the layers (``--layer-score js_matched`` takes seconds: 16.0 minutes, +5.0% / +34%, 4 of 20 looping).
+15.04 (calibrated), 13.14 (trained, +0.0%); license text 10.60, 51.69, 14.09, 12.74 (+20%); none of the four trained
+generations loops, 2 of the 16 everyday ones do (base: 0, calibrated: 5); 13.6 minutes in all (15.0 in a second run),
+2.2 of them choosing the layers (``--layer-score js_matched`` takes seconds).
 Measurements and choices: docs/calibration/objective.md.
 
 Examples::
