@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import TeacherRows
 from .tuner.carrier import SharedLayerCall
 from .tuner.functional import additive_mask, layer_logits
 from .tuner.layer import LiSALayer
@@ -110,17 +111,11 @@ def attention_kl(
     Masked keys contribute nothing. Returns a scalar (0 when no row is valid).
     """
     q_len, k_len = student_logits.shape[-2:]
-    mask = additive_mask(attention_mask, q_len, k_len, student_logits.device)
-    allowed = mask > torch.finfo(torch.float32).min / 2  # broadcastable to B x H x T_q x T_k
-    student_log_probs = torch.log_softmax(student_logits.float() + mask, dim=-1)
-    teacher_log_probs = torch.log_softmax(teacher_logits.float() + mask, dim=-1)
-    terms = teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)
-    row_kl = terms.masked_fill(~allowed, 0.0).sum(-1)  # B x H x T_q
-    valid = allowed.any(-1).expand_as(row_kl)
+    teacher = TeacherRows.of(teacher_logits, additive_mask(attention_mask, q_len, k_len, student_logits.device))
     if query_mask is not None:
-        valid = valid & query_mask.to(valid.device, torch.bool)[:, None, -q_len:]
-    count = valid.sum()
-    return (row_kl * valid).sum() / count.clamp(min=1)
+        valid = teacher.valid & query_mask.to(teacher.valid.device, torch.bool)[:, None, -q_len:]
+        teacher = replace(teacher, valid=valid)
+    return teacher.kl(student_logits)
 
 
 def teacher_attention_logits(wrapper: LiSALayer, call: SharedLayerCall) -> torch.Tensor:

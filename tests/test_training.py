@@ -286,6 +286,15 @@ def test_attention_kl_properties():
     bool_mask[1, :, :3, :] = False
     value = attention_kl(student, teacher, bool_mask, query_mask)
     assert torch.isfinite(value) and value.item() > 0
+    # A query_mask drops rows that do see keys: the mean runs over the kept rows only (by hand).
+    causal = ~future[None, None]
+    p = torch.softmax(teacher.masked_fill(~causal, float("-inf")), -1)
+    log_q = torch.log_softmax(student.masked_fill(~causal, float("-inf")), -1)
+    row_kl = (p * (p.clamp(min=1e-30).log() - log_q)).masked_fill(~causal, 0.0).sum(-1)  # B x H x T_q
+    kept = query_mask[:, None, :].expand_as(row_kl)
+    by_hand = row_kl[kept].mean().item()
+    assert attention_kl(student, teacher, None, query_mask).item() == pytest.approx(by_hand, rel=1e-5)
+    assert abs(by_hand - row_kl.mean().item()) > 1e-3  # the dropped rows matter
 
 
 def test_attention_distillation_decreases_kl_when_optimised_alone():
