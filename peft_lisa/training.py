@@ -144,7 +144,10 @@ class LiSATrainer(_sft_trainer_cls()):
     * adds ``attn_kl_weight_at(step) * attn_kl + output_kl_weight * output_kl`` to the loss and logs ``lm_loss``,
       ``attn_kl``, ``attn_kl_weight`` and ``output_kl`` (unweighted values) next to ``loss``.
 
-    With both distillation weights zero, ``compute_loss`` is ``SFTTrainer.compute_loss`` unchanged.
+    With both distillation weights zero, ``compute_loss`` is ``SFTTrainer.compute_loss`` unchanged. With the output KL
+    on, the LM loss comes from the same student logits as the KL (one LM-head pass per step,
+    :func:`~peft_lisa.distillation.lm_and_output_kl`), normalised and logged as ``SFTTrainer`` does; label smoothing
+    and ``compute_loss_func`` are then refused.
     """
 
     def __init__(
