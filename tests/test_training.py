@@ -368,20 +368,25 @@ def make_trainer(tmp_path, distillation=None, **args):
     )
 
 
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-
-
-def test_zero_weights_give_exactly_the_sft_trainer_loss(tmp_path):
+def make_sft_trainer(tmp_path):
+    """TRL's own SFTTrainer on the same model, data and adapter as make_trainer: the reference for LiSATrainer."""
     from trl import SFTTrainer
 
-    sft = SFTTrainer(
+    return SFTTrainer(
         model=tiny_model(),
         args=sft_args(tmp_path),
         train_dataset=text_dataset(random_texts()),
         processing_class=tiny_tokenizer(),
         peft_config=lisa_config(),
     )
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_zero_weights_give_exactly_the_sft_trainer_loss(tmp_path):
+    sft = make_sft_trainer(tmp_path)
     lisa = make_trainer(tmp_path, LiSADistillationConfig(attn_kl_weight=0.0, output_kl_weight=0.0))
     for trainer in (sft, lisa):
         randomize_adapter(trainer.model, seed=3)
@@ -418,15 +423,7 @@ def test_output_kl_is_zero_when_the_student_is_the_teacher(tmp_path):
 def test_output_kl_loss_equals_sft_trainer_loss_plus_a_hand_computed_kl(tmp_path):
     """With the output KL on, LiSATrainer computes the LM loss itself, from the logits it shares with the KL: loss,
     gradients and SFTTrainer's metrics must equal SFTTrainer's own loss plus the KL computed by hand."""
-    from trl import SFTTrainer
-
-    sft = SFTTrainer(
-        model=tiny_model(),
-        args=sft_args(tmp_path),
-        train_dataset=text_dataset(random_texts()),
-        processing_class=tiny_tokenizer(),
-        peft_config=lisa_config(),
-    )
+    sft = make_sft_trainer(tmp_path)
     lisa = make_trainer(tmp_path, LiSADistillationConfig(output_kl_weight=0.5))
     for trainer in (sft, lisa):
         randomize_adapter(trainer.model, seed=4)
