@@ -166,3 +166,16 @@ def test_inference_takes_explicit_blocks_only_for_wide_fused_calls(head_mixing, 
     training = peft_model(ids).logits
     assert len(calls) == (2 if explicit else 0)
     torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_blocks_are_a_cpu_path(monkeypatch):
+    """On an accelerator a wide shared layer attends by the fused calls: the explicit blocks' loop of small calls
+    is sized for a CPU cache (on an H200 it ran up to 30x slower than the base). Meta tensors stand in for a device."""
+    monkeypatch.setattr(FoldedScores, "attend_by_blocks", lambda *args, **kw: pytest.fail("explicit blocks off CPU"))
+    device = torch.device("meta")
+    query, key = torch.randn(1, 6, 5, 8, device=device), torch.randn(1, 2, 5, 8, device=device)
+    scores = FoldedScores.from_query_key(query, key, 8**-0.5).mixed(torch.randn(6, 6, device=device), None)
+    value = torch.randn(1, 2, 5, 8, device=device)
+    with torch.no_grad():
+        assert scores.head_dim >= 2 * value.shape[-1]  # wide: on CPU this would take the explicit blocks
+        assert scores.attend(None, value).shape == (1, 5, 6 * 8)

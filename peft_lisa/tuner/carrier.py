@@ -328,10 +328,13 @@ class FoldedScores(SourceLogits):
     ) -> torch.Tensor:
         """``softmax(S + M) V`` -> B x T_q x (H d_v), for values B x H_kv x T_k x d_v.
 
-        With autograd, or when the fused head size is less than ``EXPLICIT_MIN_WIDENING`` times ``d_v``:
-        :meth:`attend_fused`. Otherwise (inference with a widely mixed source): :meth:`attend_by_blocks`.
+        With autograd, on an accelerator, or when the fused head size is less than ``EXPLICIT_MIN_WIDENING`` times
+        ``d_v``: :meth:`attend_fused`. Otherwise (CPU inference with a widely mixed source): :meth:`attend_by_blocks`,
+        whose blocks are sized for a CPU's cache; on a GPU its loop of small calls is many times slower than the
+        fused kernel (README, "Speed and memory", GPU).
         """
-        if not torch.is_grad_enabled() and dropout == 0.0 and self.head_dim >= EXPLICIT_MIN_WIDENING * value.shape[-1]:
+        wide = self.head_dim >= EXPLICIT_MIN_WIDENING * value.shape[-1]
+        if value.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0 and wide:
             return self.attend_by_blocks(attention_mask, value)
         return self.attend_fused(attention_mask, value, dropout)
 
