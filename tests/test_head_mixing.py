@@ -10,6 +10,7 @@ from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
 from peft_lisa.tuner import carrier as carrier_module
+from peft_lisa.tuner import functional as functional_module
 from peft_lisa.tuner.carrier import FoldedScores, LogitsCarrier
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_alignment, kv_group_mask
 from tests.conftest import random_ids, randomize_adapter, tiny_model
@@ -82,10 +83,6 @@ def test_chain_hands_on_only_its_sources_queries_not_mixed_ones(head_mixing, mon
         assert parts[0].query is source_query
         assert [part.query.shape[-1] for part in parts[1:]] == [4] * (idx - 1)  # one rank-r query per link
     assert folded[3].parts[1].query is folded[2].parts[1].query  # layer 2's rank-r query, handed on unmixed
-    # What attend built for its groups (the keys side by side, the float queries) is freed when it returns, not kept
-    # alive with the logits handed on.
-    for logits in folded.values():
-        assert all(part._spread_key is None and part._float_query is None for part in logits.parts)
 
 
 def test_P_outside_the_groups_gets_no_gradient():
@@ -179,3 +176,49 @@ def test_explicit_blocks_are_a_cpu_path(monkeypatch):
     with torch.no_grad():
         assert scores.head_dim >= 2 * value.shape[-1]  # wide: on CPU this would take the explicit blocks
         assert scores.attend(None, value).shape == (1, 5, 6 * 8)
+
+
+def test_wide_fused_calls_take_explicit_blocks_on_an_accelerator(monkeypatch):
+    """On an accelerator the fused call is kept up to FUSED_MAX_HEAD_DIM (flash attention's limit), beyond it (the end
+    of a long chain) the explicit blocks take over, sized for the device (``block_bytes``), so that no math-kernel
+    fallback holds the T x T logits. Meta tensors stand in for a device."""
+    calls = []
+    monkeypatch.setattr(FoldedScores, "attend_by_blocks", lambda self, mask, value, **kw: calls.append(kw))
+    monkeypatch.setattr(FoldedScores, "attend_fused", lambda self, *args, **kw: calls.append("fused"))
+    device = torch.device("meta")
+    value = torch.randn(1, 2, 5, 64, device=device)
+    for links, expected in ((1, "fused"), (3, {"block_bytes": carrier_module.EXPLICIT_BLOCK_BYTES_ACCELERATOR})):
+        scores = FoldedScores.from_query_key(
+            torch.randn(1, 6, 5, 64, device=device), torch.randn(1, 2, 5, 64, device=device), 0.125
+        )
+        for _ in range(links):  # each link adds H_kv r = 2 x 64 dims to the fused head size
+            scores = scores.mixed(torch.randn(6, 6, device=device), None).with_lowrank(
+                torch.randn(1, 6, 5, 64, device=device), torch.randn(1, 2, 5, 64, device=device), 0.125
+            )
+        assert (scores.head_dim > carrier_module.FUSED_MAX_HEAD_DIM) == (expected != "fused")
+        with torch.no_grad():
+            scores.attend(None, value)
+        assert calls.pop() == expected
+
+
+def test_fused_attention_repeats_grouped_keys_where_a_mask_has_no_grouped_kernel(monkeypatch):
+    """Where sdpa has no fused kernel for grouped keys with a mask (CUDA), the keys and values are repeated per query
+    head: the same result as the grouped call."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 7, 16, generator=generator)
+    key, value = torch.randn(2, 2, 7, 16, generator=generator), torch.randn(2, 2, 7, 8, generator=generator)
+    allowed = causal_allowed(slice(None), 7, 7, query.device).expand(2, 1, 7, 7).clone()
+    allowed[1, ..., :3] = False
+    allowed[1, ..., :3, 2] = True
+    grouped = functional_module.fused_attention(query, key, value, allowed)
+    monkeypatch.setattr(functional_module, "sdpa_takes_grouped_keys_with_mask", lambda device: False)
+    seen = []
+    original = functional_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        functional_module.F,
+        "scaled_dot_product_attention",
+        lambda q, k, *args, **kw: seen.append((k.shape[1], kw["enable_gqa"])) or original(q, k, *args, **kw),
+    )
+    repeated = functional_module.fused_attention(query, key, value, allowed)
+    assert seen == [(6, False)]
+    torch.testing.assert_close(repeated, grouped, atol=1e-6, rtol=1e-6)

@@ -21,7 +21,7 @@ Modules, each importing only those above it:
 
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import PeakMemory, TensorPeak, cache_bytes, default_memory_limit, machine_info, synthetic_cache
-from .pipeline import BenchmarkOutputs, benchmark_model, default_share_layers
+from .pipeline import BenchmarkOutputs, benchmark_model, default_share_layers, untrained_merged
 from .report import BenchmarkResult, analytic_markdown, machine_label, result_summary
 from .results import BenchmarkData, MaxThroughput, ModelInfo, Run, Skipped, ThroughputPoint
 from .run import run_benchmark
@@ -45,6 +45,7 @@ __all__ = [
     "ceilings",
     "default_memory_limit",
     "default_share_layers",
+    "untrained_merged",
     "estimate_working_bytes",
     "machine_info",
     "machine_label",

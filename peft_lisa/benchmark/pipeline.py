@@ -126,7 +126,7 @@ def benchmark_model(
                 "model it was merged from as model (--model on the command line)"
             )
     else:
-        merged_model = _untrained_merged(base, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing)
+        merged_model = untrained_merged(base, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing)
         merged_model = merged_model.to(device=device, dtype=dtype).eval()
     result = run_benchmark(base, merged_model, device=device, **options)
     if command is not None:
@@ -147,7 +147,7 @@ def benchmark_model(
     return BenchmarkOutputs(result=result, markdown=markdown, files=files)
 
 
-def _untrained_merged(
+def untrained_merged(
     base: nn.Module,
     share_layers: Optional[Sequence[int]],
     share_fraction: Optional[float],

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -26,6 +26,11 @@ from .functional import (
 # size 200, 274 ms; explicit blocks 151 ms; the base's sdpa 89 ms; kv_group's fused head size 72: 112 ms, explicit
 # 153 ms (it stays fused). Training keeps the fused call, whose backward needs no T_q x T_k tensor either.
 EXPLICIT_MIN_WIDENING = 2.0
+# The widest head size of torch's flash attention kernel (CUDA): a wider fused call falls back to the math kernel,
+# which holds the T_q x T_k logits of all heads in float32. On an accelerator such a shared layer (the end of a long
+# chain under head_mixing="full") attends by explicit blocks of about EXPLICIT_BLOCK_BYTES_ACCELERATOR of logits.
+FUSED_MAX_HEAD_DIM = 256
+EXPLICIT_BLOCK_BYTES_ACCELERATOR = 64 * 2**20
 # Query rows per block of the explicit path: its B x H x rows x T_k float32 logits are the largest tensors of a block.
 EXPLICIT_QUERY_BLOCK = 64
 # ... for as many sequences as give at most this many keys (one sequence of 2048 tokens, 8 of 512, 32 of 128).
@@ -147,8 +152,6 @@ class FoldedPart:
     mix: Optional[torch.Tensor] = None
     key_index: Optional[list[int]] = None
     scale: float = 1.0
-    _spread_key: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
-    _float_query: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mix is None and self.key_index is None:
@@ -168,38 +171,30 @@ class FoldedPart:
         spread = self.key.shape[1] > 1 and self.key_index is None
         return self.query.shape[-1] * (self.key.shape[1] if spread else 1)
 
-    def group(self, heads: slice, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused query (B x G x T_q x D') of query heads ``heads`` (KV group ``group``) and their key
-        (B x 1 x T_k x D')."""
-        query, key = self.query, self.key
-        batch, num_heads, q_len, dim = query.shape
-        key_heads = key.shape[1]
+    def fused(self, num_kv_heads: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This part's share of one fused attention call over all heads: the mixed and scaled queries
+        (B x H x T_q x D') and their keys, the last ``keys`` of them, per KV head of the values
+        (B x num_kv_heads x T_k x D'). D' is :attr:`fused_dim`; a fully mixed part lays a head's queries against all
+        key heads side by side (:meth:`spread_query`), so that its key, all key heads side by side, serves every
+        query head."""
+        query, key = self.query, self.key[:, :, -keys:]
+        batch, key_heads = key.shape[:2]
         if self.mix is None:
-            return query[:, heads] * self.scale, key[:, self.key_index[group] : self.key_index[group] + 1]
-        rows = self.mix[heads]  # G x H
-        if key_heads == 1:
-            return torch.einsum("gh,bhtd->bgtd", rows, query.float()).to(key.dtype), key
-        size = num_heads // key_heads
-        grouped = query.view(batch, key_heads, size, q_len, dim)
-        if self.key_index is not None:  # block-structured: only the source group's heads contribute
-            source = self.key_index[group]
-            block = rows[:, source * size : (source + 1) * size]  # G x (H / H_k)
-            mixed = torch.einsum("gi,bitd->bgtd", block, grouped[:, source].float()).to(key.dtype)
-            return mixed, key[:, source : source + 1]
-        if self._float_query is None:  # float32 for the mixing, converted once for all groups (a no-op in float32)
-            self._float_query = grouped.float()
-        grouped = self._float_query
-        # Any head: its queries against key head j are sum_{g in group j} mix[h, g] q[g], laid side by side.
-        mixed = torch.einsum("gji,bjitd->bgtjd", rows.view(-1, key_heads, size), grouped)  # B x G x T_q x H_k x D
-        mixed = mixed.reshape(batch, mixed.shape[1], q_len, key_heads * dim).to(key.dtype)
-        if self._spread_key is None:  # all key heads side by side, B x 1 x T_k x H_k D: built once for all groups
-            self._spread_key = key.transpose(1, 2).reshape(batch, 1, key.shape[2], key_heads * dim)
-        return mixed, self._spread_key
-
-    def release(self) -> None:
-        """Drop the tensors :meth:`group` built for the groups of one attention call (the part itself may live on,
-        handed to the next layer of a chain)."""
-        self._spread_key = self._float_query = None
+            query = query * self.scale
+            if self.key_index != list(range(key_heads)):
+                key = torch.stack([key[:, index] for index in self.key_index], dim=1)
+        elif key_heads == 1 or self.key_index is not None:  # each query head reads one key head: mix the queries
+            # (block-structured under kv_group: head h of KV group j mixes only heads that read key_index[j], the
+            # zeros of HeadAlign.mixing() outside its blocks)
+            if self.key_index is not None:
+                key = torch.stack([key[:, index] for index in self.key_index], dim=1)
+            query = torch.einsum("hg,bgtd->bhtd", self.mix.float(), query.float()).to(key.dtype)
+        else:
+            query = self.spread_query(slice(None)).to(key.dtype)  # B x H x T_q x H_k D
+            key = key.transpose(1, 2).reshape(batch, 1, keys, -1)  # B x 1 x T_k x H_k D
+        if key.shape[1] != num_kv_heads:
+            key = key.expand(batch, num_kv_heads, *key.shape[2:])
+        return query, key
 
     @property
     def spread_width(self) -> int:
@@ -328,26 +323,41 @@ class FoldedScores(SourceLogits):
     ) -> torch.Tensor:
         """``softmax(S + M) V`` -> B x T_q x (H d_v), for values B x H_kv x T_k x d_v.
 
-        With autograd, on an accelerator, or when the fused head size is less than ``EXPLICIT_MIN_WIDENING`` times
-        ``d_v``: :meth:`attend_fused`. Otherwise (CPU inference with a widely mixed source): :meth:`attend_by_blocks`,
-        whose blocks are sized for a CPU's cache; on a GPU its loop of small calls is many times slower than the
-        fused kernel (README, "Speed and memory", GPU).
+        With autograd: :meth:`attend_fused`. In inference on CPU, :meth:`attend_by_blocks` when the fused head size
+        is at least ``EXPLICIT_MIN_WIDENING`` times ``d_v`` (a widely mixed source), in blocks sized for a CPU's cache.
+        On an accelerator the fused call, unless its head size is above ``FUSED_MAX_HEAD_DIM`` (no flash kernel
+        takes it): then explicit blocks of about ``EXPLICIT_BLOCK_BYTES_ACCELERATOR`` each; the CPU's small blocks
+        would be a loop of many small kernels (README, "Speed and memory", GPU).
         """
-        wide = self.head_dim >= EXPLICIT_MIN_WIDENING * value.shape[-1]
-        if value.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0 and wide:
-            return self.attend_by_blocks(attention_mask, value)
+        if torch.is_grad_enabled() or dropout > 0.0:
+            return self.attend_fused(attention_mask, value, dropout)
+        if value.device.type == "cpu":
+            if self.head_dim >= EXPLICIT_MIN_WIDENING * value.shape[-1]:
+                return self.attend_by_blocks(attention_mask, value)
+        elif self.head_dim > FUSED_MAX_HEAD_DIM:
+            return self.attend_by_blocks(attention_mask, value, block_bytes=EXPLICIT_BLOCK_BYTES_ACCELERATOR)
         return self.attend_fused(attention_mask, value, dropout)
 
     def attend_by_blocks(
-        self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, block: int = EXPLICIT_QUERY_BLOCK
+        self,
+        attention_mask: Optional[torch.Tensor],
+        value: torch.Tensor,
+        block: int = EXPLICIT_QUERY_BLOCK,
+        block_bytes: Optional[int] = None,
     ) -> torch.Tensor:
         """``softmax(S + M) V`` -> B x T_q x (H d_v) from explicit float32 logits, ``block`` queries of a few
-        sequences at a time (so that a block's logits stay in the CPU's cache): each part's ``q k^T`` at its own
-        head size, the mixing as one GEMM over the head axis. Without a mask (causal, no padding) a block reads only
-        the keys its last query sees and masks only the last ``block`` of them."""
+        sequences at a time (so that a block's logits stay in the CPU's cache; with ``block_bytes``, an
+        accelerator's: as many sequences and queries as give about that many bytes of logits, at least ``block``
+        queries): each part's ``q k^T`` at its own head size, the mixing as one GEMM over the head axis. Without a
+        mask (causal, no padding) a block reads only the keys its last query sees and masks only the last ``block``
+        of them."""
         batch, num_heads, q_len, _ = self.shape
         k_len, value_dim = value.shape[-2], value.shape[-1]
         step = max(1, EXPLICIT_BLOCK_KEYS // k_len)  # sequences per block
+        if block_bytes is not None:  # as many (sequence, query) rows of logits as fit, whole sequences first
+            rows = max(1, block_bytes // (num_heads * k_len * 4))
+            step = max(1, min(batch, rows // min(q_len, block)))
+            block = max(block, rows // step)
         output = value.new_empty(batch, q_len, num_heads * value_dim)
         for first in range(0, batch, step):
             sequences = slice(first, min(first + step, batch))
@@ -392,22 +402,13 @@ class FoldedScores(SourceLogits):
     def attend_fused(
         self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float = 0.0
     ) -> torch.Tensor:
-        """``softmax(S + M) V`` -> B x T_q x (H d_v) as one fused attention call per KV group of ``value`` (head size
-        :attr:`head_dim`): the mixed queries, keys and outputs of only one group exist at a time."""
-        num_groups, keys = value.shape[1], value.shape[2]
-        size = self.shape[1] // num_groups
-        outputs = []
-        for group in range(num_groups):
-            heads = slice(group * size, (group + 1) * size)
-            queries, key_parts = zip(*(part.group(heads, group) for part in self.parts), strict=True)
-            query = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)
-            key = torch.cat([k[:, :, -keys:] for k in key_parts], dim=-1) if len(key_parts) > 1 else key_parts[0]
-            outputs.append(
-                fused_attention(query, key[:, :, -keys:], value[:, group : group + 1], attention_mask, dropout)
-            )
-        for part in self.parts:
-            part.release()
-        return outputs[0] if num_groups == 1 else torch.cat(outputs, dim=-1)  # B x T_q x (H d_v), heads in order
+        """``softmax(S + M) V`` -> B x T_q x (H d_v) as one fused attention call of head size :attr:`head_dim` over
+        all heads: each part's mixed queries and its keys (:meth:`FoldedPart.fused`) side by side."""
+        num_kv_heads, keys = value.shape[1], value.shape[2]
+        queries, key_parts = zip(*(part.fused(num_kv_heads, keys) for part in self.parts), strict=True)
+        query = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)  # B x H x T_q x D
+        key = key_parts[0] if len(key_parts) == 1 else torch.cat(key_parts, dim=-1)  # B x H_kv x T_k x D
+        return fused_attention(query, key, value, attention_mask, dropout)
 
 
 class ChainedLogits(SourceLogits):

@@ -184,9 +184,8 @@ def lowrank_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotary ``cos``/``sin`` (B x T x w) of the chosen columns, laid out ``[f, f]``: B x T x 2 len(columns)."""
     cos, sin = position_embeddings
-    index = torch.tensor(columns, device=cos.device, dtype=torch.long)
-    cos_half, sin_half = cos[..., index], sin[..., index]
-    return torch.cat((cos_half, cos_half), dim=-1), torch.cat((sin_half, sin_half), dim=-1)
+    # Slices, not an index tensor: indexing a GPU tensor by a host tensor copies it over and waits for the device.
+    return tuple(torch.cat([table[..., c : c + 1] for c in columns + columns], dim=-1) for table in (cos, sin))
 
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -271,6 +270,13 @@ def additive_mask_rows(
     return additive_mask(block, block.shape[-2], k_len, device)
 
 
+def sdpa_takes_grouped_keys_with_mask(device: torch.device) -> bool:
+    """Whether ``scaled_dot_product_attention`` runs a fused kernel for grouped keys (``enable_gqa``) with a mask on
+    ``device``: on CPU it does; CUDA's kernels that take a mask do not, and would fall back to the math kernel,
+    which holds the T_q x T_k logits (transformers' sdpa attention repeats the keys per query head there too)."""
+    return device.type == "cpu"
+
+
 def fused_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -297,15 +303,20 @@ def fused_attention(
             attention_mask = causal_allowed(slice(None), q_len, k_len, query.device)
     elif attention_mask.dtype != torch.bool:
         attention_mask = attention_mask[..., :k_len].to(query.dtype)
+    value = value.to(query.dtype)
+    grouped = key.shape[1] != num_heads
+    if grouped and attention_mask is not None and not sdpa_takes_grouped_keys_with_mask(query.device):
+        key, value = (x.repeat_interleave(num_heads // x.shape[1], dim=1) for x in (key, value))
+        grouped = False
     output = F.scaled_dot_product_attention(
         query,
         key,
-        value.to(query.dtype),
+        value,
         attn_mask=attention_mask,
         dropout_p=dropout,
         is_causal=is_causal,
         scale=1.0,
-        enable_gqa=key.shape[1] != num_heads,
+        enable_gqa=grouped,
     )  # B x H x T_q x D
     return output[..., :value_dim].transpose(1, 2).reshape(batch, q_len, num_heads * value_dim)
 
