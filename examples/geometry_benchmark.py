@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--share-fraction", type=float, default=0.5, help="for the full-depth estimate")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--output-dir", default="geometry-bench")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[peft-lisa] %(message)s")
@@ -44,13 +45,13 @@ def main() -> None:
     for name in args.geometries.split(","):
         times = layer_decode_times(
             name, batch=args.batch, context=args.context, num_layers=args.layers,
-            decode_tokens=args.decode_tokens, repeats=args.repeats,
+            decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device,
         )  # fmt: skip
         rows.append((times, full_depth_estimate(times, args.share_fraction)))
-    machine = machine_label(machine_info(torch.device("cpu")))
+    machine = machine_label(machine_info(torch.device(args.device)))
     table = geometry_markdown(rows)
     command = "python examples/geometry_benchmark.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and (k, v) != ("device", "cpu")
     )
     markdown = f"**Machine:** {machine}  \n**Command:** `{command}`\n\n{table}"
     print(markdown)

@@ -16,7 +16,7 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from peft import get_peft_model
@@ -27,7 +27,7 @@ from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
 from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import ModelShape
-from .measure import random_ids, synthetic_cache, timed_decode
+from .measure import random_ids, synchronize, synthetic_cache, timed_decode
 
 logger = logging.getLogger("peft_lisa")
 
@@ -86,9 +86,11 @@ def _kind(attn: nn.Module) -> str:
 
 
 class _LayerClock:
-    """Forward hooks that add up the time spent in each decoder layer."""
+    """Forward hooks that add up the time spent in each decoder layer (waiting for an accelerator's queue at each
+    layer's start and end, so that a layer's time is its own)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
         self.layers = decoder_layers(model)
         self.kinds = [_kind(layer.self_attn) for layer in self.layers]
         self.spent = [0.0] * len(self.layers)
@@ -100,12 +102,14 @@ class _LayerClock:
 
     def _start(self, idx: int):
         def hook(module: nn.Module, args: Any) -> None:
+            synchronize(self.device)
             self._started[idx] = time.perf_counter()
 
         return hook
 
     def _stop(self, idx: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            synchronize(self.device)
             self.spent[idx] += time.perf_counter() - self._started[idx]
 
         return hook
@@ -129,22 +133,25 @@ def layer_decode_times(
     rank: int = 8,
     head_mixing: str = "full",
     dtype: torch.dtype = torch.bfloat16,
+    device: Union[str, torch.device] = "cpu",
 ) -> LayerTimes:
     """Per-layer decode-step time of a full, a source and a shared layer of ``geometry`` at ``batch`` x ``context``.
 
     The base model has ``num_layers`` full layers; the merged model shares every odd layer (so every shared layer
     has a source layer before it). Both decode ``decode_tokens`` steps on a synthetic cache of ``context`` tokens,
-    alternating, ``repeats`` times; a layer kind's time is the median per step, averaged over its layers.
+    alternating, ``repeats`` times; a layer kind's time is the median per step, averaged over its layers. Both models
+    are built on CPU and then moved to ``device``.
     """
     base = truncated_model(geometry, num_layers, dtype)
     share = list(range(1, num_layers, 2))
     config = LiSAConfig(share_layers=share, rank=rank, head_mixing=head_mixing)
     merged = get_peft_model(copy.deepcopy(base), config).merge_and_unload().to(dtype).eval()
+    device = torch.device(device)
+    base, merged = base.to(device), merged.to(device)
     models = {"base": base, "merged": merged}
-    clocks = {key: _LayerClock(model) for key, model in models.items()}
+    clocks = {key: _LayerClock(model, device) for key, model in models.items()}
     per_kind: dict[str, list[float]] = {kind: [] for kind in LAYER_KINDS}
     outside: dict[str, list[float]] = {key: [] for key in models}
-    device = torch.device("cpu")
     with torch.inference_mode():
         for repetition in range(repeats + 1):  # the first is a warm-up
             for key in models if repetition % 2 == 0 else reversed(list(models)):

@@ -235,7 +235,8 @@ def cache_bytes(cache: Any) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on CPU), before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -248,13 +249,13 @@ def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: 
 
 def timed_decode(model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: int, device: torch.device) -> float:
     """Seconds of ``steps`` greedy single-token steps feeding ``cache``, starting from ``next_ids``."""
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=next_ids, cache=cache, use_cache=True)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         cache = out.cache
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -263,10 +264,10 @@ def prefill_then_decode(
 ) -> tuple[float, float, int]:
     """Time the prefill of ``ids`` and ``decode_tokens`` greedy steps after it; return (prefill s, decode s, cache
     bytes after the prefill)."""
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    _sync(device)
+    synchronize(device)
     prefill = time.perf_counter() - started
     cache = out.cache
     kv_bytes = cache_bytes(cache)
