@@ -140,9 +140,35 @@ def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, ma
     )
     monkeypatch.setattr(carrier_module, "EXPLICIT_BLOCK_KEYS", 2 * k_len)  # two sequences per block
     explicit = logits.attend_by_blocks(attention_mask, value, block=4)
+    # an accelerator's sizing: 2 sequences x 5 queries of logits per block (at least block=4 queries)
+    by_bytes = logits.attend_by_blocks(attention_mask, value, block=4, block_bytes=4 * k_len * 4 * 10)
     fused = logits.attend_fused(attention_mask, value, 0.0)
     torch.testing.assert_close(explicit, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_bytes, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_map", [None, [0]], ids=["full", "kv_group"])
+def test_fused_call_with_one_key_head_equals_dense_attention(group_map):
+    """Multi-query attention (one KV head for all 4 query heads), a prefill continuing a cache: the one fused call
+    over all heads equals the dense ``softmax(S + M) V``."""
+    generator = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    batch, q_len, k_len = 2, 5, 9
+    logits = FoldedScores.from_query_key(rand(batch, 4, q_len, 8), rand(batch, 1, k_len, 8), 8**-0.5)
+    for _ in range(2):
+        logits = logits.mixed(rand(4, 4), group_map).with_lowrank(
+            rand(batch, 4, q_len, 2), rand(batch, 1, k_len, 2), 2**-0.5
+        )
+    value = rand(batch, 1, k_len, 8)
+    allowed = causal_allowed(slice(None), q_len, k_len, value.device)
+    dense = grouped_attend(
+        torch.softmax(logits.rows(slice(None)) + additive_mask(allowed, q_len, k_len, None), -1), value
+    )
+    torch.testing.assert_close(logits.attend_fused(None, value), dense, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("head_mixing, explicit", [("full", True), ("kv_group", False)])

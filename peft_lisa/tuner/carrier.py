@@ -356,7 +356,7 @@ class FoldedScores(SourceLogits):
         step = max(1, EXPLICIT_BLOCK_KEYS // k_len)  # sequences per block
         if block_bytes is not None:  # as many (sequence, query) rows of logits as fit, whole sequences first
             rows = max(1, block_bytes // (num_heads * k_len * 4))
-            step = max(1, min(batch, rows // min(q_len, block)))
+            step = max(1, min(batch, rows // max(1, min(q_len, block))))
             block = max(block, rows // step)
         output = value.new_empty(batch, q_len, num_heads * value_dim)
         for first in range(0, batch, step):
