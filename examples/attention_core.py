@@ -8,7 +8,7 @@ Times, on random tensors (speed does not depend on the values), the causal atten
   grow by ``H_kv r`` (full) or ``r`` (kv_group) per further link;
 * a shared layer (source logits mixed by ``P``, plus the rank-8 term) as the library runs it
   (:class:`peft_lisa.tuner.carrier.FoldedScores`), for ``head_mixing="full"`` and ``"kv_group"``:
-  ``attend_fused``, one fused call per KV group of head size ``H_kv d_h + r = 200`` (full) or ``d_h + r = 72``
+  ``attend_fused``, one fused call over all heads of head size ``H_kv d_h + r = 200`` (full) or ``d_h + r = 72``
   (kv_group) for the first link, what training runs; and ``attend_by_blocks``, the explicit logits a few queries
   at a time, what inference runs when the fused call would be at least ``EXPLICIT_MIN_WIDENING`` times wider than the
   values.
