@@ -45,11 +45,11 @@ __all__ = [
     "ceilings",
     "default_memory_limit",
     "default_share_layers",
-    "untrained_merged",
     "estimate_working_bytes",
     "machine_info",
     "machine_label",
     "result_summary",
     "run_benchmark",
     "synthetic_cache",
+    "untrained_merged",
 ]

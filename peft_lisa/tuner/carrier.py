@@ -179,15 +179,13 @@ class FoldedPart:
         query head."""
         query, key = self.query, self.key[:, :, -keys:]
         batch, key_heads = key.shape[:2]
+        if self.key_index is not None and self.key_index != list(range(key_heads)):  # KV group j reads key_index[j]
+            key = torch.stack([key[:, index] for index in self.key_index], dim=1)
         if self.mix is None:
             query = query * self.scale
-            if self.key_index != list(range(key_heads)):
-                key = torch.stack([key[:, index] for index in self.key_index], dim=1)
         elif key_heads == 1 or self.key_index is not None:  # each query head reads one key head: mix the queries
             # (block-structured under kv_group: head h of KV group j mixes only heads that read key_index[j], the
             # zeros of HeadAlign.mixing() outside its blocks)
-            if self.key_index is not None:
-                key = torch.stack([key[:, index] for index in self.key_index], dim=1)
             query = torch.einsum("hg,bgtd->bhtd", self.mix.float(), query.float()).to(key.dtype)
         else:
             query = self.spread_query(slice(None)).to(key.dtype)  # B x H x T_q x H_k D
