@@ -1,0 +1,99 @@
+"""Chunked prefill, measured once and not adopted (README, "Speed and memory"; issue 10's "ways to try").
+
+A long prompt prefilled in query chunks of ``--chunk`` tokens through the cache, as ``generate`` does with
+``GenerationConfig(prefill_chunk_size=...)``. Subjects, alternating, ``--repeats`` rounds, medians:
+
+* ``base``: SmolLM2-135M-Instruct, one forward over the prompt (what the benchmark times);
+* ``base, chunked``: the same model, chunk by chunk;
+* ``merged``: an untrained LiSA adapter merged (50% shared, layers from ``docs/analysis``, ``head_mixing="full"``),
+  one forward;
+* ``merged, chunked``: chunk by chunk, each chunk through today's prefill path (a chain recomputes its source's
+  logits per block);
+* ``merged, chunked, logits handed on``: chunk by chunk, with the decode path's routing for every chunk (a full
+  layer computes its chunk's logits once and hands them on, each shared layer mixes the logits it gets: no chain is
+  recomputed; ``EXPLICIT_SOURCE_MAX_QUERIES`` raised to the chunk size).
+
+Prints the last-position logits' largest difference from the one-forward run of the same model, then the times and
+the ratio base / subject (median of the per-round ratios). Run from the repository root::
+
+    taskset -c 0 python docs/benchmark/prefill_variants/chunked_prefill.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+import peft_lisa.tuner.attention as lisa_attention
+from peft_lisa.analysis import AttentionAnalysis
+from peft_lisa.benchmark import untrained_merged
+from peft_lisa.resources import load_model_and_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base, _ = load_model_and_tokenizer(None)
+    base.eval()
+    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
+    merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
+
+    def whole(model: torch.nn.Module) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+    def chunked(model: torch.nn.Module, hand_on: bool = False) -> torch.Tensor:
+        default = lisa_attention.EXPLICIT_SOURCE_MAX_QUERIES
+        lisa_attention.EXPLICIT_SOURCE_MAX_QUERIES = args.chunk if hand_on else default
+        try:
+            cache = DynamicCache(config=model.config)
+            for start in range(0, args.tokens, args.chunk):
+                chunk = ids[:, start : start + args.chunk]
+                out = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1)
+                cache = out.cache
+            return out.logits
+        finally:
+            lisa_attention.EXPLICIT_SOURCE_MAX_QUERIES = default
+
+    subjects = {
+        "base": lambda: whole(base),
+        "base, chunked": lambda: chunked(base),
+        "merged": lambda: whole(merged),
+        "merged, chunked": lambda: chunked(merged),
+        "merged, chunked, logits handed on": lambda: chunked(merged, hand_on=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in subjects}
+    with torch.no_grad():
+        first = {name: fn() for name, fn in subjects.items()}  # warm-up
+        for name in subjects:
+            reference = first["base" if name.startswith("base") else "merged"]
+            print(f"{name}: largest logit difference from one forward {(first[name] - reference).abs().max():.2e}")
+        names = list(subjects)
+        for round_index in range(args.repeats):
+            for name in names if round_index % 2 == 0 else names[::-1]:  # alternating
+                start = time.perf_counter()
+                subjects[name]()
+                times[name].append(time.perf_counter() - start)
+    print(
+        f"\nprefill of {args.batch} x {args.tokens} tokens, chunks of {args.chunk}, {torch.get_num_threads()} "
+        f"thread(s), median of {args.repeats}"
+    )
+    print("| subject | ms | base / subject |\n|---|---:|---:|")
+    for name, values in times.items():
+        ratio = statistics.median(b / t for b, t in zip(times["base"], values, strict=True))
+        print(f"| {name} | {statistics.median(values) * 1e3:.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
