@@ -55,6 +55,28 @@ def shared_layer_logits(
     return logits
 
 
+def median_ms(subjects: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each subject over ``repeats`` rounds, the subjects alternating within a round, after
+    one warm-up call each; all under ``torch.no_grad()``."""
+    times: dict[str, list[float]] = {name: [] for name in subjects}
+    with torch.no_grad():
+        for fn in subjects.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in subjects.items():  # alternating
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def print_ratio_table(results: dict[str, float], base: str) -> None:
+    """Print ``results`` (milliseconds by subject) as a markdown table with each subject's ratio to ``base``."""
+    print("| subject | ms | x base |\n|---|---:|---:|")
+    for name, ms in results.items():
+        print(f"| {name} | {ms:.1f} | {ms / results[base]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -79,24 +101,12 @@ def main() -> None:
         ),
         "kv_group: explicit blocks": lambda: kv_group().attend_by_blocks(None, value),
     }
-    times: dict[str, list[float]] = {name: [] for name in subjects}
-    with torch.no_grad():
-        for fn in subjects.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in subjects.items():  # alternating
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    results = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    base = results["base sdpa (head size 64)"]
+    results = median_ms(subjects, args.repeats)
     print(
         f"attention core of one layer (link {args.links} of a chain), {args.batch} x {args.tokens} tokens, "
         f"{torch.get_num_threads()} thread(s), median of {args.repeats}"
     )
-    print("| subject | ms | x base |\n|---|---:|---:|")
-    for name, ms in results.items():
-        print(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
+    print_ratio_table(results, "base sdpa (head size 64)")
 
 
 if __name__ == "__main__":

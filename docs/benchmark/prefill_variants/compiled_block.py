@@ -11,17 +11,17 @@ chain's rank-r products, the causal mask, the softmax and ``A V``. Subjects, alt
 * ``compiled``: the same block written for fusion (mixing as an einsum, mask by index comparison) under
   ``torch.compile(dynamic=True)``, so that inductor may fuse the mixing, mask and softmax into one pass.
 
-    taskset -c 0 python docs/benchmark/prefill_variants/compiled_block.py --threads 1 --links 1
+    PYTHONPATH=examples taskset -c 0 python docs/benchmark/prefill_variants/compiled_block.py --threads 1 --links 1
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from attention_core import median_ms, print_ratio_table  # examples/: run with PYTHONPATH=examples
 
 HEADS, KV_HEADS, HEAD_DIM, RANK = 9, 3, 64, 8
 GROUP = HEADS // KV_HEADS
@@ -107,24 +107,16 @@ def main() -> None:
     with torch.no_grad():
         started = time.perf_counter()
         difference = (by_blocks(block_eager) - by_blocks(compiled)).abs().max().item()
-        print(
-            f"first calls (compilation included) {time.perf_counter() - started:.1f} s; "
-            f"largest difference eager vs compiled {difference:.1e}"
-        )
-        times: dict[str, list[float]] = {name: [] for name in subjects}
-        for _ in range(args.repeats):
-            for name, fn in subjects.items():
-                started = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - started)
-    base = statistics.median(times["base sdpa (head size 64)"])
+    print(
+        f"first calls (compilation included) {time.perf_counter() - started:.1f} s; "
+        f"largest difference eager vs compiled {difference:.1e}"
+    )
+    results = median_ms(subjects, args.repeats)
     print(
         f"link {args.links}, 1 x {tokens} tokens, blocks of {args.block}, {torch.get_num_threads()} thread(s), "
         f"median of {args.repeats}"
     )
-    print("| subject | ms | x base |\n|---|---:|---:|")
-    for name, values in times.items():
-        print(f"| {name} | {statistics.median(values) * 1e3:.1f} | {statistics.median(values) / base:.2f} |")
+    print_ratio_table(results, "base sdpa (head size 64)")
 
 
 if __name__ == "__main__":
