@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from peft_lisa import LiSAConfig
 from peft_lisa.evaluation import (
     DEFAULT_PROMPTS,
     PerplexityResult,
+    copying_nll,
     generate_samples,
     perplexity,
     repeated_ngram,
@@ -145,6 +147,57 @@ def test_perplexity_errors():
         perplexity(model, tokenizer, random_texts(2), window=16, stride=32, progress=False)
     with pytest.raises(ValueError, match="window"):
         perplexity(model, tokenizer, random_texts(2), window=1, stride=1, progress=False)
+
+
+class _Copier(torch.nn.Module):
+    """A causal LM stand-in that puts probability ``hit`` on the token ``offset`` positions back (the rest spread
+    uniformly) and predicts uniformly before that, and where it predicts token ``offset`` itself (the start of the
+    repeat)."""
+
+    def __init__(self, vocab_size: int, offset: int, hit: float) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+        self.offset, self.hit = offset, hit
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the stand-in a device
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        runs, length = input_ids.shape
+        vocab, offset = self.config.vocab_size, self.offset
+        probs = torch.full((runs, length, vocab), 1.0 / vocab)
+        # Position p predicts token p + 1; a copy of token p + 1 - offset. Positions offset .. length - 2 copy.
+        copying = probs[:, offset : length - 1]
+        copying.mul_(1 - self.hit).scatter_add_(
+            -1, input_ids[:, 1 : length - offset, None], torch.full((runs, length - offset - 1, 1), self.hit)
+        )
+        return SimpleNamespace(logits=probs.log())
+
+
+def test_copying_nll_scores_the_second_occurrence_but_its_first_token():
+    vocab, length = 1000, 16
+    # A model that copies from `length` back puts probability 0.9 (+ 0.1 / vocab) on every scored token; it predicts
+    # the first token of the repeat uniformly, which must not be scored.
+    copied = copying_nll(_Copier(vocab, offset=length, hit=0.9), length=length, runs=3)
+    assert copied == pytest.approx(-math.log(0.9 + 0.1 / vocab), rel=1e-5)
+    # One that copies from the wrong distance, and one that never copies, score log(vocab) or about it.
+    for model in (_Copier(vocab, offset=length - 1, hit=0.9), _Copier(vocab, offset=length, hit=0.0)):
+        assert copying_nll(model, length=length, runs=3) > math.log(vocab) - 0.05
+    with pytest.raises(ValueError, match="length must be >= 2"):
+        copying_nll(_Copier(vocab, offset=2, hit=0.5), length=1)
+    with pytest.raises(ValueError, match="first_id"):
+        copying_nll(_Copier(100, offset=2, hit=0.5), length=4)
+
+
+def test_copying_nll_of_a_lisa_model_against_its_base():
+    base = tiny_model()
+    base_nll = copying_nll(base, length=24, runs=2, first_id=4)
+    peft_model = get_peft_model(base, LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    with peft_model.disable_adapter():
+        assert copying_nll(peft_model, length=24, runs=2, first_id=4) == pytest.approx(base_nll, rel=1e-6)
+    assert copying_nll(peft_model, length=24, runs=2, first_id=4) != pytest.approx(base_nll, rel=1e-4)
+    peft_model.train()
+    copying_nll(peft_model, length=24, runs=2, first_id=4)
+    assert peft_model.training  # its mode is restored
 
 
 def test_generate_samples_greedy_left_padded():

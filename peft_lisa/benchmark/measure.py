@@ -56,14 +56,24 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name; with its family and model numbers where /proc/cpuinfo has them (cloud CPUs are often
+    named only "AMD EPYC", which spans generations of very different speed), and the instruction set torch's kernels
+    use (e.g. AVX512)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if not key:  # the end of the first processor's block
+                    break
+                fields.setdefault(key, value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    details = [f"family {fields['cpu family']}, model {fields['model']}"] if "cpu family" in fields else []
+    details.append(f"torch kernels {torch.backends.cpu.get_cpu_capability()}")
+    return f"{name} ({'; '.join(details)})"
 
 
 # --------------------------------------------------------------------------------------------------------------
