@@ -65,6 +65,7 @@ class CalibrationReport:
     cpu_seconds: float = 0.0
     stored_bytes: int = 0
     cached_bytes: int = 0
+    copy_blocks: int = 0
 
     @property
     def mean_kl_before(self) -> float:
@@ -191,6 +192,40 @@ def _given_blocks(ids: torch.Tensor) -> torch.LongTensor:
             "be an integer tensor num_blocks x block_len (block_len >= 2), or pass the texts as strings."
         )
     return ids.long()
+
+
+def copy_run_blocks(
+    num_blocks: int,
+    block_len: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    run_lengths: tuple[int, int] = (16, 96),
+) -> torch.LongTensor:
+    """``num_blocks x block_len`` token ids, each block runs of random tokens each followed by its repeat, the run
+    lengths drawn from ``run_lengths`` (inclusive; the last pair cut to fit), the tokens from ids
+    ``min(100, vocab_size // 4)`` up (past the special tokens most vocabularies start with).
+
+    Calibrating on such blocks as well as on text keeps more of the base model's in-context copying
+    (``docs/calibration/copying.md``); varied lengths make a shared layer match on content rather than learn one
+    distance."""
+    low = min(100, vocab_size // 4)
+    blocks = []
+    for _ in range(num_blocks):
+        parts, filled = [], 0
+        while filled < block_len:
+            length = int(torch.randint(run_lengths[0], run_lengths[1] + 1, (1,), generator=generator))
+            run = torch.randint(low, vocab_size, (length,), generator=generator)
+            parts += [run, run]
+            filled += 2 * length
+        blocks.append(torch.cat(parts)[:block_len])
+    return torch.stack(blocks)
+
+
+def _with_copy_blocks(ids: torch.Tensor, copy_blocks: int, vocab_size: int, seed: int) -> torch.LongTensor:
+    """``ids`` with ``copy_blocks`` blocks of :func:`copy_run_blocks` shuffled in (a fixed ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.cat([ids, copy_run_blocks(copy_blocks, ids.shape[1], vocab_size, generator)])
+    return blocks[torch.randperm(len(blocks), generator=generator)]
 
 
 def _wrappers(peft_model: nn.Module) -> tuple[str, dict[int, LiSALayer]]:
@@ -389,6 +424,7 @@ def calibrate(
     adam_steps: int = DEFAULT_ADAM_STEPS,
     lr: float = DEFAULT_LR,
     cache_targets: bool = True,
+    copy_blocks: int = 0,
     seed: int = 0,
     progress: bool = True,
     log: bool = True,
@@ -417,7 +453,10 @@ def calibrate(
         cache_targets: keep the current layer's source and teacher logits (``2 x num_sequences x H x T x T``
             float32) while it is fitted instead of recomputing them at every step: about 40% faster; ``False``
             keeps only hidden states.
-        seed: seed of the Adam mini-batch order.
+        copy_blocks: add this many blocks of repeated random-token runs (:func:`copy_run_blocks`) to the calibration
+            blocks: the calibrated (and trained) adapter keeps more of the base model's in-context copying, at a
+            small cost in perplexity (``docs/calibration/copying.md``); 0 (default): text only.
+        seed: seed of the Adam mini-batch order (and of the copy blocks).
         progress: show a progress bar over the shared layers.
         log: log what was recorded and each layer's KL at INFO level on the ``peft_lisa`` logger; ``False`` logs
             them at DEBUG (for callers that calibrate many times and report themselves).
@@ -427,10 +466,10 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    if num_sequences < 1 or seq_len < 2 or batch_size < 1:
+    if num_sequences < 1 or seq_len < 2 or batch_size < 1 or copy_blocks < 0:
         raise ValueError(
-            f"calibrate() needs num_sequences >= 1, seq_len >= 2 and batch_size >= 1; got {num_sequences}, "
-            f"{seq_len}, {batch_size}."
+            f"calibrate() needs num_sequences >= 1, seq_len >= 2, batch_size >= 1 and copy_blocks >= 0; got "
+            f"{num_sequences}, {seq_len}, {batch_size}, {copy_blocks}."
         )
     adapter, wrappers = _wrappers(peft_model)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -439,6 +478,8 @@ def calibrate(
         if isinstance(texts, torch.Tensor)
         else _token_blocks(tokenizer, texts, seq_len, num_sequences)
     )
+    if copy_blocks:
+        ids = _with_copy_blocks(ids, copy_blocks, peft_model.get_base_model().config.vocab_size, seed)
     info = logger.info if log else logger.debug
     batches = list(_record_batches(peft_model, wrappers, ids, batch_size))
     stored = sum(t.numel() * t.element_size() for batch in batches for t in batch.hidden.values())
@@ -459,6 +500,7 @@ def calibrate(
         adam_steps=adam_steps,
         lr=lr,
         stored_bytes=stored,
+        copy_blocks=copy_blocks,
     )
     params = [p for layer in shared for p in work.substitute(layer).parameters()]
     requires_grad = [p.requires_grad for p in params]

@@ -27,6 +27,8 @@ class LiSACalibrationConfig:
         lbfgs_steps: L-BFGS iterations on the head alignment ``P`` per shared layer.
         seq_len: tokens per calibration sequence; None: the training's ``max_length``, at most 256.
         batch_size: sequences per base-model forward and per Adam step.
+        copy_blocks: blocks of repeated random-token runs added to the calibration sequences (see
+            :func:`peft_lisa.calibrate`); 0: text only.
         seed: seed of the Adam mini-batch order.
     """
 
@@ -36,13 +38,14 @@ class LiSACalibrationConfig:
     lbfgs_steps: int = 10
     seq_len: Optional[int] = None
     batch_size: int = 4
+    copy_blocks: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_sequences < 1 or self.batch_size < 1:
             raise ValueError("LiSACalibrationConfig needs num_sequences >= 1 and batch_size >= 1.")
-        if self.adam_steps < 0 or self.lbfgs_steps < 0:
-            raise ValueError("LiSACalibrationConfig needs adam_steps >= 0 and lbfgs_steps >= 0.")
+        if self.adam_steps < 0 or self.lbfgs_steps < 0 or self.copy_blocks < 0:
+            raise ValueError("LiSACalibrationConfig needs adam_steps, lbfgs_steps and copy_blocks >= 0.")
         if self.lr <= 0:
             raise ValueError(f"LiSACalibrationConfig.lr must be > 0, got {self.lr}.")
         if self.seq_len is not None and self.seq_len < 2:
@@ -99,6 +102,7 @@ def calibrate_before_training(
             lbfgs_steps=config.lbfgs_steps,
             adam_steps=config.adam_steps,
             lr=config.lr,
+            copy_blocks=config.copy_blocks,
             seed=config.seed,
             progress=progress,
         )

@@ -158,6 +158,11 @@ def add_calibration_options(group: Any) -> None:
     option(group, "--calibration-sequences", positive_int, sequences, f"calibration sequences (default: {sequences})")
     option(group, "--calibration-steps", non_negative_int, steps, f"Adam steps per shared layer (default: {steps})")
     option(group, "--calibration-lr", positive_float, lr, f"Adam learning rate, cosine (default: {lr:g})")
+    copies_help = (
+        "add N blocks of repeated random-token runs to the calibration sequences: keeps more of the base model's "
+        "in-context copying, at a small perplexity cost (docs/calibration/copying.md; default: 0)"
+    )
+    option(group, "--calibration-copy-blocks", non_negative_int, default.copy_blocks, copies_help)
 
 
 def add_generation_options(group: Any, default_tokens: int) -> None:

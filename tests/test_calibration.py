@@ -9,6 +9,7 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import CalibrationReport, LiSAConfig, calibrate
+from peft_lisa.calibration import copy_run_blocks
 from peft_lisa.tuner.functional import permutation_matrix
 
 from .conftest import VOCAB, tiny_model
@@ -131,6 +132,39 @@ def test_token_blocks_calibrate_as_the_texts_they_come_from():
     for bad in (torch.tensor(ids), torch.rand(4, 32), torch.zeros(4, 1, dtype=torch.long)):
         with pytest.raises(ValueError, match="num_blocks x block_len"):
             calibrate(peft_model, WordTokenizer(), bad, **FAST)
+
+
+def test_copy_run_blocks_are_runs_each_followed_by_its_repeat():
+    blocks = copy_run_blocks(3, 200, 5000, torch.Generator().manual_seed(0), run_lengths=(16, 40))
+    assert blocks.shape == (3, 200) and blocks.min() >= 100 and blocks.max() < 5000
+    for block in blocks.tolist():
+        start, lengths = 0, []
+        while start < len(block):
+            # the shortest run length whose run repeats right after it (the last pair may be cut)
+            length = next(
+                n
+                for n in range(16, 41)
+                if block[start : start + n][: len(block) - start - n] == block[start + n : start + 2 * n]
+            )
+            lengths.append(length)
+            start += 2 * length
+        assert len(set(lengths)) > 1  # lengths vary
+    again = copy_run_blocks(3, 200, 5000, torch.Generator().manual_seed(0), run_lengths=(16, 40))
+    assert torch.equal(blocks, again)
+
+
+def test_calibrate_with_copy_blocks_adds_them_to_the_text_blocks():
+    fitted, reports = [], []
+    for copies in (0, 3):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2], rank=4, align_hidden=0))
+        reports.append(calibrate(peft_model, WordTokenizer(), texts(), copy_blocks=copies, **FAST))
+        fitted.append({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lisa_" in n})
+    assert (reports[0].num_sequences, reports[1].num_sequences) == (4, 7)
+    assert (reports[0].copy_blocks, reports[1].copy_blocks) == (0, 3) and reports[1].seq_len == 32
+    assert any(not torch.equal(fitted[0][n], fitted[1][n]) for n in fitted[0])  # fitted on other data
+    with pytest.raises(ValueError, match="copy_blocks >= 0"):
+        calibrate(peft_model, WordTokenizer(), texts(), copy_blocks=-1, **FAST)
 
 
 def test_calibrate_rejects_a_model_without_a_lisa_adapter():

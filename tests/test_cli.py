@@ -428,9 +428,13 @@ def test_calibrate_creates_or_loads_an_adapter_and_saves_the_report(capsys, work
         "--data",
         work / "data.txt",
         *budget,
+        "--calibration-copy-blocks",
+        2,
         "--output-dir",
         again,
     )
+    recalibrated = json.loads((again / "adapter" / "lisa_calibration.json").read_text())
+    assert (recalibrated["num_sequences"], recalibrated["copy_blocks"], report["copy_blocks"]) == (6, 2, 0)
     trained = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert json.loads((again / "results.json").read_text())["share_layers"] == trained["share_layers"]
     before = load_file(run_dir / "adapter" / "adapter_model.safetensors")

@@ -51,7 +51,8 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     (``load_in_4bit``) with the layer options of ``peft-lisa train`` (``share_layers`` or ``share_fraction``,
     ``layer_score``, ``analysis``, ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``). The calibration:
     ``calibration_sequences`` of ``seq_len`` tokens of ``data`` (its training part), ``batch_size`` per step,
-    ``calibration_steps`` Adam steps per shared layer at ``calibration_lr``, ``seed``. ``evaluate``: the held-out
+    ``calibration_steps`` Adam steps per shared layer at ``calibration_lr``, ``calibration_copy_blocks`` (blocks of
+    repeated random-token runs added, :func:`peft_lisa.calibrate`), ``seed``. ``evaluate``: the held-out
     perplexity before and after (:class:`~.checks.HeldOutPerplexityOptions`). ``output_dir`` receives ``adapter/``
     (with ``lisa_calibration.json``), ``calibration.md`` and ``results.json``.
     """
@@ -69,6 +70,7 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     head_mixing: Optional[str] = None
     calibration_sequences: int = DEFAULT_NUM_SEQUENCES
     calibration_steps: int = DEFAULT_ADAM_STEPS
+    calibration_copy_blocks: int = 0
     calibration_lr: float = DEFAULT_LR
     seq_len: int = 256
     batch_size: int = 4
@@ -173,6 +175,7 @@ def calibrate(job: CalibrateJob) -> CalibrateResult:
         batch_size=job.batch_size,
         adam_steps=job.calibration_steps,
         lr=job.calibration_lr,
+        copy_blocks=job.calibration_copy_blocks,
         seed=job.seed,
         progress=job.progress,
     )

@@ -102,7 +102,8 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     ``self_generated_share`` of its tokens (:func:`peft_lisa.generated_text.mixed_dataset`); calibration still uses
     the data alone.
     Calibration before training (:class:`peft_lisa.training.LiSATrainer`; not when resuming): ``calibrate``,
-    ``calibration_sequences``, ``calibration_steps`` (Adam steps per shared layer), ``calibration_lr``.
+    ``calibration_sequences``, ``calibration_steps`` (Adam steps per shared layer), ``calibration_lr``,
+    ``calibration_copy_blocks`` (blocks of repeated random-token runs added, :func:`peft_lisa.calibrate`).
     Objective (:class:`peft_lisa.training.LiSADistillationConfig`): ``lm_weight`` (the LM loss), ``attn_kl_weight``,
     ``attn_kl_warmup_steps`` (linear decay to 0 over them), ``attn_kl_layer_reduction``, ``output_kl_weight``,
     ``temperature``.
@@ -145,6 +146,7 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     calibration_sequences: int = DEFAULT_NUM_SEQUENCES
     calibration_steps: int = DEFAULT_ADAM_STEPS
     calibration_lr: float = DEFAULT_LR
+    calibration_copy_blocks: int = 0
     attn_kl_weight: float = 0.0
     attn_kl_warmup_steps: int = 0
     attn_kl_layer_reduction: str = "mean"
@@ -464,7 +466,11 @@ def train(job: TrainJob) -> TrainResult:
     )
     calibrate = job.calibrate and checkpoint is None  # a resumed run continues from the checkpoint's adapter
     calibration = LiSACalibrationConfig(
-        num_sequences=job.calibration_sequences, adam_steps=job.calibration_steps, lr=job.calibration_lr, seed=job.seed
+        num_sequences=job.calibration_sequences,
+        adam_steps=job.calibration_steps,
+        lr=job.calibration_lr,
+        copy_blocks=job.calibration_copy_blocks,
+        seed=job.seed,
     )
     trainer = LiSATrainer(
         model,

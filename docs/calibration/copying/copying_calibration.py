@@ -3,7 +3,8 @@
 The base model copies a run of random tokens it has seen earlier in its context (induction heads); this measures how
 much of that a calibrated LiSA adapter keeps, and whether calibrating also on runs that repeat restores it. For each
 setting: the default layers for 50% shared on SmolLM2-135M-Instruct, rank 8, ``calibrate()`` on ``--pydoc`` blocks of
-256 pydoc train tokens plus ``--copies`` blocks of 128 random tokens repeated once (shuffled in), then
+256 pydoc train tokens plus ``--copies`` blocks of 128 random tokens repeated once (shuffled in; with
+``--mixed-lengths`` the library's copy blocks, ``calibrate(copy_blocks=N)``: runs of 16-96 tokens), then
 
 * perplexity on held-out pydoc and on the license text (window 256, stride 128, first 4,096 tokens), and the
   per-token gap split into copyable tokens (whose bigram occurred earlier in the window) and the rest;
@@ -23,7 +24,7 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, calibrate
-from peft_lisa.calibration import _token_blocks
+from peft_lisa.calibration import _token_blocks, copy_run_blocks
 from peft_lisa.data import license_text, pydoc_texts, split_texts
 from peft_lisa.evaluation import copying_nll
 from peft_lisa.resources import load_model_and_tokenizer
@@ -38,18 +39,6 @@ def stream(tokenizer, texts, count: int = 4096) -> torch.Tensor:
         if len(ids) >= count:
             break
     return torch.tensor(ids[:count])
-
-
-def copy_block(vocab_size: int, generator: torch.Generator, mixed_lengths: bool, size: int = 256) -> torch.Tensor:
-    """``size`` tokens: a run of random tokens and its repeat; with ``mixed_lengths`` several such pairs of runs of
-    16-96 tokens (the last one cut to fit)."""
-    parts, filled = [], 0
-    while filled < size:
-        length = size // 2 if not mixed_lengths else int(torch.randint(16, 97, (1,), generator=generator))
-        run = torch.randint(100, vocab_size - 100, (length,), generator=generator)
-        parts += [run, run]
-        filled += 2 * length
-    return torch.cat(parts)[:size]
 
 
 def token_nll(model, ids: torch.Tensor, window: int = 256, stride: int = 128) -> list[tuple[float, bool]]:
@@ -88,7 +77,9 @@ def main() -> None:
     parser.add_argument("--pydoc", type=int, default=32, help="pydoc calibration blocks of 256 tokens")
     parser.add_argument("--copies", type=int, default=0, help="blocks of a 128-token random run repeated once")
     parser.add_argument(
-        "--mixed-lengths", action="store_true", help="copy blocks of several runs of 16-96 tokens, each repeated"
+        "--mixed-lengths",
+        action="store_true",
+        help="the library's copy blocks (calibrate(copy_blocks=N)): runs of 16-96 tokens, each repeated",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
@@ -98,18 +89,15 @@ def main() -> None:
     model.eval()
     train, test = split_texts(pydoc_texts())
     blocks = _token_blocks(tokenizer, train, 256, args.pydoc)
-    if args.copies:
-        generator = torch.Generator().manual_seed(123)
-        blocks = torch.cat(
-            [
-                blocks,
-                torch.stack([copy_block(len(tokenizer), generator, args.mixed_lengths) for _ in range(args.copies)]),
-            ]
-        )
-        blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))]
+    copy_blocks = args.copies if args.mixed_lengths else 0  # calibrate(copy_blocks=...): runs of 16-96 tokens
+    if args.copies and not args.mixed_lengths:  # one 128-token run and its repeat per block, shuffled in
+        generator = torch.Generator().manual_seed(0)
+        fixed = copy_run_blocks(args.copies, 256, len(tokenizer), generator, run_lengths=(128, 128))
+        blocks = torch.cat([blocks, fixed])
+        blocks = blocks[torch.randperm(len(blocks), generator=generator)]
     peft_model = get_peft_model(model, LiSAConfig(share_layers=LAYERS, rank=8))
     started = time.process_time()
-    report = calibrate(peft_model, tokenizer, blocks, num_sequences=len(blocks), progress=False, log=False)
+    report = calibrate(peft_model, tokenizer, blocks, copy_blocks=copy_blocks, progress=False, log=False)
     cpu_minutes = (time.process_time() - started) / 60
     result = {
         "pydoc_blocks": args.pydoc,
