@@ -21,12 +21,12 @@ import math
 import time
 
 import torch
+from copying_of_adapter import copying_against_base  # this folder's script (its own directory is on sys.path)
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, calibrate
 from peft_lisa.calibration import _token_blocks, copy_run_blocks
 from peft_lisa.data import license_text, pydoc_texts, split_texts
-from peft_lisa.evaluation import copying_nll
 from peft_lisa.resources import load_model_and_tokenizer
 
 LAYERS = [5, 6, 7, 9, 13, 15, 16, 18, 21, 22, 25, 26, 27, 28, 29]  # the main job's choice at 50%
@@ -105,17 +105,13 @@ def main() -> None:
         "calibration_cpu_minutes": cpu_minutes,
         "mean_kl_after": report.mean_kl_after,
         "texts": {},
-        "copying": {},
     }
     texts = {"pydoc": stream(tokenizer, test), "license": stream(tokenizer, [license_text()[1]])}
     for name, ids in texts.items():
         with peft_model.disable_adapter():
             base = token_nll(peft_model, ids)
         result["texts"][name] = gaps(base, token_nll(peft_model, ids))
-    for length in (32, 64, 128):
-        with peft_model.disable_adapter():
-            base = copying_nll(peft_model, length=length)
-        result["copying"][length] = {"base": base, "lisa": copying_nll(peft_model, length=length)}
+    result["copying"] = copying_against_base(peft_model)
     print(json.dumps(result, indent=1))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

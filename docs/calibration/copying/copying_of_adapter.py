@@ -15,16 +15,24 @@ from peft_lisa.evaluation import copying_nll
 from peft_lisa.resources import load_model_and_tokenizer
 
 
+def copying_against_base(peft_model, lengths: tuple[int, ...] = (32, 64, 128)) -> dict[int, dict[str, float]]:
+    """``{L: {"base": nats, "lisa": nats}}``: :func:`copying_nll` with the adapter disabled and active, per length."""
+    result = {}
+    for length in lengths:
+        with peft_model.disable_adapter():
+            base = copying_nll(peft_model, length=length)
+        result[length] = {"base": base, "lisa": copying_nll(peft_model, length=length)}
+    return result
+
+
 def main() -> None:
     model, _ = load_model_and_tokenizer()
     peft_model = PeftModel.from_pretrained(model, sys.argv[1]).eval()
-    result = {}
-    for length in (32, 64, 128):
-        with peft_model.disable_adapter():
-            base = copying_nll(peft_model, length=length)
-        lisa = copying_nll(peft_model, length=length)
-        result[length] = {"base": base, "lisa": lisa}
-        print(f"runs of {length} random tokens, second occurrence: base {base:.2f} nats, LiSA {lisa:.2f}")
+    result = copying_against_base(peft_model)
+    for length, nats in result.items():
+        print(
+            f"runs of {length} random tokens, second occurrence: base {nats['base']:.2f} nats, LiSA {nats['lisa']:.2f}"
+        )
     print(json.dumps(result))
 
 
