@@ -9,11 +9,14 @@ needs care is reading the adapter *out* of a sharded model: each rank holds only
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
 ADAPTER_KEY = "lisa_"
+# How long end_process_group releases the GIL before destroying the group (see there).
+GLOO_SETTLE_SECONDS = 0.2
 
 
 def gather_adapter_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
@@ -27,3 +30,18 @@ def gather_adapter_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
     accelerator = trainer.accelerator
     state = accelerator.get_state_dict(trainer.model_wrapped if accelerator.is_fsdp2 else trainer.model)
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items() if ADAPTER_KEY in name}
+
+
+def end_process_group() -> None:
+    """Leave the process group of an ``accelerate launch`` run once this process's collectives are done; a no-op in
+    a single process. Call it on every rank at the end of its work.
+
+    Left to the interpreter's exit, the group's teardown sometimes aborted a rank after its work was done
+    ("terminate called without an active exception"). Destroying it right after the last collective can deadlock
+    instead: gloo's worker thread may still be releasing that collective's tensors, which takes the GIL, while the
+    group's destructor joins it holding the GIL. So this releases the GIL for ``GLOO_SETTLE_SECONDS`` first.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    time.sleep(GLOO_SETTLE_SECONDS)
+    torch.distributed.destroy_process_group()

@@ -22,6 +22,7 @@ from ..data import (
     load_evaluation_texts,
     load_sft_dataset,
 )
+from ..distributed import end_process_group
 from ..evaluation import repeated_ngram
 from ..generated_text import GENERIC_PROMPTS, mixed_dataset, sample_answers
 from ..tuner.artifacts import atomic_directory, save_adapter
@@ -514,6 +515,7 @@ def train(job: TrainJob) -> TrainResult:
     if not trainer.accelerator.is_main_process:
         # Under accelerate launch (DDP) every process holds the same trained adapter: the main process measures and
         # saves it; the others stop here (saving from every rank would race on one directory).
+        end_process_group()
         return TrainResult({"rank": trainer.accelerator.process_index}, out / "adapter", out / TRAIN_RESULTS_FILE)
 
     measure("perplexity", peft_model)
@@ -572,4 +574,5 @@ def train(job: TrainJob) -> TrainResult:
         loops = {key: [repeated_ngram(text) for text in texts] for key, texts in loop_check.items()}
         results["loop_check"] = {"prompts": check_prompts, **loop_check, "loops": loops}
     write_text_atomic(out / TRAIN_RESULTS_FILE, to_json(results))
+    end_process_group()  # under accelerate launch (a no-op otherwise)
     return TrainResult(results, adapter_dir, out / TRAIN_RESULTS_FILE)

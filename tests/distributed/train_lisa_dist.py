@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (
 
 from peft_lisa import LiSAConfig  # noqa: E402
 from peft_lisa.data import text_dataset  # noqa: E402
-from peft_lisa.distributed import gather_adapter_state_dict  # noqa: E402
+from peft_lisa.distributed import end_process_group, gather_adapter_state_dict  # noqa: E402
 from peft_lisa.training import LiSACalibrationConfig, LiSATrainer, lisa_sft_config  # noqa: E402
 
 
@@ -118,6 +118,7 @@ def main() -> None:
             },
             os.path.join(args.output_dir, "adapter_params.pt"),
         )
+    end_process_group()
 
 
 if __name__ == "__main__":
