@@ -11,8 +11,9 @@ import torch
 
 from .functional import (
     additive_mask_rows,
-    attend_from_logits,
+    batched_matmul,
     fused_attention,
+    grouped_attend,
     grouped_scores,
     lowrank_rotary,
     softcap_logits,
@@ -24,7 +25,10 @@ from .functional import (
 # explicit logits pay d_h for Q K^T, 2H for the P mixing (one GEMM over the head axis) and d_h for A V. Measured on
 # SmolLM2 shapes (1 x 2048 tokens, one CPU thread, `python examples/attention_core.py`): full mixing, fused head
 # size 200, 274 ms; explicit blocks 151 ms; the base's sdpa 89 ms; kv_group's fused head size 72: 112 ms, explicit
-# 153 ms (it stays fused). Training keeps the fused call, whose backward needs no T_q x T_k tensor either.
+# 153 ms (it stays fused). Training keeps the fused call, whose backward needs no T_q x T_k tensor either. On the
+# Zen 5 CPU, since a part that reads one key head is multiplied at its own width (FoldedScores.rows): full explicit
+# 70 ms against sdpa 60 ms; kv_group explicit 64 ms against fused 70 ms with one thread, equal with two (it stays
+# fused: not measured end to end).
 EXPLICIT_MIN_WIDENING = 2.0
 # The widest head size of torch's flash attention kernel (CUDA): a wider fused call falls back to the math kernel,
 # which holds the T_q x T_k logits of all heads in float32. On an accelerator such a shared layer (the end of a long
@@ -221,6 +225,23 @@ class FoldedPart:
         batch, key_heads, k_len, dim = key.shape
         return key.transpose(1, 2).reshape(batch, k_len, key_heads * dim)
 
+    def one_key_head_query(self, rows: slice) -> torch.Tensor:
+        """Queries ``rows`` of a part whose query heads each read one key head (``key_index`` set), mixed and
+        scaled: B x H x len(rows) x D float32."""
+        query = self.query[:, :, rows].float()
+        if self.mix is None:
+            return query * self.scale
+        return torch.einsum("hg,bgtd->bhtd", self.mix.float(), query)
+
+    def one_key_head_key(self, keys: int, stop: Optional[int] = None) -> torch.Tensor:
+        """The key head each KV group reads (``key_index``), the last ``keys`` keys (the first ``stop`` of them,
+        when given): B x H_k x T_k x D float32."""
+        key = self.key[:, :, -keys:]
+        key = key if stop is None else key[:, :, :stop]
+        if self.key_index != list(range(key.shape[1])):
+            key = key[:, self.key_index]
+        return key.float()
+
     def scores(self, rows: slice, keys: int, stop: Optional[int] = None) -> torch.Tensor:
         """This part's float32 logits ``q k^T``, before its mixing, of queries ``rows`` against the last ``keys``
         keys (the first ``stop`` of them, when given): B x H x len(rows) x keys (or stop)."""
@@ -274,47 +295,57 @@ class FoldedScores(SourceLogits):
         narrow_key: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The float32 logits of queries ``rows`` against the last ``keys`` keys (the first ``stop`` of them, when
-        given), B x H x len(rows) x keys (or stop).
+        given), B x H x len(rows) x keys (or stop), each part at the least width it needs:
 
-        Parts no wider than the source's head size when laid against all key heads (a chain's rank-r links) are
-        folded into one product of :meth:`FoldedPart.spread_query` against their keys side by side
-        (``narrow_key``: :meth:`narrow_key`, when the caller keeps it for several blocks). Each wider part (the
-        source, under ``head_mixing="full"`` with several KV heads) is computed at its own head size and mixed by one
-        GEMM over the head axis, ``total += mix @ scores`` (H x H @ B x H x (T_block T_k))."""
+        * a part whose query heads each read one key head (unmixed, like a link's rank-r term, or mixed within KV
+          groups): its mixed queries against their key heads, the GQA product (``2 H D`` per query-key pair);
+        * a fully mixed part no wider than the source's head size when laid against all key heads (a chain's
+          earlier rank-r links): folded into one product of :meth:`FoldedPart.spread_query` against their keys
+          side by side (``narrow_key``: :meth:`narrow_key`, when the caller keeps it for several blocks);
+        * a wider fully mixed part (the source under ``head_mixing="full"`` with several KV heads): its scores at
+          its own head size, mixed by one GEMM over the head axis, ``total += mix @ scores``
+          (H x H @ B x H x (T_block T_k)).
+
+        Each product after the first accumulates into the same tensor (``baddbmm_``)."""
         keys = self.shape[-1] if keys is None else keys
-        narrow, wide = self._narrow_and_wide()
+        one_key_head, narrow, wide = self._parts_by_layout()
         total = None
+        for part in wide:
+            scores = part.scores(rows, keys, stop)
+            batch, heads, q_len, k_len = scores.shape
+            mix = part.mix.float().expand(batch, heads, heads)
+            flat = scores.view(batch, heads, q_len * k_len)
+            accumulate = None if total is None else total.view(batch, heads, q_len * k_len)
+            total = batched_matmul(mix, flat, accumulate)
+        for part in one_key_head:
+            query = part.one_key_head_query(rows)  # B x H x T_block x D
+            key = part.one_key_head_key(keys, stop)  # B x H_k x T_k x D
+            batch, heads, q_len, dim = query.shape
+            key_heads, k_len = key.shape[1], key.shape[2]
+            grouped = query.reshape(batch * key_heads, (heads // key_heads) * q_len, dim)  # a group's heads stacked
+            total = _accumulate_product(total, grouped, key.reshape(batch * key_heads, k_len, dim))
         if narrow:
             query = torch.cat([part.spread_query(rows) for part in narrow], dim=-1)  # B x H x T_block x W
             key = self.narrow_key(keys) if narrow_key is None else narrow_key  # B x T_k x W
             key = key if stop is None else key[:, :stop]
             batch, heads, q_len, width = query.shape
-            total = torch.bmm(query.reshape(batch, heads * q_len, width), key.transpose(1, 2))
-            total = total.view(batch, heads, q_len, key.shape[1])
-        for part in wide:
-            scores = part.scores(rows, keys, stop)
-            if part.mix is None:
-                total = scores if total is None else total.add_(scores)
-                continue
-            batch, heads, q_len, k_len = scores.shape
-            mix = part.mix.float().expand(batch, heads, heads)
-            flat = scores.view(batch, heads, q_len * k_len)
-            if total is None:
-                total = torch.bmm(mix, flat).view(scores.shape)
-            else:
-                total.view(batch, heads, q_len * k_len).baddbmm_(mix, flat)
-        return total
+            total = _accumulate_product(total, query.reshape(batch, heads * q_len, width), key)
+        return total.view(self.shape[0], self.shape[1], -1, total.shape[-1])
 
     def narrow_key(self, keys: int) -> Optional[torch.Tensor]:
-        """The keys of the parts :meth:`rows` folds into one product, side by side: B x T_k x W float32 (None
-        without such parts)."""
-        narrow, _ = self._narrow_and_wide()
+        """The keys of the fully mixed parts :meth:`rows` folds into one product, side by side: B x T_k x W
+        float32 (None without such parts)."""
+        _, narrow, _ = self._parts_by_layout()
         return torch.cat([part.spread_key(keys) for part in narrow], dim=-1) if narrow else None
 
-    def _narrow_and_wide(self) -> tuple[list[FoldedPart], list[FoldedPart]]:
+    def _parts_by_layout(self) -> tuple[list[FoldedPart], list[FoldedPart], list[FoldedPart]]:
+        """The parts whose query heads each read one key head, and the fully mixed ones no wider / wider than the
+        source's head size when laid against all key heads (:meth:`rows`)."""
         width = self.parts[0].query.shape[-1]  # the source's head size
-        narrow = [part for part in self.parts if part.spread_width <= width]
-        return narrow, [part for part in self.parts if part.spread_width > width]
+        one_key_head = [part for part in self.parts if part.key_index is not None]
+        mixed = [part for part in self.parts if part.key_index is None]
+        narrow = [part for part in mixed if part.spread_width <= width]
+        return one_key_head, narrow, [part for part in mixed if part.spread_width > width]
 
     def attend(
         self, attention_mask: Optional[torch.Tensor], value: torch.Tensor, dropout: float = 0.0
@@ -367,7 +398,8 @@ class FoldedScores(SourceLogits):
             for start in range(0, q_len, block):
                 rows = slice(start, min(start + block, q_len))
                 logits, stop = part.masked_rows(mask, rows, k_len, narrow_key)  # B' x H x T_block x stop
-                output[sequences, rows] = attend_from_logits(logits, None, value[sequences, :, :stop], 0.0, False)
+                probs = torch.softmax(logits, dim=-1, out=logits).to(value.dtype)  # in place: no second block
+                output[sequences, rows] = grouped_attend(probs, value[sequences, :, :stop])
         return output
 
     def sequences(self, sequences: slice) -> FoldedScores:
@@ -407,6 +439,14 @@ class FoldedScores(SourceLogits):
         query = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)  # B x H x T_q x D
         key = key_parts[0] if len(key_parts) == 1 else torch.cat(key_parts, dim=-1)  # B x H_kv x T_k x D
         return fused_attention(query, key, value, attention_mask, dropout)
+
+
+def _accumulate_product(total: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``total + query key^T`` in place (``query`` N x M x D, ``key`` N x K x D; ``total`` any tensor of N M K
+    elements laid out as N x M x K), or the product alone when ``total`` is None: N x M x K."""
+    if total is None:
+        return batched_matmul(query, key.transpose(1, 2))
+    return batched_matmul(query, key.transpose(1, 2), total.view(query.shape[0], query.shape[1], key.shape[1]))
 
 
 class ChainedLogits(SourceLogits):
