@@ -14,6 +14,7 @@ from .functional import (
     batched_matmul,
     fused_attention,
     grouped_attend,
+    grouped_product,
     grouped_scores,
     lowrank_rotary,
     softcap_logits,
@@ -181,16 +182,12 @@ class FoldedPart:
         (B x num_kv_heads x T_k x D'). D' is :attr:`fused_dim`; a fully mixed part lays a head's queries against all
         key heads side by side (:meth:`spread_query`), so that its key, all key heads side by side, serves every
         query head."""
-        query, key = self.query, self.key[:, :, -keys:]
+        query, key = self.query, self.key_heads_read(self.key[:, :, -keys:])
         batch, key_heads = key.shape[:2]
-        if self.key_index is not None and self.key_index != list(range(key_heads)):  # KV group j reads key_index[j]
-            key = torch.stack([key[:, index] for index in self.key_index], dim=1)
         if self.mix is None:
-            query = query * self.scale
+            query = self.mixed_query(query)
         elif key_heads == 1 or self.key_index is not None:  # each query head reads one key head: mix the queries
-            # (block-structured under kv_group: head h of KV group j mixes only heads that read key_index[j], the
-            # zeros of HeadAlign.mixing() outside its blocks)
-            query = torch.einsum("hg,bgtd->bhtd", self.mix.float(), query.float()).to(key.dtype)
+            query = self.mixed_query(query).to(key.dtype)
         else:
             query = self.spread_query(slice(None)).to(key.dtype)  # B x H x T_q x H_k D
             key = key.transpose(1, 2).reshape(batch, 1, keys, -1)  # B x 1 x T_k x H_k D
@@ -225,22 +222,21 @@ class FoldedPart:
         batch, key_heads, k_len, dim = key.shape
         return key.transpose(1, 2).reshape(batch, k_len, key_heads * dim)
 
-    def one_key_head_query(self, rows: slice) -> torch.Tensor:
-        """Queries ``rows`` of a part whose query heads each read one key head (``key_index`` set), mixed and
-        scaled: B x H x len(rows) x D float32."""
-        query = self.query[:, :, rows].float()
+    def mixed_query(self, query: torch.Tensor) -> torch.Tensor:
+        """``query`` (B x H x T x D, this part's queries or some of their rows) under this part's mixing and scale,
+        for a part whose query heads each read one key head: scaled when unmixed, else mixed in float32
+        (block-structured under kv_group: head h of KV group j mixes only heads that read ``key_index[j]``, the
+        zeros of ``HeadAlign.mixing()`` outside its blocks)."""
         if self.mix is None:
             return query * self.scale
-        return torch.einsum("hg,bgtd->bhtd", self.mix.float(), query)
+        return torch.einsum("hg,bgtd->bhtd", self.mix.float(), query.float())
 
-    def one_key_head_key(self, keys: int, stop: Optional[int] = None) -> torch.Tensor:
-        """The key head each KV group reads (``key_index``), the last ``keys`` keys (the first ``stop`` of them,
-        when given): B x H_k x T_k x D float32."""
-        key = self.key[:, :, -keys:]
-        key = key if stop is None else key[:, :, :stop]
-        if self.key_index != list(range(key.shape[1])):
-            key = key[:, self.key_index]
-        return key.float()
+    def key_heads_read(self, key: torch.Tensor) -> torch.Tensor:
+        """``key`` (B x H_k x T_k x D, this part's keys or a slice of them) with KV group j's key head
+        ``key_index[j]`` in place j (as it is when ``key_index`` is None or the identity)."""
+        if self.key_index is None or self.key_index == list(range(key.shape[1])):
+            return key
+        return key[:, self.key_index]
 
     def scores(self, rows: slice, keys: int, stop: Optional[int] = None) -> torch.Tensor:
         """This part's float32 logits ``q k^T``, before its mixing, of queries ``rows`` against the last ``keys``
@@ -318,18 +314,16 @@ class FoldedScores(SourceLogits):
             accumulate = None if total is None else total.view(batch, heads, q_len * k_len)
             total = batched_matmul(mix, flat, accumulate)
         for part in one_key_head:
-            query = part.one_key_head_query(rows)  # B x H x T_block x D
-            key = part.one_key_head_key(keys, stop)  # B x H_k x T_k x D
-            batch, heads, q_len, dim = query.shape
-            key_heads, k_len = key.shape[1], key.shape[2]
-            grouped = query.reshape(batch * key_heads, (heads // key_heads) * q_len, dim)  # a group's heads stacked
-            total = _accumulate_product(total, grouped, key.reshape(batch * key_heads, k_len, dim))
+            query = part.mixed_query(part.query[:, :, rows].float())  # B x H x T_block x D
+            key = part.key[:, :, -keys:] if stop is None else part.key[:, :, -keys:][:, :, :stop]
+            total = grouped_product(query, part.key_heads_read(key).float(), total)  # B x H x T_block x T_k
         if narrow:
             query = torch.cat([part.spread_query(rows) for part in narrow], dim=-1)  # B x H x T_block x W
             key = self.narrow_key(keys) if narrow_key is None else narrow_key  # B x T_k x W
             key = key if stop is None else key[:, :stop]
             batch, heads, q_len, width = query.shape
-            total = _accumulate_product(total, query.reshape(batch, heads * q_len, width), key)
+            accumulate = None if total is None else total.view(batch, heads * q_len, key.shape[1])
+            total = batched_matmul(query.reshape(batch, heads * q_len, width), key.transpose(1, 2), accumulate)
         return total.view(self.shape[0], self.shape[1], -1, total.shape[-1])
 
     def narrow_key(self, keys: int) -> Optional[torch.Tensor]:
@@ -439,14 +433,6 @@ class FoldedScores(SourceLogits):
         query = queries[0] if len(queries) == 1 else torch.cat(queries, dim=-1)  # B x H x T_q x D
         key = key_parts[0] if len(key_parts) == 1 else torch.cat(key_parts, dim=-1)  # B x H_kv x T_k x D
         return fused_attention(query, key, value, attention_mask, dropout)
-
-
-def _accumulate_product(total: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``total + query key^T`` in place (``query`` N x M x D, ``key`` N x K x D; ``total`` any tensor of N M K
-    elements laid out as N x M x K), or the product alone when ``total`` is None: N x M x K."""
-    if total is None:
-        return batched_matmul(query, key.transpose(1, 2))
-    return batched_matmul(query, key.transpose(1, 2), total.view(query.shape[0], query.shape[1], key.shape[1]))
 
 
 class ChainedLogits(SourceLogits):

@@ -238,12 +238,21 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
     query: B x H x T_q x d, key: B x H_kv x T_k x d -> B x H x T_q x T_k. The H/H_kv query heads of a group are
     stacked along the query axis so that keys are never repeated in memory.
     """
+    return grouped_product(query * scaling, key).float()
+
+
+def grouped_product(query: torch.Tensor, key: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``query key^T`` per head, GQA aware: query B x H x T_q x d, key B x H_kv x T_k x d -> B x H x T_q x T_k, or
+    added in place to ``accumulate`` (B H T_q T_k elements in that layout) and returned in that shape. The H/H_kv
+    query heads of a group are stacked along the query axis so that keys are never repeated in memory."""
     batch, num_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
-    query_grouped = (query * scaling).reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, dim)
-    key_flat = key.reshape(batch * num_kv_heads, k_len, dim)
-    scores = batched_matmul(query_grouped, key_flat.transpose(1, 2))  # (B H_kv) x (G T_q) x T_k
-    return scores.view(batch, num_heads, q_len, k_len).float()
+    query_grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, dim)
+    key_flat = key.reshape(batch * num_kv_heads, k_len, dim).transpose(1, 2)
+    if accumulate is not None:
+        accumulate = accumulate.view(batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, k_len)
+    scores = batched_matmul(query_grouped, key_flat, accumulate)  # (B H_kv) x (G T_q) x T_k
+    return scores.view(batch, num_heads, q_len, k_len)
 
 
 def grouped_attend(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
