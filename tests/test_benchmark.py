@@ -7,6 +7,7 @@ Tiny models and sizes only; nothing here asserts on timings.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -30,6 +31,7 @@ from peft_lisa.benchmark import (
     run_benchmark,
     synthetic_cache,
 )
+from peft_lisa.benchmark.cost_model import chain_depths, earlier_link_pair_flops
 
 from .conftest import REPO_ROOT, tiny_model
 
@@ -396,8 +398,24 @@ def test_prefill_ceiling_counts_the_shared_layers_arithmetic(models):
     shared = (2 * 64 * 6 * 4 + 2 * 64 * 32 + 2 * 64 * 64 + mlp) * context
     shared += (4 * 4 * 16 + 2 * 16 + 4 * 4 * 16 + 2 * 4 * 4) * pairs
     head = 2 * 64 * 128
-    expected = (5 * full + head) / (3 * full + 2 * shared + head)
-    assert ceilings(base, merged, 1, context)["prefill"] == pytest.approx(expected, rel=1e-9)
+    # layer 3 follows shared layer 2: its source logits need layer 2's alignment (P, FFN) and low-rank term again
+    earlier_link = (2 * 16 + 4 * 4 * 16 + 2 * 4 * 4) * pairs
+    bounds = ceilings(base, merged, 1, context)
+    assert bounds["prefill"] == pytest.approx((5 * full + head) / (3 * full + 2 * shared + earlier_link + head))
+    assert bounds["prefill_no_chain"] == pytest.approx((5 * full + head) / (3 * full + 2 * shared + head))
+
+
+def test_chain_depths_and_the_cheaper_recomputation_of_an_earlier_link(models):
+    """A chain link's depth counts the shared layers before it; an earlier link costs the cheaper of its own-basis
+    alignment + low-rank term and its rank-r queries spread against all KV heads (linear alignment only)."""
+    assert chain_depths((4, 5, 6, 9, 13, 14)) == {4: 1, 5: 2, 6: 3, 9: 1, 13: 1, 14: 2}
+    shape = ModelShape.of(models[1])
+    smollm2 = dataclasses.replace(shape, num_heads=9, num_kv_heads=3, rank=8, align_hidden=0)
+    assert earlier_link_pair_flops(smollm2) == 2 * 81 + 2 * 9 * 8  # < 2 * 9 * 3 * 8
+    multi_query = dataclasses.replace(smollm2, num_kv_heads=1)
+    assert earlier_link_pair_flops(multi_query) == 2 * 9 * 1 * 8  # < 2 * 81 + 2 * 9 * 8
+    with_ffn = dataclasses.replace(multi_query, align_hidden=16)  # a nonlinear alignment recomputes in its basis
+    assert earlier_link_pair_flops(with_ffn) == 2 * 81 + 4 * 9 * 16 + 2 * 9 * 8
 
 
 def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):

@@ -253,19 +253,43 @@ def analytic_breakdown(shape: ModelShape, contexts: tuple[int, ...] = (128, 512,
     }
 
 
+def chain_depths(share_layers: tuple[int, ...]) -> dict[int, int]:
+    """Each shared layer's place in its chain: 1 for a shared layer after a full one, ``d + 1`` after a shared layer
+    of depth ``d`` (its source logits are that layer's, which are themselves derived)."""
+    depths: dict[int, int] = {}
+    for layer in sorted(share_layers):
+        depths[layer] = depths.get(layer - 1, 0) + 1
+    return depths
+
+
+def earlier_link_pair_flops(shape: ModelShape) -> int:
+    """FLOPs per (query, key) pair that a chain link's source logits cost for each shared layer before it in the chain,
+    at the least of the two ways to recompute them (no ``T x T`` tensor is held between layers): the earlier link's
+    alignment and low-rank term in its own head basis (``2 H^2 + 2 H r``, ``+ 4 H m`` with an FFN alignment), or,
+    with the linear alignment, its rank-``r`` queries mixed and laid against all KV heads' rank-``r`` keys
+    (``2 H H_kv r``)."""
+    heads, kv_heads, r, m = shape.num_heads, shape.num_kv_heads, shape.rank, shape.align_hidden
+    recomputed = 2 * heads * heads + 4 * heads * m + 2 * heads * r
+    return recomputed if m else min(recomputed, 2 * heads * kv_heads * r)
+
+
 def ceilings(base: ModelShape, merged: ModelShape, batch: int, context: int) -> dict[str, float]:
     """Arithmetic bounds of the speedup at one (batch, context).
 
     ``prefill``: base / merged FLOPs of a prefill of ``context`` tokens (causal: query t sees t keys; the LM head for
     the last token only). A shared layer is counted at its arithmetic minimum per (query, key) pair: the source
-    logits it needs ``2 H d_h``, the alignment ``2 H^2`` (+ ``4 H m`` with an FFN), the low-rank term ``2 H r`` and
-    ``AV`` ``2 H d_h``, against ``QK^T`` + ``AV`` ``4 H d_h`` of a full layer; projections as they are.
+    logits it needs ``2 H d_h`` (its chain's root ``QK^T``) plus, at depth ``d`` of a chain, ``d - 1`` times
+    :func:`earlier_link_pair_flops` (the earlier links' terms of its source logits, recomputed because no ``T x T``
+    tensor is held between layers), the alignment ``2 H^2`` (+ ``4 H m`` with an FFN), the low-rank term ``2 H r``
+    and ``AV`` ``2 H d_h``, against ``QK^T`` + ``AV`` ``4 H d_h`` of a full layer; projections as they are.
+    ``prefill_no_chain``: the same without the earlier links' terms (every shared layer as if its source were a full
+    layer): the bound a layer choice without chains would have.
     ``decode``: base / merged bytes read by one decode step after ``context`` tokens: the weights plus the KV cache
-    of ``batch`` sequences.
+    of ``batch`` sequences (a decode step hands each layer's logits row on: no chain is recomputed).
     """
     pairs = context * (context + 1) / 2  # causal (query, key) pairs of the prefill
 
-    def prefill_flops(shape: ModelShape) -> float:
+    def prefill_flops(shape: ModelShape, chains: bool = True) -> float:
         d, heads, kv_heads, dh, r, m = (
             shape.hidden, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.rank, shape.align_hidden
         )  # fmt: skip
@@ -275,12 +299,17 @@ def ceilings(base: ModelShape, merged: ModelShape, batch: int, context: int) -> 
         shared = (2 * d * (heads + kv_heads) * r + 2 * d * kv_heads * dh + 2 * heads * dh * d + mlp) * context
         shared += (4 * heads * dh + 2 * heads * heads + 4 * heads * m + 2 * heads * r) * pairs
         n_shared = len(shape.share_layers)
-        return (shape.num_layers - n_shared) * full + n_shared * shared + 2 * d * shape.vocab
+        flops = (shape.num_layers - n_shared) * full + n_shared * shared + 2 * d * shape.vocab
+        if chains and n_shared:
+            earlier_links = sum(depth - 1 for depth in chain_depths(shape.share_layers).values())
+            flops += earlier_links * earlier_link_pair_flops(shape) * pairs
+        return flops
 
     def decode_bytes(shape: ModelShape) -> float:
         return shape.weight_bytes + shape.cache_bytes_per_token * batch * context
 
     return {
         "prefill": prefill_flops(base) / prefill_flops(merged),
+        "prefill_no_chain": prefill_flops(base) / prefill_flops(merged, chains=False),
         "decode": decode_bytes(base) / decode_bytes(merged),
     }

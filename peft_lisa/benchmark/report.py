@@ -66,8 +66,12 @@ def _fmt_ratio(num: Optional[float], den: Optional[float]) -> str:
 
 
 def _fmt_bound(run: Optional[Run], phase: str) -> str:
+    """The ceiling of ``phase``; for the prefill, with the bound without chains in brackets where it differs."""
     bound = run.ceilings.get(phase) if run is not None else None
-    return f"{bound:.2f}x" if bound else "-"
+    if not bound:
+        return "-"
+    no_chain = run.ceilings.get(f"{phase}_no_chain")
+    return f"{bound:.2f}x ({no_chain:.2f}x)" if no_chain and f"{no_chain:.2f}" != f"{bound:.2f}" else f"{bound:.2f}x"
 
 
 def _fmt_seconds(value: Optional[float]) -> str:
@@ -131,7 +135,8 @@ def render_markdown(result: BenchmarkData) -> str:
         "the peak bytes of tensors alive at once above the level before the run (weights not included), counted by "
         "torch's allocator in one more, untimed run: on CPU the peak memory also holds the C allocator's slack, "
         "which depends on the order of allocations. Kernel s = the process's system CPU time during the run (page "
-        "faults, memory mapping), median. Ceiling = the arithmetic bound of the speedup (see the notes).",
+        "faults, memory mapping), median. Ceiling = the arithmetic bound of the speedup (see the notes); in brackets, "
+        "the prefill's bound if no shared layer followed another (chains recompute their earlier links' terms).",
     ]
     if result.skipped:
         lines += ["", "### Skipped", "", "| model | batch | context | phase | reason |", "|---|---:|---:|---|---|"]

@@ -168,8 +168,11 @@ def run_benchmark(
     )
     notes.append(
         "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
-        "counted at its arithmetic minimum (the source logits 2 H d_h, P mixing 2 H^2 and the low-rank term 2 H r "
-        "per query-key pair, AV 2 H d_h); decode = base / merged bytes read per step (weights + KV cache)."
+        "counted at its arithmetic minimum per query-key pair: the source logits it needs (its chain root's QK^T "
+        "2 H d_h, and at depth d of a chain of shared layers the d - 1 earlier links' terms, recomputed since no "
+        "T x T tensor is held between layers: min(2 H^2 + 2 H r, 2 H H_kv r) each with the linear alignment), P "
+        "mixing 2 H^2, the low-rank term 2 H r, AV 2 H d_h; in brackets the bound without the chains' terms. "
+        "Decode = base / merged bytes read per step (weights + KV cache)."
     )
     settings = {
         "batch_sizes": list(batch_sizes),
