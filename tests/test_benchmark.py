@@ -32,6 +32,7 @@ from peft_lisa.benchmark import (
     synthetic_cache,
 )
 from peft_lisa.benchmark.cost_model import chain_depths, earlier_link_pair_flops
+from peft_lisa.benchmark.layer_clock import prefill_layer_times
 
 from .conftest import REPO_ROOT, tiny_model
 
@@ -439,3 +440,46 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
     assert merged["decode_step_seconds"] == pytest.approx(step)
     assert estimate["models"]["base"]["budget_max_batch"] == 2 and merged["budget_max_batch"] >= 2
     assert "tiny" in geometry.geometry_markdown([(times, estimate)])
+
+
+def test_prefill_layer_times_name_each_layer_and_its_chain_depth(models):
+    """The per-layer prefill clock: one median per decoder layer of each model, the merged model's layer kinds and
+    chain depths (layer 3 follows shared layer 2), layer times inside the forward's, and no hook left behind."""
+    base, merged = models
+    times = prefill_layer_times(base, merged, batch=1, context=16, repeats=2)
+    assert times.kinds == ["full", "source", "shared", "shared", "full"]
+    assert times.depths == [0, 0, 1, 2, 0]
+    for seconds, total in ((times.base_seconds, times.base_total), (times.merged_seconds, times.merged_total)):
+        assert len(seconds) == 5 and all(s > 0 for s in seconds) and sum(seconds) < total
+    rows = {row["layers"]: row["indices"] for row in times.by_depth()}
+    assert rows == {"full": [0, 4], "source": [1], "shared, depth 1": [2], "shared, depth 2": [3]}
+    assert "| shared, depth 2 (3) | 1 |" in times.to_markdown()
+    for model in models:
+        for layer in model.model.layers:
+            assert not layer._forward_hooks and not layer._forward_pre_hooks
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        prefill_layer_times(base, merged, repeats=0)
+
+
+def test_tensor_counting_pass_decodes_at_most_its_cap(models, monkeypatch):
+    """The untimed pass under torch's profiler decodes at most ``TENSOR_PEAK_DECODE_STEPS`` steps (the profiler holds
+    on to memory in long runs); the timed runs decode all of them, and the settings record the cap."""
+    import peft_lisa.benchmark.run as run_module
+
+    calls = []
+    real = run_module.prefill_then_decode
+
+    def recording(model, ids, steps, device):
+        calls.append((torch.autograd.profiler._is_profiler_enabled, steps))
+        return real(model, ids, steps, device)
+
+    monkeypatch.setattr(run_module, "prefill_then_decode", recording)
+    monkeypatch.setattr(run_module, "TENSOR_PEAK_DECODE_STEPS", 2)
+    options = {**SMALL, "batch_sizes": (1,), "contexts": (8,), "decode_tokens": 5, "max_throughput": False}
+    result = run_benchmark(*models, device="cpu", **options)
+    profiled = [steps for under_profiler, steps in calls if under_profiler]
+    timed = [steps for under_profiler, steps in calls if not under_profiler]
+    assert profiled == [2, 2]  # base and merged
+    assert timed.count(5) == 2  # one timed repetition of each model (the warm start decodes 2 steps of its own)
+    assert result.settings["tensor_peak_decode_steps"] == 2
+    assert "prefill + 2 decode steps" in result.to_markdown()

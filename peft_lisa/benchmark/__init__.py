@@ -16,12 +16,15 @@ Modules, each importing only those above it:
 * :mod:`.report`: :class:`BenchmarkResult` with its markdown report and plot;
 * :mod:`.run`: :func:`run_benchmark`, the grid of alternating runs and the maximum-throughput measure;
 * :mod:`.pipeline`: :func:`benchmark_model` and :func:`default_share_layers`;
+* :mod:`.layer_clock`: each decoder layer's time off forward hooks, and a prefill's time layer by layer, by chain
+  depth (:func:`prefill_layer_times`);
 * :mod:`.geometry`: per-layer decode cost of 7B-class geometries on depth-truncated random-weight models.
 """
 
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
+from .layer_clock import LayerPrefillTimes, prefill_layer_times
 from .measure import PeakMemory, TensorPeak, cache_bytes, default_memory_limit, machine_info, synthetic_cache
-from .pipeline import BenchmarkOutputs, benchmark_model, default_share_layers, untrained_merged
+from .pipeline import BenchmarkOutputs, benchmark_model, default_share_layers, load_benchmark_models, untrained_merged
 from .report import BenchmarkResult, analytic_markdown, machine_label, result_summary
 from .results import BenchmarkData, MaxThroughput, ModelInfo, Run, Skipped, ThroughputPoint
 from .run import run_benchmark
@@ -30,6 +33,7 @@ __all__ = [
     "BenchmarkData",
     "BenchmarkOutputs",
     "BenchmarkResult",
+    "LayerPrefillTimes",
     "MaxThroughput",
     "ModelInfo",
     "ModelShape",
@@ -46,8 +50,10 @@ __all__ = [
     "default_memory_limit",
     "default_share_layers",
     "estimate_working_bytes",
+    "load_benchmark_models",
     "machine_info",
     "machine_label",
+    "prefill_layer_times",
     "result_summary",
     "run_benchmark",
     "synthetic_cache",

@@ -14,7 +14,6 @@ import copy
 import gc
 import logging
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
@@ -25,9 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
-from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import ModelShape
-from .measure import random_ids, synchronize, synthetic_cache, timed_decode
+from .layer_clock import LayerClock
+from .measure import random_ids, synthetic_cache, timed_decode
 
 logger = logging.getLogger("peft_lisa")
 
@@ -79,49 +78,6 @@ def truncated_model(geometry: str, num_layers: int, dtype: torch.dtype, seed: in
     return model.eval()
 
 
-def _kind(attn: nn.Module) -> str:
-    if isinstance(attn, LiSASharedAttention):
-        return "shared"
-    return "source" if isinstance(attn, LiSASourceAttention) else "full"
-
-
-class _LayerClock:
-    """Forward hooks that add up the time spent in each decoder layer (waiting for an accelerator's queue at each
-    layer's start and end, so that a layer's time is its own)."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.device = device
-        self.layers = decoder_layers(model)
-        self.kinds = [_kind(layer.self_attn) for layer in self.layers]
-        self.spent = [0.0] * len(self.layers)
-        self._started = [0.0] * len(self.layers)
-        self._handles = []
-        for idx, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._start(idx)))
-            self._handles.append(layer.register_forward_hook(self._stop(idx)))
-
-    def _start(self, idx: int):
-        def hook(module: nn.Module, args: Any) -> None:
-            synchronize(self.device)
-            self._started[idx] = time.perf_counter()
-
-        return hook
-
-    def _stop(self, idx: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            synchronize(self.device)
-            self.spent[idx] += time.perf_counter() - self._started[idx]
-
-        return hook
-
-    def reset(self) -> None:
-        self.spent = [0.0] * len(self.layers)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def layer_decode_times(
     geometry: str,
     *,
@@ -149,7 +105,7 @@ def layer_decode_times(
     device = torch.device(device)
     base, merged = base.to(device), merged.to(device)
     models = {"base": base, "merged": merged}
-    clocks = {key: _LayerClock(model, device) for key, model in models.items()}
+    clocks = {key: LayerClock(model, device) for key, model in models.items()}
     per_kind: dict[str, list[float]] = {kind: [] for kind in LAYER_KINDS}
     outside: dict[str, list[float]] = {key: [] for key in models}
     with torch.inference_mode():

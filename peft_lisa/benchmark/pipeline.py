@@ -101,33 +101,10 @@ def benchmark_model(
         ValueError: ``merged`` is not a merged model of ``model``, or the shared layers are out of range or cannot
             be chosen from ``analysis``.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    label = model or f"{DEFAULT_MODEL} (built-in)"
-    path = resolve_model_path(model)
-    logger.info(f"loading {label}")
-    try:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    except OSError as error:
-        raise OSError(f"could not load the model {label}: {error}") from error
-    if merged is not None:
-        logger.info(f"loading the merged model {merged}")
-        merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype).to(device).eval()
-        same = (merged_model.config.num_hidden_layers, merged_model.config.hidden_size) == (
-            base.config.num_hidden_layers,
-            base.config.hidden_size,
-        )
-        if not same:
-            raise ValueError(
-                f"{merged} is not a merged model of {label} (their layers or hidden sizes differ): pass the base "
-                "model it was merged from as model (--model on the command line)"
-            )
-    else:
-        merged_model = untrained_merged(base, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing)
-        merged_model = merged_model.to(device=device, dtype=dtype).eval()
+    base, merged_model, path = load_benchmark_models(
+        model, merged, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing, dtype, device
+    )
+    device = next(base.parameters()).device
     result = run_benchmark(base, merged_model, device=device, **options)
     if command is not None:
         result.settings["command"] = command
@@ -173,3 +150,47 @@ def untrained_merged(
     logger.info(f"untrained LiSA model (speed does not depend on the weights), shared layers {layers} ({how})")
     config = LiSAConfig(share_layers=layers, rank=rank, align_hidden=align_hidden, head_mixing=head_mixing)
     return get_peft_model(copy.deepcopy(base), config).merge_and_unload()
+
+
+def load_benchmark_models(
+    model: Optional[str] = None,
+    merged: Optional[PathLike] = None,
+    share_layers: Optional[Sequence[int]] = None,
+    share_fraction: Optional[float] = None,
+    analysis: Optional[AttentionAnalysis] = None,
+    rank: int = 8,
+    align_hidden: Optional[int] = 0,
+    head_mixing: str = "full",
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device, None] = None,
+) -> tuple[nn.Module, nn.Module, Path]:
+    """The base model and the merged LiSA model of it that :func:`benchmark_model` compares (same arguments), in
+    eval mode on ``device``, with the base model's resolved path."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    label = model or f"{DEFAULT_MODEL} (built-in)"
+    path = resolve_model_path(model)
+    logger.info(f"loading {label}")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except OSError as error:
+        raise OSError(f"could not load the model {label}: {error}") from error
+    if merged is not None:
+        logger.info(f"loading the merged model {merged}")
+        merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype).to(device).eval()
+        same = (merged_model.config.num_hidden_layers, merged_model.config.hidden_size) == (
+            base.config.num_hidden_layers,
+            base.config.hidden_size,
+        )
+        if not same:
+            raise ValueError(
+                f"{merged} is not a merged model of {label} (their layers or hidden sizes differ): pass the base "
+                "model it was merged from as model (--model on the command line)"
+            )
+    else:
+        merged_model = untrained_merged(base, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing)
+        merged_model = merged_model.to(device=device, dtype=dtype).eval()
+    return base, merged_model, path

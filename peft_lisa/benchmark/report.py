@@ -129,14 +129,16 @@ def render_markdown(result: BenchmarkData) -> str:
             f"| {_fmt_seconds(get(base, 'kernel_seconds_median'))} "
             f"| {_fmt_seconds(get(merged, 'kernel_seconds_median'))} |"
         )
+    steps = settings.get("tensor_peak_decode_steps", settings["decode_tokens"])
     lines += [
         "",
         "Peak memory = the model's weights + the peak working memory of the run (prefill + decode). Peak tensors = "
         "the peak bytes of tensors alive at once above the level before the run (weights not included), counted by "
-        "torch's allocator in one more, untimed run: on CPU the peak memory also holds the C allocator's slack, "
-        "which depends on the order of allocations. Kernel s = the process's system CPU time during the run (page "
-        "faults, memory mapping), median. Ceiling = the arithmetic bound of the speedup (see the notes); in brackets, "
-        "the prefill's bound if no shared layer followed another (chains recompute their earlier links' terms).",
+        f"torch's allocator in one more, untimed run (prefill + {steps} decode steps): on CPU the peak memory also "
+        "holds the C allocator's slack, which depends on the order of allocations. Kernel s = the process's system "
+        "CPU time during the run (page faults, memory mapping), median. Ceiling = the arithmetic bound of the "
+        "speedup (see the notes); in brackets, the prefill's bound if no shared layer followed another (chains "
+        "recompute their earlier links' terms).",
     ]
     if result.skipped:
         lines += ["", "### Skipped", "", "| model | batch | context | phase | reason |", "|---|---:|---:|---|---|"]

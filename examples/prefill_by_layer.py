@@ -1,0 +1,62 @@
+"""Where a prefill's time goes, layer by layer: the base model against its merged LiSA model.
+
+Times real prefills (one forward over ``--batch`` x ``--context`` random ids, the cache built, the last token's
+logits), the two models alternating, medians of ``--repeats``, and reads each decoder layer's time off forward hooks
+(:func:`peft_lisa.benchmark.layer_clock.prefill_layer_times`). The table groups the layers by kind and, for shared
+layers, by their depth in a chain of shared layers: each link after the first recomputes its earlier links' terms of
+its source logits (no ``T x T`` tensor is held between layers), which is where a merged model's prefill loses time
+on long inputs. Writes ``layer_times.json`` and ``layer_times.md`` to ``--output-dir``.
+
+    taskset -c 0 python examples/prefill_by_layer.py --threads 1 \\
+        --analysis docs/analysis/smollm2_135m_analysis.json --share-fraction 0.5 \\
+        --output-dir docs/benchmark/prefill_by_layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from peft_lisa.benchmark.layer_clock import prefill_layer_times
+from peft_lisa.benchmark.pipeline import load_benchmark_models
+from peft_lisa.jobs.checks import load_analysis_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="base model (local path or hub id); default: the built-in SmolLM2-135M")
+    parser.add_argument("--analysis", help="an attention analysis JSON to choose the shared layers from")
+    parser.add_argument("--share-fraction", type=float, default=0.5)
+    parser.add_argument("--share-layers", help="comma-separated layers to share (instead of --share-fraction)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--head-mixing", choices=("full", "kv_group"), default="full")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--output-dir", default="prefill-by-layer")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    share = [int(layer) for layer in args.share_layers.split(",")] if args.share_layers else None
+    analysis = load_analysis_file(args.analysis) if args.analysis else None
+    base, merged, _ = load_benchmark_models(
+        args.model, None, share, args.share_fraction, analysis, args.rank, 0, args.head_mixing, None, "cpu"
+    )
+    times = prefill_layer_times(base, merged, batch=args.batch, context=args.context, repeats=args.repeats)
+    markdown = times.to_markdown()
+    print(markdown)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_times.json").write_text(json.dumps(times.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (out / "layer_times.md").write_text(markdown, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
