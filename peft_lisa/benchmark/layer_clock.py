@@ -4,8 +4,8 @@
 real prefills of a base model and its merged LiSA model, alternating, and reports every layer's median time next to
 its kind (full, source, shared) and, for a shared layer, its depth in a chain of shared layers: a shared layer after
 a full one is depth 1, each shared layer after a shared one one deeper. A deeper link recomputes its earlier links'
-terms of its source logits block by block (``docs/method.md``, "Fused attention of a shared layer"), which the
-per-depth table shows as time.
+terms of its source logits block by block (``docs/method.md``, "The cost of a chain"), which the per-depth table
+shows as time.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class LayerPrefillTimes:
         return rows
 
     def to_markdown(self) -> str:
+        """The machine, the whole prefill of each model and the per-group table of :meth:`by_depth`."""
         lines = [
             f"Machine: {machine_label(self.machine)}",
             "",
