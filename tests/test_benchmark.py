@@ -466,20 +466,30 @@ def test_tensor_counting_pass_decodes_at_most_its_cap(models, monkeypatch):
     on to memory in long runs); the timed runs decode all of them, and the settings record the cap."""
     import peft_lisa.benchmark.run as run_module
 
-    calls = []
-    real = run_module.prefill_then_decode
+    calls, counting = [], []
+    real_decode, real_peak = run_module.prefill_then_decode, run_module.TensorPeak
+
+    class RecordingPeak(real_peak):
+        def __enter__(self):
+            counting.append(True)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            counting.pop()
+            return super().__exit__(*exc)
 
     def recording(model, ids, steps, device):
-        calls.append((torch.autograd.profiler._is_profiler_enabled, steps))
-        return real(model, ids, steps, device)
+        calls.append((bool(counting), steps))
+        return real_decode(model, ids, steps, device)
 
     monkeypatch.setattr(run_module, "prefill_then_decode", recording)
+    monkeypatch.setattr(run_module, "TensorPeak", RecordingPeak)
     monkeypatch.setattr(run_module, "TENSOR_PEAK_DECODE_STEPS", 2)
     options = {**SMALL, "batch_sizes": (1,), "contexts": (8,), "decode_tokens": 5, "max_throughput": False}
     result = run_benchmark(*models, device="cpu", **options)
-    profiled = [steps for under_profiler, steps in calls if under_profiler]
-    timed = [steps for under_profiler, steps in calls if not under_profiler]
-    assert profiled == [2, 2]  # base and merged
+    counted = [steps for under_peak, steps in calls if under_peak]
+    timed = [steps for under_peak, steps in calls if not under_peak]
+    assert counted == [2, 2]  # base and merged
     assert timed.count(5) == 2  # one timed repetition of each model (the warm start decodes 2 steps of its own)
     assert result.settings["tensor_peak_decode_steps"] == 2
     assert "prefill + 2 decode steps" in result.to_markdown()
