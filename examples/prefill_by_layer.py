@@ -23,6 +23,7 @@ import torch
 
 from peft_lisa.benchmark.layer_clock import prefill_layer_times
 from peft_lisa.benchmark.pipeline import load_benchmark_models
+from peft_lisa.cli_options import even_rank, layer_list
 from peft_lisa.jobs.checks import load_analysis_file
 
 
@@ -31,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="base model (local path or hub id); default: the built-in SmolLM2-135M")
     parser.add_argument("--analysis", help="an attention analysis JSON to choose the shared layers from")
     parser.add_argument("--share-fraction", type=float, default=0.5)
-    parser.add_argument("--share-layers", help="comma-separated layers to share (instead of --share-fraction)")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--share-layers", type=layer_list, help="layers to share, e.g. 4,5,6")
+    parser.add_argument("--rank", type=even_rank, default=8)
     parser.add_argument("--head-mixing", choices=("full", "kv_group"), default="full")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=2048)
@@ -43,10 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    share = [int(layer) for layer in args.share_layers.split(",")] if args.share_layers else None
     analysis = load_analysis_file(args.analysis) if args.analysis else None
     base, merged, _ = load_benchmark_models(
-        args.model, None, share, args.share_fraction, analysis, args.rank, 0, args.head_mixing, None, "cpu"
+        args.model, None, args.share_layers, args.share_fraction, analysis, args.rank, 0, args.head_mixing, None, "cpu"
     )
     times = prefill_layer_times(base, merged, batch=args.batch, context=args.context, repeats=args.repeats)
     markdown = times.to_markdown()

@@ -26,7 +26,7 @@ from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
 from .cost_model import ModelShape
 from .layer_clock import LayerClock
-from .measure import random_ids, synthetic_cache, timed_decode
+from .measure import alternating, random_ids, synthetic_cache, timed_decode
 
 logger = logging.getLogger("peft_lisa")
 
@@ -110,7 +110,7 @@ def layer_decode_times(
     outside: dict[str, list[float]] = {key: [] for key in models}
     with torch.inference_mode():
         for repetition in range(repeats + 1):  # the first is a warm-up
-            for key in models if repetition % 2 == 0 else reversed(list(models)):
+            for key in alternating(models, repetition):
                 model, clock = models[key], clocks[key]
                 cache = synthetic_cache(model, batch, context, device, seed=repetition)
                 next_ids = random_ids(batch, 1, model.config.vocab_size, device, repetition)

@@ -21,7 +21,7 @@ from torch import nn
 from ..tuner.architectures import decoder_layers
 from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import chain_depths
-from .measure import machine_info, random_ids, synchronize
+from .measure import alternating, machine_info, random_ids, synchronize
 from .report import machine_label
 
 
@@ -156,7 +156,7 @@ def prefill_layer_times(
     try:
         with torch.inference_mode():
             for repetition in range(repeats + 1):  # the first is a warm-up
-                for key in models if repetition % 2 == 0 else reversed(list(models)):
+                for key in alternating(models, repetition):
                     clocks[key].reset()
                     synchronize(device)
                     start = time.perf_counter()

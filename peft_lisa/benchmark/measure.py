@@ -18,6 +18,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -249,6 +250,12 @@ def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (a no-op on CPU), before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def alternating(keys: Sequence[str], repetition: int) -> list[str]:
+    """The models ``keys`` in the order of one repetition: as given on even repetitions, reversed on odd ones, so
+    that each model runs first as often as it runs last."""
+    return list(keys) if repetition % 2 == 0 else list(keys)[::-1]
 
 
 def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: int) -> torch.Tensor:

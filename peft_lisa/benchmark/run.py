@@ -38,6 +38,7 @@ from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_worki
 from .measure import (
     PeakMemory,
     TensorPeak,
+    alternating,
     default_memory_limit,
     machine_info,
     prefill_then_decode,
@@ -54,6 +55,11 @@ logger = logging.getLogger("peft_lisa")
 # more than 13 GiB with it; 8 x 2048 with 64 steps was killed for memory on a 24 GiB machine). The decode's tensor
 # peak is its last step's (the largest cache), so a few more steps move it by the cache of those tokens alone.
 TENSOR_PEAK_DECODE_STEPS = 16
+
+
+def tensor_peak_decode_steps(decode_tokens: int) -> int:
+    """The decode steps of the untimed tensor-counting pass (``TENSOR_PEAK_DECODE_STEPS``)."""
+    return min(decode_tokens, TENSOR_PEAK_DECODE_STEPS)
 
 
 def run_benchmark(
@@ -189,7 +195,7 @@ def run_benchmark(
         "memory_limit_bytes": limit,
         "max_prefill_tokens": max_prefill_tokens,
         "peak_memory_method": peak_method,
-        "tensor_peak_decode_steps": min(decode_tokens, TENSOR_PEAK_DECODE_STEPS),
+        "tensor_peak_decode_steps": tensor_peak_decode_steps(decode_tokens),
         "seed": seed,
         "statistic": "median over repetitions",
         "prefill": "one forward over [B, T] random ids, use_cache=True, logits_to_keep=1 (includes cache build)",
@@ -213,10 +219,6 @@ def _warm_start(models: dict[str, nn.Module], device: torch.device, vocab: int, 
     ids = random_ids(1, 16, vocab, device, seed)
     for model in models.values():
         prefill_then_decode(model, ids, 2, device)
-
-
-def _order(repetition: int) -> tuple[str, ...]:
-    return MODEL_KEYS if repetition % 2 == 0 else MODEL_KEYS[::-1]
 
 
 def _run_config(
@@ -280,7 +282,7 @@ def _run_config(
 
     for repetition in range(warmup + repeats):
         timed = repetition >= warmup
-        for key in _order(repetition):
+        for key in alternating(MODEL_KEYS, repetition):
             if key not in mode:
                 continue
             run = results[key]
@@ -301,7 +303,7 @@ def _run_config(
         gc.collect()
     for key in mode:  # one more, untimed pass: the profiler that counts the tensors slows the run down
         with TensorPeak(device) as tensors:
-            one_run(key, min(decode_tokens, TENSOR_PEAK_DECODE_STEPS))
+            one_run(key, tensor_peak_decode_steps(decode_tokens))
         results[key].peak_tensor_bytes = tensors.peak
         gc.collect()
     bounds = ceilings(shapes["base"], shapes["merged"], batch, context)
@@ -387,7 +389,7 @@ def _max_throughput(
         result.points[key].method = how
     logger.log(level, f"max throughput: budget {fmt_bytes(budget)} at context {context}: max batch {batches}")
     for repetition in range(warmup + repeats):
-        for key in _order(repetition):
+        for key in alternating(MODEL_KEYS, repetition):
             if key not in runnable:
                 continue
             seconds, _ = synthetic_decode(models[key], batches[key], context, decode_tokens, device, seed)

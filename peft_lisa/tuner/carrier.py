@@ -238,12 +238,16 @@ class FoldedPart:
             return key
         return key[:, self.key_index]
 
+    def last_keys(self, keys: int, stop: Optional[int] = None) -> torch.Tensor:
+        """The last ``keys`` of this part's keys (the first ``stop`` of those, when given): B x H_k x keys (or
+        stop) x D."""
+        key = self.key[:, :, -keys:]
+        return key if stop is None else key[:, :, :stop]
+
     def scores(self, rows: slice, keys: int, stop: Optional[int] = None) -> torch.Tensor:
         """This part's float32 logits ``q k^T``, before its mixing, of queries ``rows`` against the last ``keys``
         keys (the first ``stop`` of them, when given): B x H x len(rows) x keys (or stop)."""
-        key = self.key[:, :, -keys:]
-        key = key if stop is None else key[:, :, :stop]
-        return grouped_scores(self.query[:, :, rows], key, self.scale)  # B x H x T_block x T_k
+        return grouped_scores(self.query[:, :, rows], self.last_keys(keys, stop), self.scale)  # B x H x T_block x T_k
 
 
 class FoldedScores(SourceLogits):
@@ -315,8 +319,8 @@ class FoldedScores(SourceLogits):
             total = batched_matmul(mix, flat, accumulate)
         for part in one_key_head:
             query = part.mixed_query(part.query[:, :, rows].float())  # B x H x T_block x D
-            key = part.key[:, :, -keys:] if stop is None else part.key[:, :, -keys:][:, :, :stop]
-            total = grouped_product(query, part.key_heads_read(key).float(), total)  # B x H x T_block x T_k
+            key = part.key_heads_read(part.last_keys(keys, stop)).float()
+            total = grouped_product(query, key, total)  # B x H x T_block x T_k
         if narrow:
             query = torch.cat([part.spread_query(rows) for part in narrow], dim=-1)  # B x H x T_block x W
             key = self.narrow_key(keys) if narrow_key is None else narrow_key  # B x T_k x W
