@@ -119,7 +119,7 @@ def load_domains(tokenizer) -> tuple[dict[str, list[str]], dict[str, torch.Tenso
     usable = len(license_part) // SEQ_LEN * SEQ_LEN
     calibration = {
         "pydoc": chunk_token_ids(tokenizer, load_texts("pydoc", split="train"), SEQ_LEN),
-        "license": torch.tensor(license_part[:usable]).view(-1, SEQ_LEN)[: BLOCKS],  # 8,192 tokens in a row
+        "license": torch.tensor(license_part[:usable]).view(-1, SEQ_LEN)[:BLOCKS],  # 8,192 tokens in a row
         "news": chunk_token_ids(tokenizer, news[:NEWS_SPLIT], SEQ_LEN),
         "wiki": chunk_token_ids(tokenizer, wiki[:WIKI_SPLIT], SEQ_LEN),
     }
