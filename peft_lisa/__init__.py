@@ -6,7 +6,7 @@ adapter or merged model.
 """
 
 from .analysis import AttentionAnalysis, analyze, choose_share_layers
-from .calibration import CalibrationReport, calibrate
+from .calibration import CalibrationReport, calibrate, mixed_token_blocks
 from .qlora import merge_dequantized
 from .tuner import (
     LISA_PEFT_TYPE,
@@ -33,6 +33,7 @@ __all__ = [
     "atomic_directory",
     "calibrate",
     "CalibrationReport",
+    "mixed_token_blocks",
     "choose_share_layers",
     "save_adapter",
     "LISA_PEFT_TYPE",

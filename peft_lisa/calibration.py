@@ -184,6 +184,35 @@ def _token_blocks(tokenizer: Any, texts: Iterable[str], seq_len: int, num_sequen
     return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
 
 
+def mixed_token_blocks(
+    tokenizer: Any, sources: Sequence[Iterable[str]], num_sequences: int, seq_len: int
+) -> torch.LongTensor:
+    """Calibration blocks from several text sources in equal shares: ``num_sequences`` blocks of ``seq_len`` tokens,
+    the first blocks of each source (its texts joined by EOS, read only as far as needed), interleaved source by
+    source. The first sources take one block more when ``num_sequences`` does not divide evenly. Pass the result to
+    :func:`calibrate` (or as ``LiSATrainer(calibration_texts=...)``) to fit the adapter on every domain it will serve:
+    a shared layer calibrated on one domain's text matches its base layer on that domain and much less on others
+    (``docs/calibration/domain.md``).
+
+    Raises:
+        ValueError: no sources, more sources than sequences, or a source shorter than one block.
+    """
+    if not sources or num_sequences < len(sources) or seq_len < 2:
+        raise ValueError(
+            f"mixed_token_blocks() needs at least one source, no more sources ({len(sources)}) than sequences "
+            f"({num_sequences}), and seq_len >= 2 (got {seq_len})."
+        )
+    shares = [num_sequences // len(sources) + (i < num_sequences % len(sources)) for i in range(len(sources))]
+    parts = []
+    for number, (texts, share) in enumerate(zip(sources, shares, strict=True), start=1):
+        try:
+            parts.append(_token_blocks(tokenizer, texts, seq_len, share))
+        except ValueError as error:
+            raise ValueError(f"calibration source {number} of {len(sources)}: {error}") from None
+    rows = [part[i] for i in range(max(shares)) for part in parts if i < len(part)]  # source by source
+    return torch.stack(rows)
+
+
 def _given_blocks(ids: torch.Tensor) -> torch.LongTensor:
     """Token blocks given to :func:`calibrate` as a tensor, checked: ``num_blocks x block_len`` integers."""
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2 or ids.is_floating_point() or ids.is_complex():

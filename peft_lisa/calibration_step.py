@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from .calibration import DEFAULT_ADAM_STEPS, DEFAULT_LR, DEFAULT_NUM_SEQUENCES, CalibrationReport, calibrate
@@ -76,10 +77,16 @@ def dataset_texts(source: Any, tokenizer: Any = None) -> Iterable[str]:
     )
 
 
+def calibration_seq_len(config: LiSACalibrationConfig, max_length: Optional[int] = None) -> int:
+    """Tokens per calibration sequence before training: ``config.seq_len``, else the training's ``max_length``
+    capped at 256."""
+    return config.seq_len or min(256, max_length or 256)
+
+
 def calibrate_before_training(
     peft_model: nn.Module,
     tokenizer: Any,
-    texts: Iterable[str],
+    texts: Union[Iterable[str], torch.LongTensor],
     config: LiSACalibrationConfig,
     *,
     max_length: Optional[int] = None,
@@ -90,7 +97,7 @@ def calibrate_before_training(
 
     Returns the report, or None (with a warning) when the texts are shorter than one calibration sequence.
     """
-    seq_len = config.seq_len or min(256, max_length or 256)
+    seq_len = calibration_seq_len(config, max_length)
     try:
         report = calibrate(
             peft_model,
@@ -115,4 +122,4 @@ def calibrate_before_training(
     return report
 
 
-__all__ = ["LiSACalibrationConfig", "calibrate_before_training", "dataset_texts"]
+__all__ = ["LiSACalibrationConfig", "calibrate_before_training", "calibration_seq_len", "dataset_texts"]

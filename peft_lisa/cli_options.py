@@ -152,7 +152,8 @@ def add_eval_options(group: Any, prefix: str = "") -> None:
 
 
 def add_calibration_options(group: Any) -> None:
-    """The budget of the layer-wise calibration (``peft_lisa.calibrate``): sequences, Adam steps, learning rate."""
+    """The layer-wise calibration (``peft_lisa.calibrate``): its budget (sequences, Adam steps, learning rate), copy
+    blocks, and the sources it reads."""
     default = LiSACalibrationConfig()  # the library's defaults, stated once
     sequences, steps, lr = default.num_sequences, default.adam_steps, default.lr
     option(group, "--calibration-sequences", positive_int, sequences, f"calibration sequences (default: {sequences})")
@@ -163,6 +164,14 @@ def add_calibration_options(group: Any) -> None:
         "in-context copying, at a small perplexity cost (docs/calibration/copying.md; default: 0)"
     )
     option(group, "--calibration-copy-blocks", non_negative_int, default.copy_blocks, copies_help)
+    group.add_argument(
+        "--calibration-data",
+        nargs="+",
+        metavar="SOURCE",
+        help="calibrate on these sources (each as --data takes it: pydoc, a .txt/.jsonl/.json file, a datasets name "
+        "or directory; their training part) in equal shares instead of --data: include every domain the model will "
+        "serve (docs/calibration/domain.md; default: --data)",
+    )
 
 
 def add_generation_options(group: Any, default_tokens: int) -> None:

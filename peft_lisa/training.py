@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -137,10 +137,11 @@ class LiSATrainer(_sft_trainer_cls()):
       quantized model to bfloat16, QLoRA style; pass ``keep_adapter_fp32=False`` to keep that), and applies
       :func:`keep_4bit_weights_trainable` (bitsandbytes on CPU otherwise stops gradients after any evaluation);
     * calibrates the adapter (:func:`peft_lisa.calibrate`, budget ``calibration``, on ``calibration_texts`` or the
-      training dataset's texts) before the first training step, unless ``calibrate=False`` or the run resumes from a
-      checkpoint (whose adapter replaces it); the report is ``calibration_report``. Under DDP / FSDP every process
-      calibrates, on the same texts with the same seed, before the model is wrapped; the wrapper then broadcasts the
-      main process's parameters, so all processes start training from one state;
+      training dataset's texts; ``calibration_texts`` may also be token blocks, e.g. of several domains from
+      :func:`peft_lisa.mixed_token_blocks`) before the first training step, unless ``calibrate=False`` or the run
+      resumes from a checkpoint (whose adapter replaces it); the report is ``calibration_report``. Under DDP / FSDP
+      every process calibrates, on the same texts with the same seed, before the model is wrapped; the wrapper then
+      broadcasts the main process's parameters, so all processes start training from one state;
     * adds ``attn_kl_weight_at(step) * attn_kl + output_kl_weight * output_kl`` to the loss and logs ``lm_loss``,
       ``attn_kl``, ``attn_kl_weight`` and ``output_kl`` (unweighted values) next to ``loss``.
 
@@ -157,7 +158,7 @@ class LiSATrainer(_sft_trainer_cls()):
         keep_adapter_fp32: bool = True,
         calibrate: bool = True,
         calibration: Optional[LiSACalibrationConfig] = None,
-        calibration_texts: Optional[Iterable[str]] = None,
+        calibration_texts: Optional[Union[Iterable[str], torch.LongTensor]] = None,
         **kwargs: Any,
     ) -> None:
         self.distillation = distillation or LiSADistillationConfig()

@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import CalibrationReport, LiSAConfig, calibrate
-from peft_lisa.calibration import copy_run_blocks
+from peft_lisa.calibration import copy_run_blocks, mixed_token_blocks
 from peft_lisa.tuner.functional import permutation_matrix
 
 from .conftest import VOCAB, tiny_model
@@ -132,6 +132,35 @@ def test_token_blocks_calibrate_as_the_texts_they_come_from():
     for bad in (torch.tensor(ids), torch.rand(4, 32), torch.zeros(4, 1, dtype=torch.long)):
         with pytest.raises(ValueError, match="num_blocks x block_len"):
             calibrate(peft_model, WordTokenizer(), bad, **FAST)
+
+
+def test_mixed_token_blocks_take_equal_shares_of_each_source_interleaved_and_read_lazily():
+    """Blocks of several sources: the first blocks of each, source by source, the first sources taking the remainder;
+    a source is read only as far as its share needs."""
+    read = []
+
+    def source(first_word: int, documents: int = 1000):
+        for index in range(documents):  # each document: 10 tokens of this source's own words
+            read.append((first_word, index))
+            yield " ".join(f"w{first_word + (index + i) % 10}" for i in range(10))
+
+    blocks = mixed_token_blocks(WordTokenizer(), [source(10), source(30), source(50)], num_sequences=8, seq_len=16)
+    assert blocks.shape == (8, 16) and blocks.dtype == torch.long
+    # shares 3, 3, 2, interleaved: sources 1 2 3 1 2 3 1 2
+    owners = [
+        sorted({token // 10 * 10 for token in row if token != WordTokenizer.eos_token_id}) for row in blocks.tolist()
+    ]
+    assert owners == [[10], [30], [50], [10], [30], [50], [10], [30]]
+    # the first blocks of each source, in order: its stream joined by EOS
+    first = list(source(10, 5))
+    stream = [int(w[1:]) for w in first[0].split()] + [1] + [int(w[1:]) for w in first[1].split()]
+    assert blocks[0].tolist() == stream[:16]
+    # 3 blocks x 16 tokens need 5 documents of 10 tokens (+ EOS) from the first source, not 1000
+    assert max(index for owner, index in read if owner == 10) < 6
+    with pytest.raises(ValueError, match="no more sources"):
+        mixed_token_blocks(WordTokenizer(), [source(10), source(30)], num_sequences=1, seq_len=16)
+    with pytest.raises(ValueError, match="calibration source 2 of 2: .*fewer than one sequence"):
+        mixed_token_blocks(WordTokenizer(), [source(10), source(30, documents=1)], num_sequences=4, seq_len=16)
 
 
 def test_copy_run_blocks_are_runs_each_followed_by_its_repeat():

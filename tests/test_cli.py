@@ -444,6 +444,67 @@ def test_calibrate_creates_or_loads_an_adapter_and_saves_the_report(capsys, work
     assert code == 2 and "--adapter brings its own layers" in err
 
 
+def source_of_each_block(blocks: torch.Tensor, vocabularies: list[set[int]]) -> list[int]:
+    """Which of ``vocabularies`` (token-id sets, disjoint) each block's tokens come from; -1 for a mixed block."""
+    owners = []
+    for row in blocks.tolist():
+        found = [i for i, vocab in enumerate(vocabularies) if set(row) - {1} <= vocab]  # 1: EOS between documents
+        owners.append(found[0] if len(found) == 1 else -1)
+    return owners
+
+
+@pytest.fixture(scope="module")
+def domain_files(work):
+    """Two text files of disjoint words (w20-w39, w40-w59) and the token ids of each."""
+    rng, tokenizer, vocabularies = random.Random(1), tiny_tokenizer(), []
+    for name, words in (("domain_a.txt", WORDS[20:40]), ("domain_b.txt", WORDS[40:60])):
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(30)]
+        (work / name).write_text("\n\n".join(docs))
+        vocabularies.append(set(tokenizer.convert_tokens_to_ids(words)))
+    return [work / "domain_a.txt", work / "domain_b.txt"], vocabularies
+
+
+def test_calibration_data_sources_are_calibrated_on_in_equal_shares(capsys, work, domain_files, monkeypatch):
+    """``--calibration-data A B`` (calibrate and train): the calibration reads the two sources' blocks in turn instead
+    of --data, and the results record them; a missing source, or calibration data without calibration, is refused."""
+    from peft_lisa import calibration_step
+    from peft_lisa.jobs import calibrate_job
+
+    (a, b), vocabularies = domain_files
+    given = []
+
+    def recording(real):
+        def calibrate(peft_model, tokenizer, texts, **kwargs):
+            given.append(texts)
+            return real(peft_model, tokenizer, texts, **kwargs)
+
+        return calibrate
+
+    monkeypatch.setattr(calibrate_job, "calibrate_layers", recording(calibrate_job.calibrate_layers))
+    monkeypatch.setattr(calibration_step, "calibrate", recording(calibration_step.calibrate))
+    layers = ["--share-layers", "2,3", "--rank", RANK, "--calibration-sequences", 5, "--calibration-steps", 2]
+    out = work / "calibrated_domains"
+    printed = ok(capsys, "calibrate", *tiny(work), *layers, "--seq-len", 16, "--no-eval", "--calibration-data", a, b,
+                 "--output-dir", out)  # fmt: skip
+    assert f"calibrated on {a}, {b}\n" in printed
+    assert given[-1].shape == (5, 16)
+    assert source_of_each_block(given[-1], vocabularies) == [0, 1, 0, 1, 0]
+    assert json.loads((out / "results.json").read_text())["calibration_data"] == [str(a), str(b)]
+
+    trained = work / "train_domains"
+    ok(capsys, "train", *tiny(work), *layers, "--max-steps", 1, *TRAIN, "--no-eval", "--calibration-data", b, a,
+       "--output-dir", trained)  # fmt: skip
+    assert given[-1].shape == (5, 32)  # the training's sequence length (--seq-len 32)
+    assert source_of_each_block(given[-1], vocabularies) == [1, 0, 1, 0, 1]
+    results = json.loads((trained / "results.json").read_text())
+    assert results["calibration_data"] == [str(b), str(a)] and results["calibration"]["num_sequences"] == 5
+
+    code, _, err = run(capsys, "calibrate", *tiny(work), *layers, "--calibration-data", a, work / "missing.txt")
+    assert code == 2 and "--calibration-data" in err and "missing.txt: no such file" in err
+    code, _, err = run(capsys, "train", *tiny(work), *layers, "--no-calibrate", "--calibration-data", a)
+    assert code == 2 and "--calibration-data needs calibration" in err
+
+
 def test_eval_adapter_prints_perplexity_and_generations(capsys, work, run_dir):
     report = work / "eval.json"
     adapter = ["--adapter", run_dir / "adapter", "--data", work / "data.txt", *WINDOW, "--compare-base"]

@@ -32,6 +32,8 @@ from .metrics import ADAPTER_METRICS_FILE, card_metrics, measure_perplexity, to_
 from .train_setup import (
     DEFAULT_LAYER_SCORE,
     NEW_ADAPTER_OPTIONS,
+    calibration_data_blocks,
+    check_calibration_data,
     choose_lisa_config,
     load_training_model,
     portable_base_name,
@@ -50,7 +52,8 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     The adapter: ``adapter`` (an existing LiSA adapter directory, calibrated further), or a new one on ``model``
     (``load_in_4bit``) with the layer options of ``peft-lisa train`` (``share_layers`` or ``share_fraction``,
     ``layer_score``, ``analysis``, ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``). The calibration:
-    ``calibration_sequences`` of ``seq_len`` tokens of ``data`` (its training part), ``batch_size`` per step,
+    ``calibration_sequences`` of ``seq_len`` tokens of ``data`` (its training part), or of the ``calibration_data``
+    sources in equal shares (their training parts; the layer choice still reads ``data``), ``batch_size`` per step,
     ``calibration_steps`` Adam steps per shared layer at ``calibration_lr``, ``calibration_copy_blocks`` (blocks of
     repeated random-token runs added, :func:`peft_lisa.calibrate`), ``seed``. ``evaluate``: the held-out
     perplexity before and after (:class:`~.checks.HeldOutPerplexityOptions`). ``output_dir`` receives ``adapter/``
@@ -72,6 +75,7 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     calibration_steps: int = DEFAULT_ADAM_STEPS
     calibration_copy_blocks: int = 0
     calibration_lr: float = DEFAULT_LR
+    calibration_data: Optional[list[str]] = None
     seq_len: int = 256
     batch_size: int = 4
     seed: int = 0
@@ -91,7 +95,9 @@ class CalibrateResult:
 
     def summary(self) -> str:
         """The report ``peft-lisa calibrate`` prints: the per-layer table, the perplexities, the next commands."""
-        lines = [f"shared layers: {self.results['share_layers']}; rank {self.results['rank']}", ""]
+        results = self.results
+        sources = ", ".join(map(str, results["calibration_data"]))
+        lines = [f"shared layers: {results['share_layers']}; rank {results['rank']}; calibrated on {sources}", ""]
         lines += [self.report.to_markdown(), ""]
         metrics = self.results["metrics"]
         for key, label in (("untrained_perplexity", "before calibration"), ("perplexity", "calibrated")):
@@ -109,6 +115,7 @@ class CalibrateResult:
 def _check(job: CalibrateJob) -> Optional[dict[str, Any]]:
     check_model_name(job.model)
     check_data_source(job.data)
+    check_calibration_data(job.calibration_data)
     if job.share_layers is not None and job.share_fraction is not None:
         raise JobInputError("give --share-layers or --share-fraction, not both")
     if job.share_layers is not None:
@@ -154,6 +161,7 @@ def calibrate(job: CalibrateJob) -> CalibrateResult:
     out = Path(job.output_dir)
     texts = load_evaluation_texts(job.data, job.split, job.text_field, job.held_out_fraction)
     peft_model, tokenizer, choice = _load(job, texts, out)
+    blocks = calibration_data_blocks(job, job.calibration_data, tokenizer, job.calibration_sequences, job.seq_len)
     adapter_name = peft_model.active_adapter
     config = peft_model.peft_config[adapter_name]
     metrics: dict[str, Any] = {}
@@ -169,7 +177,7 @@ def calibrate(job: CalibrateJob) -> CalibrateResult:
     report = calibrate_layers(
         peft_model,
         tokenizer,
-        texts,
+        texts if blocks is None else blocks,
         num_sequences=job.calibration_sequences,
         seq_len=job.seq_len,
         batch_size=job.batch_size,
@@ -197,6 +205,7 @@ def calibrate(job: CalibrateJob) -> CalibrateResult:
         "model": model_label(job.model),
         "load_in_4bit": job.load_in_4bit,
         "data": job.data,
+        "calibration_data": job.calibration_data or [job.data],
         "share_layers": list(config.share_layers),
         "layer_choice": choice,
         "rank": config.rank,

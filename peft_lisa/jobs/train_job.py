@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from ..calibration import DEFAULT_ADAM_STEPS, DEFAULT_LR, DEFAULT_NUM_SEQUENCES
+from ..calibration_step import calibration_seq_len
 from ..data import (
     evaluation_texts,
     is_conversational_dataset,
@@ -51,6 +52,8 @@ from .metrics import (
 from .train_setup import (
     DEFAULT_LAYER_SCORE,
     NEW_ADAPTER_OPTIONS,
+    calibration_data_blocks,
+    check_calibration_data,
     choose_lisa_config,
     config_from_checkpoint,
     find_checkpoint,
@@ -104,7 +107,8 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     the data alone.
     Calibration before training (:class:`peft_lisa.training.LiSATrainer`; not when resuming): ``calibrate``,
     ``calibration_sequences``, ``calibration_steps`` (Adam steps per shared layer), ``calibration_lr``,
-    ``calibration_copy_blocks`` (blocks of repeated random-token runs added, :func:`peft_lisa.calibrate`).
+    ``calibration_copy_blocks`` (blocks of repeated random-token runs added, :func:`peft_lisa.calibrate`),
+    ``calibration_data`` (sources calibrated on in equal shares instead of the data, read as ``data`` is).
     Objective (:class:`peft_lisa.training.LiSADistillationConfig`): ``lm_weight`` (the LM loss), ``attn_kl_weight``,
     ``attn_kl_warmup_steps`` (linear decay to 0 over them), ``attn_kl_layer_reduction``, ``output_kl_weight``,
     ``temperature``.
@@ -148,6 +152,7 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     calibration_steps: int = DEFAULT_ADAM_STEPS
     calibration_lr: float = DEFAULT_LR
     calibration_copy_blocks: int = 0
+    calibration_data: Optional[list[str]] = None
     attn_kl_weight: float = 0.0
     attn_kl_warmup_steps: int = 0
     attn_kl_layer_reduction: str = "mean"
@@ -313,6 +318,9 @@ def _check(job: TrainJob) -> Optional[dict[str, Any]]:
         raise JobInputError("--resume takes the shared layers from the checkpoint: drop --share-fraction/--analysis")
     if job.eval_calibrated and not job.calibrate:
         raise JobInputError("--eval-calibrated needs calibration: drop --no-calibrate")
+    if job.calibration_data and not job.calibrate:
+        raise JobInputError("--calibration-data needs calibration: drop --no-calibrate")
+    check_calibration_data(job.calibration_data)
     if job.calibration_sequences < 1 or job.calibration_steps < 0 or job.calibration_lr <= 0:
         raise JobInputError("--calibration-sequences must be >= 1, --calibration-steps >= 0, --calibration-lr > 0")
     if job.lm_weight == 0 and not (job.output_kl_weight or job.attn_kl_weight):
@@ -473,13 +481,20 @@ def train(job: TrainJob) -> TrainResult:
         copy_blocks=job.calibration_copy_blocks,
         seed=job.seed,
     )
+    # Calibration fits the base model on the data alone (mixing self-generated text in was measured worse there), or
+    # on the --calibration-data sources in equal shares.
+    calibration_texts = evaluation_texts(dataset, tokenizer) if self_generated else None
+    if calibrate and job.calibration_data:
+        seq_len = calibration_seq_len(calibration, job.seq_len)
+        calibration_texts = calibration_data_blocks(
+            job, job.calibration_data, tokenizer, calibration.num_sequences, seq_len
+        )
     trainer = LiSATrainer(
         model,
         sft_config,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        # Calibration fits the base model on the data alone (mixing self-generated text in was measured worse there).
-        calibration_texts=evaluation_texts(dataset, tokenizer) if self_generated else None,
+        calibration_texts=calibration_texts,
         peft_config=config,
         distillation=distill,
         calibrate=calibrate,
@@ -545,6 +560,7 @@ def train(job: TrainJob) -> TrainResult:
         "distillation": distill.to_dict(),
         "self_generated": self_generated,
         "calibration_config": calibration.to_dict() if calibrate else None,
+        "calibration_data": (job.calibration_data or [job.data]) if calibrate else None,
         "calibration": trainer.calibration_report.to_dict() if trainer.calibration_report else None,
         "calibration_minutes": round(calibration_minutes, 2),
         "training": {

@@ -12,10 +12,20 @@ from typing import Any, Optional
 import torch
 
 from ..analysis import CALIBRATED_SCORE_SETTINGS, analyze
+from ..calibration import mixed_token_blocks
+from ..data import load_evaluation_texts
 from ..resources import DEFAULT_MODEL
 from ..tuner.config import DEFAULT_ALIGN_HIDDEN, LiSAConfig
 from ..tuner.layer_choice import SCORES, score_switch
-from .checks import ANALYZE_SWITCH_OPTIONS, JobInputError, check_adapter_dir, check_share_layers, load_base_model
+from .checks import (
+    ANALYZE_SWITCH_OPTIONS,
+    JobInputError,
+    JobOptions,
+    check_adapter_dir,
+    check_data_source,
+    check_share_layers,
+    load_base_model,
+)
 
 logger = logging.getLogger("peft_lisa")
 
@@ -45,6 +55,32 @@ CHECKPOINT_CONFIG_KEYS = (
     "rotary_frequencies",
     "init_lowrank",
 )
+
+
+def check_calibration_data(sources: Optional[list[str]]) -> None:
+    """Refuse ``--calibration-data`` sources that name missing files (see :func:`~.checks.check_data_source`)."""
+    for source in sources or ():
+        check_data_source(source, "--calibration-data")
+
+
+def calibration_data_blocks(
+    job: JobOptions, sources: Optional[list[str]], tokenizer: Any, num_sequences: int, seq_len: int
+) -> Optional[torch.LongTensor]:
+    """The calibration blocks of ``--calibration-data`` (None without it): the ``job.split`` part of each source,
+    read as ``--data`` is, in equal shares (:func:`peft_lisa.mixed_token_blocks`)."""
+    if not sources:
+        return None
+    try:
+        texts = [
+            load_evaluation_texts(source, job.split, job.text_field, job.held_out_fraction, tokenizer)
+            for source in sources
+        ]
+        blocks = mixed_token_blocks(tokenizer, texts, num_sequences, seq_len)
+    except ValueError as error:
+        raise JobInputError(f"--calibration-data {' '.join(sources)}: {error}") from None
+    names = ", ".join(sources)
+    logger.info(f"calibrating on {len(blocks)} sequences of {seq_len} tokens from {names} in equal shares")
+    return blocks
 
 
 def find_checkpoint(resume: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
