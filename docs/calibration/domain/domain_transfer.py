@@ -27,7 +27,8 @@ interleaved); the 32 blocks of a text are spread evenly over its calibration par
     ...  (the list in docs/calibration/domain.md)
     python $D/domain_transfer.py --table $D/*.json
 
-``--table`` writes ``table.md`` and ``transfer.png`` next to the first file.
+``--table`` writes ``table.md`` and ``transfer.png`` next to the first file; ``--export DIR`` writes the news and
+Wikipedia calibration parts to ``DIR/news_train.txt`` and ``DIR/wiki_train.txt`` (``--calibration-data`` sources).
 """
 
 from __future__ import annotations
@@ -209,13 +210,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", type=Path, nargs="+", help="assemble these results into table.md and a plot")
+    parser.add_argument("--export", type=Path, help="write the news and Wikipedia calibration parts as .txt here")
     args = parser.parse_args()
     if args.table:
         table(args.table)
+    elif args.export:
+        args.export.mkdir(parents=True, exist_ok=True)
+        (args.export / "news_train.txt").write_text("\n\n".join(news_articles()[:NEWS_SPLIT]), encoding="utf-8")
+        (args.export / "wiki_train.txt").write_text("\n\n".join(wiki_articles()[:WIKI_SPLIT]), encoding="utf-8")
     elif args.data and args.out:
         run(args.data, args.out, args.threads)
     else:
-        parser.error("give --data and --out, or --table FILES")
+        parser.error("give --data and --out, --table FILES, or --export DIR")
 
 
 if __name__ == "__main__":
