@@ -27,8 +27,8 @@ interleaved); the 32 blocks of a text are spread evenly over its calibration par
     ...  (the list in docs/calibration/domain.md)
     python $D/domain_transfer.py --table $D/*.json
 
-``--table`` writes ``table.md`` and ``transfer.png`` next to the first file; ``--export DIR`` writes the news and
-Wikipedia calibration parts to ``DIR/news_train.txt`` and ``DIR/wiki_train.txt`` (``--calibration-data`` sources).
+``--table`` writes ``table.md`` and ``transfer.png`` next to the first file; ``--export DIR`` writes the texts of the
+main-job runs in domain.md (:func:`export`).
 """
 
 from __future__ import annotations
@@ -204,20 +204,45 @@ def table(files: list[Path]) -> None:
     fig.savefig(out_dir / "transfer.png", dpi=110)
 
 
+def export(out_dir: Path) -> None:
+    """The texts of the main-job runs in domain.md: the news and Wikipedia calibration parts (``news_train.txt``,
+    ``wiki_train.txt``), the news measured part (``news_test.txt``), and ``pydoc_news.jsonl``: the 200 news
+    calibration articles and as many tokens of pydoc train documents (shuffled, seed 0), alternating."""
+    import random
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    news = news_articles()
+    (out_dir / "news_train.txt").write_text("\n\n".join(news[:NEWS_SPLIT]), encoding="utf-8")
+    (out_dir / "news_test.txt").write_text("\n\n".join(news[NEWS_SPLIT:]), encoding="utf-8")
+    (out_dir / "wiki_train.txt").write_text("\n\n".join(wiki_articles()[:WIKI_SPLIT]), encoding="utf-8")
+    _, tokenizer = load_model_and_tokenizer(None)
+    news_tokens = sum(len(tokenizer(text)["input_ids"]) for text in news[:NEWS_SPLIT])
+    pydoc = load_texts("pydoc", split="train")
+    random.Random(0).shuffle(pydoc)
+    chosen, tokens = [], 0
+    for document in pydoc:
+        if tokens >= news_tokens:
+            break
+        chosen.append(document)
+        tokens += len(tokenizer(document)["input_ids"])
+    pairs = [(chosen[i : i + 1], news[i : i + 1]) for i in range(max(len(chosen), NEWS_SPLIT))]
+    documents = [document for first, second in pairs for document in (*first, *second)]
+    lines = "".join(json.dumps({"text": document}) + "\n" for document in documents)
+    (out_dir / "pydoc_news.jsonl").write_text(lines, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="base, or the calibration text(s): " + ", ".join(TEXTS) + ", joined by +")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", type=Path, nargs="+", help="assemble these results into table.md and a plot")
-    parser.add_argument("--export", type=Path, help="write the news and Wikipedia calibration parts as .txt here")
+    parser.add_argument("--export", type=Path, help="write the texts of domain.md's main-job runs here")
     args = parser.parse_args()
     if args.table:
         table(args.table)
     elif args.export:
-        args.export.mkdir(parents=True, exist_ok=True)
-        (args.export / "news_train.txt").write_text("\n\n".join(news_articles()[:NEWS_SPLIT]), encoding="utf-8")
-        (args.export / "wiki_train.txt").write_text("\n\n".join(wiki_articles()[:WIKI_SPLIT]), encoding="utf-8")
+        export(args.export)
     elif args.data and args.out:
         run(args.data, args.out, args.threads)
     else:
