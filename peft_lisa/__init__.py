@@ -6,7 +6,8 @@ adapter or merged model.
 """
 
 from .analysis import AttentionAnalysis, analyze, choose_share_layers
-from .calibration import CalibrationReport, calibrate, mixed_token_blocks
+from .calibration import CalibrationReport, calibrate
+from .calibration_blocks import mixed_token_blocks
 from .qlora import merge_dequantized
 from .tuner import (
     LISA_PEFT_TYPE,

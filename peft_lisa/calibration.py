@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .calibration_blocks import given_blocks, token_blocks, with_copy_blocks
 from .tuner.attention import LiSASubstitute
 from .tuner.functional import additive_mask, layer_logits
 from .tuner.layer import ROLE_SHARED, LiSALayer
@@ -157,104 +158,6 @@ def attention_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ``student_logits``/``teacher_logits``: B x H x T_q x T_k pre-softmax, pre-mask; ``mask``: additive, broadcastable.
     """
     return TeacherRows.of(teacher_logits, mask).kl(student_logits)
-
-
-def _token_blocks(tokenizer: Any, texts: Iterable[str], seq_len: int, num_sequences: int) -> torch.LongTensor:
-    """The first ``num_sequences`` blocks of ``seq_len`` tokens of the texts, joined by EOS; reads only as many texts
-    as it needs."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    needed = num_sequences * seq_len
-    for text in texts:
-        if not text or not text.strip():
-            continue
-        if stream and eos is not None:
-            stream.append(eos)
-        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if len(stream) >= needed:
-            break
-    blocks = min(len(stream) // seq_len, num_sequences)
-    if blocks == 0:
-        raise ValueError(
-            f"calibrate() got {len(stream)} tokens, fewer than one sequence of seq_len={seq_len}; give it more text "
-            "or a smaller seq_len."
-        )
-    if blocks < num_sequences:
-        logger.warning("calibrate: the texts give only %d of the %d sequences asked for", blocks, num_sequences)
-    return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
-
-
-def mixed_token_blocks(
-    tokenizer: Any, sources: Sequence[Iterable[str]], num_sequences: int, seq_len: int
-) -> torch.LongTensor:
-    """Calibration blocks from several text sources in equal shares: ``num_sequences`` blocks of ``seq_len`` tokens,
-    the first blocks of each source (its texts joined by EOS, read only as far as needed), interleaved source by
-    source. The first sources take one block more when ``num_sequences`` does not divide evenly. Pass the result to
-    :func:`calibrate` (or as ``LiSATrainer(calibration_texts=...)``) to fit the adapter on every domain it will serve:
-    a shared layer calibrated on one domain's text matches its base layer on that domain and much less on others
-    (``docs/calibration/domain.md``).
-
-    Raises:
-        ValueError: no sources, more sources than sequences, or a source shorter than one block.
-    """
-    if not sources or num_sequences < len(sources) or seq_len < 2:
-        raise ValueError(
-            f"mixed_token_blocks() needs at least one source, no more sources ({len(sources)}) than sequences "
-            f"({num_sequences}), and seq_len >= 2 (got {seq_len})."
-        )
-    shares = [num_sequences // len(sources) + (i < num_sequences % len(sources)) for i in range(len(sources))]
-    parts = []
-    for number, (texts, share) in enumerate(zip(sources, shares, strict=True), start=1):
-        try:
-            parts.append(_token_blocks(tokenizer, texts, seq_len, share))
-        except ValueError as error:
-            raise ValueError(f"calibration source {number} of {len(sources)}: {error}") from None
-    rows = [part[i] for i in range(max(shares)) for part in parts if i < len(part)]  # source by source
-    return torch.stack(rows)
-
-
-def _given_blocks(ids: torch.Tensor) -> torch.LongTensor:
-    """Token blocks given to :func:`calibrate` as a tensor, checked: ``num_blocks x block_len`` integers."""
-    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2 or ids.is_floating_point() or ids.is_complex():
-        raise ValueError(
-            f"calibrate() got a tensor of shape {tuple(ids.shape)} and dtype {ids.dtype} as texts; token blocks must "
-            "be an integer tensor num_blocks x block_len (block_len >= 2), or pass the texts as strings."
-        )
-    return ids.long()
-
-
-def copy_run_blocks(
-    num_blocks: int,
-    block_len: int,
-    vocab_size: int,
-    generator: torch.Generator,
-    run_lengths: tuple[int, int] = (16, 96),
-) -> torch.LongTensor:
-    """``num_blocks x block_len`` token ids, each block runs of random tokens each followed by its repeat, the run
-    lengths drawn from ``run_lengths`` (inclusive; the last pair cut to fit), the tokens from ids
-    ``min(100, vocab_size // 4)`` up (past the special tokens most vocabularies start with).
-
-    Calibrating on such blocks as well as on text keeps more of the base model's in-context copying
-    (``docs/calibration/copying.md``); varied lengths make a shared layer match on content rather than learn one
-    distance."""
-    low = min(100, vocab_size // 4)
-    blocks = []
-    for _ in range(num_blocks):
-        parts, filled = [], 0
-        while filled < block_len:
-            length = int(torch.randint(run_lengths[0], run_lengths[1] + 1, (1,), generator=generator))
-            run = torch.randint(low, vocab_size, (length,), generator=generator)
-            parts += [run, run]
-            filled += 2 * length
-        blocks.append(torch.cat(parts)[:block_len])
-    return torch.stack(blocks)
-
-
-def _with_copy_blocks(ids: torch.Tensor, copy_blocks: int, vocab_size: int, seed: int) -> torch.LongTensor:
-    """``ids`` with ``copy_blocks`` blocks of :func:`copy_run_blocks` shuffled in (a fixed ``seed``)."""
-    generator = torch.Generator().manual_seed(seed)
-    blocks = torch.cat([ids, copy_run_blocks(copy_blocks, ids.shape[1], vocab_size, generator)])
-    return blocks[torch.randperm(len(blocks), generator=generator)]
 
 
 def _wrappers(peft_model: nn.Module) -> tuple[str, dict[int, LiSALayer]]:
@@ -482,9 +385,9 @@ def calibrate(
         cache_targets: keep the current layer's source and teacher logits (``2 x num_sequences x H x T x T``
             float32) while it is fitted instead of recomputing them at every step: about 40% faster; ``False``
             keeps only hidden states.
-        copy_blocks: add this many blocks of repeated random-token runs (:func:`copy_run_blocks`) to the calibration
-            blocks: the calibrated (and trained) adapter keeps more of the base model's in-context copying, at a
-            small cost in perplexity (``docs/calibration/copying.md``); 0 (default): text only.
+        copy_blocks: add this many blocks of repeated random-token runs (``calibration_blocks.copy_run_blocks``) to
+            the calibration blocks: the calibrated (and trained) adapter keeps more of the base model's in-context
+            copying, at a small cost in perplexity (``docs/calibration/copying.md``); 0 (default): text only.
         seed: seed of the Adam mini-batch order (and of the copy blocks).
         progress: show a progress bar over the shared layers.
         log: log what was recorded and each layer's KL at INFO level on the ``peft_lisa`` logger; ``False`` logs
@@ -502,20 +405,21 @@ def calibrate(
         )
     adapter, wrappers = _wrappers(peft_model)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    ids = (
-        _given_blocks(texts)
-        if isinstance(texts, torch.Tensor)
-        else _token_blocks(tokenizer, texts, seq_len, num_sequences)
-    )
+    if isinstance(texts, torch.Tensor):
+        ids = given_blocks(texts)
+    else:
+        ids = token_blocks(tokenizer, texts, seq_len, num_sequences)
+        if len(ids) < num_sequences:
+            logger.warning("calibrate: the texts give only %d of the %d sequences asked for", len(ids), num_sequences)
     if copy_blocks:
-        ids = _with_copy_blocks(ids, copy_blocks, peft_model.get_base_model().config.vocab_size, seed)
+        ids = with_copy_blocks(ids, copy_blocks, peft_model.get_base_model().config.vocab_size, seed)
     info = logger.info if log else logger.debug
     batches = list(_record_batches(peft_model, wrappers, ids, batch_size))
     stored = sum(t.numel() * t.element_size() for batch in batches for t in batch.hidden.values())
     info(
         "calibrate: recorded %d sequences x %d tokens at %d wrapped layers (%.1f MiB of hidden states)",
         ids.shape[0],
-        seq_len,
+        ids.shape[1],
         len(wrappers),
         stored / 2**20,
     )

@@ -169,7 +169,7 @@ def add_calibration_options(group: Any) -> None:
         nargs="+",
         metavar="SOURCE",
         help="calibrate on these sources (each as --data takes it: pydoc, a .txt/.jsonl/.json file, a datasets name "
-        "or directory; their training part) in equal shares instead of --data: include every domain the model will "
+        "or directory; their --split part) in equal shares instead of --data: include every domain the model will "
         "serve (docs/calibration/domain.md; default: --data)",
     )
 

@@ -138,7 +138,8 @@ class LiSATrainer(_sft_trainer_cls()):
       :func:`keep_4bit_weights_trainable` (bitsandbytes on CPU otherwise stops gradients after any evaluation);
     * calibrates the adapter (:func:`peft_lisa.calibrate`, budget ``calibration``, on ``calibration_texts`` or the
       training dataset's texts; ``calibration_texts`` may also be token blocks, e.g. of several domains from
-      :func:`peft_lisa.mixed_token_blocks`) before the first training step, unless ``calibrate=False`` or the run
+      :func:`peft_lisa.mixed_token_blocks`, used as they are: ``calibration.num_sequences`` and ``seq_len`` do not
+      apply to them) before the first training step, unless ``calibrate=False`` or the run
       resumes from a checkpoint (whose adapter replaces it); the report is ``calibration_report``. Under DDP / FSDP
       every process calibrates, on the same texts with the same seed, before the model is wrapped; the wrapper then
       broadcasts the main process's parameters, so all processes start training from one state;

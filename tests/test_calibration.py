@@ -9,7 +9,8 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import CalibrationReport, LiSAConfig, calibrate
-from peft_lisa.calibration import copy_run_blocks, mixed_token_blocks
+from peft_lisa.calibration_blocks import copy_run_blocks, mixed_token_blocks
+from peft_lisa.calibration_step import LiSACalibrationConfig, calibration_seq_len
 from peft_lisa.tuner.functional import permutation_matrix
 
 from .conftest import VOCAB, tiny_model
@@ -157,10 +158,22 @@ def test_mixed_token_blocks_take_equal_shares_of_each_source_interleaved_and_rea
     assert blocks[0].tolist() == stream[:16]
     # 3 blocks x 16 tokens need 5 documents of 10 tokens (+ EOS) from the first source, not 1000
     assert max(index for owner, index in read if owner == 10) < 6
-    with pytest.raises(ValueError, match="no more sources"):
+    with pytest.raises(ValueError, match="2 calibration sources need at least as many sequences, got 1"):
         mixed_token_blocks(WordTokenizer(), [source(10), source(30)], num_sequences=1, seq_len=16)
-    with pytest.raises(ValueError, match="calibration source 2 of 2: .*fewer than one sequence"):
-        mixed_token_blocks(WordTokenizer(), [source(10), source(30, documents=1)], num_sequences=4, seq_len=16)
+    # a source too short for its share is refused, naming it: none of it (1 document < 1 block) or part of it
+    for documents, blocks in ((1, 0), (2, 1)):
+        with pytest.raises(ValueError, match=f"calibration b.txt gives {blocks} of the 2 blocks of 16 tokens"):
+            mixed_token_blocks(WordTokenizer(), [source(10), source(30, documents)], 4, 16, names=["a.txt", "b.txt"])
+    with pytest.raises(TypeError, match="source 2 of 2 is one string"):
+        mixed_token_blocks(WordTokenizer(), [list(source(10, 20)), "w30 w31 w32"], 4, 16)
+
+
+def test_calibration_sequence_length_before_training():
+    """The trainer's rule, stated once: the budget's seq_len, else the training's max_length capped at 256."""
+    assert calibration_seq_len(LiSACalibrationConfig(), 1024) == 256
+    assert calibration_seq_len(LiSACalibrationConfig(), None) == 256
+    assert calibration_seq_len(LiSACalibrationConfig(), 64) == 64
+    assert calibration_seq_len(LiSACalibrationConfig(seq_len=512), 64) == 512
 
 
 def test_copy_run_blocks_are_runs_each_followed_by_its_repeat():

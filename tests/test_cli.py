@@ -503,6 +503,29 @@ def test_calibration_data_sources_are_calibrated_on_in_equal_shares(capsys, work
     assert code == 2 and "--calibration-data" in err and "missing.txt: no such file" in err
     code, _, err = run(capsys, "train", *tiny(work), *layers, "--no-calibrate", "--calibration-data", a)
     assert code == 2 and "--calibration-data needs calibration" in err
+    code, _, err = run(
+        capsys, "train", *tiny(work), "--resume", "latest", "--output-dir", trained, "--calibration-data", a
+    )
+    assert code == 2 and "drop --calibration-data" in err
+    code, _, err = run(
+        capsys, "train", *tiny(work), *layers[:4], "--calibration-sequences", 1, "--calibration-data", a, b
+    )
+    assert code == 2 and "2 sources for --calibration-sequences 1" in err
+    # a source too short for its share: refused before the layers are chosen or anything is trained
+    (work / "short.txt").write_text("w20 w21 w22")
+    code, _, err = run(
+        capsys,
+        "calibrate",
+        *tiny(work),
+        *layers,
+        "--no-eval",
+        "--calibration-data",
+        a,
+        work / "short.txt",
+        "--output-dir",
+        work / "short",
+    )
+    assert code == 2 and f"calibration {work / 'short.txt'} gives 0 of the 2 blocks" in err
 
 
 def test_eval_adapter_prints_perplexity_and_generations(capsys, work, run_dir):

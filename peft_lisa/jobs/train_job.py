@@ -320,7 +320,9 @@ def _check(job: TrainJob) -> Optional[dict[str, Any]]:
         raise JobInputError("--eval-calibrated needs calibration: drop --no-calibrate")
     if job.calibration_data and not job.calibrate:
         raise JobInputError("--calibration-data needs calibration: drop --no-calibrate")
-    check_calibration_data(job.calibration_data)
+    if job.calibration_data and job.resume:
+        raise JobInputError("--resume continues from the checkpoint's adapter, uncalibrated: drop --calibration-data")
+    check_calibration_data(job.calibration_data, job.calibration_sequences)
     if job.calibration_sequences < 1 or job.calibration_steps < 0 or job.calibration_lr <= 0:
         raise JobInputError("--calibration-sequences must be >= 1, --calibration-steps >= 0, --calibration-lr > 0")
     if job.lm_weight == 0 and not (job.output_kl_weight or job.attn_kl_weight):
@@ -400,10 +402,23 @@ def train(job: TrainJob) -> TrainResult:
     distill = LiSADistillationConfig(
         attn_kl_schedule=schedule, **{name: getattr(job, name) for name in DISTILLATION_OPTIONS}
     )
+    calibrate = job.calibrate and checkpoint is None  # a resumed run continues from the checkpoint's adapter
+    calibration = LiSACalibrationConfig(
+        num_sequences=job.calibration_sequences,
+        adam_steps=job.calibration_steps,
+        lr=job.calibration_lr,
+        copy_blocks=job.calibration_copy_blocks,
+        seed=job.seed,
+    )
     started = time.monotonic()
     torch.manual_seed(job.seed)
     model, tokenizer = load_training_model(job.model, device, job.load_in_4bit)
     dataset = load_sft_dataset(job.data, job.split, job.text_field, job.held_out_fraction)
+    # Read (and checked) before the long steps; with a tensor LiSATrainer calibrates on these blocks as they are.
+    calibration_blocks = None
+    if calibrate:
+        seq_len = calibration_seq_len(calibration, job.seq_len)
+        calibration_blocks = calibration_data_blocks(job, tokenizer, calibration.num_sequences, seq_len)
     chat = is_conversational_dataset(dataset)
     packing = {"auto": not chat, "yes": True, "no": False}[job.packing]
     logger.info(f"data: {job.data} ({'chat' if chat else 'plain text'}), {len(dataset)} training documents")
@@ -473,22 +488,11 @@ def train(job: TrainJob) -> TrainResult:
         use_cpu=device.type == "cpu",
         **sft_options,
     )
-    calibrate = job.calibrate and checkpoint is None  # a resumed run continues from the checkpoint's adapter
-    calibration = LiSACalibrationConfig(
-        num_sequences=job.calibration_sequences,
-        adam_steps=job.calibration_steps,
-        lr=job.calibration_lr,
-        copy_blocks=job.calibration_copy_blocks,
-        seed=job.seed,
-    )
-    # Calibration fits the base model on the data alone (mixing self-generated text in was measured worse there), or
-    # on the --calibration-data sources in equal shares.
-    calibration_texts = evaluation_texts(dataset, tokenizer) if self_generated else None
-    if calibrate and job.calibration_data:
-        seq_len = calibration_seq_len(calibration, job.seq_len)
-        calibration_texts = calibration_data_blocks(
-            job, job.calibration_data, tokenizer, calibration.num_sequences, seq_len
-        )
+    # Calibration reads the --calibration-data blocks, or else the data alone (self-generated text mixed in was
+    # measured worse there; None: the training dataset itself).
+    calibration_texts = calibration_blocks
+    if calibration_texts is None and self_generated:
+        calibration_texts = evaluation_texts(dataset, tokenizer)
     trainer = LiSATrainer(
         model,
         sft_config,

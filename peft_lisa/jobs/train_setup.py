@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..analysis import CALIBRATED_SCORE_SETTINGS, analyze
-from ..calibration import mixed_token_blocks
+from ..calibration_blocks import mixed_token_blocks
 from ..data import load_evaluation_texts
 from ..resources import DEFAULT_MODEL
 from ..tuner.config import DEFAULT_ALIGN_HIDDEN, LiSAConfig
@@ -57,17 +57,25 @@ CHECKPOINT_CONFIG_KEYS = (
 )
 
 
-def check_calibration_data(sources: Optional[list[str]]) -> None:
-    """Refuse ``--calibration-data`` sources that name missing files (see :func:`~.checks.check_data_source`)."""
+def check_calibration_data(sources: Optional[list[str]], num_sequences: int) -> None:
+    """Refuse ``--calibration-data`` sources that name missing files (see :func:`~.checks.check_data_source`), or
+    more of them than ``--calibration-sequences``."""
     for source in sources or ():
         check_data_source(source, "--calibration-data")
+    if sources and len(sources) > num_sequences:
+        raise JobInputError(
+            f"--calibration-data gives {len(sources)} sources for --calibration-sequences {num_sequences}: each "
+            "source needs at least one sequence; raise --calibration-sequences or give fewer sources"
+        )
 
 
 def calibration_data_blocks(
-    job: JobOptions, sources: Optional[list[str]], tokenizer: Any, num_sequences: int, seq_len: int
+    job: JobOptions, tokenizer: Any, num_sequences: int, seq_len: int
 ) -> Optional[torch.LongTensor]:
-    """The calibration blocks of ``--calibration-data`` (None without it): the ``job.split`` part of each source,
-    read as ``--data`` is, in equal shares (:func:`peft_lisa.mixed_token_blocks`)."""
+    """The calibration blocks of ``job.calibration_data`` (None without it): each source's ``--split`` part (with
+    ``--text-field`` and ``--held-out-fraction``, chat data rendered by the tokenizer's template), in equal shares
+    (:func:`peft_lisa.mixed_token_blocks`)."""
+    sources = job.calibration_data
     if not sources:
         return None
     try:
@@ -75,9 +83,9 @@ def calibration_data_blocks(
             load_evaluation_texts(source, job.split, job.text_field, job.held_out_fraction, tokenizer)
             for source in sources
         ]
-        blocks = mixed_token_blocks(tokenizer, texts, num_sequences, seq_len)
+        blocks = mixed_token_blocks(tokenizer, texts, num_sequences, seq_len, names=sources)
     except ValueError as error:
-        raise JobInputError(f"--calibration-data {' '.join(sources)}: {error}") from None
+        raise JobInputError(f"--calibration-data: {error} (--calibration-sequences, --seq-len)") from None
     names = ", ".join(sources)
     logger.info(f"calibrating on {len(blocks)} sequences of {seq_len} tokens from {names} in equal shares")
     return blocks

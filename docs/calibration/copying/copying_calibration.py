@@ -25,7 +25,7 @@ from copying_of_adapter import copying_against_base  # this folder's script (its
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, calibrate
-from peft_lisa.calibration import _token_blocks, copy_run_blocks
+from peft_lisa.calibration_blocks import copy_run_blocks, token_blocks
 from peft_lisa.data import license_text, pydoc_texts, split_texts
 from peft_lisa.resources import load_model_and_tokenizer
 
@@ -88,7 +88,7 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer()
     model.eval()
     train, test = split_texts(pydoc_texts())
-    blocks = _token_blocks(tokenizer, train, 256, args.pydoc)
+    blocks = token_blocks(tokenizer, train, 256, args.pydoc)
     copy_blocks = args.copies if args.mixed_lengths else 0  # calibrate(copy_blocks=...): runs of 16-96 tokens
     if args.copies and not args.mixed_lengths:  # one 128-token run and its repeat per block, shuffled in
         generator = torch.Generator().manual_seed(0)
