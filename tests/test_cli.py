@@ -23,6 +23,7 @@ from peft_lisa.analysis import choose_share_layers
 from peft_lisa.calibration_step import LiSACalibrationConfig
 from peft_lisa.cli import main
 from peft_lisa.generated_text import GENERIC_PROMPTS
+from peft_lisa.jobs.metrics import LICENSE_NOTE, perplexity_table
 from peft_lisa.jobs.train_job import GENERATION_LABELS, TrainResult
 
 from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
@@ -364,6 +365,12 @@ def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):
     counts = ", ".join(f"{label} {sum(map(bool, check['loops'][key]))}/2" for key, label in GENERATION_LABELS.items())
     summary = TrainResult(results, adapter, run_dir / "results.json").summary()
     assert f"looping on 2 more everyday prompts: {counts}" in summary
+    # The perplexity table: both texts side by side, with the note on what the license text's gap means.
+    heading, note, columns = summary.split("perplexity on the held-out part of", 1)[1].splitlines()[:3]
+    assert "and on the license text" in heading and note == LICENSE_NOTE
+    assert columns.split() == ["held-out", "vs", "base", "license", "text", "vs", "base"]
+    without_license = {k: v for k, v in results["metrics"].items() if k != "license"}
+    assert LICENSE_NOTE not in "\n".join(perplexity_table(without_license, "data.txt"))
 
 
 def test_resume_continues_from_the_checkpoint(capsys, work, run_dir):

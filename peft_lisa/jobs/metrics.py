@@ -1,5 +1,5 @@
-"""Measuring and recording results: perplexity and generations with progress logs, the model-card metrics of adapters
-and merged models, and atomic JSON output."""
+"""Measuring and recording results: perplexity and generations with progress logs, a run's perplexity table, the
+model-card metrics of adapters and merged models, and atomic JSON output."""
 
 from __future__ import annotations
 
@@ -19,6 +19,22 @@ logger = logging.getLogger("peft_lisa")
 ADAPTER_METRICS_FILE = "lisa_metrics.json"
 """The metrics saved next to an adapter or merged model: ``data``, ``split``, ``perplexity`` (and more, see
 :func:`card_metrics`)."""
+
+
+# Printed under the perplexity heading when the license text is measured: what its gap means.
+LICENSE_NOTE = (
+    "  (the license text is another domain, which nothing here calibrates or trains on: an adapter serves the "
+    "domains of its calibration and training data, docs/calibration/domain.md)"
+)
+# Perplexities a run can measure: key in the metrics -> label in logs and in the summary.
+PERPLEXITY_LABELS = {
+    "base_perplexity": "base model",
+    "untrained_perplexity": "untrained LiSA",
+    "calibrated_perplexity": "calibrated LiSA",
+    "perplexity": "trained LiSA",
+}
+# The second held-out text (--eval-license): its perplexities are in metrics["license"] under the same keys.
+LICENSE_KEY = "license"
 
 
 def measure_perplexity(
@@ -130,3 +146,33 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     scratch = path.with_name(f".{path.name}.tmp")
     scratch.write_text(text, encoding="utf-8")
     os.replace(scratch, path)
+
+
+def perplexity_table(metrics: dict[str, Any], data: str) -> list[str]:
+    """The held-out perplexities of a run side by side: one row per model (base, untrained, calibrated, trained),
+    the training data's held-out part and, when measured, the second held-out text, each with its change vs base."""
+    texts = [("held-out", metrics)]
+    if isinstance(metrics.get(LICENSE_KEY), dict):
+        texts.append(("license text", metrics[LICENSE_KEY]))
+    keys = [key for key in PERPLEXITY_LABELS if key in metrics]
+    if not keys:
+        return []
+    first = metrics[keys[0]]
+    lines = [
+        f"perplexity on the held-out part of {data} ({first['num_tokens']:,} tokens, window {first['window']}, stride "
+        f"{first['stride']})"
+        + (f" and on the license text {metrics[LICENSE_KEY].get('text')}" if len(texts) > 1 else "")
+        + ":",
+        f"  {'':<16}" + "".join(f"{name:>16}{'vs base':>9}" for name, _ in texts),
+    ]
+    if len(texts) > 1:
+        lines.insert(1, LICENSE_NOTE)
+    for key in keys:
+        row = f"  {PERPLEXITY_LABELS[key]:<16}"
+        for _, measured in texts:
+            value, base = measured.get(key), measured.get("base_perplexity")
+            row += f"{value['ppl']:>16.2f}" if value else f"{'':>16}"
+            compared = value and base and key != "base_perplexity"
+            row += f"{value['ppl'] / base['ppl'] - 1:>+9.1%}" if compared else f"{'':>9}"
+        lines.append(row)
+    return lines

@@ -43,8 +43,11 @@ from .checks import (
 )
 from .metrics import (
     ADAPTER_METRICS_FILE,
+    LICENSE_KEY,
+    PERPLEXITY_LABELS,
     card_metrics,
     measure_perplexity,
+    perplexity_table,
     sample_generations,
     to_json,
     write_text_atomic,
@@ -64,16 +67,7 @@ from .train_setup import (
 logger = logging.getLogger("peft_lisa")
 
 TRAIN_RESULTS_FILE = "results.json"
-# Perplexities a run can measure: key in the metrics -> label in logs and in the summary.
-PERPLEXITY_LABELS = {
-    "base_perplexity": "base model",
-    "untrained_perplexity": "untrained LiSA",
-    "calibrated_perplexity": "calibrated LiSA",
-    "perplexity": "trained LiSA",
-}
 GENERATION_LABELS = {"base": "base model", "calibrated_lisa": "calibrated LiSA", "trained_lisa": "trained LiSA"}
-# The second held-out text (--eval-license): its perplexities are in metrics["license"] under the same keys.
-LICENSE_KEY = "license"
 # TrainJob fields passed on under their own names to choose_lisa_config, lisa_sft_config, LiSADistillationConfig.
 LAYER_OPTIONS = (*NEW_ADAPTER_OPTIONS, "progress")
 SFT_OPTIONS = (
@@ -274,34 +268,6 @@ class TrainResult:
         measured = self.metrics.get("perplexity")
         if measured and not math.isfinite(measured["ppl"]):
             raise JobFailedError("the trained perplexity is not finite")
-
-
-def perplexity_table(metrics: dict[str, Any], data: str) -> list[str]:
-    """The held-out perplexities of a run side by side: one row per model (base, untrained, calibrated, trained),
-    the training data's held-out part and, when measured, the second held-out text, each with its change vs base."""
-    texts = [("held-out", metrics)]
-    if isinstance(metrics.get(LICENSE_KEY), dict):
-        texts.append(("license text", metrics[LICENSE_KEY]))
-    keys = [key for key in PERPLEXITY_LABELS if key in metrics]
-    if not keys:
-        return []
-    first = metrics[keys[0]]
-    lines = [
-        f"perplexity on the held-out part of {data} ({first['num_tokens']:,} tokens, window {first['window']}, stride "
-        f"{first['stride']})"
-        + (f" and on the license text {metrics[LICENSE_KEY].get('text')}" if len(texts) > 1 else "")
-        + ":",
-        f"  {'':<16}" + "".join(f"{name:>16}{'vs base':>9}" for name, _ in texts),
-    ]
-    for key in keys:
-        row = f"  {PERPLEXITY_LABELS[key]:<16}"
-        for _, measured in texts:
-            value, base = measured.get(key), measured.get("base_perplexity")
-            row += f"{value['ppl']:>16.2f}" if value else f"{'':>16}"
-            compared = value and base and key != "base_perplexity"
-            row += f"{value['ppl'] / base['ppl'] - 1:>+9.1%}" if compared else f"{'':>9}"
-        lines.append(row)
-    return lines
 
 
 def _check(job: TrainJob) -> Optional[dict[str, Any]]:
