@@ -52,8 +52,8 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     The adapter: ``adapter`` (an existing LiSA adapter directory, calibrated further), or a new one on ``model``
     (``load_in_4bit``) with the layer options of ``peft-lisa train`` (``share_layers`` or ``share_fraction``,
     ``layer_score``, ``analysis``, ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``). The calibration:
-    ``calibration_sequences`` of ``seq_len`` tokens of ``data`` (its training part), or of the ``calibration_data``
-    sources in equal shares (their training parts; the layer choice still reads ``data``), ``batch_size`` per step,
+    ``calibration_sequences`` of ``seq_len`` tokens of ``data`` (its ``split`` part), or of the ``calibration_data``
+    sources in equal shares (their ``split`` parts; the layer choice still reads ``data``), ``batch_size`` per step,
     ``calibration_steps`` Adam steps per shared layer at ``calibration_lr``, ``calibration_copy_blocks`` (blocks of
     repeated random-token runs added, :func:`peft_lisa.calibrate`), ``seed``. ``evaluate``: the held-out
     perplexity before and after (:class:`~.checks.HeldOutPerplexityOptions`). ``output_dir`` receives ``adapter/``
