@@ -3,13 +3,10 @@ of several sources (:func:`mixed_token_blocks`), and blocks of repeated random-t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import torch
-
-logger = logging.getLogger("peft_lisa")
 
 
 def token_blocks(tokenizer: Any, texts: Iterable[str], seq_len: int, num_sequences: int) -> torch.LongTensor:

@@ -161,7 +161,7 @@ def calibrate(job: CalibrateJob) -> CalibrateResult:
     out = Path(job.output_dir)
     texts = load_evaluation_texts(job.data, job.split, job.text_field, job.held_out_fraction)
     peft_model, tokenizer, choice = _load(job, texts, out)
-    blocks = calibration_data_blocks(job, tokenizer, job.calibration_sequences, job.seq_len)
+    blocks = calibration_data_blocks(job, job.calibration_data, tokenizer, job.calibration_sequences, job.seq_len)
     adapter_name = peft_model.active_adapter
     config = peft_model.peft_config[adapter_name]
     metrics: dict[str, Any] = {}

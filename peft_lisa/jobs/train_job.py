@@ -384,7 +384,9 @@ def train(job: TrainJob) -> TrainResult:
     calibration_blocks = None
     if calibrate:
         seq_len = calibration_seq_len(calibration, job.seq_len)
-        calibration_blocks = calibration_data_blocks(job, tokenizer, calibration.num_sequences, seq_len)
+        calibration_blocks = calibration_data_blocks(
+            job, job.calibration_data, tokenizer, calibration.num_sequences, seq_len
+        )
     chat = is_conversational_dataset(dataset)
     packing = {"auto": not chat, "yes": True, "no": False}[job.packing]
     logger.info(f"data: {job.data} ({'chat' if chat else 'plain text'}), {len(dataset)} training documents")

@@ -70,12 +70,11 @@ def check_calibration_data(sources: Optional[list[str]], num_sequences: int) -> 
 
 
 def calibration_data_blocks(
-    job: JobOptions, tokenizer: Any, num_sequences: int, seq_len: int
+    job: JobOptions, sources: Optional[list[str]], tokenizer: Any, num_sequences: int, seq_len: int
 ) -> Optional[torch.LongTensor]:
-    """The calibration blocks of ``job.calibration_data`` (None without it): each source's ``--split`` part (with
-    ``--text-field`` and ``--held-out-fraction``, chat data rendered by the tokenizer's template), in equal shares
-    (:func:`peft_lisa.mixed_token_blocks`)."""
-    sources = job.calibration_data
+    """The calibration blocks of the ``--calibration-data`` ``sources`` (None without them): each source's
+    ``--split`` part (with ``job``'s ``--text-field`` and ``--held-out-fraction``, chat data rendered by the
+    tokenizer's template), in equal shares (:func:`peft_lisa.mixed_token_blocks`)."""
     if not sources:
         return None
     try:
