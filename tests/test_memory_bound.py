@@ -70,3 +70,50 @@ def test_lisa_forward_allocates_no_quadratic_tensor(align_hidden, merged):
     if merged:
         model = model.merge_and_unload()
     assert quadratic_tensors(model, random_ids(1, LONG), decode_steps=2) == []
+
+
+class ExpandedWeightWatch(TorchDispatchMode):
+    """Records every ``bmm`` whose second operand is one matrix of at least ``numel`` elements expanded over the batch
+    (batch stride 0): a weight that torch's CPU ``bmm`` copies once per sequence in bf16, inside the kernel where no
+    dispatch sees the copy (SmolLM2's LM head: 40 ms and 56 MiB per sequence of a prefill, ``docs/method.md``)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.found: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            other = args[1]
+            if other.shape[0] > 1 and other.stride(0) == 0 and other[0].numel() >= self.numel:
+                self.found.append(tuple(other.shape))
+        return func(*args, **(kwargs or {}))
+
+
+def expanded_lm_head_products(model, batch: int = 4, length: int = 16) -> list[tuple[int, ...]]:
+    """A prefill of ``batch`` x ``length`` tokens with only the last token's logits, as ``generate`` runs it,
+    recording products against the LM head's weight expanded over the batch."""
+    watch = ExpandedWeightWatch(model.lm_head.weight.numel())
+    with torch.no_grad(), watch:
+        model(random_ids(batch, length), use_cache=True, logits_to_keep=1)
+    return watch.found
+
+
+def test_a_frozen_models_prefill_multiplies_by_an_expanded_lm_head():
+    """The check can fail: torch's ``matmul`` folds the last-token slice of a prefill (B x 1 x d, strides of
+    B x T x d) into one ``mm`` only when the weight requires grad; otherwise it runs ``bmm`` against the weight
+    expanded over the batch."""
+    model = tiny_model()
+    assert expanded_lm_head_products(model) == []  # as loaded: parameters require grad
+    model.requires_grad_(False)
+    assert expanded_lm_head_products(model), "a frozen model's prefill must run bmm on its LM head; the watch saw none"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_merged_models_prefill_multiplies_by_its_lm_head_as_the_base_does(dtype):
+    """``merge_and_unload()`` returns a model whose parameters require grad, as ``from_pretrained`` gives them: its
+    prefill runs the LM head as one ``mm``, as the base model's does."""
+    model = get_peft_model(tiny_model(), LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(model)
+    merged = model.merge_and_unload().to(dtype)
+    assert expanded_lm_head_products(merged) == []

@@ -389,8 +389,11 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
     model.register_forward_pre_hook(_clear_logits_carrier)
     if hasattr(model, "peft_config"):
         del model.peft_config
+    # Every parameter requires grad, as from_pretrained gives them (peft froze the base's): with frozen weights torch's
+    # matmul runs a prefill's last-token slice through bmm against the LM head expanded over the batch, which copies
+    # a bf16 weight once per sequence on CPU (40 ms and 56 MiB per sequence on SmolLM2; docs/method.md, "Decoding").
     for param in model.parameters():
-        param.requires_grad_(False)
+        param.requires_grad_(param.is_floating_point())
     return model
 
 
