@@ -15,6 +15,13 @@ Times, on random tensors (speed does not depend on the values), the causal atten
 
     taskset -c 0 python examples/attention_core.py --threads 1
 
+With ``--decode``, one decode step instead: one query per sequence against a cache of ``--tokens`` keys, the base's
+sdpa against the explicit row of logits, softmax and ``A V`` that a merged model's source and shared layers run
+(:func:`peft_lisa.tuner.functional.grouped_scores`, :func:`~peft_lisa.tuner.functional.attend_from_logits`).
+``--dtype bfloat16`` runs either mode in bf16.
+
+    python examples/attention_core.py --threads 2 --decode --batch 8 --dtype bfloat16
+
 Prints milliseconds and the ratio to the base.
 """
 
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_lisa.tuner.carrier import FoldedScores
-from peft_lisa.tuner.functional import kv_group_mask
+from peft_lisa.tuner.functional import attend_from_logits, grouped_scores, kv_group_mask
 
 HEADS, KV_HEADS, HEAD_DIM, RANK = 9, 3, 64, 8
 
@@ -77,6 +84,24 @@ def print_ratio_table(results: dict[str, float], base: str) -> None:
         print(f"| {name} | {ms:.1f} | {ms / results[base]:.2f} |")
 
 
+def decode_step(batch: int, tokens: int, repeats: int) -> None:
+    """Time one decode step's attention core: the base's sdpa against the explicit row of logits."""
+    query = torch.randn(batch, HEADS, 1, HEAD_DIM)
+    key, value = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM)
+    subjects: dict[str, Callable[[], object]] = {
+        "base sdpa (head size 64)": lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True),
+        "explicit row of logits (merged source and shared layers)": lambda: attend_from_logits(
+            grouped_scores(query, key, HEAD_DIM**-0.5), None, value, 0.0, False
+        ),
+    }
+    results = median_ms(subjects, repeats)
+    print(
+        f"attention core of one decode step, {batch} x 1 query against {tokens} cached keys, "
+        f"{torch.get_default_dtype()}, {torch.get_num_threads()} thread(s), median of {repeats}"
+    )
+    print_ratio_table(results, "base sdpa (head size 64)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -84,8 +109,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--links", type=int, default=1, help="the last layer of a chain of this many shared layers")
+    parser.add_argument("--decode", action="store_true", help="one decode step against a cache of --tokens keys")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    if args.decode:
+        decode_step(args.batch, args.tokens, args.repeats)
+        return
     shape = (args.batch, KV_HEADS, args.tokens, HEAD_DIM)
     query, key, value = torch.randn(args.batch, HEADS, args.tokens, HEAD_DIM), torch.randn(shape), torch.randn(shape)
     full = shared_layer_logits(args.batch, args.tokens, None, args.links)

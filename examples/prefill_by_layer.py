@@ -10,6 +10,13 @@ on long inputs. Writes ``layer_times.json`` and ``layer_times.md`` to ``--output
     taskset -c 0 python examples/prefill_by_layer.py --threads 1 \\
         --analysis docs/analysis/smollm2_135m_analysis.json --share-fraction 0.5 \\
         --output-dir docs/benchmark/prefill_by_layer
+
+With ``--geometry`` (``llama-2-7b``, ``llama-3-8b``, ``mistral-7b``) the models are a random-weight, depth-truncated
+model of that layer geometry (``--layers``, ``--dtype``, bf16 by default) and its merged copy sharing every odd layer
+(:func:`peft_lisa.benchmark.geometry.geometry_models`), as ``examples/geometry_benchmark.py`` times decoding:
+
+    python examples/prefill_by_layer.py --threads 2 --geometry llama-2-7b --context 2048 --repeats 3 \\
+        --output-dir docs/benchmark/geometry_prefill/llama-2-7b
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from peft_lisa.benchmark.geometry import GEOMETRIES, geometry_models
 from peft_lisa.benchmark.layer_clock import prefill_layer_times
 from peft_lisa.benchmark.pipeline import load_benchmark_models
 from peft_lisa.cli_options import even_rank, layer_list
@@ -39,15 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), help="a truncated random model of this geometry")
+    parser.add_argument("--layers", type=int, default=4, help="depth of the --geometry model (default 4)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="of the --geometry model")
     parser.add_argument("--output-dir", default="prefill-by-layer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    analysis = load_analysis_file(args.analysis) if args.analysis else None
-    base, merged, _ = load_benchmark_models(
-        args.model, None, args.share_layers, args.share_fraction, analysis, args.rank, 0, args.head_mixing, None, "cpu"
-    )
+    if args.geometry:
+        base, merged = geometry_models(
+            args.geometry, args.layers, getattr(torch, args.dtype), args.rank, args.head_mixing
+        )
+    else:
+        analysis = load_analysis_file(args.analysis) if args.analysis else None
+        base, merged, _ = load_benchmark_models(
+            args.model, None, args.share_layers, args.share_fraction, analysis, args.rank, 0, args.head_mixing, None,
+            "cpu",
+        )  # fmt: skip
     times = prefill_layer_times(base, merged, batch=args.batch, context=args.context, repeats=args.repeats)
     markdown = times.to_markdown()
     print(markdown)

@@ -419,16 +419,18 @@ def test_chain_depths_and_the_cheaper_recomputation_of_an_earlier_link(models):
     assert earlier_link_pair_flops(with_ffn) == 2 * 81 + 4 * 9 * 16 + 2 * 9 * 8
 
 
+TINY_GEOMETRY = dict(
+    model_type="llama", hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, num_hidden_layers=8,
+)  # fmt: skip
+
+
 def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
     """The per-layer decode clock on a tiny stand-in geometry: every layer kind is timed, cache bytes per kind are
     the model's, and the full-depth estimate adds them up as documented."""
     from peft_lisa.benchmark import geometry
 
-    tiny = dict(
-        model_type="llama", hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, num_hidden_layers=8,
-    )  # fmt: skip
-    monkeypatch.setitem(geometry.GEOMETRIES, "tiny", tiny)
+    monkeypatch.setitem(geometry.GEOMETRIES, "tiny", TINY_GEOMETRY)
     times = geometry.layer_decode_times("tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32)
     assert set(times.seconds) == {"full", "source", "shared"} and all(s > 0 for s in times.seconds.values())
     full, shared = 2 * 2 * 16 * 4, 2 * (8 + 16) * 4  # fp32: K and V of 2 KV heads x 16; rank-8 keys and V
@@ -440,6 +442,18 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
     assert merged["decode_step_seconds"] == pytest.approx(step)
     assert estimate["models"]["base"]["budget_max_batch"] == 2 and merged["budget_max_batch"] >= 2
     assert "tiny" in geometry.geometry_markdown([(times, estimate)])
+
+
+def test_geometry_models_share_every_odd_layer_and_time_a_prefill(monkeypatch):
+    """``examples/prefill_by_layer.py --geometry``: the truncated base and its merged copy in the asked dtype, every
+    shared layer after a source layer, timed layer by layer."""
+    from peft_lisa.benchmark import geometry
+
+    monkeypatch.setitem(geometry.GEOMETRIES, "tiny", TINY_GEOMETRY)
+    base, merged = geometry.geometry_models("tiny", 4, torch.bfloat16)
+    assert {p.dtype for p in (*base.parameters(), *merged.parameters())} == {torch.bfloat16}
+    times = prefill_layer_times(base, merged, batch=1, context=16, repeats=1)
+    assert times.kinds == ["source", "shared", "source", "shared"] and times.depths == [0, 1, 0, 1]
 
 
 def test_prefill_layer_times_name_each_layer_and_its_chain_depth(models):

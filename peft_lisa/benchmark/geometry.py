@@ -78,6 +78,17 @@ def truncated_model(geometry: str, num_layers: int, dtype: torch.dtype, seed: in
     return model.eval()
 
 
+def geometry_models(
+    geometry: str, num_layers: int, dtype: torch.dtype, rank: int = 8, head_mixing: str = "full"
+) -> tuple[nn.Module, nn.Module]:
+    """The truncated base model of ``geometry`` (:func:`truncated_model`) and a merged copy with an untrained
+    adapter that shares every odd layer, so that every shared layer has a source layer before it."""
+    base = truncated_model(geometry, num_layers, dtype)
+    config = LiSAConfig(share_layers=list(range(1, num_layers, 2)), rank=rank, head_mixing=head_mixing)
+    merged = get_peft_model(copy.deepcopy(base), config).merge_and_unload().to(dtype).eval()
+    return base, merged
+
+
 def layer_decode_times(
     geometry: str,
     *,
@@ -98,10 +109,7 @@ def layer_decode_times(
     alternating, ``repeats`` times; a layer kind's time is the median per step, averaged over its layers. Both models
     are built on CPU and then moved to ``device``.
     """
-    base = truncated_model(geometry, num_layers, dtype)
-    share = list(range(1, num_layers, 2))
-    config = LiSAConfig(share_layers=share, rank=rank, head_mixing=head_mixing)
-    merged = get_peft_model(copy.deepcopy(base), config).merge_and_unload().to(dtype).eval()
+    base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     device = torch.device(device)
     base, merged = base.to(device), merged.to(device)
     models = {"base": base, "merged": merged}
