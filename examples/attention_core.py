@@ -16,8 +16,9 @@ Times, on random tensors (speed does not depend on the values), the causal atten
     taskset -c 0 python examples/attention_core.py --threads 1
 
 With ``--decode``, one decode step instead: one query per sequence against a cache of ``--tokens`` keys, the base's
-sdpa against the explicit row of logits, softmax and ``A V`` that a merged model's source and shared layers run
-(:func:`peft_lisa.tuner.functional.grouped_scores`, :func:`~peft_lisa.tuner.functional.attend_from_logits`).
+sdpa against the explicit row of logits, softmax and ``A V`` that a merged model's source layer runs
+(:func:`peft_lisa.tuner.functional.grouped_scores`, :func:`~peft_lisa.tuner.functional.attend_from_logits`); a
+shared layer mixes that row and adds its rank-r term instead of computing ``Q K^T``.
 ``--dtype bfloat16`` runs either mode in bf16.
 
     python examples/attention_core.py --threads 2 --decode --batch 8 --dtype bfloat16
@@ -90,7 +91,7 @@ def decode_step(batch: int, tokens: int, repeats: int) -> None:
     key, value = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM)
     subjects: dict[str, Callable[[], object]] = {
         "base sdpa (head size 64)": lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True),
-        "explicit row of logits (merged source and shared layers)": lambda: attend_from_logits(
+        "explicit row of logits (a merged source layer)": lambda: attend_from_logits(
             grouped_scores(query, key, HEAD_DIM**-0.5), None, value, 0.0, False
         ),
     }
@@ -108,7 +109,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--links", type=int, default=1, help="the last layer of a chain of this many shared layers")
+    parser.add_argument(
+        "--links", type=int, default=1, help="the last layer of a chain of this many shared layers (prefill only)"
+    )
     parser.add_argument("--decode", action="store_true", help="one decode step against a cache of --tokens keys")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
@@ -135,7 +138,7 @@ def main() -> None:
     results = median_ms(subjects, args.repeats)
     print(
         f"attention core of one layer (link {args.links} of a chain), {args.batch} x {args.tokens} tokens, "
-        f"{torch.get_num_threads()} thread(s), median of {args.repeats}"
+        f"{torch.get_default_dtype()}, {torch.get_num_threads()} thread(s), median of {args.repeats}"
     )
     print_ratio_table(results, "base sdpa (head size 64)")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -49,28 +50,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), help="a truncated random model of this geometry")
     parser.add_argument("--layers", type=int, default=4, help="depth of the --geometry model (default 4)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="of the --geometry model")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 with --geometry, else float32"
+    )
     parser.add_argument("--output-dir", default="prefill-by-layer")
     args = parser.parse_args(argv)
+    if args.geometry:
+        given = [f"--{name}" for name in ("model", "analysis", "share_layers") if getattr(args, name) is not None]
+        if given:
+            parser.error(f"--geometry builds its own models and shares every odd layer: drop {', '.join(given)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.geometry else "float32"))
     if args.geometry:
-        base, merged = geometry_models(
-            args.geometry, args.layers, getattr(torch, args.dtype), args.rank, args.head_mixing
-        )
+        base, merged = geometry_models(args.geometry, args.layers, dtype, args.rank, args.head_mixing)
+        subject = f"{args.geometry} geometry, {args.layers} random-weight layers, every odd layer shared"
     else:
         analysis = load_analysis_file(args.analysis) if args.analysis else None
-        base, merged, _ = load_benchmark_models(
-            args.model, None, args.share_layers, args.share_fraction, analysis, args.rank, 0, args.head_mixing, None,
+        base, merged, path = load_benchmark_models(
+            args.model, None, args.share_layers, args.share_fraction, analysis, args.rank, 0, args.head_mixing, dtype,
             "cpu",
         )  # fmt: skip
+        subject = f"{Path(path).name}, layers {merged.config.lisa['share_layers']} shared (untrained adapter)"
     times = prefill_layer_times(base, merged, batch=args.batch, context=args.context, repeats=args.repeats)
-    markdown = times.to_markdown()
+    command = "python examples/prefill_by_layer.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    settings = f"{subject}, rank {args.rank}, head mixing {args.head_mixing}, {str(dtype).replace('torch.', '')}"
+    markdown = f"**Command:** `{command}`  \n**Models:** {settings}\n\n{times.to_markdown()}"
     print(markdown)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layer_times.json").write_text(json.dumps(times.to_dict(), indent=2) + "\n", encoding="utf-8")
+    record = {"command": command, "models": settings, **times.to_dict()}
+    (out / "layer_times.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     (out / "layer_times.md").write_text(markdown, encoding="utf-8")
     return 0
 

@@ -444,16 +444,27 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
     assert "tiny" in geometry.geometry_markdown([(times, estimate)])
 
 
-def test_geometry_models_share_every_odd_layer_and_time_a_prefill(monkeypatch):
-    """``examples/prefill_by_layer.py --geometry``: the truncated base and its merged copy in the asked dtype, every
-    shared layer after a source layer, timed layer by layer."""
+def test_prefill_by_layer_example_on_a_geometry(monkeypatch, tmp_path):
+    """``examples/prefill_by_layer.py --geometry`` end to end on a tiny stand-in geometry: the truncated base and its
+    merged copy in bf16, every shared layer after a source layer, timed layer by layer, the command and the models
+    recorded; a model or layers of its own are refused with it."""
     from peft_lisa.benchmark import geometry
 
     monkeypatch.setitem(geometry.GEOMETRIES, "tiny", TINY_GEOMETRY)
     base, merged = geometry.geometry_models("tiny", 4, torch.bfloat16)
     assert {p.dtype for p in (*base.parameters(), *merged.parameters())} == {torch.bfloat16}
-    times = prefill_layer_times(base, merged, batch=1, context=16, repeats=1)
-    assert times.kinds == ["source", "shared", "source", "shared"] and times.depths == [0, 1, 0, 1]
+    spec = importlib.util.spec_from_file_location("prefill_example", REPO_ROOT / "examples" / "prefill_by_layer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "layers"
+    argv = ["--geometry", "tiny", "--context", "16", "--repeats", "1", "--threads", "1", "--output-dir", str(out)]
+    assert example.main(argv) == 0
+    data = json.loads((out / "layer_times.json").read_text())
+    assert data["kinds"] == ["source", "shared", "source", "shared"] and data["depths"] == [0, 1, 0, 1]
+    assert data["models"].startswith("tiny geometry, 4 random-weight layers") and data["models"].endswith("bfloat16")
+    assert "--geometry tiny" in data["command"] and "--geometry tiny" in (out / "layer_times.md").read_text()
+    with pytest.raises(SystemExit):
+        example.main(["--geometry", "tiny", "--share-layers", "1"])
 
 
 def test_prefill_layer_times_name_each_layer_and_its_chain_depth(models):

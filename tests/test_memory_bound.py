@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from peft_lisa import LiSAConfig
 from tests.conftest import random_ids, randomize_adapter, tiny_model
@@ -73,9 +73,9 @@ def test_lisa_forward_allocates_no_quadratic_tensor(align_hidden, merged):
 
 
 class ExpandedWeightWatch(TorchDispatchMode):
-    """Records every ``bmm`` whose second operand is one matrix of at least ``numel`` elements expanded over the batch
-    (batch stride 0): a weight that torch's CPU ``bmm`` copies once per sequence in bf16, inside the kernel where no
-    dispatch sees the copy (SmolLM2's LM head: 40 ms and 56 MiB per sequence of a prefill, ``docs/method.md``)."""
+    """Records every ``bmm`` whose second operand holds matrices of at least ``numel`` elements: a weight expanded
+    over the batch, which torch's CPU ``bmm`` copies once per sequence in bf16, inside the kernel where no dispatch
+    sees the copy (SmolLM2's LM head: 54 MiB and about 40 ms per sequence, ``docs/method.md``)."""
 
     def __init__(self, numel: int) -> None:
         super().__init__()
@@ -85,24 +85,26 @@ class ExpandedWeightWatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.bmm.default:
             other = args[1]
-            if other.shape[0] > 1 and other.stride(0) == 0 and other[0].numel() >= self.numel:
+            if other[0].numel() >= self.numel:
                 self.found.append(tuple(other.shape))
         return func(*args, **(kwargs or {}))
 
 
-def expanded_lm_head_products(model, batch: int = 4, length: int = 16) -> list[tuple[int, ...]]:
-    """A prefill of ``batch`` x ``length`` tokens with only the last token's logits, as ``generate`` runs it,
-    recording products against the LM head's weight expanded over the batch."""
+def expanded_lm_head_products(model, length: int = 16) -> list[tuple[int, ...]]:
+    """Prefills of 1 and of 4 sequences of ``length`` tokens with only the last token's logits, as ``generate`` runs
+    them, recording products against the LM head's weight expanded over the batch."""
     watch = ExpandedWeightWatch(model.lm_head.weight.numel())
     with torch.no_grad(), watch:
-        model(random_ids(batch, length), use_cache=True, logits_to_keep=1)
+        for batch in (1, 4):
+            model(random_ids(batch, length), use_cache=True, logits_to_keep=1)
     return watch.found
 
 
 def test_a_frozen_models_prefill_multiplies_by_an_expanded_lm_head():
     """The check can fail: torch's ``matmul`` folds the last-token slice of a prefill (B x 1 x d, strides of
-    B x T x d) into one ``mm`` only when the weight requires grad; otherwise it runs ``bmm`` against the weight
-    expanded over the batch."""
+    B x T x d) into one ``mm`` only when the weight requires grad (or the slice is contiguous); otherwise it runs
+    ``bmm`` against the weight expanded over the batch. A torch that folds it anyway fails this test, not the
+    library."""
     model = tiny_model()
     assert expanded_lm_head_products(model) == []  # as loaded: parameters require grad
     model.requires_grad_(False)
@@ -110,10 +112,15 @@ def test_a_frozen_models_prefill_multiplies_by_an_expanded_lm_head():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_merged_models_prefill_multiplies_by_its_lm_head_as_the_base_does(dtype):
-    """``merge_and_unload()`` returns a model whose parameters require grad, as ``from_pretrained`` gives them: its
-    prefill runs the LM head as one ``mm``, as the base model's does."""
+def test_a_merged_models_prefill_multiplies_by_its_lm_head_as_one_product(dtype, tmp_path):
+    """``merge_and_unload()`` leaves the parameters frozen, as peft does; the merged model's LM head gets a
+    contiguous input, so its prefill runs one ``mm`` as the base model's does. So does the reloaded model, frozen
+    for inference."""
     model = get_peft_model(tiny_model(), LiSAConfig(share_layers=[2, 3], rank=4))
     randomize_adapter(model)
     merged = model.merge_and_unload().to(dtype)
+    assert not any(param.requires_grad for param in merged.parameters())
     assert expanded_lm_head_products(merged) == []
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).requires_grad_(False)
+    assert expanded_lm_head_products(reloaded) == []

@@ -219,8 +219,37 @@ def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
     for layer_idx in spec["share_layers"]:
         attn = layers[layer_idx].self_attn
         layers[layer_idx].self_attn = LiSASharedAttention(attn, spec, carrier, _saved_layout(spec, layer_idx))
+    install_merged_hooks(model, carrier)
+
+
+def _foldable(x: torch.Tensor) -> bool:
+    """Whether ``x`` (... x d) views as one matrix without a copy, as torch's ``matmul`` checks it stride by stride
+    (a size-1 dimension counts too, unlike ``is_contiguous``)."""
+    shape, strides = x.shape, x.stride()
+    return all(strides[i] == strides[i + 1] * shape[i + 1] for i in range(x.dim() - 2))
+
+
+def _foldable_lm_head_input(lm_head: nn.Module, args: tuple) -> Optional[tuple]:
+    """Forward pre-hook of the LM head: its input laid out so that ``matmul`` folds it into one matrix product.
+
+    A prefill that keeps only the last tokens' logits hands the LM head a ``B x k x d`` slice of the ``B x T x d``
+    hidden states. torch's ``matmul`` folds such a slice into one product only when the weight requires grad; with
+    a frozen weight (``merge_and_unload()``, or ``requires_grad_(False)`` for inference) it runs ``bmm`` against the
+    weight expanded over the batch, which on CPU in bf16 copies the whole weight once per sequence, a batch of one
+    included (``docs/method.md``, "Decoding"). The copy of the slice costs ``B k d`` elements."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 2 and not _foldable(args[0]):
+        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
+    return None
+
+
+def install_merged_hooks(model: nn.Module, carrier: LogitsCarrier) -> None:
+    """The merged model's forward hooks: the carrier cleared before each forward (:func:`_clear_logits_carrier`)
+    and the LM head handed an input it multiplies in one product (:func:`_foldable_lm_head_input`)."""
     model.lisa_logits_carrier = carrier
     model.register_forward_pre_hook(_clear_logits_carrier)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(lm_head, nn.Module):
+        lm_head.register_forward_pre_hook(_foldable_lm_head_input)
 
 
 class LiSAMergedMixin:
@@ -385,15 +414,11 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
     # The merged class adds no state of its own beyond what was just installed; switching the class of the existing
     # instance avoids a second copy of the weights.
     model.__class__ = model_cls
-    model.lisa_logits_carrier = carrier
-    model.register_forward_pre_hook(_clear_logits_carrier)
+    install_merged_hooks(model, carrier)
     if hasattr(model, "peft_config"):
         del model.peft_config
-    # Every parameter requires grad, as from_pretrained gives them (peft froze the base's): with frozen weights torch's
-    # matmul runs a prefill's last-token slice through bmm against the LM head expanded over the batch, which copies
-    # a bf16 weight once per sequence on CPU (40 ms and 56 MiB per sequence on SmolLM2; docs/method.md, "Decoding").
     for param in model.parameters():
-        param.requires_grad_(param.is_floating_point())
+        param.requires_grad_(False)
     return model
 
 
