@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         subject = f"{Path(path).name}, layers {merged.config.lisa['share_layers']} shared (untrained adapter)"
     times = prefill_layer_times(base, merged, batch=args.batch, context=args.context, repeats=args.repeats)
-    command = "python examples/prefill_by_layer.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "examples/prefill_by_layer.py", *(sys.argv[1:] if argv is None else argv)])
     settings = f"{subject}, rank {args.rank}, head mixing {args.head_mixing}, {str(dtype).replace('torch.', '')}"
     markdown = f"**Command:** `{command}`  \n**Models:** {settings}\n\n{times.to_markdown()}"
     print(markdown)

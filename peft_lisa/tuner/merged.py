@@ -247,7 +247,7 @@ def install_merged_hooks(model: nn.Module, carrier: LogitsCarrier) -> None:
     and the LM head handed an input it multiplies in one product (:func:`_foldable_lm_head_input`)."""
     model.lisa_logits_carrier = carrier
     model.register_forward_pre_hook(_clear_logits_carrier)
-    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm_head = model.get_output_embeddings()
     if isinstance(lm_head, nn.Module):
         lm_head.register_forward_pre_hook(_foldable_lm_head_input)
 
