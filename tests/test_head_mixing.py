@@ -4,6 +4,8 @@ restricted P, and against the unrestricted fold."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -120,10 +122,16 @@ def _chain_of_two(batch: int, q_len: int, k_len: int, group_map, generator) -> F
 
 @pytest.mark.parametrize("group_map", [None, [1, 0]], ids=["full", "kv_group"])
 @pytest.mark.parametrize("masking", ["causal", "padding", "after_cache"])
-def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, masking, monkeypatch):
+@pytest.mark.parametrize("products", ["bmm", "mm_per_matrix"])
+def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, masking, products, monkeypatch):
     """Inference runs a widely mixed shared layer as explicit blocks of queries (``attend_by_blocks``), training as
     fused calls: both equal ``softmax(S + M) V`` from the dense logits, in blocks of a few queries and sequences, with
-    a padding mask, and for a prefill that continues a cache (fewer queries than keys, no mask)."""
+    a padding mask, and for a prefill that continues a cache (fewer queries than keys, no mask). The blocks write
+    their logits into buffers reused from block to block (the last block has fewer sequences), with the products as
+    ``bmm`` or, as for a long prefill on CPU, one ``mm`` per matrix."""
+    if products == "mm_per_matrix":
+        monkeypatch.setattr(functional_module, "MM_LOOP_MIN_WORK", 0)
+        monkeypatch.setattr(functional_module, "MM_LOOP_MAX_BATCH_PER_THREAD", 1024)
     generator = torch.Generator().manual_seed(0)
     batch, q_len = 3, 21
     k_len = q_len + 6 if masking == "after_cache" else q_len
@@ -146,6 +154,24 @@ def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, ma
     torch.testing.assert_close(explicit, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_bytes, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_blocks_in_bfloat16_equal_dense_attention():
+    """A bf16 model's explicit blocks (bf16 products, float32 logits and softmax, bf16 probabilities for ``A V``,
+    each in its own reused buffer) equal ``softmax(S + M) V`` computed densely from the same bf16 tensors."""
+    generator = torch.Generator().manual_seed(2)
+    batch, q_len = 3, 21
+    logits = _chain_of_two(batch, q_len, q_len, None, generator)
+    logits = FoldedScores(
+        [replace(part, query=part.query.bfloat16(), key=part.key.bfloat16()) for part in logits.parts]
+    )
+    value = torch.randn(batch, 2, q_len, 8, generator=generator).bfloat16()
+    allowed = causal_allowed(slice(None), q_len, q_len, value.device)
+    probs = torch.softmax(logits.rows(slice(None)) + additive_mask(allowed, q_len, q_len, None), -1)
+    dense = grouped_attend(probs.bfloat16(), value)
+    explicit = logits.attend_by_blocks(None, value, block=4)
+    assert explicit.dtype == torch.bfloat16
+    torch.testing.assert_close(explicit, dense, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("group_map", [None, [0]], ids=["full", "kv_group"])

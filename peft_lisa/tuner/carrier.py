@@ -140,6 +140,30 @@ class ScoresFromQueryKey(SourceLogits):
         return softcap_logits(grouped_scores(self.query[:, :, rows], key, self.scaling), self.softcap)
 
 
+class BlockBuffers:
+    """Reusable buffers for the explicit logits of one block of queries (:meth:`FoldedScores.attend_by_blocks`).
+
+    A block's logits are megabytes (B' x H x 64 x T_k float32: 4.7 MB at 2048 keys on SmolLM2); allocated afresh for
+    every block, the allocator hands them back to the system and the next block pays page faults and zero-filling
+    for them again (about 4,400 page faults and 10 ms of kernel time per shared layer at 1 x 2048 with 2 threads).
+    One buffer per role, sized once for the largest block of the call, is written again by every block.
+    """
+
+    def __init__(self, device: torch.device, numel: int) -> None:
+        self.device, self.numel = device, numel
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor of ``shape`` (at most ``numel`` elements) over ``role``'s buffer: its previous contents."""
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None:
+            buffer = self._buffers[role, dtype] = torch.empty(self.numel, dtype=dtype, device=self.device)
+        size = 1
+        for dim in shape:
+            size *= dim
+        return buffer[:size].view(shape)
+
+
 @dataclass(eq=False)
 class FoldedPart:
     """One term ``sum_g mix[h, g] q[g] k[kv(g)]^T`` of :class:`FoldedScores`: queries B x H x T_q x D, keys
@@ -244,10 +268,17 @@ class FoldedPart:
         key = self.key[:, :, -keys:]
         return key if stop is None else key[:, :, :stop]
 
-    def scores(self, rows: slice, keys: int, stop: Optional[int] = None) -> torch.Tensor:
+    def scores(
+        self, rows: slice, keys: int, stop: Optional[int] = None, buffers: Optional[BlockBuffers] = None
+    ) -> torch.Tensor:
         """This part's float32 logits ``q k^T``, before its mixing, of queries ``rows`` against the last ``keys``
-        keys (the first ``stop`` of them, when given): B x H x len(rows) x keys (or stop)."""
-        return grouped_scores(self.query[:, :, rows], self.last_keys(keys, stop), self.scale)  # B x H x T_block x T_k
+        keys (the first ``stop`` of them, when given): B x H x len(rows) x keys (or stop), in ``buffers`` when given."""
+        query, key = self.query[:, :, rows], self.last_keys(keys, stop)
+        if buffers is None:
+            return grouped_scores(query, key, self.scale)  # B x H x T_block x T_k
+        shape = (*query.shape[:-1], key.shape[2])
+        product = grouped_product(query * self.scale, key, out=buffers.take("product", shape, query.dtype))
+        return product if product.dtype == torch.float32 else buffers.take("scores", shape).copy_(product)
 
 
 class FoldedScores(SourceLogits):
@@ -293,9 +324,11 @@ class FoldedScores(SourceLogits):
         keys: Optional[int] = None,
         stop: Optional[int] = None,
         narrow_key: Optional[torch.Tensor] = None,
+        buffers: Optional[BlockBuffers] = None,
     ) -> torch.Tensor:
         """The float32 logits of queries ``rows`` against the last ``keys`` keys (the first ``stop`` of them, when
-        given), B x H x len(rows) x keys (or stop), each part at the least width it needs:
+        given), B x H x len(rows) x keys (or stop), in ``buffers`` when given, each part at the least width it
+        needs:
 
         * a part whose query heads each read one key head (unmixed, like a link's rank-r term, or mixed within KV
           groups): its mixed queries against their key heads, the GQA product (``2 H D`` per query-key pair);
@@ -308,27 +341,31 @@ class FoldedScores(SourceLogits):
 
         Each product after the first accumulates into the same tensor (``baddbmm_``)."""
         keys = self.shape[-1] if keys is None else keys
+        batch, heads = self.shape[0], self.shape[1]
+        logits_shape = (batch, heads, len(range(*rows.indices(self.shape[2]))), keys if stop is None else stop)
+        out = None if buffers is None else buffers.take("logits", logits_shape)
         one_key_head, narrow, wide = self._parts_by_layout()
         total = None
         for part in wide:
-            scores = part.scores(rows, keys, stop)
-            batch, heads, q_len, k_len = scores.shape
+            scores = part.scores(rows, keys, stop, buffers)
+            q_len, k_len = scores.shape[2:]
             mix = part.mix.float().expand(batch, heads, heads)
             flat = scores.view(batch, heads, q_len * k_len)
             accumulate = None if total is None else total.view(batch, heads, q_len * k_len)
-            total = batched_matmul(mix, flat, accumulate)
+            total = batched_matmul(mix, flat, accumulate, None if out is None else out.view(batch, heads, -1))
         for part in one_key_head:
             query = part.mixed_query(part.query[:, :, rows].float())  # B x H x T_block x D
             key = part.key_heads_read(part.last_keys(keys, stop)).float()
-            total = grouped_product(query, key, total)  # B x H x T_block x T_k
+            total = grouped_product(query, key, total, out if total is None else None)  # B x H x T_block x T_k
         if narrow:
             query = torch.cat([part.spread_query(rows) for part in narrow], dim=-1)  # B x H x T_block x W
             key = self.narrow_key(keys) if narrow_key is None else narrow_key  # B x T_k x W
             key = key if stop is None else key[:, :stop]
-            batch, heads, q_len, width = query.shape
+            q_len, width = query.shape[2:]
             accumulate = None if total is None else total.view(batch, heads * q_len, key.shape[1])
-            total = batched_matmul(query.reshape(batch, heads * q_len, width), key.transpose(1, 2), accumulate)
-        return total.view(self.shape[0], self.shape[1], -1, total.shape[-1])
+            flat_out = None if out is None or total is not None else out.view(batch, heads * q_len, key.shape[1])
+            total = batched_matmul(query.reshape(batch, heads * q_len, width), key.transpose(1, 2), accumulate, flat_out)
+        return total.view(batch, heads, -1, total.shape[-1])
 
     def narrow_key(self, keys: int) -> Optional[torch.Tensor]:
         """The keys of the fully mixed parts :meth:`rows` folds into one product, side by side: B x T_k x W
@@ -386,6 +423,7 @@ class FoldedScores(SourceLogits):
             step = max(1, min(batch, rows // max(1, min(q_len, block))))
             block = max(block, rows // step)
         output = value.new_empty(batch, q_len, num_heads * value_dim)
+        buffers = BlockBuffers(value.device, min(step, batch) * num_heads * min(block, q_len) * k_len)
         for first in range(0, batch, step):
             sequences = slice(first, min(first + step, batch))
             part = self.sequences(sequences)
@@ -395,8 +433,10 @@ class FoldedScores(SourceLogits):
                 mask = attention_mask[sequences] if attention_mask.shape[0] > 1 else attention_mask
             for start in range(0, q_len, block):
                 rows = slice(start, min(start + block, q_len))
-                logits, stop = part.masked_rows(mask, rows, k_len, narrow_key)  # B' x H x T_block x stop
-                probs = torch.softmax(logits, dim=-1, out=logits).to(value.dtype)  # in place: no second block
+                logits, stop = part.masked_rows(mask, rows, k_len, narrow_key, buffers)  # B' x H x T_block x stop
+                probs = torch.softmax(logits, dim=-1, out=logits)  # in place: no second block
+                if probs.dtype != value.dtype:
+                    probs = buffers.take("probs", probs.shape, value.dtype).copy_(probs)
                 output[sequences, rows] = grouped_attend(probs, value[sequences, :, :stop])
         return output
 
@@ -412,16 +452,17 @@ class FoldedScores(SourceLogits):
         rows: slice,
         k_len: int,
         narrow_key: Optional[torch.Tensor] = None,
+        buffers: Optional[BlockBuffers] = None,
     ) -> tuple[torch.Tensor, int]:
-        """The logits of queries ``rows`` with the mask applied (B x H x len(rows) x stop, float32) and ``stop``, the
-        keys they cover: without a mask (causal) only the keys up to the block's last query, masked in place on
-        the diagonal block; with one, all ``k_len`` keys plus the mask's rows."""
+        """The logits of queries ``rows`` with the mask applied (B x H x len(rows) x stop, float32, in ``buffers``
+        when given) and ``stop``, the keys they cover: without a mask (causal) only the keys up to the block's last
+        query, masked in place on the diagonal block; with one, all ``k_len`` keys plus the mask's rows."""
         q_len = self.shape[-2]
         if attention_mask is not None:
             mask = additive_mask_rows(attention_mask, rows, q_len, k_len, self.parts[0].query.device)
-            return self.rows(rows, k_len, narrow_key=narrow_key).add_(mask), k_len
+            return self.rows(rows, k_len, narrow_key=narrow_key, buffers=buffers).add_(mask), k_len
         stop = k_len - q_len + rows.stop  # the position of the block's last query, + 1: later keys are masked
-        logits = self.rows(rows, k_len, stop, narrow_key)
+        logits = self.rows(rows, k_len, stop, narrow_key, buffers)
         size = rows.stop - rows.start
         future = torch.ones(size, size, dtype=torch.bool, device=logits.device).triu_(1)  # T_block x T_block
         logits[..., stop - size :].masked_fill_(future, float("-inf"))

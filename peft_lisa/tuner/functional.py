@@ -206,24 +206,35 @@ def softcap_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tens
 # Without autograd on CPU, a batched product of fewer matrices than this many per torch thread runs as one ``mm`` per
 # matrix: torch's CPU ``bmm`` shares a small batch among its threads matrix by matrix. Measured on this project's
 # 2-core CPU (AMD EPYC, Zen 5), a shared layer's block at 1 x 2048 tokens, 3 KV heads (192 x 64 @ 64 x 2048):
-# bmm 1.50 ms with 1 thread, 0.95 ms with 2; three mm calls 1.40 and 0.76 ms. From 24 matrices (8 sequences of
-# 512 tokens) bmm is as fast or faster: 1.45 ms against 1.60 ms with 2 threads. Only for products of at least
-# MM_LOOP_MIN_OUTPUT elements per matrix: a decode step's small products would pay the loop's overhead.
+# bmm 1.50 ms with 1 thread, 0.95 ms with 2; three mm calls 1.40 and 0.76 ms. The same holds for the block's A V
+# (192 x T_k @ T_k x 64; over a 2048-token prefill's 32 blocks: bmm 16.3 ms, mm 13.0 ms with 2 threads). From 24
+# matrices (8 sequences of 512 tokens) bmm is as fast or faster: 1.45 ms against 1.60 ms with 2 threads. Only for
+# products of at least MM_LOOP_MIN_WORK multiply-adds per matrix: a decode step's small products would pay the
+# loop's overhead.
 MM_LOOP_MAX_BATCH_PER_THREAD = 4
-MM_LOOP_MIN_OUTPUT = 2**16
+MM_LOOP_MIN_WORK = 2**22
 
 
-def batched_matmul(left: torch.Tensor, right: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``left @ right`` for N x M x K and N x K x P tensors -> N x M x P, or ``accumulate += left @ right`` in place
-    (``accumulate`` N x M x P) and returned: ``bmm`` / ``baddbmm_``, or one ``mm`` per matrix for a small batch of
-    large products on CPU without autograd (``MM_LOOP_MAX_BATCH_PER_THREAD``, ``MM_LOOP_MIN_OUTPUT``)."""
-    batch, rows, columns = left.shape[0], left.shape[1], right.shape[2]
-    loop = batch < MM_LOOP_MAX_BATCH_PER_THREAD * torch.get_num_threads() and rows * columns >= MM_LOOP_MIN_OUTPUT
+def batched_matmul(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    accumulate: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``left @ right`` for N x M x K and N x K x P tensors -> N x M x P (written into ``out``, N x M x P, when
+    given), or ``accumulate += left @ right`` in place (``accumulate`` N x M x P) and returned: ``bmm`` /
+    ``baddbmm_``, or one ``mm`` per matrix for a small batch of large products on CPU without autograd
+    (``MM_LOOP_MAX_BATCH_PER_THREAD``, ``MM_LOOP_MIN_WORK``)."""
+    batch, rows, inner, columns = left.shape[0], left.shape[1], left.shape[2], right.shape[2]
+    loop = batch < MM_LOOP_MAX_BATCH_PER_THREAD * torch.get_num_threads() and rows * inner * columns >= MM_LOOP_MIN_WORK
     autograd = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
     if not loop or left.device.type != "cpu" or autograd:
-        return torch.bmm(left, right) if accumulate is None else accumulate.baddbmm_(left, right)
+        if accumulate is not None:
+            return accumulate.baddbmm_(left, right)
+        return torch.bmm(left, right) if out is None else torch.bmm(left, right, out=out)
     if accumulate is None:
-        out = left.new_empty(batch, rows, columns, dtype=torch.result_type(left, right))
+        if out is None:
+            out = left.new_empty(batch, rows, columns, dtype=torch.result_type(left, right))
         for index in range(batch):
             torch.mm(left[index], right[index], out=out[index])
         return out
@@ -241,17 +252,24 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
     return grouped_product(query * scaling, key).float()
 
 
-def grouped_product(query: torch.Tensor, key: torch.Tensor, accumulate: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``query key^T`` per head, GQA aware: query B x H x T_q x d, key B x H_kv x T_k x d -> B x H x T_q x T_k, or
-    added in place to ``accumulate`` (B H T_q T_k elements in that layout) and returned in that shape. The H/H_kv
-    query heads of a group are stacked along the query axis so that keys are never repeated in memory."""
+def grouped_product(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    accumulate: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``query key^T`` per head, GQA aware: query B x H x T_q x d, key B x H_kv x T_k x d -> B x H x T_q x T_k
+    (written into ``out`` when given), or added in place to ``accumulate`` (B H T_q T_k elements in that layout) and
+    returned in that shape. The H/H_kv query heads of a group are stacked along the query axis so that keys are
+    never repeated in memory."""
     batch, num_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     query_grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, dim)
     key_flat = key.reshape(batch * num_kv_heads, k_len, dim).transpose(1, 2)
-    if accumulate is not None:
-        accumulate = accumulate.view(batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, k_len)
-    scores = batched_matmul(query_grouped, key_flat, accumulate)  # (B H_kv) x (G T_q) x T_k
+    grouped_shape = (batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, k_len)
+    accumulate = None if accumulate is None else accumulate.view(grouped_shape)
+    out = None if out is None else out.view(grouped_shape)
+    scores = batched_matmul(query_grouped, key_flat, accumulate, out)  # (B H_kv) x (G T_q) x T_k
     return scores.view(batch, num_heads, q_len, k_len)
 
 
