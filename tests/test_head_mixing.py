@@ -156,6 +156,30 @@ def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, ma
     torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch, queries_per_block", [(1, 128), (8, 64)])
+def test_default_blocks_hold_at_least_the_minimum_rows(batch, queries_per_block, monkeypatch):
+    """By default a block holds EXPLICIT_QUERY_BLOCK queries of each of its sequences, and at least
+    EXPLICIT_MIN_BLOCK_ROWS (sequence, query) rows: a single sequence takes 128 queries per block, 8 sequences 64.
+    The result equals that of explicit 64-query blocks."""
+    generator = torch.Generator().manual_seed(3)
+    q_len = 300
+    logits = _chain_of_two(batch, q_len, q_len, None, generator)
+    value = torch.randn(batch, 2, q_len, 8, generator=generator)
+    sizes = []
+    original = FoldedScores.masked_rows
+    monkeypatch.setattr(
+        FoldedScores,
+        "masked_rows",
+        lambda self, mask, rows, *args: (
+            sizes.append((self.shape[0], rows.stop - rows.start)) or original(self, mask, rows, *args)
+        ),
+    )
+    by_default = logits.attend_by_blocks(None, value)
+    assert sizes[0] == (batch, queries_per_block)  # all sequences in one block (300 keys each)
+    assert sum(size for _, size in sizes) == q_len
+    torch.testing.assert_close(by_default, logits.attend_by_blocks(None, value, block=64), atol=1e-5, rtol=1e-5)
+
+
 def test_explicit_blocks_in_bfloat16_equal_dense_attention():
     """A bf16 model's explicit blocks (bf16 products, float32 logits and softmax, bf16 probabilities for ``A V``,
     each in its own reused buffer) equal ``softmax(S + M) V`` computed densely from the same bf16 tensors."""

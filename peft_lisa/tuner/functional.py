@@ -226,7 +226,8 @@ def batched_matmul(
     ``baddbmm_``, or one ``mm`` per matrix for a small batch of large products on CPU without autograd
     (``MM_LOOP_MAX_BATCH_PER_THREAD``, ``MM_LOOP_MIN_WORK``)."""
     batch, rows, inner, columns = left.shape[0], left.shape[1], left.shape[2], right.shape[2]
-    loop = batch < MM_LOOP_MAX_BATCH_PER_THREAD * torch.get_num_threads() and rows * inner * columns >= MM_LOOP_MIN_WORK
+    few = batch < MM_LOOP_MAX_BATCH_PER_THREAD * torch.get_num_threads()
+    loop = few and rows * inner * columns >= MM_LOOP_MIN_WORK
     autograd = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
     if not loop or left.device.type != "cpu" or autograd:
         if accumulate is not None:
