@@ -106,8 +106,9 @@ def test_kv_group_alignment_keeps_each_group_in_one_source_group():
     assert [aligned[h] for h in (1, 2, 4, 5, 6, 7, 8)] == [1, 2, 3, 5, 8, 7, 6]  # heads already in place stay
 
 
-def _chain_of_two(batch: int, q_len: int, k_len: int, group_map, generator) -> FoldedScores:
-    """A source's logits, mixed and corrected by two shared layers (4 heads, 2 KV heads, d_h 8, rank 2)."""
+def _chain_of_two(batch: int, q_len: int, k_len: int, group_map, generator, rank: int = 2) -> FoldedScores:
+    """A source's logits, mixed and corrected by two shared layers (4 heads, 2 KV heads, d_h 8, rank 2; from rank 5
+    a link's fully mixed term is wider than the source's head size, as on models with many KV heads)."""
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator)
@@ -116,7 +117,7 @@ def _chain_of_two(batch: int, q_len: int, k_len: int, group_map, generator) -> F
     logits = FoldedScores.from_query_key(rand(batch, 4, q_len, 8), rand(batch, 2, k_len, 8), 8**-0.5)
     for _ in range(2):
         logits = logits.mixed(rand(4, 4) * mask, group_map)
-        logits = logits.with_lowrank(rand(batch, 4, q_len, 2), rand(batch, 2, k_len, 2), 2**-0.5)
+        logits = logits.with_lowrank(rand(batch, 4, q_len, rank), rand(batch, 2, k_len, rank), rank**-0.5)
     return logits
 
 
@@ -156,13 +157,13 @@ def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, ma
     torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch, queries_per_block", [(1, 128), (8, 64)])
-def test_default_blocks_hold_at_least_the_minimum_rows(batch, queries_per_block, monkeypatch):
-    """By default a block holds EXPLICIT_QUERY_BLOCK queries of each of its sequences, and at least
-    EXPLICIT_MIN_BLOCK_ROWS (sequence, query) rows: a single sequence takes 128 queries per block, 8 sequences 64.
-    The result equals that of explicit 64-query blocks."""
+@pytest.mark.parametrize("batch, q_len, queries_per_block", [(1, 300, 128), (8, 300, 64), (1, 1100, 64)])
+def test_default_blocks_hold_at_least_the_minimum_rows(batch, q_len, queries_per_block, monkeypatch):
+    """By default a block holds EXPLICIT_QUERY_BLOCK queries of each of its sequences, and, up to
+    EXPLICIT_MIN_ROWS_MAX_KEYS keys, at least EXPLICIT_MIN_BLOCK_ROWS (sequence, query) rows: a single sequence of
+    300 tokens takes 128 queries per block, 8 sequences 64, a single sequence of 1100 tokens 64. The result equals
+    that of explicit 64-query blocks."""
     generator = torch.Generator().manual_seed(3)
-    q_len = 300
     logits = _chain_of_two(batch, q_len, q_len, None, generator)
     value = torch.randn(batch, 2, q_len, 8, generator=generator)
     sizes = []
@@ -175,27 +176,31 @@ def test_default_blocks_hold_at_least_the_minimum_rows(batch, queries_per_block,
         ),
     )
     by_default = logits.attend_by_blocks(None, value)
-    assert sizes[0] == (batch, queries_per_block)  # all sequences in one block (300 keys each)
+    assert sizes[0] == (batch, queries_per_block)  # all sequences in one block
     assert sum(size for _, size in sizes) == q_len
     torch.testing.assert_close(by_default, logits.attend_by_blocks(None, value, block=64), atol=1e-5, rtol=1e-5)
 
 
-def test_explicit_blocks_in_bfloat16_equal_dense_attention():
-    """A bf16 model's explicit blocks (bf16 products, float32 logits and softmax, bf16 probabilities for ``A V``,
-    each in its own reused buffer) equal ``softmax(S + M) V`` computed densely from the same bf16 tensors."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [2, 6], ids=["narrow_links", "wide_links"])
+def test_explicit_blocks_in_the_models_dtype_equal_dense_attention(dtype, rank):
+    """The explicit blocks of a float32 or bf16 model (bf16: bf16 products, float32 logits and softmax, bf16
+    probabilities for ``A V``, in two buffers reused from block to block), also with links whose mixed terms are
+    wider than the source's head size (each such part's scores computed apart), equal ``softmax(S + M) V``
+    computed densely from the same tensors."""
     generator = torch.Generator().manual_seed(2)
     batch, q_len = 3, 21
-    logits = _chain_of_two(batch, q_len, q_len, None, generator)
-    logits = FoldedScores(
-        [replace(part, query=part.query.bfloat16(), key=part.key.bfloat16()) for part in logits.parts]
-    )
-    value = torch.randn(batch, 2, q_len, 8, generator=generator).bfloat16()
+    logits = _chain_of_two(batch, q_len, q_len, None, generator, rank)
+    logits = FoldedScores([replace(part, query=part.query.to(dtype), key=part.key.to(dtype)) for part in logits.parts])
+    assert len(logits._parts_by_layout()[2]) == (1 if rank == 2 else 2)  # the wide parts
+    value = torch.randn(batch, 2, q_len, 8, generator=generator).to(dtype)
     allowed = causal_allowed(slice(None), q_len, q_len, value.device)
     probs = torch.softmax(logits.rows(slice(None)) + additive_mask(allowed, q_len, q_len, None), -1)
-    dense = grouped_attend(probs.bfloat16(), value)
+    dense = grouped_attend(probs.to(dtype), value)
     explicit = logits.attend_by_blocks(None, value, block=4)
-    assert explicit.dtype == torch.bfloat16
-    torch.testing.assert_close(explicit, dense, atol=1e-2, rtol=1e-2)
+    assert explicit.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(explicit, dense, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("group_map", [None, [0]], ids=["full", "kv_group"])

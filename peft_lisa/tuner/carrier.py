@@ -38,13 +38,15 @@ FUSED_MAX_HEAD_DIM = 256
 EXPLICIT_BLOCK_BYTES_ACCELERATOR = 64 * 2**20
 # Query rows per block of the explicit path: its B x H x rows x T_k float32 logits are the largest tensors of a block.
 EXPLICIT_QUERY_BLOCK = 64
-# ... and at least this many (sequence, query) rows per block: a block of one sequence takes 128 queries. Every block
-# costs about 10 tensor operations whatever its size, and with batch 1 those dominate short prefills. Measured on
-# SmolLM2 with 2 threads (in-process A/B, the base alternating with both): batch 1 in bf16, 64 against 128 queries,
-# 0.89x against 0.93x of the base at 128 tokens, 0.94x against 0.98x at 512; fp32 at 2048 0.89x against 0.90x. A
-# larger block also computes more masked logits on its diagonal, so 8 sequences keep 64 queries (8 x 512: 1.10x
-# against 1.07x with 128).
+# ... and at least this many (sequence, query) rows per block up to EXPLICIT_MIN_ROWS_MAX_KEYS keys: a block of one
+# sequence of up to 1024 tokens takes 128 queries. Every block costs about 10 tensor operations whatever its size,
+# and with batch 1 those dominate short prefills. Measured on SmolLM2 with 2 threads (in-process A/B, the base
+# alternating with both): batch 1 in bf16, 64 against 128 queries, 0.89x against 0.93x of the base at 128 tokens,
+# 0.94x against 0.98x at 512. At 2048 keys it changed nothing beyond the spread (fp32 0.89x against 0.90x), and its
+# blocks' larger buffers raised the peak tensors of a batch-1 prefill above the base's. A larger block also computes
+# more masked logits on its diagonal, so 8 sequences keep 64 queries (8 x 512: 1.10x against 1.07x with 128).
 EXPLICIT_MIN_BLOCK_ROWS = 128
+EXPLICIT_MIN_ROWS_MAX_KEYS = 1024
 # ... for as many sequences as give at most this many keys (one sequence of 2048 tokens, 8 of 512, 32 of 128).
 EXPLICIT_BLOCK_KEYS = 4096
 
@@ -148,27 +150,33 @@ class ScoresFromQueryKey(SourceLogits):
 
 
 class BlockBuffers:
-    """Reusable buffers for the explicit logits of one block of queries (:meth:`FoldedScores.attend_by_blocks`).
+    """Reusable memory for the explicit logits of one block of queries (:meth:`FoldedScores.attend_by_blocks`).
 
     A block's logits are megabytes (B' x H x 64 x T_k float32: 4.7 MB at 2048 keys on SmolLM2); allocated afresh for
     every block, the allocator hands them back to the system and the next block pays page faults and zero-filling
     for them again (about 4,400 page faults and 10 ms of kernel time per shared layer at 1 x 2048 with 2 threads).
-    One buffer per role, sized once for the largest block of the call, is written again by every block.
+    Two slots of ``numel`` float32 elements each, written again by every block, hold a block's tensors in turn:
+
+    * ``"scores"``: a source's float32 scores before their mixing, then the probabilities for ``A V`` (in the values'
+      dtype);
+    * ``"logits"``: the product ``q k^T`` in the model's dtype when that is not float32 (copied into ``"scores"``),
+      then the mixed float32 logits, masked and soft-maxed in place.
     """
 
     def __init__(self, device: torch.device, numel: int) -> None:
         self.device, self.numel = device, numel
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._slots: dict[str, torch.Tensor] = {}
 
-    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A tensor of ``shape`` (at most ``numel`` elements) over ``role``'s buffer: its previous contents."""
-        buffer = self._buffers.get((role, dtype))
-        if buffer is None:
-            buffer = self._buffers[role, dtype] = torch.empty(self.numel, dtype=dtype, device=self.device)
-        size = 1
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A ``dtype`` tensor of ``shape`` (at most ``numel`` float32 elements' bytes) over ``slot``'s memory,
+        holding whatever was written there last."""
+        memory = self._slots.get(slot)
+        if memory is None:
+            memory = self._slots[slot] = torch.empty(self.numel * 4, dtype=torch.uint8, device=self.device)
+        size = dtype.itemsize
         for dim in shape:
             size *= dim
-        return buffer[:size].view(shape)
+        return memory[:size].view(dtype).view(shape)
 
 
 @dataclass(eq=False)
@@ -285,8 +293,10 @@ class FoldedPart:
         if buffers is None:
             return grouped_scores(query, key, self.scale)  # B x H x T_block x T_k
         shape = (*query.shape[:-1], key.shape[2])
-        product = grouped_product(query * self.scale, key, out=buffers.take("product", shape, query.dtype))
-        return product if product.dtype == torch.float32 else buffers.take("scores", shape).copy_(product)
+        if query.dtype == torch.float32:
+            return grouped_product(query * self.scale, key, out=buffers.take("scores", shape))
+        product = grouped_product(query * self.scale, key, out=buffers.take("logits", shape, query.dtype))
+        return buffers.take("scores", shape).copy_(product)
 
 
 class FoldedScores(SourceLogits):
@@ -354,8 +364,8 @@ class FoldedScores(SourceLogits):
         out = None if buffers is None else buffers.take("logits", logits_shape)
         one_key_head, narrow, wide = self._parts_by_layout()
         total = None
-        for part in wide:
-            scores = part.scores(rows, keys, stop, buffers)
+        for part in wide:  # a later wide part's scores in their own tensor: the "logits" slot holds the total
+            scores = part.scores(rows, keys, stop, buffers if total is None else None)
             q_len, k_len = scores.shape[2:]
             mix = part.mix.float().expand(batch, heads, heads)
             flat = scores.view(batch, heads, q_len * k_len)
@@ -429,7 +439,7 @@ class FoldedScores(SourceLogits):
         k_len, value_dim = value.shape[-2], value.shape[-1]
         step = max(1, EXPLICIT_BLOCK_KEYS // k_len)  # sequences per block
         if block is None:  # EXPLICIT_QUERY_BLOCK queries, at least EXPLICIT_MIN_BLOCK_ROWS rows
-            block = EXPLICIT_QUERY_BLOCK if block_bytes is not None else self.default_block(min(step, batch))
+            block = EXPLICIT_QUERY_BLOCK if block_bytes is not None else self.default_block(min(step, batch), k_len)
         if block_bytes is not None:  # as many (sequence, query) rows of logits as fit, whole sequences first
             rows = max(1, block_bytes // (num_heads * k_len * 4))
             step = max(1, min(batch, rows // max(1, min(q_len, block))))
@@ -448,14 +458,17 @@ class FoldedScores(SourceLogits):
                 logits, stop = part.masked_rows(mask, rows, k_len, narrow_key, buffers)  # B' x H x T_block x stop
                 probs = torch.softmax(logits, dim=-1, out=logits)  # in place: no second block
                 if probs.dtype != value.dtype:
-                    probs = buffers.take("probs", probs.shape, value.dtype).copy_(probs)
+                    probs = buffers.take("scores", probs.shape, value.dtype).copy_(probs)
                 output[sequences, rows] = grouped_attend(probs, value[sequences, :, :stop])
         return output
 
     @staticmethod
-    def default_block(sequences: int) -> int:
-        """Queries per block on CPU for blocks of ``sequences`` sequences: ``EXPLICIT_QUERY_BLOCK``, or more to make
-        ``EXPLICIT_MIN_BLOCK_ROWS`` (sequence, query) rows."""
+    def default_block(sequences: int, keys: int) -> int:
+        """Queries per block on CPU for blocks of ``sequences`` sequences of ``keys`` keys: ``EXPLICIT_QUERY_BLOCK``,
+        or, up to ``EXPLICIT_MIN_ROWS_MAX_KEYS`` keys, more to make ``EXPLICIT_MIN_BLOCK_ROWS`` (sequence, query)
+        rows."""
+        if keys > EXPLICIT_MIN_ROWS_MAX_KEYS:
+            return EXPLICIT_QUERY_BLOCK
         return max(EXPLICIT_QUERY_BLOCK, -(-EXPLICIT_MIN_BLOCK_ROWS // sequences))
 
     def sequences(self, sequences: slice) -> FoldedScores:

@@ -1,0 +1,109 @@
+"""The explicit blocks' buffers and block size, measured in one process (README, "Speed and memory"; issue 10).
+
+A prefill of ``--batch`` x ``--tokens`` random ids (one forward, the cache built, the last token's logits, as the
+benchmark times it). Subjects, alternating, ``--repeats`` rounds after a warm-up each:
+
+* ``base``: SmolLM2-135M-Instruct;
+* ``merged``: an untrained LiSA adapter merged (50% shared, layers from ``docs/analysis``, ``head_mixing="full"``),
+  as the library runs it: every block's logits in the same buffers (``BlockBuffers``), blocks of at least
+  ``EXPLICIT_MIN_BLOCK_ROWS`` (sequence, query) rows;
+* ``merged, fresh tensors per block``: the same model with a new tensor for each block's logits, as before the
+  buffers;
+* ``merged, 64 queries per block``: the same model with ``EXPLICIT_MIN_BLOCK_ROWS = 0`` (a block of one sequence
+  takes ``EXPLICIT_QUERY_BLOCK`` = 64 queries, as before);
+* with ``--kv-group``, ``merged, kv_group``: a second merged model with ``head_mixing="kv_group"`` (fused calls of
+  head size ``d_h + r``).
+
+Prints the times and the ratio base / subject (median of the per-round ratios). Run from the repository root::
+
+    python docs/benchmark/prefill_variants/explicit_blocks.py --threads 2 --tokens 2048 --kv-group
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import peft_lisa.tuner.carrier as lisa_carrier
+from peft_lisa.analysis import AttentionAnalysis
+from peft_lisa.benchmark import untrained_merged
+from peft_lisa.resources import load_model_and_tokenizer
+
+
+class FreshBuffers(lisa_carrier.BlockBuffers):
+    """A new tensor for every block's logits: what the explicit blocks allocated before ``BlockBuffers``."""
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+
+def with_setting(fn: Callable[[], object], name: str, value: object) -> Callable[[], object]:
+    """``fn`` run with ``peft_lisa.tuner.carrier``'s ``name`` set to ``value``, restored afterwards."""
+
+    def run() -> object:
+        default = getattr(lisa_carrier, name)
+        setattr(lisa_carrier, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(lisa_carrier, name, default)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--kv-group", action="store_true", help="add a merged model with head_mixing='kv_group'")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    base, _ = load_model_and_tokenizer(None)
+    base = base.to(dtype).eval()
+    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
+    merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
+
+    def prefill(model: torch.nn.Module) -> Callable[[], object]:
+        return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+    subjects = {
+        "base": prefill(base),
+        "merged": prefill(merged),
+        "merged, fresh tensors per block": with_setting(prefill(merged), "BlockBuffers", FreshBuffers),
+        "merged, 64 queries per block": with_setting(prefill(merged), "EXPLICIT_MIN_BLOCK_ROWS", 0),
+    }
+    if args.kv_group:
+        kv_group = untrained_merged(base, None, 0.5, analysis, 8, 0, "kv_group").eval()
+        subjects["merged, kv_group"] = prefill(kv_group)
+    times: dict[str, list[float]] = {name: [] for name in subjects}
+    with torch.no_grad():
+        for fn in subjects.values():
+            fn()  # warm-up
+        names = list(subjects)
+        for round_index in range(args.repeats):
+            for name in names if round_index % 2 == 0 else names[::-1]:  # alternating
+                start = time.perf_counter()
+                subjects[name]()
+                times[name].append(time.perf_counter() - start)
+    print(
+        f"prefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
+        f"median of {args.repeats}"
+    )
+    print("| subject | ms | base / subject |\n|---|---:|---:|")
+    for name, values in times.items():
+        ratio = statistics.median(b / t for b, t in zip(times["base"], values, strict=True))
+        print(f"| {name} | {statistics.median(values) * 1e3:.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
