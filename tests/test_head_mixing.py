@@ -157,11 +157,11 @@ def test_explicit_blocks_equal_the_fused_calls_and_dense_attention(group_map, ma
     torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch, q_len, queries_per_block", [(1, 300, 128), (8, 300, 64), (1, 1100, 64)])
+@pytest.mark.parametrize("batch, q_len, queries_per_block", [(1, 300, 128), (8, 300, 64), (1, 1100, 64), (1, 200, 64)])
 def test_default_blocks_hold_at_least_the_minimum_rows(batch, q_len, queries_per_block, monkeypatch):
-    """By default a block holds EXPLICIT_QUERY_BLOCK queries of each of its sequences, and, up to
-    EXPLICIT_MIN_ROWS_MAX_KEYS keys, at least EXPLICIT_MIN_BLOCK_ROWS (sequence, query) rows: a single sequence of
-    300 tokens takes 128 queries per block, 8 sequences 64, a single sequence of 1100 tokens 64. The result equals
+    """By default a block holds EXPLICIT_QUERY_BLOCK queries of each of its sequences, and, for 256-1024 keys
+    (EXPLICIT_MIN_ROWS_KEYS), at least EXPLICIT_MIN_BLOCK_ROWS (sequence, query) rows: a single sequence of 300
+    tokens takes 128 queries per block, 8 sequences 64, a single sequence of 1100 or 200 tokens 64. The result equals
     that of explicit 64-query blocks."""
     generator = torch.Generator().manual_seed(3)
     logits = _chain_of_two(batch, q_len, q_len, None, generator)

@@ -38,15 +38,16 @@ FUSED_MAX_HEAD_DIM = 256
 EXPLICIT_BLOCK_BYTES_ACCELERATOR = 64 * 2**20
 # Query rows per block of the explicit path: its B x H x rows x T_k float32 logits are the largest tensors of a block.
 EXPLICIT_QUERY_BLOCK = 64
-# ... and at least this many (sequence, query) rows per block up to EXPLICIT_MIN_ROWS_MAX_KEYS keys: a block of one
-# sequence of up to 1024 tokens takes 128 queries. Every block costs about 10 tensor operations whatever its size,
+# ... and at least this many (sequence, query) rows per block for blocks of EXPLICIT_MIN_ROWS_KEYS keys: a block of
+# one sequence of 256-1024 tokens takes 128 queries. Every block costs about 10 tensor operations whatever its size,
 # and with batch 1 those dominate short prefills. Measured on SmolLM2 with 2 threads (in-process A/B, the base
-# alternating with both): batch 1 in bf16, 64 against 128 queries, 0.89x against 0.93x of the base at 128 tokens,
-# 0.94x against 0.98x at 512. At 2048 keys it changed nothing beyond the spread (fp32 0.89x against 0.90x), and its
-# blocks' larger buffers raised the peak tensors of a batch-1 prefill above the base's. A larger block also computes
-# more masked logits on its diagonal, so 8 sequences keep 64 queries (8 x 512: 1.10x against 1.07x with 128).
+# alternating with both; docs/benchmark/prefill_variants): batch 1 in bf16, 64 against 128 queries, 0.94x against
+# 0.98x of the base at 512 tokens. At 2048 keys it changed nothing beyond the spread (fp32 0.89x against 0.90x); at
+# 2048 and at 128 (0.89x against 0.93x in bf16) its larger buffers raised the peak tensors of a batch-1 prefill above
+# the base's (5.2 against 4.5 MiB at 1 x 128). A larger block also computes more masked logits on its diagonal, so 8
+# sequences keep 64 queries (8 x 512: 1.10x against 1.07x with 128).
 EXPLICIT_MIN_BLOCK_ROWS = 128
-EXPLICIT_MIN_ROWS_MAX_KEYS = 1024
+EXPLICIT_MIN_ROWS_KEYS = (256, 1024)
 # ... for as many sequences as give at most this many keys (one sequence of 2048 tokens, 8 of 512, 32 of 128).
 EXPLICIT_BLOCK_KEYS = 4096
 
@@ -465,9 +466,10 @@ class FoldedScores(SourceLogits):
     @staticmethod
     def default_block(sequences: int, keys: int) -> int:
         """Queries per block on CPU for blocks of ``sequences`` sequences of ``keys`` keys: ``EXPLICIT_QUERY_BLOCK``,
-        or, up to ``EXPLICIT_MIN_ROWS_MAX_KEYS`` keys, more to make ``EXPLICIT_MIN_BLOCK_ROWS`` (sequence, query)
-        rows."""
-        if keys > EXPLICIT_MIN_ROWS_MAX_KEYS:
+        or, for a number of keys within ``EXPLICIT_MIN_ROWS_KEYS``, more to make ``EXPLICIT_MIN_BLOCK_ROWS``
+        (sequence, query) rows."""
+        fewest, most = EXPLICIT_MIN_ROWS_KEYS
+        if not fewest <= keys <= most:
             return EXPLICIT_QUERY_BLOCK
         return max(EXPLICIT_QUERY_BLOCK, -(-EXPLICIT_MIN_BLOCK_ROWS // sequences))
 
