@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -174,10 +175,7 @@ class BlockBuffers:
         memory = self._slots.get(slot)
         if memory is None:
             memory = self._slots[slot] = torch.empty(self.numel * 4, dtype=torch.uint8, device=self.device)
-        size = dtype.itemsize
-        for dim in shape:
-            size *= dim
-        return memory[:size].view(dtype).view(shape)
+        return memory[: dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
 
 
 @dataclass(eq=False)

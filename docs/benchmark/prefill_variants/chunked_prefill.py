@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -32,6 +33,27 @@ import peft_lisa.tuner.attention as lisa_attention
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
 from peft_lisa.resources import load_model_and_tokenizer
+
+
+def alternating_times(subjects: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each subject in each of ``repeats`` rounds, the subjects alternating (in reverse order every other
+    round). The caller warms them up first."""
+    times: dict[str, list[float]] = {name: [] for name in subjects}
+    names = list(subjects)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            subjects[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def print_ratio_table(times: dict[str, list[float]]) -> None:
+    """Each subject's median milliseconds and the median of its per-round ratios ``base / subject``."""
+    print("| subject | ms | base / subject |\n|---|---:|---:|")
+    for name, values in times.items():
+        ratio = statistics.median(b / t for b, t in zip(times["base"], values, strict=True))
+        print(f"| {name} | {statistics.median(values) * 1e3:.0f} | {ratio:.2f}x |")
 
 
 def main() -> None:
@@ -73,26 +95,17 @@ def main() -> None:
         "merged, chunked": lambda: chunked(merged),
         "merged, chunked, logits handed on": lambda: chunked(merged, hand_on=True),
     }
-    times: dict[str, list[float]] = {name: [] for name in subjects}
     with torch.no_grad():
         first = {name: fn() for name, fn in subjects.items()}  # warm-up
         for name in subjects:
             reference = first["base" if name.startswith("base") else "merged"]
             print(f"{name}: largest logit difference from one forward {(first[name] - reference).abs().max():.2e}")
-        names = list(subjects)
-        for round_index in range(args.repeats):
-            for name in names if round_index % 2 == 0 else names[::-1]:  # alternating
-                start = time.perf_counter()
-                subjects[name]()
-                times[name].append(time.perf_counter() - start)
+        times = alternating_times(subjects, args.repeats)
     print(
         f"\nprefill of {args.batch} x {args.tokens} tokens, chunks of {args.chunk}, {torch.get_num_threads()} "
         f"thread(s), median of {args.repeats}"
     )
-    print("| subject | ms | base / subject |\n|---|---:|---:|")
-    for name, values in times.items():
-        ratio = statistics.median(b / t for b, t in zip(times["base"], values, strict=True))
-        print(f"| {name} | {statistics.median(values) * 1e3:.0f} | {ratio:.2f}x |")
+    print_ratio_table(times)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ benchmark times it). Subjects, alternating, ``--repeats`` rounds after a warm-up
 * with ``--kv-group``, ``merged, kv_group``: a second merged model with ``head_mixing="kv_group"`` (fused calls of
   head size ``d_h + r``).
 
-Prints the times and the ratio base / subject (median of the per-round ratios). Run from the repository root::
+Prints the times and the ratio base / subject (median of the per-round ratios; timing and table shared with
+``chunked_prefill.py``). Run from the repository root::
 
     python docs/benchmark/prefill_variants/explicit_blocks.py --threads 2 --tokens 2048 --kv-group
 """
@@ -22,11 +23,10 @@ Prints the times and the ratio base / subject (median of the per-round ratios). 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from chunked_prefill import alternating_times, print_ratio_table  # this folder's (run as a script)
 
 import peft_lisa.tuner.carrier as lisa_carrier
 from peft_lisa.analysis import AttentionAnalysis
@@ -85,24 +85,15 @@ def main() -> None:
     if args.kv_group:
         kv_group = untrained_merged(base, None, 0.5, analysis, 8, 0, "kv_group").eval()
         subjects["merged, kv_group"] = prefill(kv_group)
-    times: dict[str, list[float]] = {name: [] for name in subjects}
     with torch.no_grad():
         for fn in subjects.values():
             fn()  # warm-up
-        names = list(subjects)
-        for round_index in range(args.repeats):
-            for name in names if round_index % 2 == 0 else names[::-1]:  # alternating
-                start = time.perf_counter()
-                subjects[name]()
-                times[name].append(time.perf_counter() - start)
+        times = alternating_times(subjects, args.repeats)
     print(
         f"prefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
         f"median of {args.repeats}"
     )
-    print("| subject | ms | base / subject |\n|---|---:|---:|")
-    for name, values in times.items():
-        ratio = statistics.median(b / t for b, t in zip(times["base"], values, strict=True))
-        print(f"| {name} | {statistics.median(values) * 1e3:.0f} | {ratio:.2f}x |")
+    print_ratio_table(times)
 
 
 if __name__ == "__main__":
