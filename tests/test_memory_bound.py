@@ -112,6 +112,19 @@ def test_a_frozen_models_prefill_multiplies_by_an_expanded_lm_head():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_models_prefill_multiplies_by_its_lm_head_as_one_product(dtype):
+    """peft freezes the base of an adapter model, LM head included: while LiSA is injected its LM head gets a
+    contiguous input too. ``unload()`` takes that hook away with the rest of LiSA, and the frozen base it returns
+    runs ``bmm`` again, as any model frozen by hand does."""
+    model = get_peft_model(tiny_model().to(dtype), LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(model)
+    assert not model.base_model.model.lm_head.weight.requires_grad
+    assert expanded_lm_head_products(model.base_model.model) == []
+    base = model.unload()
+    assert expanded_lm_head_products(base), "unload() must remove the LM-head hook; the watch saw no bmm"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_merged_models_prefill_multiplies_by_its_lm_head_as_one_product(dtype, tmp_path):
     """``merge_and_unload()`` leaves the parameters frozen, as peft does; the merged model's LM head gets a
     contiguous input, so its prefill runs one ``mm`` as the base model's does. So does the reloaded model, frozen

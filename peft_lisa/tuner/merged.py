@@ -229,14 +229,15 @@ def _foldable(x: torch.Tensor) -> bool:
     return all(strides[i] == strides[i + 1] * shape[i + 1] for i in range(x.dim() - 2))
 
 
-def _foldable_lm_head_input(lm_head: nn.Module, args: tuple) -> Optional[tuple]:
+def foldable_lm_head_input(lm_head: nn.Module, args: tuple) -> Optional[tuple]:
     """Forward pre-hook of the LM head: its input laid out so that ``matmul`` folds it into one matrix product.
 
     A prefill that keeps only the last tokens' logits hands the LM head a ``B x k x d`` slice of the ``B x T x d``
     hidden states. torch's ``matmul`` folds such a slice into one product only when the weight requires grad; with
     a frozen weight (``merge_and_unload()``, or ``requires_grad_(False)`` for inference) it runs ``bmm`` against the
     weight expanded over the batch, which on CPU in bf16 copies the whole weight once per sequence, a batch of one
-    included (``docs/method.md``, "Decoding"). The copy of the slice costs ``B k d`` elements."""
+    included (``docs/method.md``, "Decoding"). The copy of the slice costs ``B k d`` elements. Installed on a merged
+    model and, while LiSA is injected, on the adapter model (its base is frozen too)."""
     if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 2 and not _foldable(args[0]):
         return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
     return None
@@ -244,12 +245,12 @@ def _foldable_lm_head_input(lm_head: nn.Module, args: tuple) -> Optional[tuple]:
 
 def install_merged_hooks(model: nn.Module, carrier: LogitsCarrier) -> None:
     """The merged model's forward hooks: the carrier cleared before each forward (:func:`_clear_logits_carrier`)
-    and the LM head handed an input it multiplies in one product (:func:`_foldable_lm_head_input`)."""
+    and the LM head handed an input it multiplies in one product (:func:`foldable_lm_head_input`)."""
     model.lisa_logits_carrier = carrier
     model.register_forward_pre_hook(_clear_logits_carrier)
     lm_head = model.get_output_embeddings()
     if isinstance(lm_head, nn.Module):
-        lm_head.register_forward_pre_hook(_foldable_lm_head_input)
+        lm_head.register_forward_pre_hook(foldable_lm_head_input)
 
 
 class LiSAMergedMixin:

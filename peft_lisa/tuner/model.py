@@ -21,7 +21,7 @@ from .carrier import LogitsCarrier
 from .config import LISA_FORMAT_VERSION, LiSAConfig, validate_share_layers
 from .functional import AttentionLayout
 from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer, check_rank_fits
-from .merged import merge_lisa_adapter
+from .merged import foldable_lm_head_input, merge_lisa_adapter
 
 # A checkpoint key of adapter format 1: the three LiSA modules sat in ModuleDicts of their own, and the FFN of the
 # alignment was saved with the adapter's name inside its keys (``lisa_align.default.up.weight``).
@@ -109,6 +109,10 @@ class LiSAModel(BaseTuner):
         # ``generate`` call the transformers model directly.
         if getattr(self, "_forward_pre_hook", None) is None:
             self._forward_pre_hook = model.register_forward_pre_hook(self._before_model_forward)
+            # The frozen base's LM head gets an input it multiplies in one product (``foldable_lm_head_input``).
+            lm_head = model.get_output_embeddings()
+            if isinstance(lm_head, nn.Module):
+                self._lm_head_pre_hook = lm_head.register_forward_pre_hook(foldable_lm_head_input)
 
     def _before_model_forward(self, model: nn.Module, args: Any) -> None:
         if model.training and torch.is_grad_enabled():
@@ -119,6 +123,9 @@ class LiSAModel(BaseTuner):
         if getattr(self, "_forward_pre_hook", None) is not None:
             self._forward_pre_hook.remove()
             self._forward_pre_hook = None
+        if getattr(self, "_lm_head_pre_hook", None) is not None:
+            self._lm_head_pre_hook.remove()
+            self._lm_head_pre_hook = None
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
