@@ -518,3 +518,20 @@ def test_tensor_counting_pass_decodes_at_most_its_cap(models, monkeypatch):
     assert timed.count(5) == 2  # one timed repetition of each model (the warm start decodes 2 steps of its own)
     assert result.settings["tensor_peak_decode_steps"] == 2
     assert "prefill + 2 decode steps" in result.to_markdown()
+
+
+def test_paired_speedups_pair_the_models_repetition_by_repetition(result):
+    """The section of per-repetition speedups pairs each repetition's base time with the merged model's time of the
+    same repetition. The times are chosen so that neither the ratio of the medians (2x) nor ratios of the sorted
+    times (1x-2x) give the expected cell."""
+    run = dataclasses.replace(
+        result,
+        runs=[
+            dataclasses.replace(result.run("base", 1, 8), prefill_seconds=[1.0, 2.0, 4.0], decode_seconds=[3.0]),
+            dataclasses.replace(result.run("merged", 1, 8), prefill_seconds=[1.0, 4.0, 1.0], decode_seconds=[]),
+        ],
+        skipped=[],
+    )
+    ratios = sorted(b / m for b, m in zip([1.0, 2.0, 4.0], [1.0, 4.0, 1.0], strict=True))  # 0.5, 1, 4
+    section = run.to_markdown().split("### Speedup repetition by repetition")[1]
+    assert f"| 1 | 8 | {ratios[1]:.2f}x ({ratios[0]:.2f}-{ratios[2]:.2f}x) | - |" in section

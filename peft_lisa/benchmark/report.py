@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .results import MODEL_KEYS, BenchmarkData, PathLike, Run
+from .results import MODEL_KEYS, BenchmarkData, PathLike, Run, paired_speedups
 
 
 @dataclass
@@ -82,6 +82,35 @@ def _fmt_flops(value: float) -> str:
     return f"{value / 1e6:,.2f} M"
 
 
+def _fmt_paired(base: Optional[Run], merged: Optional[Run], attr: str) -> str:
+    """``median (lowest-highest)`` of the per-repetition speedups of ``attr`` (``prefill_seconds`` or
+    ``decode_seconds``), ``-`` without a pair."""
+    paired = None if base is None or merged is None else paired_speedups(getattr(base, attr), getattr(merged, attr))
+    return "-" if paired is None else f"{paired[0]:.2f}x ({paired[1]:.2f}-{paired[2]:.2f}x)"
+
+
+def _paired_markdown(result: BenchmarkData, configs: list[tuple[int, int]]) -> list[str]:
+    """The section of speedups repetition by repetition (:func:`~.results.paired_speedups`)."""
+    lines = [
+        "",
+        "### Speedup repetition by repetition",
+        "",
+        "Base time / merged time within each repetition (the two models alternate within it): median (lowest-highest) "
+        "over the repetitions. The table above gives the ratio of the median times; the range shows the spread of "
+        "one point between repetitions on this machine.",
+        "",
+        "| batch | context | prefill speedup | decode speedup |",
+        "|---:|---:|---:|---:|",
+    ]
+    for context, batch in configs:
+        base, merged = result.run("base", batch, context), result.run("merged", batch, context)
+        lines.append(
+            f"| {batch} | {context} | {_fmt_paired(base, merged, 'prefill_seconds')} "
+            f"| {_fmt_paired(base, merged, 'decode_seconds')} |"
+        )
+    return lines
+
+
 def render_markdown(result: BenchmarkData) -> str:
     """The markdown report of ``result`` (:meth:`BenchmarkResult.to_markdown`)."""
     settings, base_info, merged_info = result.settings, result.models["base"], result.models["merged"]
@@ -140,6 +169,7 @@ def render_markdown(result: BenchmarkData) -> str:
         "speedup (see the notes); in brackets, the prefill's bound if no shared layer followed another (chains "
         "recompute their earlier links' terms).",
     ]
+    lines += _paired_markdown(result, configs)
     if result.skipped:
         lines += ["", "### Skipped", "", "| model | batch | context | phase | reason |", "|---|---:|---:|---|---|"]
         for s in result.skipped:

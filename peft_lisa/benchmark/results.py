@@ -67,6 +67,17 @@ class Run:
         return out
 
 
+def paired_speedups(base_seconds: list[float], merged_seconds: list[float]) -> Optional[tuple[float, float, float]]:
+    """The speedups repetition by repetition, base time / merged time of the same repetition (the two models ran
+    side by side in it): their median, lowest and highest; None unless both models have the same number of timed
+    repetitions. The ratio of the medians (the main table) can differ from the median of these ratios; their range
+    shows how far one run of a point can stray."""
+    if not base_seconds or len(base_seconds) != len(merged_seconds):
+        return None
+    ratios = [base / merged for base, merged in zip(base_seconds, merged_seconds, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 @dataclass
 class Skipped:
     """A configuration (or one phase of it) that was not run, and why."""
