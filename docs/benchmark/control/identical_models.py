@@ -1,0 +1,91 @@
+"""A control for the benchmark's small ratios: identical models timed against each other (README, "Speed and
+memory"; issue 10).
+
+Subjects, alternating (order reversed every other round), ``--repeats`` rounds after a warm-up each; in each round a
+real prefill of ``--batch`` x ``--tokens`` random ids, then ``--decode-tokens`` greedy steps on the cache it built:
+
+* ``base``: SmolLM2-135M-Instruct as loaded;
+* ``base, loaded again``: a second ``from_pretrained`` of the same files;
+* ``base, deep copy``: ``copy.deepcopy`` of the first, as the benchmark builds its merged model before merging;
+* ``merged``: an untrained LiSA adapter merged into a deep copy (50% shared, layers from ``docs/analysis``,
+  ``head_mixing="full"``), as ``peft-lisa bench`` runs it.
+
+The three copies of the base run the same computation on the same weights, so their ratios to ``base`` measure
+what placement in memory and the order of runs alone do to a point of the grid. Prints the medians and, for each
+subject, the median and range of its per-round ratio ``base time / subject time``. Run from the repository root::
+
+    taskset -c 0 python docs/benchmark/control/identical_models.py --threads 1 --batch 1 --tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from peft_lisa.analysis import AttentionAnalysis
+from peft_lisa.benchmark import untrained_merged
+from peft_lisa.resources import load_model_and_tokenizer
+
+
+def prefill_then_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Seconds of the prefill of ``ids`` and of ``steps`` greedy decode steps after it, per step."""
+    started = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - started
+    next_ids, cache = out.logits[:, -1:].argmax(-1), out.cache
+    started = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=next_ids, cache=cache, use_cache=True)
+        next_ids, cache = out.logits[:, -1:].argmax(-1), out.cache
+    return prefill, (time.perf_counter() - started) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base, _ = load_model_and_tokenizer(None)
+    again, _ = load_model_and_tokenizer(None)
+    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
+    subjects = {
+        "base": base.eval(),
+        "base, loaded again": again.eval(),
+        "base, deep copy": copy.deepcopy(base).eval(),
+        "merged": untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval(),
+    }
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in subjects}
+    with torch.no_grad():
+        for model in subjects.values():
+            prefill_then_decode(model, ids, 2)  # warm-up
+        for round_index in range(args.repeats):
+            names = list(subjects) if round_index % 2 == 0 else list(subjects)[::-1]
+            for name in names:
+                times[name].append(prefill_then_decode(subjects[name], ids, args.decode_tokens))
+    print(
+        f"{args.batch} x {args.tokens} tokens, then {args.decode_tokens} decode steps, float32, "
+        f"{torch.get_num_threads()} thread(s), {args.repeats} rounds"
+    )
+    print("| subject | prefill ms | base / subject: median (range) | decode ms/step | base / subject |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in times.items():
+        cells = []
+        for phase in (0, 1):
+            ratios = [ref[phase] / run[phase] for ref, run in zip(times["base"], runs, strict=True)]
+            median_ms = statistics.median(run[phase] for run in runs) * 1e3
+            cells += [f"{median_ms:.1f}", f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
