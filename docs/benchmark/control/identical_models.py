@@ -22,26 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
+from peft_lisa.benchmark.measure import prefill_then_decode
 from peft_lisa.resources import load_model_and_tokenizer
-
-
-def prefill_then_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """Seconds of the prefill of ``ids`` and of ``steps`` greedy decode steps after it, per step."""
-    started = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - started
-    next_ids, cache = out.logits[:, -1:].argmax(-1), out.cache
-    started = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=next_ids, cache=cache, use_cache=True)
-        next_ids, cache = out.logits[:, -1:].argmax(-1), out.cache
-    return prefill, (time.perf_counter() - started) / steps
 
 
 def main() -> None:
@@ -64,14 +51,16 @@ def main() -> None:
     }
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in subjects}
+    cpu = torch.device("cpu")
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in subjects}  # prefill s, decode s per step
     with torch.no_grad():
         for model in subjects.values():
-            prefill_then_decode(model, ids, 2)  # warm-up
+            prefill_then_decode(model, ids, 2, cpu)  # warm-up
         for round_index in range(args.repeats):
             names = list(subjects) if round_index % 2 == 0 else list(subjects)[::-1]
             for name in names:
-                times[name].append(prefill_then_decode(subjects[name], ids, args.decode_tokens))
+                prefill, decode, _ = prefill_then_decode(subjects[name], ids, args.decode_tokens, cpu)
+                times[name].append((prefill, decode / args.decode_tokens))
     print(
         f"{args.batch} x {args.tokens} tokens, then {args.decode_tokens} decode steps, float32, "
         f"{torch.get_num_threads()} thread(s), {args.repeats} rounds"
