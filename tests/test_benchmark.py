@@ -535,3 +535,11 @@ def test_paired_speedups_pair_the_models_repetition_by_repetition(result):
     ratios = sorted(b / m for b, m in zip([1.0, 2.0, 4.0], [1.0, 4.0, 1.0], strict=True))  # 0.5, 1, 4
     section = run.to_markdown().split("### Speedup repetition by repetition")[1]
     assert f"| 1 | 8 | {ratios[1]:.2f}x ({ratios[0]:.2f}-{ratios[2]:.2f}x) | - |" in section
+
+
+def test_paired_decode_speedup_on_a_synthetic_cache_is_marked(result):
+    """As in the main table, a decode timed on a synthetic cache says so in the per-repetition section."""
+    base = dataclasses.replace(result.run("base", 1, 8), decode_seconds=[3.0, 2.0])
+    merged = dataclasses.replace(result.run("merged", 1, 8), decode_seconds=[1.5, 2.0], decode_cache="synthetic")
+    section = dataclasses.replace(result, runs=[base, merged], skipped=[]).to_markdown().split("repetition by")[1]
+    assert "| 1.50x (1.00-2.00x) (synthetic cache) |" in section

@@ -7,6 +7,8 @@ The base model (sdpa, no padding) allocates none either, so a merged model's pea
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -114,12 +116,17 @@ def test_a_frozen_models_prefill_multiplies_by_an_expanded_lm_head():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_adapter_models_prefill_multiplies_by_its_lm_head_as_one_product(dtype):
     """peft freezes the base of an adapter model, LM head included: while LiSA is injected its LM head gets a
-    contiguous input too. ``unload()`` takes that hook away with the rest of LiSA, and the frozen base it returns
-    runs ``bmm`` again, as any model frozen by hand does."""
+    contiguous input too, one hook whatever the number of adapters; ``merge_and_unload()`` leaves only the merged
+    model's own. ``unload()`` takes it away with the rest of LiSA, and the frozen base it returns runs ``bmm`` again,
+    as any model frozen by hand does."""
     model = get_peft_model(tiny_model().to(dtype), LiSAConfig(share_layers=[2, 3], rank=4))
     randomize_adapter(model)
     assert not model.base_model.model.lm_head.weight.requires_grad
     assert expanded_lm_head_products(model.base_model.model) == []
+    model.add_adapter("second", LiSAConfig(share_layers=[2, 3], rank=4))
+    assert len(model.base_model.model.lm_head._forward_pre_hooks) == 1  # one hook, however many adapters
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert len(merged.lm_head._forward_pre_hooks) == 1  # the merged model's own; the adapter's is gone
     base = model.unload()
     assert expanded_lm_head_products(base), "unload() must remove the LM-head hook; the watch saw no bmm"
 

@@ -84,9 +84,13 @@ def _fmt_flops(value: float) -> str:
 
 def _fmt_paired(base: Optional[Run], merged: Optional[Run], attr: str) -> str:
     """``median (lowest-highest)`` of the per-repetition speedups of ``attr`` (``prefill_seconds`` or
-    ``decode_seconds``), ``-`` without a pair."""
+    ``decode_seconds``), ``-`` without a pair; a decode that ran on a synthetic cache is marked, as in the main
+    table."""
     paired = None if base is None or merged is None else paired_speedups(getattr(base, attr), getattr(merged, attr))
-    return "-" if paired is None else f"{paired[0]:.2f}x ({paired[1]:.2f}-{paired[2]:.2f}x)"
+    if paired is None:
+        return "-"
+    synthetic = attr == "decode_seconds" and "synthetic" in (base.decode_cache, merged.decode_cache)
+    return f"{paired[0]:.2f}x ({paired[1]:.2f}-{paired[2]:.2f}x)" + (" (synthetic cache)" if synthetic else "")
 
 
 def _paired_markdown(result: BenchmarkData, configs: list[tuple[int, int]]) -> list[str]:
