@@ -27,7 +27,7 @@ import torch
 
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
-from peft_lisa.benchmark.measure import prefill_then_decode
+from peft_lisa.benchmark.measure import prefill_then_decode, random_ids
 from peft_lisa.resources import load_model_and_tokenizer
 
 
@@ -49,9 +49,8 @@ def main() -> None:
         "base, deep copy": copy.deepcopy(base).eval(),
         "merged": untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval(),
     }
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
     cpu = torch.device("cpu")
+    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, cpu, seed=0)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in subjects}  # prefill s, decode s per step
     with torch.no_grad():
         for model in subjects.values():

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections.abc import Callable
 
 import torch
-from chunked_prefill import alternating_times, print_ratio_table  # this folder's (run as a script)
+from chunked_prefill import compare_prefills, prefill_call  # this folder's (run as a script)
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
 from peft_lisa.analysis import AttentionAnalysis, choose_share_layers
+from peft_lisa.benchmark.measure import random_ids
 from peft_lisa.resources import load_model_and_tokenizer
 from peft_lisa.tuner.merged import foldable_lm_head_input
 
@@ -51,29 +51,25 @@ def main() -> None:
     config = LiSAConfig(share_layers=choose_share_layers(analysis, fraction=0.5), rank=8, head_mixing="full")
     adapter = get_peft_model(copy.deepcopy(base), config).eval()
     tuner, lm_head = adapter.base_model, adapter.get_output_embeddings()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
-
-    def prefill(model: torch.nn.Module) -> Callable[[], object]:
-        return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
 
     def without_hook() -> object:
         tuner._lm_head_pre_hook.remove()
         try:
-            return prefill(adapter)()
+            return prefill_call(adapter, ids)()
         finally:
             tuner._lm_head_pre_hook = lm_head.register_forward_pre_hook(foldable_lm_head_input)
 
-    subjects = {"base": prefill(base), "adapter": prefill(adapter), "adapter, no LM-head hook": without_hook}
-    with torch.no_grad():
-        for fn in subjects.values():
-            fn()  # warm-up
-        times = alternating_times(subjects, args.repeats)
-    print(
+    subjects = {
+        "base": prefill_call(base, ids),
+        "adapter": prefill_call(adapter, ids),
+        "adapter, no LM-head hook": without_hook,
+    }
+    header = (
         f"prefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
         f"median of {args.repeats}"
     )
-    print_ratio_table(times)
+    compare_prefills(subjects, args.repeats, header)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 import peft_lisa.tuner.attention as lisa_attention
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
+from peft_lisa.benchmark.measure import random_ids
 from peft_lisa.resources import load_model_and_tokenizer
 
 
@@ -56,6 +57,22 @@ def print_ratio_table(times: dict[str, list[float]]) -> None:
         print(f"| {name} | {statistics.median(values) * 1e3:.0f} | {ratio:.2f}x |")
 
 
+def prefill_call(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One prefill of ``ids`` as the benchmark times it: one forward, the cache built, the last token's logits."""
+    return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+
+def compare_prefills(subjects: dict[str, Callable[[], object]], repeats: int, header: str) -> None:
+    """Warm each subject up once, time them alternating (:func:`alternating_times`), print ``header`` and the
+    ratio table (:func:`print_ratio_table`)."""
+    with torch.no_grad():
+        for fn in subjects.values():
+            fn()  # warm-up
+        times = alternating_times(subjects, repeats)
+    print(header)
+    print_ratio_table(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -69,11 +86,7 @@ def main() -> None:
     base.eval()
     analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
     merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
-
-    def whole(model: torch.nn.Module) -> torch.Tensor:
-        return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
 
     def chunked(model: torch.nn.Module, hand_on: bool = False) -> torch.Tensor:
         default = lisa_attention.EXPLICIT_SOURCE_MAX_QUERIES
@@ -89,9 +102,9 @@ def main() -> None:
             lisa_attention.EXPLICIT_SOURCE_MAX_QUERIES = default
 
     subjects = {
-        "base": lambda: whole(base),
+        "base": prefill_call(base, ids),
         "base, chunked": lambda: chunked(base),
-        "merged": lambda: whole(merged),
+        "merged": prefill_call(merged, ids),
         "merged, chunked": lambda: chunked(merged),
         "merged, chunked, logits handed on": lambda: chunked(merged, hand_on=True),
     }

@@ -26,11 +26,12 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from chunked_prefill import alternating_times, print_ratio_table  # this folder's (run as a script)
+from chunked_prefill import compare_prefills, prefill_call  # this folder's (run as a script)
 
 import peft_lisa.tuner.carrier as lisa_carrier
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
+from peft_lisa.benchmark.measure import random_ids
 from peft_lisa.resources import load_model_and_tokenizer
 
 
@@ -70,30 +71,22 @@ def main() -> None:
     base = base.to(dtype).eval()
     analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
     merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens), generator=generator)
-
-    def prefill(model: torch.nn.Module) -> Callable[[], object]:
-        return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
 
     subjects = {
-        "base": prefill(base),
-        "merged": prefill(merged),
-        "merged, fresh tensors per block": with_setting(prefill(merged), "BlockBuffers", FreshBuffers),
-        "merged, 64 queries per block": with_setting(prefill(merged), "EXPLICIT_MIN_BLOCK_ROWS", 0),
+        "base": prefill_call(base, ids),
+        "merged": prefill_call(merged, ids),
+        "merged, fresh tensors per block": with_setting(prefill_call(merged, ids), "BlockBuffers", FreshBuffers),
+        "merged, 64 queries per block": with_setting(prefill_call(merged, ids), "EXPLICIT_MIN_BLOCK_ROWS", 0),
     }
     if args.kv_group:
         kv_group = untrained_merged(base, None, 0.5, analysis, 8, 0, "kv_group").eval()
-        subjects["merged, kv_group"] = prefill(kv_group)
-    with torch.no_grad():
-        for fn in subjects.values():
-            fn()  # warm-up
-        times = alternating_times(subjects, args.repeats)
-    print(
+        subjects["merged, kv_group"] = prefill_call(kv_group, ids)
+    header = (
         f"prefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
         f"median of {args.repeats}"
     )
-    print_ratio_table(times)
+    compare_prefills(subjects, args.repeats, header)
 
 
 if __name__ == "__main__":
