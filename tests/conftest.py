@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import peft_lisa  # noqa: F401  (registers the tuner)
+from peft_lisa.tuner import attention as attention_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -93,3 +94,13 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+@pytest.fixture(params=["handed", "blocks"])
+def shared_logits_route(request, monkeypatch):
+    """Both inference routes of a shared layer's logits: computed whole and handed on to the next link (inputs of at
+    most ``HANDED_LOGITS_MAX_KEYS`` keys, as the tiny tests' are), or kept folded and computed block by block / by the
+    fused call (every longer input; ``HANDED_LOGITS_MAX_KEYS = 0`` here)."""
+    if request.param == "blocks":
+        monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
+    return request.param

@@ -11,14 +11,16 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
+from peft_lisa.tuner import attention as attention_module
 from peft_lisa.tuner import carrier as carrier_module
 from peft_lisa.tuner import functional as functional_module
-from peft_lisa.tuner.carrier import FoldedScores, LogitsCarrier
+from peft_lisa.tuner.carrier import FoldedScores, LogitsCarrier, MaterializedLogits
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_alignment, kv_group_mask
 from tests.conftest import random_ids, randomize_adapter, tiny_model
 from tests.test_method import adapter_weights, reference_logits
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 @pytest.mark.parametrize("share_layers", [[2], [2, 3]])
 @pytest.mark.parametrize("num_kv_heads", [2, 4], ids=["gqa", "mha"])
 def test_kv_group_adapter_matches_reference_with_restricted_P(share_layers, num_kv_heads):
@@ -45,7 +47,9 @@ def test_kv_group_adapter_matches_reference_with_restricted_P(share_layers, num_
 @pytest.mark.parametrize("head_mixing, head_dims", [("full", [36, 44]), ("kv_group", [20, 24])])
 def test_fused_head_size(head_mixing, head_dims, monkeypatch):
     """The point of kv_group: the chain [2, 3] hands on logits of head size d_h + r, then d_h + 2r (d_h = 16, r = 4);
-    the full mixing needs H_kv d_h + r, then H_kv (d_h + ... ) + r."""
+    the full mixing needs H_kv d_h + r, then H_kv (d_h + ... ) + r. (Folded logits: the route of every input longer
+    than HANDED_LOGITS_MAX_KEYS.)"""
+    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
     handed = []
     original_put = LogitsCarrier.put
     monkeypatch.setattr(
@@ -229,7 +233,9 @@ def test_fused_call_with_one_key_head_equals_dense_attention(group_map):
 @pytest.mark.parametrize("head_mixing, explicit", [("full", True), ("kv_group", False)])
 def test_inference_takes_explicit_blocks_only_for_wide_fused_calls(head_mixing, explicit, monkeypatch):
     """The full mixing of a GQA model would need fused calls of head size H_kv d_h + r (>= 2 d_h): inference runs it
-    as explicit blocks; kv_group (d_h + r) stays fused; training always runs fused. All three agree."""
+    as explicit blocks; kv_group (d_h + r) stays fused; training always runs fused. All three agree. (The route of
+    every input longer than HANDED_LOGITS_MAX_KEYS.)"""
+    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
     calls = []
     original = FoldedScores.attend_by_blocks
     monkeypatch.setattr(
@@ -244,6 +250,29 @@ def test_inference_takes_explicit_blocks_only_for_wide_fused_calls(head_mixing, 
     training = peft_model(ids).logits
     assert len(calls) == (2 if explicit else 0)
     torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_short_inference_prefill_hands_whole_logits_on_and_a_longer_one_folded_logits(monkeypatch):
+    """Without autograd a shared layer that attends to at most HANDED_LOGITS_MAX_KEYS keys computes its logits whole
+    and hands them on, so that the next link mixes them instead of recomputing the chain block by block; one key
+    more and it hands on folded logits (queries and keys, no T x T tensor). Both equal the training route (fused
+    calls)."""
+    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 40)
+    handed = []
+    original_put = LogitsCarrier.put
+    monkeypatch.setattr(
+        LogitsCarrier, "put", lambda self, idx, logits: handed.append((idx, logits)) or original_put(self, idx, logits)
+    )
+    peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2, 3, 4], rank=4))
+    randomize_adapter(peft_model)
+    for length, route in ((40, MaterializedLogits), (41, FoldedScores)):
+        ids = random_ids(2, length)
+        handed.clear()
+        with torch.no_grad():
+            inference = peft_model(ids).logits
+        assert [(idx, type(logits)) for idx, logits in handed] == [(1, FoldedScores), (2, route), (3, route)]
+        training = peft_model(ids).logits
+        torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_explicit_blocks_are_a_cpu_path(monkeypatch):

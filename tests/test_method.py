@@ -139,6 +139,7 @@ def direct_sharing_logits(model, ids: torch.Tensor, share_layers: list[int], per
     return reference_logits(model, ids, adapters)
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 @pytest.mark.parametrize("share_layers", [[2], [2, 3], [1, 3, 4]])
 def test_untrained_adapter_is_direct_sharing_with_permutation(share_layers):
     model = tiny_model("llama")
@@ -155,6 +156,7 @@ def test_untrained_adapter_is_direct_sharing_with_permutation(share_layers):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 @pytest.mark.parametrize("rotary_frequencies", ["first", "strided"])
 @pytest.mark.parametrize("align_hidden", [None, 0, 3])
 def test_trained_adapter_matches_reference_steps_1_to_6(align_hidden, rotary_frequencies):
@@ -171,6 +173,7 @@ def test_trained_adapter_matches_reference_steps_1_to_6(align_hidden, rotary_fre
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 def test_no_information_from_future_positions():
     """Changing a later token must not change the logits of earlier positions (mask re-applied after alignment)."""
     peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2, 3], rank=4))

@@ -172,6 +172,7 @@ def prefill_and_decode(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens:
     return torch.cat(logits, dim=1)
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 @pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
 @pytest.mark.parametrize(
     ("model_type", "attn_implementation"), [(arch, "sdpa") for arch in ARCHS] + [("llama", "eager")]
@@ -226,6 +227,7 @@ def assert_cached_generation_equals_uncached(model, ids: torch.Tensor, mask: tor
         torch.testing.assert_close(with_cache, without_cache, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 @pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_generated_step_logits_equal_a_no_cache_forward(model_type, merged):
@@ -257,6 +259,7 @@ def test_generated_step_logits_equal_a_no_cache_forward(model_type, merged):
         torch.testing.assert_close(step_logits, full[:, prompt - 1 + step], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 @pytest.mark.parametrize("align_hidden", [None, 3])
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_merged_equals_adapter_with_every_parameter_trained(model_type, align_hidden):

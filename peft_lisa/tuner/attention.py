@@ -34,6 +34,7 @@ from .functional import (
     additive_mask_rows,
     apply_partial_rotary,
     attend_from_logits,
+    grouped_product,
     grouped_scores,
     kv_group_alignment,
     kv_group_mask,
@@ -51,6 +52,14 @@ QUERY_BLOCK_SIZE = 256
 # A source layer with at most this many queries (a decode step) computes its logits explicitly and hands them on;
 # with more it runs the model's attention kernel and hands on Q/K (see source_attention).
 EXPLICIT_SOURCE_MAX_QUERIES = 1
+# Without autograd a shared layer that attends to at most this many keys computes all its logits at once
+# (B x H x T_q x T_k float32) and hands them on as they are, as on a decode step: a short prefill's chain then mixes
+# the logits it gets instead of recomputing each earlier link's terms block by block, which costs more tensor
+# operations than the arithmetic they save at this size. Measured on SmolLM2, 2 threads, bf16 (in-process A/B,
+# docs/benchmark/prefill_variants/handed_logits.py): 1 x 128 tokens 1.01x of the base against 0.90x recomputed, with
+# peak tensors below the base's; at 256 keys the logits raised a batch-1 prefill's peak tensors a third above the
+# base's (12.0 against 9.1 MiB), so longer inputs keep the bounded blocks.
+HANDED_LOGITS_MAX_KEYS = 128
 
 
 class HeadAlign(nn.Module):
@@ -201,9 +210,12 @@ class LiSASubstitute(nn.Module):
     def logits(self, source_rows: torch.Tensor, q_rows: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
         """Steps 2-4: ``S_l = align(S_{l-1}) + Q_r K_r^T / sqrt(r)`` for a block of queries, before the mask.
 
-        source_rows: B x H x T_block x T_k, q_rows: B x H x T_block x r, k_small: B x H_kv x T_k x r.
+        source_rows: B x H x T_block x T_k, q_rows: B x H x T_block x r, k_small: B x H_kv x T_k x r. Without
+        autograd the low-rank term is added in place.
         """
-        return self.align(source_rows) + grouped_scores(q_rows, k_small, self.rank**-0.5)
+        aligned = self.align(source_rows)  # B x H x T_block x T_k, float32
+        lowrank = grouped_product(q_rows * self.rank**-0.5, k_small)  # B x H x T_block x T_k, the model's dtype
+        return aligned + lowrank.float() if torch.is_grad_enabled() else aligned.add_(lowrank)
 
     def attend(
         self,
@@ -239,7 +251,8 @@ class LiSASubstitute(nn.Module):
                 f"{tuple(source.shape)}, expected (batch={batch}, heads, {q_len}, >= {k_len}). The source layer must "
                 "see at least the keys the shared layer sees."
             )
-        if self.align.hidden == 0 and isinstance(source, FoldedScores):
+        handed = not torch.is_grad_enabled() and k_len <= HANDED_LOGITS_MAX_KEYS  # computed whole, handed on whole
+        if self.align.hidden == 0 and isinstance(source, FoldedScores) and not handed:
             # Steps 2-5 in one fused attention call: P S_{l-1} + Q_r K_r^T stays a product of queries and keys.
             logits = source.mixed(self.align.mixing(), self.align.group_map)
             del source  # the previous layer's queries are no longer needed: free them before attending
@@ -247,8 +260,9 @@ class LiSASubstitute(nn.Module):
             attn_output = logits.attend(attention_mask, value, dropout)  # B x T_q x (H d_h)
         else:
             logits = ChainedLogits(self.logits, source, q_small, k_small)
-            if q_len <= query_block_size:  # one block (decoding): computed once, used and handed on as it is
+            if handed or q_len <= query_block_size:  # one block (decoding): computed once, used and handed on as it is
                 logits = MaterializedLogits(logits.rows(slice(None), k_len))
+                del source  # the source's logits are no longer needed: free them before attending
             attn_output = self._attend_by_blocks(logits, attention_mask, value, dropout, query_block_size)
         if self.hands_on:
             self.carrier.put(self.layer_idx, logits)

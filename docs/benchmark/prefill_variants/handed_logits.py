@@ -1,0 +1,86 @@
+"""Short prefills with a chain's logits handed on whole, measured in one process (README, "Speed and memory").
+
+A prefill of ``--batch`` x ``--tokens`` random ids (one forward, the cache built, the last token's logits, as the
+benchmark times it). Subjects, alternating, ``--repeats`` rounds after a warm-up each:
+
+* ``base``: SmolLM2-135M-Instruct;
+* ``merged``: an untrained LiSA adapter merged (50% shared, layers from ``docs/analysis``, ``head_mixing="full"``),
+  as the library runs it: a shared layer that attends to at most ``HANDED_LOGITS_MAX_KEYS`` keys computes its
+  B x H x T x T float32 logits at once and hands them on, so the next link mixes them;
+* ``merged, chain recomputed by blocks``: the same model with ``HANDED_LOGITS_MAX_KEYS = 0``, the path of every
+  longer prefill: each link recomputes its source's logits and every earlier link's rank-r term, a block of queries
+  at a time.
+
+Prints each model's peak tensor bytes (one untimed prefill, ``TensorPeak``) and the largest difference of the two
+merged runs' logits, then the times and the ratio base / subject (median of the per-round ratios; timing and table
+shared with ``chunked_prefill.py``). Run from the repository root::
+
+    python docs/benchmark/prefill_variants/handed_logits.py --threads 2 --tokens 128 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from chunked_prefill import compare_prefills, prefill_call  # this folder's (run as a script)
+
+import peft_lisa.tuner.attention as lisa_attention
+from peft_lisa.analysis import AttentionAnalysis
+from peft_lisa.benchmark import untrained_merged
+from peft_lisa.benchmark.measure import TensorPeak, random_ids
+from peft_lisa.resources import load_model_and_tokenizer
+
+
+def recomputed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` run with ``HANDED_LOGITS_MAX_KEYS = 0`` (no logits handed on whole), restored afterwards."""
+
+    def run() -> torch.Tensor:
+        default = lisa_attention.HANDED_LOGITS_MAX_KEYS
+        lisa_attention.HANDED_LOGITS_MAX_KEYS = 0
+        try:
+            return fn()
+        finally:
+            lisa_attention.HANDED_LOGITS_MAX_KEYS = default
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base, _ = load_model_and_tokenizer(None)
+    base = base.to(getattr(torch, args.dtype)).eval()
+    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
+    merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
+    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
+    subjects = {
+        "base": prefill_call(base, ids),
+        "merged": prefill_call(merged, ids),
+        "merged, chain recomputed by blocks": recomputed(prefill_call(merged, ids)),
+    }
+    logits = {}
+    with torch.no_grad():
+        for name, fn in subjects.items():
+            fn()  # warm-up, so that the peak counts one prefill's tensors alone
+            with TensorPeak(torch.device("cpu")) as peak:
+                logits[name] = fn().float()
+            print(f"{name}: peak tensors {peak.peak / 2**20:.2f} MiB")
+    difference = (logits["merged"] - logits["merged, chain recomputed by blocks"]).abs().max().item()
+    print(f"largest difference of the two merged runs' last logits: {difference:.2e}")
+    header = (
+        f"\nprefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
+        f"median of {args.repeats}"
+    )
+    compare_prefills(subjects, args.repeats, header)
+
+
+if __name__ == "__main__":
+    main()
