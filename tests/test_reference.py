@@ -297,6 +297,7 @@ def test_merged_equals_adapter_with_every_parameter_trained(model_type, align_hi
         )
 
 
+@pytest.mark.usefixtures("shared_logits_route")
 def test_bf16_merged_model_error_is_bounded():
     """bf16 merge: the merged model differs from the adapter only by the roundings the merge adds.
 
