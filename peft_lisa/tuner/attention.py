@@ -56,9 +56,9 @@ EXPLICIT_SOURCE_MAX_QUERIES = 1
 # (B x H x T_q x T_k float32) and hands them on as they are, as on a decode step: a short prefill's chain then mixes
 # the logits it gets instead of recomputing each earlier link's terms block by block, which costs more tensor
 # operations than the arithmetic they save at this size. Measured on SmolLM2, 2 threads, bf16 (in-process A/B,
-# docs/benchmark/prefill_variants/handed_logits.py): 1 x 128 tokens 1.01x of the base against 0.90x recomputed, with
-# peak tensors below the base's; at 256 keys the logits raised a batch-1 prefill's peak tensors a third above the
-# base's (12.0 against 9.1 MiB), so longer inputs keep the bounded blocks.
+# docs/benchmark/prefill_variants/handed_logits.py): 1 x 128 tokens 0.98x of the base against 0.89x recomputed, with
+# peak tensors below the base's; at 256 keys 1.00x against 0.94x, but peak tensors 42% above the base's (12.9 against
+# 9.1 MiB), so longer inputs keep the bounded blocks.
 HANDED_LOGITS_MAX_KEYS = 128
 
 
@@ -260,7 +260,7 @@ class LiSASubstitute(nn.Module):
             attn_output = logits.attend(attention_mask, value, dropout)  # B x T_q x (H d_h)
         else:
             logits = ChainedLogits(self.logits, source, q_small, k_small)
-            if handed or q_len <= query_block_size:  # one block (decoding): computed once, used and handed on as it is
+            if handed or q_len <= query_block_size:  # a short input, or one block: computed once, used, handed on
                 logits = MaterializedLogits(logits.rows(slice(None), k_len))
                 del source  # the source's logits are no longer needed: free them before attending
             attn_output = self._attend_by_blocks(logits, attention_mask, value, dropout, query_block_size)

@@ -11,7 +11,8 @@ benchmark times it). Subjects, alternating, ``--repeats`` rounds after a warm-up
   longer prefill: each link recomputes its source's logits and every earlier link's rank-r term, a block of queries
   at a time.
 
-Prints each model's peak tensor bytes (one untimed prefill, ``TensorPeak``) and the largest difference of the two
+``--max-keys`` sets the bound for ``merged`` (to try bounds other than the library's). Prints each model's peak
+tensor bytes (one untimed prefill, ``TensorPeak``) and the largest difference of the two
 merged runs' logits, then the times and the ratio base / subject (median of the per-round ratios; timing and table
 shared with ``chunked_prefill.py``). Run from the repository root::
 
@@ -33,12 +34,12 @@ from peft_lisa.benchmark.measure import TensorPeak, random_ids
 from peft_lisa.resources import load_model_and_tokenizer
 
 
-def recomputed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """``fn`` run with ``HANDED_LOGITS_MAX_KEYS = 0`` (no logits handed on whole), restored afterwards."""
+def with_max_keys(fn: Callable[[], torch.Tensor], max_keys: int) -> Callable[[], torch.Tensor]:
+    """``fn`` run with ``HANDED_LOGITS_MAX_KEYS = max_keys`` (0: no logits handed on whole), restored afterwards."""
 
     def run() -> torch.Tensor:
         default = lisa_attention.HANDED_LOGITS_MAX_KEYS
-        lisa_attention.HANDED_LOGITS_MAX_KEYS = 0
+        lisa_attention.HANDED_LOGITS_MAX_KEYS = max_keys
         try:
             return fn()
         finally:
@@ -54,6 +55,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument(
+        "--max-keys",
+        type=int,
+        default=lisa_attention.HANDED_LOGITS_MAX_KEYS,
+        help="HANDED_LOGITS_MAX_KEYS for the subject 'merged' (default: the library's): try other bounds",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, _ = load_model_and_tokenizer(None)
@@ -63,8 +70,8 @@ def main() -> None:
     ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
     subjects = {
         "base": prefill_call(base, ids),
-        "merged": prefill_call(merged, ids),
-        "merged, chain recomputed by blocks": recomputed(prefill_call(merged, ids)),
+        "merged": with_max_keys(prefill_call(merged, ids), args.max_keys),
+        "merged, chain recomputed by blocks": with_max_keys(prefill_call(merged, ids), 0),
     }
     logits = {}
     with torch.no_grad():
@@ -77,7 +84,7 @@ def main() -> None:
     print(f"largest difference of the two merged runs' last logits: {difference:.2e}")
     header = (
         f"\nprefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}; merged: HANDED_LOGITS_MAX_KEYS = {args.max_keys}"
     )
     compare_prefills(subjects, args.repeats, header)
 
