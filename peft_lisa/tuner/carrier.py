@@ -409,7 +409,7 @@ class FoldedScores(SourceLogits):
         is at least ``EXPLICIT_MIN_WIDENING`` times ``d_v`` (a widely mixed source), in blocks sized for a CPU's cache.
         On an accelerator the fused call, unless its head size is above ``FUSED_MAX_HEAD_DIM`` (no flash kernel
         takes it): then explicit blocks of about ``EXPLICIT_BLOCK_BYTES_ACCELERATOR`` each; the CPU's small blocks
-        would be a loop of many small kernels (README, "Speed and memory", GPU).
+        would be a loop of many small kernels (``docs/benchmark/README.md``, "GPU").
         """
         if torch.is_grad_enabled() or dropout > 0.0:
             return self.attend_fused(attention_mask, value, dropout)

@@ -1,5 +1,5 @@
-"""The LM head of an unmerged LiSA adapter model, with and without its input hook, measured in one process (README,
-"Speed and memory"; ``docs/method.md``, "Decoding").
+"""The LM head of an unmerged LiSA adapter model, with and without its input hook, measured in one process
+(``docs/benchmark/README.md``; ``docs/method.md``, "Decoding").
 
 peft freezes the base of an adapter model, LM head included. A prefill that keeps only the last token's logits
 hands the LM head a slice of the hidden states, and with a frozen weight torch's ``matmul`` multiplies that slice by

@@ -1,4 +1,4 @@
-"""Chunked prefill, measured once and not adopted (README, "Speed and memory"; issue 10's "ways to try").
+"""Chunked prefill, measured once and not adopted (``docs/benchmark/README.md``; issue 10's "ways to try").
 
 A long prompt prefilled in query chunks of ``--chunk`` tokens through the cache, as ``generate`` does with
 ``GenerationConfig(prefill_chunk_size=...)``. Subjects, alternating, ``--repeats`` rounds, medians:

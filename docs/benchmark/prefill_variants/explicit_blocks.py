@@ -1,4 +1,4 @@
-"""The explicit blocks' buffers and block size, measured in one process (README, "Speed and memory"; issue 10).
+"""The explicit blocks' buffers and block size, measured in one process (``docs/benchmark/README.md``; issue 10).
 
 A prefill of ``--batch`` x ``--tokens`` random ids (one forward, the cache built, the last token's logits, as the
 benchmark times it). Subjects, alternating, ``--repeats`` rounds after a warm-up each:

@@ -1,4 +1,4 @@
-"""Short prefills with a chain's logits handed on whole, measured in one process (README, "Speed and memory").
+"""Short prefills with a chain's logits handed on whole, measured in one process (``docs/method.md``, "Short inputs").
 
 A prefill of ``--batch`` x ``--tokens`` random ids (one forward, the cache built, the last token's logits, as the
 benchmark times it). Subjects, alternating, ``--repeats`` rounds after a warm-up each:
