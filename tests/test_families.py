@@ -211,6 +211,23 @@ def test_family_end_to_end(family, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, merged_logits, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.usefixtures("shared_logits_route")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_prefill_continuing_the_cache_equals_an_uncached_forward(family):
+    """A second chunk of several tokens through the cache (more keys than queries; a sliding layer keeps fewer keys
+    than the full layer it shares from, and reads its source's logits of its own, last keys) gives the logits of one
+    uncached forward over the whole sequence, on both routes of a shared layer's logits."""
+    peft_model = get_peft_model(family_model(family), lisa_config(family))
+    randomize_adapter(peft_model)
+    peft_model.eval()
+    ids = random_ids(2, 13, seed=3)
+    with torch.no_grad():
+        first = peft_model(input_ids=ids[:, :9], use_cache=True)
+        second = peft_model(input_ids=ids[:, 9:], past_key_values=first.past_key_values, use_cache=True).logits
+        uncached = peft_model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(second, uncached[:, 9:], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])
 def test_merged_family_model_loads_in_a_fresh_process(family, tmp_path):
     """A merged Phi-3 (fused qkv, partial rotary) and a merged Qwen3-MoE (expert weights that transformers converts on

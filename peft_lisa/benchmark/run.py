@@ -174,7 +174,9 @@ def run_benchmark(
         "The merged model's shared layers with a linear alignment keep their logits as queries and keys on "
         "prefill (docs/method.md, 'Fused attention of a shared layer') and attend by fused sdpa calls, or by "
         "explicit blocks of queries where those calls would be at least twice as wide as the values "
-        "(head_mixing='full' on a GQA model); on decode steps they compute their one row of logits explicitly. "
+        "(head_mixing='full' on a GQA model); on CPU, a prompt of at most 128 tokens (HANDED_LOGITS_MAX_KEYS) has "
+        "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
+        "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "
         f"on decode steps; every other layer, and every layer of the base model, uses {implementation}."
     )

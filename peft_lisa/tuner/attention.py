@@ -52,13 +52,14 @@ QUERY_BLOCK_SIZE = 256
 # A source layer with at most this many queries (a decode step) computes its logits explicitly and hands them on;
 # with more it runs the model's attention kernel and hands on Q/K (see source_attention).
 EXPLICIT_SOURCE_MAX_QUERIES = 1
-# Without autograd a shared layer that attends to at most this many keys computes all its logits at once
+# Without autograd, on CPU, a shared layer that attends to at most this many keys computes all its logits at once
 # (B x H x T_q x T_k float32) and hands them on as they are, as on a decode step: a short prefill's chain then mixes
 # the logits it gets instead of recomputing each earlier link's terms block by block, which costs more tensor
 # operations than the arithmetic they save at this size. Measured on SmolLM2, 2 threads, bf16 (in-process A/B,
 # docs/benchmark/prefill_variants/handed_logits.py): 1 x 128 tokens 0.98x of the base against 0.89x recomputed, with
 # peak tensors below the base's; at 256 keys 1.00x against 0.94x, but peak tensors 42% above the base's (12.9 against
-# 9.1 MiB), so longer inputs keep the bounded blocks.
+# 9.1 MiB), so longer inputs keep the bounded blocks. Not measured on an accelerator, where the folded route's one
+# fused call launches fewer kernels: it keeps that route.
 HANDED_LOGITS_MAX_KEYS = 128
 
 
@@ -213,7 +214,7 @@ class LiSASubstitute(nn.Module):
         source_rows: B x H x T_block x T_k, q_rows: B x H x T_block x r, k_small: B x H_kv x T_k x r. Without
         autograd the low-rank term is added in place.
         """
-        aligned = self.align(source_rows)  # B x H x T_block x T_k, float32
+        aligned = self.align(source_rows)  # B x H x T_block x T_k, float32, a new tensor (added to in place below)
         lowrank = grouped_product(q_rows * self.rank**-0.5, k_small)  # B x H x T_block x T_k, the model's dtype
         return aligned + lowrank.float() if torch.is_grad_enabled() else aligned.add_(lowrank)
 
@@ -251,7 +252,8 @@ class LiSASubstitute(nn.Module):
                 f"{tuple(source.shape)}, expected (batch={batch}, heads, {q_len}, >= {k_len}). The source layer must "
                 "see at least the keys the shared layer sees."
             )
-        handed = not torch.is_grad_enabled() and k_len <= HANDED_LOGITS_MAX_KEYS  # computed whole, handed on whole
+        # A short input on CPU: its logits computed whole and handed on whole (HANDED_LOGITS_MAX_KEYS).
+        handed = not torch.is_grad_enabled() and value.device.type == "cpu" and k_len <= HANDED_LOGITS_MAX_KEYS
         if self.align.hidden == 0 and isinstance(source, FoldedScores) and not handed:
             # Steps 2-5 in one fused attention call: P S_{l-1} + Q_r K_r^T stays a product of queries and keys.
             logits = source.mixed(self.align.mixing(), self.align.group_map)
