@@ -17,6 +17,13 @@ model of that layer geometry (``--layers``, ``--dtype``, bf16 by default) and it
 
     python examples/prefill_by_layer.py --threads 2 --geometry llama-2-7b --context 2048 --repeats 3 \\
         --output-dir docs/benchmark/geometry_prefill/llama-2-7b
+
+With ``--decode-steps N`` it times decode steps instead: in each repetition an untimed prefill of ``--batch`` x
+``--context`` tokens, then N greedy steps on its cache, each layer's time per step
+(:func:`peft_lisa.benchmark.layer_clock.decode_layer_times`):
+
+    python examples/prefill_by_layer.py --threads 2 --analysis docs/analysis/smollm2_135m_analysis.json \\
+        --context 128 --decode-steps 32 --repeats 9 --output-dir docs/benchmark/decode_by_layer/fp32_1x128_threads2
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 import torch
 
 from peft_lisa.benchmark.geometry import GEOMETRIES, geometry_models
-from peft_lisa.benchmark.layer_clock import prefill_layer_times
+from peft_lisa.benchmark.layer_clock import decode_layer_times, prefill_layer_times
 from peft_lisa.benchmark.pipeline import load_benchmark_models
 from peft_lisa.cli_options import even_rank, layer_list
 from peft_lisa.jobs.checks import load_analysis_file
@@ -54,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 with --geometry, else float32"
     )
+    parser.add_argument(
+        "--decode-steps", type=int, default=0, help="time this many decode steps after the prefill instead of it"
+    )
     parser.add_argument("--output-dir", default="prefill-by-layer")
     args = parser.parse_args(argv)
     if args.geometry:
@@ -74,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             "cpu",
         )  # fmt: skip
         subject = f"{Path(path).name}, layers {merged.config.lisa['share_layers']} shared (untrained adapter)"
-    times = prefill_layer_times(base, merged, batch=args.batch, context=args.context, repeats=args.repeats)
+    shape = dict(batch=args.batch, context=args.context, repeats=args.repeats)
+    if args.decode_steps:
+        times = decode_layer_times(base, merged, steps=args.decode_steps, **shape)
+    else:
+        times = prefill_layer_times(base, merged, **shape)
     command = shlex.join(["python", "examples/prefill_by_layer.py", *(sys.argv[1:] if argv is None else argv)])
     settings = f"{subject}, rank {args.rank}, head mixing {args.head_mixing}, {str(dtype).replace('torch.', '')}"
     markdown = f"**Command:** `{command}`  \n**Models:** {settings}\n\n{times.to_markdown()}"

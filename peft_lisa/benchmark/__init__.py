@@ -16,13 +16,13 @@ Modules, each importing only those above it:
 * :mod:`.report`: :class:`BenchmarkResult` with its markdown report and plot;
 * :mod:`.run`: :func:`run_benchmark`, the grid of alternating runs and the maximum-throughput measure;
 * :mod:`.pipeline`: :func:`benchmark_model` and :func:`default_share_layers`;
-* :mod:`.layer_clock`: each decoder layer's time off forward hooks, and a prefill's time layer by layer, by chain
-  depth (:func:`prefill_layer_times`);
+* :mod:`.layer_clock`: each decoder layer's time off forward hooks, and a prefill's or a decode step's time layer
+  by layer, by chain depth (:func:`prefill_layer_times`, :func:`decode_layer_times`);
 * :mod:`.geometry`: per-layer decode cost of 7B-class geometries on depth-truncated random-weight models.
 """
 
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
-from .layer_clock import LayerPrefillTimes, prefill_layer_times
+from .layer_clock import LayerTimes, decode_layer_times, prefill_layer_times
 from .measure import PeakMemory, TensorPeak, cache_bytes, default_memory_limit, machine_info, synthetic_cache
 from .pipeline import BenchmarkOutputs, benchmark_model, default_share_layers, load_benchmark_models, untrained_merged
 from .report import BenchmarkResult, analytic_markdown, machine_label, result_summary
@@ -33,7 +33,7 @@ __all__ = [
     "BenchmarkData",
     "BenchmarkOutputs",
     "BenchmarkResult",
-    "LayerPrefillTimes",
+    "LayerTimes",
     "MaxThroughput",
     "ModelInfo",
     "ModelShape",
@@ -47,6 +47,7 @@ __all__ = [
     "benchmark_model",
     "cache_bytes",
     "ceilings",
+    "decode_layer_times",
     "default_memory_limit",
     "default_share_layers",
     "estimate_working_bytes",

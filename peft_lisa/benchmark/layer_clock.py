@@ -1,18 +1,20 @@
-"""Time spent in each decoder layer, read off forward hooks; and where a prefill's time goes, layer by layer.
+"""Time spent in each decoder layer, read off forward hooks; and where a prefill's or a decode step's time goes,
+layer by layer.
 
 :class:`LayerClock` adds up each decoder layer's time over the forwards it watches. :func:`prefill_layer_times` times
-real prefills of a base model and its merged LiSA model, alternating, and reports every layer's median time next to
-its kind (full, source, shared) and, for a shared layer, its depth in a chain of shared layers: a shared layer after
-a full one is depth 1, each shared layer after a shared one one deeper. A deeper link recomputes its earlier links'
-terms of its source logits block by block (``docs/method.md``, "The cost of a chain"), which the per-depth table
-shows as time.
+real prefills of a base model and its merged LiSA model, alternating, and :func:`decode_layer_times` greedy decode
+steps after such a prefill; both report every layer's median time next to its kind (full, source, shared) and, for a
+shared layer, its depth in a chain of shared layers: a shared layer after a full one is depth 1, each shared layer
+after a shared one one deeper. A deeper link recomputes its earlier links' terms of its source logits block by block
+on a long prefill (``docs/method.md``, "The cost of a chain"), which the per-depth table shows as time.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 from ..tuner.architectures import decoder_layers
 from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import chain_depths
-from .measure import alternating, machine_info, random_ids, synchronize
+from .measure import alternating, machine_info, random_ids, synchronize, timed_decode
 from .report import machine_label
 
 
@@ -70,8 +72,9 @@ class LayerClock:
 
 
 @dataclass
-class LayerPrefillTimes:
-    """Median seconds of each decoder layer in a prefill of ``batch`` x ``context`` tokens, base and merged."""
+class LayerTimes:
+    """Median seconds of each decoder layer, base and merged: in a prefill of ``batch`` x ``context`` tokens
+    (``phase="prefill"``), or per decode step after it (``phase="decode"``, ``decode_steps`` steps a repetition)."""
 
     batch: int
     context: int
@@ -84,6 +87,8 @@ class LayerPrefillTimes:
     base_total: float = 0.0  # median seconds of the whole forward
     merged_total: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)  # measure.machine_info
+    phase: str = "prefill"
+    decode_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,24 +117,30 @@ class LayerPrefillTimes:
         return rows
 
     def to_markdown(self) -> str:
-        """The machine, the whole prefill of each model and the per-group table of :meth:`by_depth`."""
+        """The machine, the whole prefill (or decode step) of each model and the per-group table of
+        :meth:`by_depth`."""
+        what = f"Prefill of {self.batch} x {self.context} tokens"
+        if self.phase == "decode":
+            what = f"A decode step after a prefill of {self.batch} x {self.context} tokens ({self.decode_steps} steps)"
         lines = [
             f"Machine: {machine_label(self.machine)}",
             "",
-            f"Prefill of {self.batch} x {self.context} tokens, {self.threads} thread(s), medians of {self.repeats} "
-            f"alternating repetitions: base {self.base_total * 1e3:,.0f} ms, merged {self.merged_total * 1e3:,.0f} ms "
-            f"(speedup {self.base_total / self.merged_total:.3f}x).",
+            f"{what}, {self.threads} thread(s), medians of {self.repeats} alternating repetitions: base "
+            f"{self.base_total * 1e3:,.1f} ms, merged {self.merged_total * 1e3:,.1f} ms (speedup "
+            f"{self.base_total / self.merged_total:.3f}x).",
             "",
             "| layers | count | base ms / layer | merged ms / layer | merged - base, all of them |",
             "|---|---:|---:|---:|---:|",
         ]
+        digits = 3 if self.phase == "decode" else 1  # a decode step's layer takes about a millisecond
         for row in self.by_depth():
             lines.append(
                 f"| {row['layers']} ({', '.join(map(str, row['indices']))}) | {len(row['indices'])} "
-                f"| {row['base_ms']:.1f} | {row['merged_ms']:.1f} | {row['difference_ms']:+.1f} ms |"
+                f"| {row['base_ms']:.{digits}f} | {row['merged_ms']:.{digits}f} "
+                f"| {row['difference_ms']:+.{digits}f} ms |"
             )
         outside = (self.merged_total - sum(self.merged_seconds)) - (self.base_total - sum(self.base_seconds))
-        lines.append(f"| outside the layers (embeddings, norm, LM head) | | | | {outside * 1e3:+.1f} ms |")
+        lines.append(f"| outside the layers (embeddings, norm, LM head) | | | | {outside * 1e3:+.{digits}f} ms |")
         return "\n".join(lines) + "\n"
 
 
@@ -141,10 +152,62 @@ def prefill_layer_times(
     context: int = 2048,
     repeats: int = 5,
     seed: int = 0,
-) -> LayerPrefillTimes:
+) -> LayerTimes:
     """Per-layer prefill times of ``base`` and ``merged`` (its merged LiSA model, on the same device): one forward
     over ``batch`` x ``context`` random ids with the cache built and only the last token's logits, as
     ``peft-lisa bench`` times it; the two models alternating, one warm-up each, medians of ``repeats``."""
+    device = next(base.parameters()).device
+    ids = random_ids(batch, context, base.config.vocab_size, device, seed)
+
+    def prefill(model: nn.Module, clock: LayerClock) -> float:
+        clock.reset()
+        synchronize(device)
+        start = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    times = _alternating_layer_times(base, merged, prefill, repeats)
+    return replace(times, batch=batch, context=context)
+
+
+def decode_layer_times(
+    base: nn.Module,
+    merged: nn.Module,
+    *,
+    batch: int = 1,
+    context: int = 128,
+    steps: int = 16,
+    repeats: int = 5,
+    seed: int = 0,
+) -> LayerTimes:
+    """Per-layer times of a decode step of ``base`` and ``merged``: in each repetition an untimed prefill of
+    ``batch`` x ``context`` random ids, then ``steps`` timed greedy steps on the cache it built, as ``peft-lisa
+    bench`` times them; each layer's time and the step's are per step. The two models alternating, one warm-up
+    each, medians of ``repeats``."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    device = next(base.parameters()).device
+    ids = random_ids(batch, context, base.config.vocab_size, device, seed)
+
+    def decode(model: nn.Module, clock: LayerClock) -> float:
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        clock.reset()
+        seconds = timed_decode(model, out.cache, next_ids, steps, device)
+        clock.spent = [spent / steps for spent in clock.spent]
+        return seconds / steps
+
+    times = _alternating_layer_times(base, merged, decode, repeats)
+    return replace(times, batch=batch, context=context, phase="decode", decode_steps=steps)
+
+
+def _alternating_layer_times(
+    base: nn.Module, merged: nn.Module, timed: Callable[[nn.Module, LayerClock], float], repeats: int
+) -> LayerTimes:
+    """Run ``timed(model, clock)`` (which resets the clock before what it times and returns its seconds) for the two
+    models alternating, one warm-up and ``repeats`` repetitions, with a :class:`LayerClock` on each; medians of each
+    layer's time and of the totals, the merged model's layer kinds and chain depths."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     device = next(base.parameters()).device
@@ -152,27 +215,22 @@ def prefill_layer_times(
     clocks = {key: LayerClock(model, device) for key, model in models.items()}
     per_layer: dict[str, list[list[float]]] = {key: [] for key in models}
     totals: dict[str, list[float]] = {key: [] for key in models}
-    ids = random_ids(batch, context, base.config.vocab_size, device, seed)
     try:
         with torch.inference_mode():
             for repetition in range(repeats + 1):  # the first is a warm-up
                 for key in alternating(models, repetition):
-                    clocks[key].reset()
-                    synchronize(device)
-                    start = time.perf_counter()
-                    models[key](ids, use_cache=True, logits_to_keep=1)
-                    synchronize(device)
+                    seconds = timed(models[key], clocks[key])
                     if repetition:
-                        totals[key].append(time.perf_counter() - start)
+                        totals[key].append(seconds)
                         per_layer[key].append(list(clocks[key].spent))
     finally:
         for clock in clocks.values():
             clock.remove()
     kinds = clocks["merged"].kinds
     depths = chain_depths(tuple(i for i, kind in enumerate(kinds) if kind == "shared"))
-    return LayerPrefillTimes(
-        batch=batch,
-        context=context,
+    return LayerTimes(
+        batch=0,
+        context=0,
         threads=torch.get_num_threads(),
         repeats=repeats,
         kinds=kinds,
