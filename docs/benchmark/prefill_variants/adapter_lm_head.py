@@ -26,7 +26,7 @@ import argparse
 import copy
 
 import torch
-from chunked_prefill import compare_prefills, prefill_call  # this folder's (run as a script)
+from chunked_prefill import compare_prefills, prefill_call, prefill_header  # this folder's (run as a script)
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
@@ -65,11 +65,7 @@ def main() -> None:
         "adapter": prefill_call(adapter, ids),
         "adapter, no LM-head hook": without_hook,
     }
-    header = (
-        f"prefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
-        f"median of {args.repeats}"
-    )
-    compare_prefills(subjects, args.repeats, header)
+    compare_prefills(subjects, args.repeats, prefill_header(args.batch, args.tokens, args.dtype, args.repeats))
 
 
 if __name__ == "__main__":

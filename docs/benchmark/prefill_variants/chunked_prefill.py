@@ -25,6 +25,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from transformers import DynamicCache
@@ -62,6 +63,38 @@ def prefill_call(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], torc
     return lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
 
 
+def with_setting(fn: Callable[[], object], module: ModuleType, name: str, value: object) -> Callable[[], object]:
+    """``fn`` run with ``module``'s ``name`` (a library setting) set to ``value``, restored afterwards."""
+
+    def run() -> object:
+        default = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, default)
+
+    return run
+
+
+def smollm2_models(
+    dtype: torch.dtype, batch: int, tokens: int
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The subjects of this folder's comparisons: SmolLM2-135M-Instruct in ``dtype``, a copy with an untrained LiSA
+    adapter merged (50% shared, layers from ``docs/analysis``, ``head_mixing="full"``), and ``batch`` x ``tokens``
+    random ids (the benchmark's seeded draw)."""
+    base, _ = load_model_and_tokenizer(None)
+    base = base.to(dtype).eval()
+    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
+    merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
+    return base, merged, random_ids(batch, tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
+
+
+def prefill_header(batch: int, tokens: int, dtype: str, repeats: int) -> str:
+    """The line above a ratio table: the prefill's shape, dtype, threads and repetitions."""
+    return f"prefill of {batch} x {tokens} tokens, {dtype}, {torch.get_num_threads()} thread(s), median of {repeats}"
+
+
 def compare_prefills(subjects: dict[str, Callable[[], object]], repeats: int, header: str) -> None:
     """Warm each subject up once, time them alternating (:func:`alternating_times`), print ``header`` and the
     ratio table (:func:`print_ratio_table`)."""
@@ -82,11 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base, _ = load_model_and_tokenizer(None)
-    base.eval()
-    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
-    merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
-    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
+    base, merged, ids = smollm2_models(torch.float32, args.batch, args.tokens)
 
     def chunked(model: torch.nn.Module, hand_on: bool = False) -> torch.Tensor:
         default = lisa_attention.EXPLICIT_SOURCE_MAX_QUERIES

@@ -23,16 +23,19 @@ Prints the times and the ratio base / subject (median of the per-round ratios; t
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import torch
-from chunked_prefill import compare_prefills, prefill_call  # this folder's (run as a script)
+from chunked_prefill import (  # this folder's (run as a script)
+    compare_prefills,
+    prefill_call,
+    prefill_header,
+    smollm2_models,
+    with_setting,
+)
 
 import peft_lisa.tuner.carrier as lisa_carrier
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
-from peft_lisa.benchmark.measure import random_ids
-from peft_lisa.resources import load_model_and_tokenizer
 
 
 class FreshBuffers(lisa_carrier.BlockBuffers):
@@ -40,20 +43,6 @@ class FreshBuffers(lisa_carrier.BlockBuffers):
 
     def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)
-
-
-def with_setting(fn: Callable[[], object], name: str, value: object) -> Callable[[], object]:
-    """``fn`` run with ``peft_lisa.tuner.carrier``'s ``name`` set to ``value``, restored afterwards."""
-
-    def run() -> object:
-        default = getattr(lisa_carrier, name)
-        setattr(lisa_carrier, name, value)
-        try:
-            return fn()
-        finally:
-            setattr(lisa_carrier, name, default)
-
-    return run
 
 
 def main() -> None:
@@ -66,27 +55,23 @@ def main() -> None:
     parser.add_argument("--kv-group", action="store_true", help="add a merged model with head_mixing='kv_group'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    base, _ = load_model_and_tokenizer(None)
-    base = base.to(dtype).eval()
-    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
-    merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
-    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
+    base, merged, ids = smollm2_models(getattr(torch, args.dtype), args.batch, args.tokens)
 
     subjects = {
         "base": prefill_call(base, ids),
         "merged": prefill_call(merged, ids),
-        "merged, fresh tensors per block": with_setting(prefill_call(merged, ids), "BlockBuffers", FreshBuffers),
-        "merged, 64 queries per block": with_setting(prefill_call(merged, ids), "EXPLICIT_MIN_BLOCK_ROWS", 0),
+        "merged, fresh tensors per block": with_setting(
+            prefill_call(merged, ids), lisa_carrier, "BlockBuffers", FreshBuffers
+        ),
+        "merged, 64 queries per block": with_setting(
+            prefill_call(merged, ids), lisa_carrier, "EXPLICIT_MIN_BLOCK_ROWS", 0
+        ),
     }
     if args.kv_group:
+        analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
         kv_group = untrained_merged(base, None, 0.5, analysis, 8, 0, "kv_group").eval()
         subjects["merged, kv_group"] = prefill_call(kv_group, ids)
-    header = (
-        f"prefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
-        f"median of {args.repeats}"
-    )
-    compare_prefills(subjects, args.repeats, header)
+    compare_prefills(subjects, args.repeats, prefill_header(args.batch, args.tokens, args.dtype, args.repeats))
 
 
 if __name__ == "__main__":

@@ -22,30 +22,18 @@ shared with ``chunked_prefill.py``). Run from the repository root::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import torch
-from chunked_prefill import compare_prefills, prefill_call  # this folder's (run as a script)
+from chunked_prefill import (  # this folder's (run as a script)
+    compare_prefills,
+    prefill_call,
+    prefill_header,
+    smollm2_models,
+    with_setting,
+)
 
 import peft_lisa.tuner.attention as lisa_attention
-from peft_lisa.analysis import AttentionAnalysis
-from peft_lisa.benchmark import untrained_merged
-from peft_lisa.benchmark.measure import TensorPeak, random_ids
-from peft_lisa.resources import load_model_and_tokenizer
-
-
-def with_max_keys(fn: Callable[[], torch.Tensor], max_keys: int) -> Callable[[], torch.Tensor]:
-    """``fn`` run with ``HANDED_LOGITS_MAX_KEYS = max_keys`` (0: no logits handed on whole), restored afterwards."""
-
-    def run() -> torch.Tensor:
-        default = lisa_attention.HANDED_LOGITS_MAX_KEYS
-        lisa_attention.HANDED_LOGITS_MAX_KEYS = max_keys
-        try:
-            return fn()
-        finally:
-            lisa_attention.HANDED_LOGITS_MAX_KEYS = default
-
-    return run
+from peft_lisa.benchmark.measure import TensorPeak
 
 
 def main() -> None:
@@ -63,15 +51,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base, _ = load_model_and_tokenizer(None)
-    base = base.to(getattr(torch, args.dtype)).eval()
-    analysis = AttentionAnalysis.from_json("docs/analysis/smollm2_135m_analysis.json")
-    merged = untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval()
-    ids = random_ids(args.batch, args.tokens, base.config.vocab_size, torch.device("cpu"), seed=0)
+    base, merged, ids = smollm2_models(getattr(torch, args.dtype), args.batch, args.tokens)
     subjects = {
         "base": prefill_call(base, ids),
-        "merged": with_max_keys(prefill_call(merged, ids), args.max_keys),
-        "merged, chain recomputed by blocks": with_max_keys(prefill_call(merged, ids), 0),
+        "merged": with_setting(prefill_call(merged, ids), lisa_attention, "HANDED_LOGITS_MAX_KEYS", args.max_keys),
+        "merged, chain recomputed by blocks": with_setting(
+            prefill_call(merged, ids), lisa_attention, "HANDED_LOGITS_MAX_KEYS", 0
+        ),
     }
     logits = {}
     with torch.no_grad():
@@ -82,11 +68,8 @@ def main() -> None:
             print(f"{name}: peak tensors {peak.peak / 2**20:.2f} MiB")
     difference = (logits["merged"] - logits["merged, chain recomputed by blocks"]).abs().max().item()
     print(f"largest difference of the two merged runs' last logits: {difference:.2e}")
-    header = (
-        f"\nprefill of {args.batch} x {args.tokens} tokens, {args.dtype}, {torch.get_num_threads()} thread(s), "
-        f"median of {args.repeats}; merged: HANDED_LOGITS_MAX_KEYS = {args.max_keys}"
-    )
-    compare_prefills(subjects, args.repeats, header)
+    header = prefill_header(args.batch, args.tokens, args.dtype, args.repeats)
+    compare_prefills(subjects, args.repeats, f"\n{header}; merged: HANDED_LOGITS_MAX_KEYS = {args.max_keys}")
 
 
 if __name__ == "__main__":
