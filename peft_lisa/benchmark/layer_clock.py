@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -167,8 +167,7 @@ def prefill_layer_times(
         synchronize(device)
         return time.perf_counter() - start
 
-    times = _alternating_layer_times(base, merged, prefill, repeats)
-    return replace(times, batch=batch, context=context)
+    return _alternating_layer_times(base, merged, prefill, repeats, batch=batch, context=context)
 
 
 def decode_layer_times(
@@ -198,16 +197,22 @@ def decode_layer_times(
         clock.spent = [spent / steps for spent in clock.spent]
         return seconds / steps
 
-    times = _alternating_layer_times(base, merged, decode, repeats)
-    return replace(times, batch=batch, context=context, phase="decode", decode_steps=steps)
+    return _alternating_layer_times(
+        base, merged, decode, repeats, batch=batch, context=context, phase="decode", decode_steps=steps
+    )
 
 
 def _alternating_layer_times(
-    base: nn.Module, merged: nn.Module, timed: Callable[[nn.Module, LayerClock], float], repeats: int
+    base: nn.Module,
+    merged: nn.Module,
+    timed: Callable[[nn.Module, LayerClock], float],
+    repeats: int,
+    **what: Any,
 ) -> LayerTimes:
     """Run ``timed(model, clock)`` (which resets the clock before what it times and returns its seconds) for the two
     models alternating, one warm-up and ``repeats`` repetitions, with a :class:`LayerClock` on each; medians of each
-    layer's time and of the totals, the merged model's layer kinds and chain depths."""
+    layer's time and of the totals, the merged model's layer kinds and chain depths, and ``what`` was timed (the
+    :class:`LayerTimes` fields ``batch``, ``context``, ``phase``, ``decode_steps``)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     device = next(base.parameters()).device
@@ -229,8 +234,7 @@ def _alternating_layer_times(
     kinds = clocks["merged"].kinds
     depths = chain_depths(tuple(i for i, kind in enumerate(kinds) if kind == "shared"))
     return LayerTimes(
-        batch=0,
-        context=0,
+        **what,
         threads=torch.get_num_threads(),
         repeats=repeats,
         kinds=kinds,
