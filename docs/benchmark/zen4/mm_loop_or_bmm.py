@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,14 @@ import peft_lisa.tuner.functional as lisa_functional
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prefill_variants"))
 from attention_core import HEAD_DIM, HEADS, KV_HEADS, shared_layer_logits  # noqa: E402
-from chunked_prefill import compare_prefills, prefill_call, prefill_header, smollm2_models, with_setting  # noqa: E402
+from chunked_prefill import (  # noqa: E402
+    alternating_times,
+    compare_prefills,
+    prefill_call,
+    prefill_header,
+    smollm2_models,
+    with_setting,
+)
 
 
 def attention_core(batch: int, tokens: int, repeats: int) -> None:
@@ -44,16 +50,10 @@ def attention_core(batch: int, tokens: int, repeats: int) -> None:
         "explicit, loop of mm": explicit,
         "explicit, bmm": with_setting(explicit, lisa_functional, "MM_LOOP_MIN_WORK", 2**62),
     }
-    times: dict[str, list[float]] = {name: [] for name in subjects}
     with torch.no_grad():
         for fn in subjects.values():
             fn()  # warm-up
-        for round_index in range(repeats):
-            names = list(subjects) if round_index % 2 == 0 else list(subjects)[::-1]
-            for name in names:
-                start = time.perf_counter()
-                subjects[name]()
-                times[name].append(time.perf_counter() - start)
+        times = alternating_times(subjects, repeats)
     print(" | ".join(f"{name} {statistics.median(values) * 1e3:.0f} ms" for name, values in times.items()))
 
 
