@@ -3,7 +3,7 @@ batch of large matrices, ``MM_LOOP_MAX_BATCH_PER_THREAD``) or as one ``bmm``, me
 
 Default: one layer's attention core (SmolLM2 shapes, link 1 of a chain, ``head_mixing="full"``, random tensors),
 the base's sdpa against the explicit blocks both ways, subjects alternating, medians; run it in several processes,
-since the loop of ``mm`` runs in one of two speeds for the life of a process on that machine::
+since the loop of ``mm`` runs at one of two speeds at a time on that machine (``states_over_time.py``)::
 
     for i in 1 2 3 4 5 6; do python docs/benchmark/zen4/mm_loop_or_bmm.py --batch 8; done
 
