@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,8 +67,9 @@ def attention_core(batch: int, tokens: int, repeats: int) -> None:
     print(" | ".join(f"{name} {statistics.median(values) * 1e3:.0f} ms" for name, values in times.items()))
 
 
-def block_products(tokens: int, repeats: int, block: int = 64) -> None:
-    """Print the medians of the scores, mixing and ``A V`` products of one sequence's explicit blocks, each alone."""
+def block_product_subjects(tokens: int, block: int = 64) -> dict[str, Callable[[], None]]:
+    """The scores, mixing and ``A V`` products of one sequence's explicit blocks (each over all its blocks), on random
+    tensors."""
     groups, rows = KV_HEADS, (HEADS // KV_HEADS) * block  # per KV head: its query heads' block rows stacked
     query, key = torch.randn(groups, rows, HEAD_DIM), torch.randn(groups, tokens, HEAD_DIM)
     probs, value = torch.randn(groups, rows, tokens), torch.randn(groups, tokens, HEAD_DIM)
@@ -91,7 +93,12 @@ def block_products(tokens: int, repeats: int, block: int = 64) -> None:
             for group in range(groups):
                 torch.mm(probs[group, :, :stop], value[group, :stop], out=output[group])
 
-    subjects = {"scores": scores, "mixing P": mixing, "A V": attend}
+    return {"scores": scores, "mixing P": mixing, "A V": attend}
+
+
+def block_products(tokens: int, repeats: int) -> None:
+    """Print the medians of the scores, mixing and ``A V`` products of one sequence's explicit blocks, each alone."""
+    subjects = block_product_subjects(tokens)
     for fn in subjects.values():
         fn()  # warm-up
     times = alternating_times(subjects, repeats)

@@ -4,8 +4,8 @@ Three subjects run one after the other, again and again, for ``--seconds``; the 
 median milliseconds of each of ``--windows`` consecutive time windows:
 
 * ``scores``: one layer's scores products over a 2048-token prefill (SmolLM2 shapes: per block of 64 queries, three
-  ``mm`` of 192 x 64 against the transposed cached keys the block sees, 32 blocks), as
-  ``mm_loop_or_bmm.py --products`` times them;
+  ``mm`` of 192 x 64 against the transposed cached keys the block sees, 32 blocks), the workload of
+  ``mm_loop_or_bmm.py --products``;
 * ``sdpa``: the base layer's whole attention core over the same 2048 tokens (one causal
   ``scaled_dot_product_attention`` call, 9 query heads, 3 KV heads of 64);
 * ``linear``: a large matrix product of the same process, 2048 tokens through an MLP projection (576 -> 1536).
@@ -25,27 +25,18 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from mm_loop_or_bmm import HEAD_DIM, HEADS, KV_HEADS, block_product_subjects  # this folder (on sys.path as a script)
 
-HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 9, 3, 64, 576, 1536
+HIDDEN, INTERMEDIATE = 576, 1536  # SmolLM2-135M's hidden and MLP sizes
 
 
-def subjects(tokens: int, block: int = 64) -> dict[str, Callable[[], object]]:
+def subjects(tokens: int) -> dict[str, Callable[[], object]]:
     """The three workloads above, on random tensors."""
-    rows = (HEADS // KV_HEADS) * block  # per KV head: its query heads' block rows stacked
-    block_query, cached_key = torch.randn(KV_HEADS, rows, HEAD_DIM), torch.randn(KV_HEADS, tokens, HEAD_DIM)
-    scores_buffer = torch.empty(HEADS * block * tokens)
     query = torch.randn(1, HEADS, tokens, HEAD_DIM)
     key, value = torch.randn(1, KV_HEADS, tokens, HEAD_DIM), torch.randn(1, KV_HEADS, tokens, HEAD_DIM)
     hidden, weight = torch.randn(tokens, HIDDEN), torch.randn(INTERMEDIATE, HIDDEN)
-
-    def scores() -> None:
-        for stop in range(block, tokens + 1, block):
-            out = scores_buffer[: HEADS * block * stop].view(KV_HEADS, rows, stop)
-            for group in range(KV_HEADS):
-                torch.mm(block_query[group], cached_key[group, :stop].t(), out=out[group])
-
     return {
-        "scores": scores,
+        "scores": block_product_subjects(tokens)["scores"],
         "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True),
         "linear": lambda: F.linear(hidden, weight),
     }
