@@ -42,6 +42,14 @@ from peft_lisa.tuner.functional import attend_from_logits, grouped_scores, kv_gr
 HEADS, KV_HEADS, HEAD_DIM, RANK = 9, 3, 64, 8
 
 
+def base_attention(batch: int, tokens: int) -> Callable[[], torch.Tensor]:
+    """The base layer's attention core over ``batch`` x ``tokens`` tokens on random tensors: one causal
+    ``scaled_dot_product_attention`` call, ``HEADS`` query heads against ``KV_HEADS`` KV heads of ``HEAD_DIM``."""
+    query = torch.randn(batch, HEADS, tokens, HEAD_DIM)
+    key, value = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM)
+    return lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+
+
 def shared_layer_logits(
     batch: int, tokens: int, group_map: list[int] | None, links: int = 1
 ) -> Callable[[], FoldedScores]:
@@ -120,14 +128,11 @@ def main() -> None:
     if args.decode:
         decode_step(args.batch, args.tokens, args.repeats)
         return
-    shape = (args.batch, KV_HEADS, args.tokens, HEAD_DIM)
-    query, key, value = torch.randn(args.batch, HEADS, args.tokens, HEAD_DIM), torch.randn(shape), torch.randn(shape)
+    value = torch.randn(args.batch, KV_HEADS, args.tokens, HEAD_DIM)
     full = shared_layer_logits(args.batch, args.tokens, None, args.links)
     kv_group = shared_layer_logits(args.batch, args.tokens, list(range(KV_HEADS)), args.links)
     subjects: dict[str, Callable[[], object]] = {
-        "base sdpa (head size 64)": lambda: F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, enable_gqa=True
-        ),
+        "base sdpa (head size 64)": base_attention(args.batch, args.tokens),
         f"full: fused calls, head size {full().head_dim} (training)": lambda: full().attend_fused(None, value),
         "full: explicit blocks (inference)": lambda: full().attend_by_blocks(None, value),
         f"kv_group: fused calls, head size {kv_group().head_dim} (training, inference)": lambda: (

@@ -32,13 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import peft_lisa.tuner.functional as lisa_functional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prefill_variants"))
-from attention_core import HEAD_DIM, HEADS, KV_HEADS, shared_layer_logits  # noqa: E402
+from attention_core import HEAD_DIM, HEADS, KV_HEADS, base_attention, shared_layer_logits  # noqa: E402
 from chunked_prefill import (  # noqa: E402
     alternating_times,
     compare_prefills,
@@ -51,12 +50,11 @@ from chunked_prefill import (  # noqa: E402
 
 def attention_core(batch: int, tokens: int, repeats: int) -> None:
     """Print the medians of sdpa, the explicit blocks with the loop of ``mm`` and with ``bmm``."""
-    query = torch.randn(batch, HEADS, tokens, HEAD_DIM)
-    key, value = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM)
+    value = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM)
     logits = shared_layer_logits(batch, tokens, None, 1)
     explicit = lambda: logits().attend_by_blocks(None, value)  # noqa: E731
     subjects = {
-        "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True),
+        "sdpa": base_attention(batch, tokens),
         "explicit, loop of mm": explicit,
         "explicit, bmm": with_setting(explicit, lisa_functional, "MM_LOOP_MIN_WORK", 2**62),
     }

@@ -25,19 +25,17 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from mm_loop_or_bmm import HEAD_DIM, HEADS, KV_HEADS, block_product_subjects  # this folder (on sys.path as a script)
+from mm_loop_or_bmm import base_attention, block_product_subjects  # this folder (on sys.path as a script)
 
 HIDDEN, INTERMEDIATE = 576, 1536  # SmolLM2-135M's hidden and MLP sizes
 
 
 def subjects(tokens: int) -> dict[str, Callable[[], object]]:
     """The three workloads above, on random tensors."""
-    query = torch.randn(1, HEADS, tokens, HEAD_DIM)
-    key, value = torch.randn(1, KV_HEADS, tokens, HEAD_DIM), torch.randn(1, KV_HEADS, tokens, HEAD_DIM)
     hidden, weight = torch.randn(tokens, HIDDEN), torch.randn(INTERMEDIATE, HIDDEN)
     return {
         "scores": block_product_subjects(tokens)["scores"],
-        "sdpa": lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True),
+        "sdpa": base_attention(1, tokens),
         "linear": lambda: F.linear(hidden, weight),
     }
 
