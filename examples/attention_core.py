@@ -10,8 +10,9 @@ Times, on random tensors (speed does not depend on the values), the causal atten
   (:class:`peft_lisa.tuner.carrier.FoldedScores`), for ``head_mixing="full"`` and ``"kv_group"``:
   ``attend_fused``, one fused call over all heads of head size ``H_kv d_h + r = 200`` (full) or ``d_h + r = 72``
   (kv_group) for the first link, what training runs; and ``attend_by_blocks``, the explicit logits a few queries
-  at a time, what inference runs when the fused call would be at least ``EXPLICIT_MIN_WIDENING`` times wider than the
-  values.
+  at a time, what inference ran before the CPU kernel (and runs under ``PEFT_LISA_CPU_KERNEL=off``) when the fused
+  call would be at least ``EXPLICIT_MIN_WIDENING`` times wider than the values; and ``attend_by_kernel``, the
+  compiled CPU kernel (``peft_lisa/tuner/cpu_kernel.py``), what inference on CPU runs.
 
     taskset -c 0 python examples/attention_core.py --threads 1
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_lisa.tuner.carrier import FoldedScores
+from peft_lisa.tuner.cpu_kernel import load_cpu_kernel
 from peft_lisa.tuner.functional import attend_from_logits, grouped_scores, kv_group_mask
 
 HEADS, KV_HEADS, HEAD_DIM, RANK = 9, 3, 64, 8
@@ -140,6 +142,10 @@ def main() -> None:
         ),
         "kv_group: explicit blocks": lambda: kv_group().attend_by_blocks(None, value),
     }
+    kernel = load_cpu_kernel()
+    if kernel is not None:
+        subjects["full: CPU kernel (inference)"] = lambda: full().attend_by_kernel(kernel, None, value)
+        subjects["kv_group: CPU kernel (inference)"] = lambda: kv_group().attend_by_kernel(kernel, None, value)
     results = median_ms(subjects, args.repeats)
     print(
         f"attention core of one layer (link {args.links} of a chain), {args.batch} x {args.tokens} tokens, "

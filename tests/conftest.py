@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 import peft_lisa  # noqa: F401  (registers the tuner)
 from peft_lisa.tuner import attention as attention_module
+from peft_lisa.tuner import cpu_kernel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -91,16 +93,29 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
 
 
+def require_cpu_kernel(monkeypatch) -> None:
+    """``PEFT_LISA_CPU_KERNEL=on`` for this test: the compiled kernel is built (once per machine) and used, and a
+    failed build fails the test. Skipped only on a machine without a C++ compiler."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the CPU kernel cannot be built here")
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "on")
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")
 
 
-@pytest.fixture(params=["handed", "blocks"])
+@pytest.fixture(params=["handed", "kernel", "blocks"])
 def shared_logits_route(request, monkeypatch):
-    """Both inference routes of a shared layer's logits: computed whole and handed on to the next link (inputs of at
-    most ``HANDED_LOGITS_MAX_KEYS`` keys, as the tiny tests' are), or kept folded and computed block by block / by the
-    fused call (every longer input; ``HANDED_LOGITS_MAX_KEYS = 0`` here)."""
-    if request.param == "blocks":
+    """The three inference routes of a shared layer's logits: computed whole and handed on to the next link (inputs of
+    at most ``HANDED_LOGITS_MAX_KEYS`` keys, as the tiny tests' are), or kept folded (every longer input;
+    ``HANDED_LOGITS_MAX_KEYS = 0`` here) and attended by the compiled CPU kernel (required: a build failure fails the
+    test) or, with the kernel off, block by block / by the fused call."""
+    if request.param != "handed":
         monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
+    if request.param == "kernel":
+        require_cpu_kernel(monkeypatch)
+    elif request.param == "blocks":
+        monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
     return request.param

@@ -13,10 +13,11 @@ from peft import get_peft_model
 from peft_lisa import LiSAConfig
 from peft_lisa.tuner import attention as attention_module
 from peft_lisa.tuner import carrier as carrier_module
+from peft_lisa.tuner import cpu_kernel
 from peft_lisa.tuner import functional as functional_module
 from peft_lisa.tuner.carrier import FoldedScores, LogitsCarrier, MaterializedLogits
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_alignment, kv_group_mask
-from tests.conftest import random_ids, randomize_adapter, tiny_model
+from tests.conftest import random_ids, randomize_adapter, require_cpu_kernel, tiny_model
 from tests.test_method import adapter_weights, reference_logits
 
 
@@ -231,24 +232,35 @@ def test_fused_call_with_one_key_head_equals_dense_attention(group_map):
 
 
 @pytest.mark.parametrize("head_mixing, explicit", [("full", True), ("kv_group", False)])
-def test_inference_takes_explicit_blocks_only_for_wide_fused_calls(head_mixing, explicit, monkeypatch):
-    """The full mixing of a GQA model would need fused calls of head size H_kv d_h + r (>= 2 d_h): inference runs it
-    as explicit blocks; kv_group (d_h + r) stays fused; training always runs fused. All three agree. (The route of
-    every input longer than HANDED_LOGITS_MAX_KEYS.)"""
+@pytest.mark.parametrize("kernel", ["on", "off"])
+def test_inference_routes_of_folded_logits(head_mixing, explicit, kernel, monkeypatch):
+    """On CPU, inference attends through the compiled kernel; with it off, the full mixing of a GQA model (a fused
+    call of head size H_kv d_h + r >= 2 d_h) runs as explicit blocks and kv_group (d_h + r) stays fused; training
+    always runs fused. All agree. (The route of every input longer than HANDED_LOGITS_MAX_KEYS.)"""
     monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
+    if kernel == "on":
+        require_cpu_kernel(monkeypatch)
+    else:
+        monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
     calls = []
-    original = FoldedScores.attend_by_blocks
-    monkeypatch.setattr(
-        FoldedScores, "attend_by_blocks", lambda self, *args, **kw: calls.append(1) or original(self, *args, **kw)
-    )
+
+    def counted(route):
+        original = getattr(FoldedScores, route)
+        return lambda self, *args, **kw: calls.append(route) or original(self, *args, **kw)
+
+    for route in ("attend_by_blocks", "attend_by_kernel"):
+        monkeypatch.setattr(FoldedScores, route, counted(route))
     peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=[2, 3], rank=4, head_mixing=head_mixing))
     randomize_adapter(peft_model)
     ids = random_ids(2, 30)
     with torch.no_grad():
         inference = peft_model(ids).logits
-    assert len(calls) == (2 if explicit else 0)
+    if kernel == "on":
+        assert calls == ["attend_by_kernel"] * 2
+    else:
+        assert calls == (["attend_by_blocks"] * 2 if explicit else [])
     training = peft_model(ids).logits
-    assert len(calls) == (2 if explicit else 0)
+    assert len(calls) == (2 if explicit or kernel == "on" else 0)
     torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)
 
 

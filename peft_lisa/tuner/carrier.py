@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Optional
 
 import torch
 
+from .cpu_kernel import kernel_mask, load_cpu_kernel, shared_attention
 from .functional import (
     additive_mask_rows,
     batched_matmul,
@@ -246,13 +248,25 @@ class FoldedPart:
         batch, num_heads, q_len, dim = query.shape
         key_heads = self.key.shape[1]
         size = num_heads // key_heads
-        if self.mix is None:  # head g reads its own key head: the identity mixing
-            mix = torch.eye(num_heads, device=query.device) * self.scale
-        else:
-            mix = self.mix.float()
+        mix = self.mixing()
         grouped = query.view(batch, key_heads, size, q_len, dim)
         spread = torch.einsum("hji,bjitd->bhtjd", mix.view(num_heads, key_heads, size), grouped)
         return spread.reshape(batch, num_heads, q_len, key_heads * dim)
+
+    def mixing(self) -> torch.Tensor:
+        """The H x H float32 mixing of this part's per-head scores, the scale included (unmixed: the scaled
+        identity, head g reads its own key head)."""
+        if self.mix is None:
+            return torch.eye(self.query.shape[1], device=self.query.device) * self.scale
+        return self.mix.float()
+
+    def kernel_term(self, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This part as a term of the CPU kernel (:func:`~peft_lisa.tuner.cpu_kernel.shared_attention`): queries
+        B x H x T_q x W, mixed and scaled, float32, against the last ``keys`` keys, B x H_k x T_k x W: each query
+        head's own key head, or, for a fully mixed part, all key heads side by side (:meth:`spread_query`)."""
+        if self.key_index is not None:
+            return self.mixed_query(self.query.float()), self.key_heads_read(self.key[:, :, -keys:])
+        return self.spread_query(slice(None)), self.spread_key(keys).unsqueeze(1)
 
     def spread_key(self, keys: int) -> torch.Tensor:
         """The last ``keys`` keys of all key heads side by side, B x T_k x (H_k D) float32."""
@@ -414,11 +428,24 @@ class FoldedScores(SourceLogits):
         if torch.is_grad_enabled() or dropout > 0.0:
             return self.attend_fused(attention_mask, value, dropout)
         if value.device.type == "cpu":
+            kernel = load_cpu_kernel()
+            supported, mask = kernel_mask(attention_mask, value.shape[2])
+            if kernel is not None and supported:
+                return self.attend_by_kernel(kernel, mask, value)
             if self.head_dim >= EXPLICIT_MIN_WIDENING * value.shape[-1]:
                 return self.attend_by_blocks(attention_mask, value)
         elif self.head_dim > FUSED_MAX_HEAD_DIM:
             return self.attend_by_blocks(attention_mask, value, block_bytes=EXPLICIT_BLOCK_BYTES_ACCELERATOR)
         return self.attend_fused(attention_mask, value, dropout)
+
+    def attend_by_kernel(self, kernel: ModuleType, mask: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+        """``softmax(S + M) V`` -> B x T_q x (H d_v) float32 by the compiled CPU kernel (``cpu_kernel.py``): the
+        first part (the source's scores) per head, mixed by its H x H mixing; the others as terms at their own
+        width. ``mask`` as :func:`~peft_lisa.tuner.cpu_kernel.kernel_mask` gives it."""
+        source, *others = self.parts
+        keys = value.shape[2]
+        terms = [part.kernel_term(keys) for part in others]
+        return shared_attention(kernel, source.query, source.last_keys(keys), source.mixing(), terms, value, mask)
 
     def attend_by_blocks(
         self,

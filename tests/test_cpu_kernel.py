@@ -1,0 +1,153 @@
+"""The compiled CPU kernel of a shared layer's attention (``peft_lisa/tuner/cpu_kernel.py``), against
+``softmax(S + M) V`` computed densely from the same folded logits, and its setting ``PEFT_LISA_CPU_KERNEL``.
+
+Whole models through the kernel are checked against the independent reference by the tests that take the
+``shared_logits_route`` fixture (its ``kernel`` route)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+from peft_lisa.tuner import cpu_kernel
+from peft_lisa.tuner.carrier import FoldedScores
+from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_mask
+from tests.conftest import require_cpu_kernel
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    require_cpu_kernel(monkeypatch)
+    return cpu_kernel.load_cpu_kernel()
+
+
+def folded_chain(
+    batch: int, q_len: int, k_len: int, heads: int, kv_heads: int, links: int, kv_group: bool, seed: int = 0
+) -> FoldedScores:
+    """A source's logits (head size 8) under ``links`` shared layers, each mixing them by a random P (restricted to
+    KV groups under ``kv_group``) and adding a rank-3 term: the kernel's first part plus terms of both layouts (a
+    link's own rank-r term reads its query head's key head; an earlier link's is fully mixed, all key heads side by
+    side)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    group_map = list(reversed(range(kv_heads))) if kv_group else None
+    mask = kv_group_mask(group_map, heads) if kv_group else torch.ones(heads, heads)
+    logits = FoldedScores.from_query_key(rand(batch, heads, q_len, 8), rand(batch, kv_heads, k_len, 8), 8**-0.5)
+    for _ in range(links):
+        logits = logits.mixed(rand(heads, heads) * mask, group_map)
+        logits = logits.with_lowrank(rand(batch, heads, q_len, 3), rand(batch, kv_heads, k_len, 3), 3**-0.5)
+    return logits
+
+
+def dense_attention(logits: FoldedScores, allowed: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``softmax(S + M) V`` from the whole T_q x T_k logits, in float32."""
+    q_len, k_len = allowed.shape[-2:]
+    probs = torch.softmax(logits.rows(slice(None)) + additive_mask(allowed, q_len, k_len, None), dim=-1)
+    return grouped_attend(probs, value.float())
+
+
+@pytest.mark.parametrize(
+    "batch, q_len, k_len, heads, kv_heads",
+    [(1, 200, 200, 4, 2), (3, 67, 67, 6, 3), (2, 150, 190, 4, 4), (2, 130, 130, 4, 1), (1, 1, 40, 4, 2)],
+    ids=["gqa-tiles", "odd-sizes", "mha-after-cache", "mqa", "one-query"],
+)
+@pytest.mark.parametrize("links", [1, 3])
+@pytest.mark.parametrize("kv_group", [False, True], ids=["full", "kv_group"])
+def test_kernel_equals_dense_attention_causal(kernel, batch, q_len, k_len, heads, kv_heads, links, kv_group):
+    """Causal without a mask (the queries are the last T_q of T_k positions: a prefill continuing a cache too),
+    over several tiles of 64 queries x 128 keys and partial ones, GQA, MHA and MQA, chains of 1 and 3 links."""
+    logits = folded_chain(batch, q_len, k_len, heads, kv_heads, links, kv_group)
+    value = torch.randn(batch, kv_heads, k_len, 8)
+    allowed = causal_allowed(slice(None), q_len, k_len, value.device)
+    with torch.no_grad():
+        got = logits.attend_by_kernel(kernel, None, value)
+    assert got.shape == (batch, q_len, heads * 8) and got.dtype == torch.float32
+    torch.testing.assert_close(got, dense_attention(logits, allowed, value), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_kernel_equals_dense_attention_with_padding(kernel, mask_kind):
+    """Left padding as transformers hands it (a bool mask, or an additive float one for eager), with a sequence whose
+    first query rows see no key at all (they attend evenly, as the torch route's additive mask makes them), and a
+    mask one key wider than the values (the kernel reads its first T_k columns)."""
+    batch, q_len, heads, kv_heads = 3, 140, 6, 3
+    logits = folded_chain(batch, q_len, q_len, heads, kv_heads, 2, False, seed=1)
+    value = torch.randn(batch, kv_heads, q_len, 8)
+    allowed = causal_allowed(slice(None), q_len, q_len, value.device).expand(batch, 1, q_len, q_len).clone()
+    allowed[1, ..., :70] = False  # sequence 1: 70 padding tokens, over the first key tile
+    allowed[1, ..., :70, 69] = True  # its padded rows see one key...
+    allowed[2, ..., :5] = False  # ...sequence 2's see none
+    wider = torch.cat([allowed, torch.zeros(batch, 1, q_len, 1, dtype=torch.bool)], dim=-1)
+    mask = wider if mask_kind == "bool" else additive_mask(wider, q_len, q_len + 1, None)
+    supported, kernel_mask = cpu_kernel.kernel_mask(mask, q_len)
+    assert supported
+    with torch.no_grad():
+        got = logits.attend_by_kernel(kernel, kernel_mask, value)
+    torch.testing.assert_close(got, dense_attention(logits, allowed, value), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(kernel, dtype):
+    """A bf16/fp16 model's queries, keys and values are read in their dtype and converted one tile at a time: the
+    result equals float32 dense attention of the same (rounded) tensors."""
+    logits = folded_chain(2, 150, 150, 4, 2, 2, False, seed=2)
+    logits = FoldedScores([replace(part, query=part.query.to(dtype), key=part.key.to(dtype)) for part in logits.parts])
+    value = torch.randn(2, 2, 150, 8).to(dtype)
+    reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
+    allowed = causal_allowed(slice(None), 150, 150, value.device)
+    with torch.no_grad():
+        got = logits.attend_by_kernel(kernel, None, value)
+    torch.testing.assert_close(got, dense_attention(reference, allowed, value), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_mask_takes_masks_without_a_head_axis():
+    bool_mask = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    supported, mask = cpu_kernel.kernel_mask(bool_mask, 6)
+    assert supported and mask.shape == (2, 5, 6) and mask.dtype == torch.bool
+    supported, mask = cpu_kernel.kernel_mask(torch.zeros(1, 1, 5, 6, dtype=torch.bfloat16), 6)
+    assert supported and mask.dtype == torch.float32
+    assert cpu_kernel.kernel_mask(torch.zeros(2, 4, 5, 6), 6) == (False, None)
+    assert cpu_kernel.kernel_mask(None, 6) == (True, None)
+
+
+def test_setting_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "fast")
+    with pytest.raises(ValueError, match="PEFT_LISA_CPU_KERNEL='fast' is not a setting: use one of auto, on, off"):
+        cpu_kernel.load_cpu_kernel()
+
+
+def test_off_never_builds(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
+    monkeypatch.setattr(cpu_kernel, "_build", lambda *args: pytest.fail("built under off"))
+    assert cpu_kernel.load_cpu_kernel() is None
+
+
+def test_a_failed_build_warns_under_auto_and_raises_under_on(monkeypatch, caplog):
+    """A machine without a compiler: under ``auto`` one warning that names the cause and the settings, then the torch
+    route; under ``on`` an error."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernel, "_built", {})
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "auto")
+    with caplog.at_level(logging.WARNING, logger="peft_lisa"):
+        assert cpu_kernel.load_cpu_kernel() is None
+        assert cpu_kernel.load_cpu_kernel() is None
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "Ninja is required" in warnings[0] and "PEFT_LISA_CPU_KERNEL=off" in warnings[0]
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "on")
+    with pytest.raises(cpu_kernel.CPUKernelUnavailable, match="could not be built"):
+        cpu_kernel.load_cpu_kernel()
+    monkeypatch.setattr(cpu_kernel, "_built", {})
+    with pytest.raises(cpu_kernel.CPUKernelUnavailable, match="Ninja is required"):
+        cpu_kernel.load_cpu_kernel()
