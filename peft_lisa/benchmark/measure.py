@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from ..tuner.cpu_kernel import cpu_kernel_status
+
 # --------------------------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------------------------
@@ -50,6 +52,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["peft"] = peft.__version__
     except ImportError:  # pragma: no cover - peft is a dependency
         pass
+    if device.type == "cpu":
+        info["lisa_cpu_kernel"] = cpu_kernel_status()  # "used", "off" or "unavailable"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)

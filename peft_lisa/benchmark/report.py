@@ -33,10 +33,11 @@ class BenchmarkResult(BenchmarkData):
 def machine_label(machine: dict[str, Any]) -> str:
     """One line naming the machine, for tables and plots."""
     device = machine.get("gpu") or f"CPU {machine.get('cpu')}"
+    kernel = f", LiSA CPU kernel {machine['lisa_cpu_kernel']}" if "lisa_cpu_kernel" in machine else ""
     return (
         f"{device} ({machine.get('device')}), {machine.get('cpu_count')} CPUs, "
         f"{machine.get('torch_threads')} torch threads, torch {machine.get('torch')}, "
-        f"transformers {machine.get('transformers')}"
+        f"transformers {machine.get('transformers')}{kernel}"
     )
 
 

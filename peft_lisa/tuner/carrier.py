@@ -23,8 +23,9 @@ from .functional import (
     softcap_logits,
 )
 
-# Inference (no autograd) computes a shared layer's logits explicitly, a small block of queries at a time, when the
-# fused call would be at least this many times wider than the values: with head_mixing="full" on a GQA model the
+# Inference (no autograd) on CPU attends through the compiled kernel (cpu_kernel.py). Where that is off or cannot be
+# built, it computes a shared layer's logits explicitly, a small block of queries at a time, when the fused call
+# would be at least this many times wider than the values: with head_mixing="full" on a GQA model the
 # fused head size is H_kv d_h + r, and a fused kernel pays that width twice (Q K^T and the zero-padded A V) where the
 # explicit logits pay d_h for Q K^T, 2H for the P mixing (one GEMM over the head axis) and d_h for A V. Measured on
 # SmolLM2 shapes (1 x 2048 tokens, one CPU thread, `python examples/attention_core.py`): full mixing, fused head
@@ -419,8 +420,9 @@ class FoldedScores(SourceLogits):
     ) -> torch.Tensor:
         """``softmax(S + M) V`` -> B x T_q x (H d_v), for values B x H_kv x T_k x d_v.
 
-        With autograd: :meth:`attend_fused`. In inference on CPU, :meth:`attend_by_blocks` when the fused head size
-        is at least ``EXPLICIT_MIN_WIDENING`` times ``d_v`` (a widely mixed source), in blocks sized for a CPU's cache.
+        With autograd: :meth:`attend_fused`. In inference on CPU, :meth:`attend_by_kernel` (the compiled kernel,
+        ``cpu_kernel.py``); where it is off or cannot be built, :meth:`attend_by_blocks` when the fused head size is
+        at least ``EXPLICIT_MIN_WIDENING`` times ``d_v`` (a widely mixed source), in blocks sized for a CPU's cache.
         On an accelerator the fused call, unless its head size is above ``FUSED_MAX_HEAD_DIM`` (no flash kernel
         takes it): then explicit blocks of about ``EXPLICIT_BLOCK_BYTES_ACCELERATOR`` each; the CPU's small blocks
         would be a loop of many small kernels (``docs/benchmark/README.md``, "GPU").
@@ -439,9 +441,9 @@ class FoldedScores(SourceLogits):
         return self.attend_fused(attention_mask, value, dropout)
 
     def attend_by_kernel(self, kernel: ModuleType, mask: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
-        """``softmax(S + M) V`` -> B x T_q x (H d_v) float32 by the compiled CPU kernel (``cpu_kernel.py``): the
-        first part (the source's scores) per head, mixed by its H x H mixing; the others as terms at their own
-        width. ``mask`` as :func:`~peft_lisa.tuner.cpu_kernel.kernel_mask` gives it."""
+        """``softmax(S + M) V`` -> B x T_q x (H d_v), in the values' dtype, by the compiled CPU kernel
+        (``cpu_kernel.py``): the first part (the source's scores) per head, mixed by its H x H mixing; the others as
+        terms at their own width. ``mask`` as :func:`~peft_lisa.tuner.cpu_kernel.kernel_mask` gives it."""
         source, *others = self.parts
         keys = value.shape[2]
         terms = [part.kernel_term(keys) for part in others]

@@ -87,7 +87,7 @@ void attend(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor
   const scalar_t* k_ptr = k_src_t.data_ptr<scalar_t>();
   const scalar_t* v_ptr = value.data_ptr<scalar_t>();
   const float* mix_ptr = mix.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const int64_t qs_b = q_src.stride(0), qs_h = q_src.stride(1), qs_t = q_src.stride(2);
   const int64_t v_b = value.stride(0), v_h = value.stride(1), v_t = value.stride(2);
   const mask_t* m_ptr = causal ? nullptr : mask->data_ptr<mask_t>();
@@ -195,8 +195,8 @@ void attend(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor
         for (int64_t r = 0; r < bq; ++r) {
           const float inv = 1.f / row_sum[h * block_q + r];
           const float* o = acc.data() + (h * block_q + r) * value_dim;
-          float* dst = out_ptr + ((b * q_len + q0 + r) * heads + h) * value_dim;
-          for (int64_t c = 0; c < value_dim; ++c) dst[c] = o[c] * inv;
+          scalar_t* dst = out_ptr + ((b * q_len + q0 + r) * heads + h) * value_dim;
+          for (int64_t c = 0; c < value_dim; ++c) dst[c] = static_cast<scalar_t>(o[c] * inv);
         }
       }
     }
@@ -210,7 +210,7 @@ void attend(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor
 // values' dtype; mix H x H float32; q_extra[e] B x H x T_q x W_e and k_extra_t[e] B x H_e x W_e x T_k float32
 // contiguous; value B x H_kv x T_k x D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of
 // the T_k positions) or B_m x T_q x T_k (B_m 1 or B, any strides), bool (true: attend) or float32 (additive).
-// Returns B x T_q x H x D_v float32.
+// Returns B x T_q x H x D_v in the values' dtype.
 at::Tensor shared_attention(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor& mix,
                             const std::vector<at::Tensor>& q_extra, const std::vector<at::Tensor>& k_extra_t,
                             const at::Tensor& value, const c10::optional<at::Tensor>& mask, int64_t block_q,
@@ -231,7 +231,7 @@ at::Tensor shared_attention(const at::Tensor& q_src, const at::Tensor& k_src_t, 
     extras.push_back({q_extra[e].data_ptr<float>(), k_extra_t[e].data_ptr<float>(), q_extra[e].size(3),
                       k_extra_t[e].size(1)});
   }
-  auto out = at::empty({q_src.size(0), q_src.size(2), q_src.size(1), value.size(3)}, q_src.options().dtype(at::kFloat));
+  auto out = at::empty({q_src.size(0), q_src.size(2), q_src.size(1), value.size(3)}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_src.scalar_type(), "lisa_shared_attention", [&] {
     if (!mask.has_value() || mask->scalar_type() == at::kFloat) {
       attend<scalar_t, float>(q_src, k_src_t, mix, extras, value, mask, out, block_q, block_k);
