@@ -92,6 +92,39 @@ def test_kernel_equals_dense_attention_with_padding(kernel, mask_kind):
     torch.testing.assert_close(got, dense_attention(logits, allowed, value), atol=2e-5, rtol=2e-5)
 
 
+def test_kernel_reads_a_mask_shared_by_the_batch(kernel):
+    """A mask of one row of sequences (B_m = 1) for a batch of three, as a causal mask built once: every sequence
+    reads it."""
+    batch, q_len = 3, 90
+    logits = folded_chain(batch, q_len, q_len, 4, 2, 1, False, seed=3)
+    value = torch.randn(batch, 2, q_len, 8)
+    allowed = causal_allowed(slice(None), q_len, q_len, value.device)
+    allowed[:, :3] = False  # the first three keys hidden from every query but the first three
+    allowed[:3, :3] = True
+    _, mask = cpu_kernel.kernel_mask(allowed[None, None], q_len)
+    with torch.no_grad():
+        got = logits.attend_by_kernel(kernel, mask, value)
+    torch.testing.assert_close(got, dense_attention(logits, allowed, value), atol=2e-5, rtol=2e-5)
+
+
+def test_kernel_with_float32_parts_and_bf16_values(kernel):
+    """An fp32 adapter on a bf16 base: the rank-r parts are float32, the source's query/key and the values bf16.
+    Everything is read in float32, the output written in bf16."""
+    logits = folded_chain(2, 70, 70, 4, 2, 2, False, seed=4)
+    source = logits.parts[0]
+    logits = FoldedScores(
+        [replace(source, query=source.query.bfloat16(), key=source.key.bfloat16()), *logits.parts[1:]]
+    )
+    value = torch.randn(2, 2, 70, 8).bfloat16()
+    reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
+    allowed = causal_allowed(slice(None), 70, 70, value.device)
+    with torch.no_grad():
+        got = logits.attend_by_kernel(kernel, None, value)
+    assert got.dtype == torch.bfloat16
+    expected = dense_attention(reference, allowed, value)
+    torch.testing.assert_close(got.float(), expected, atol=1e-5, rtol=torch.finfo(torch.bfloat16).eps)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(kernel, dtype):
     """A bf16/fp16 model's queries, keys and values are read in their dtype and converted one tile at a time, the

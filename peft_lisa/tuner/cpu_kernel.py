@@ -149,37 +149,33 @@ def kernel_mask(attention_mask: Optional[torch.Tensor], k_len: int) -> tuple[boo
 
 def shared_attention(
     kernel: ModuleType,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    mix: torch.Tensor,
+    mixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     terms: list[tuple[torch.Tensor, torch.Tensor]],
     value: torch.Tensor,
     mask: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``softmax(S + M) V`` -> B x T_q x (H d_v) in the values' dtype (computed in float32), for per head h
-    ``S[h] = sum_g mix[h, g] query[g] key[kv(g)]^T + sum_i q_i[h] k_i[h / (H / H_i)]^T``.
+    ``S[h] = sum_i sum_g mix_i[h, g] q_i[g] k_i[kv_i(g)]^T + sum_e q_e[h] k_e[kv_e(h)]^T``.
 
-    query: B x H x T_q x D and key: B x H_kv x T_k x D (the source's rotary query/key), value: B x H_kv x T_k x d_v,
-    all in the model's dtype; mix: H x H (the scale included); ``terms``: pairs of float32 queries B x H x T_q x W_i
-    and keys B x H_i x T_k x W_i; mask from :func:`kernel_mask` (None: causal, the queries are the last T_q of the
-    T_k positions).
+    ``mixed``: triples of queries B x H x T_q x D_i, keys B x H_i x T_k x D_i and an H x H mixing (its scale
+    included), the chain's source first (its rotary query/key) then its earlier links' rank-r parts; ``terms``: pairs
+    of queries B x H x T_q x W_e, already mixed and scaled, and keys B x H_e x T_k x W_e (a link's own rank-r term);
+    value: B x H_kv x T_k x d_v; mask from :func:`kernel_mask` (None: causal, the queries are the last T_q of the T_k
+    positions). Query head g reads key head ``g // (H / H_i)``. The mixed parts are read in the values' dtype (float32
+    for all if one of them differs, as an fp32 adapter on a bf16 base), the terms in float32.
     """
-    if query.stride(-1) != 1:
-        query = query.contiguous()
+    dtype = value_dtype = value.dtype
+    if any(query.dtype != dtype or key.dtype != dtype for query, key, _ in mixed):
+        dtype = torch.float32
+    value = value.to(dtype)
     if value.stride(-1) != 1:
         value = value.contiguous()
-    key_t = key.to(value.dtype).transpose(2, 3).contiguous()  # B x H_kv x D x T_k
+    queries = [query.to(dtype) if query.stride(-1) == 1 else query.to(dtype).contiguous() for query, _, _ in mixed]
+    keys = [key.to(dtype).transpose(2, 3).contiguous() for _, key, _ in mixed]  # B x H_i x D_i x T_k
+    mixes = [mix.float().contiguous() for _, _, mix in mixed]
     term_queries = [term_query.float().contiguous() for term_query, _ in terms]
-    term_keys = [term_key.float().transpose(2, 3).contiguous() for _, term_key in terms]  # B x H_i x W_i x T_k
+    term_keys = [term_key.float().transpose(2, 3).contiguous() for _, term_key in terms]  # B x H_e x W_e x T_k
     output = kernel.shared_attention(
-        query.to(value.dtype),
-        key_t,
-        mix.float().contiguous(),
-        term_queries,
-        term_keys,
-        value,
-        mask,
-        BLOCK_QUERIES,
-        BLOCK_KEYS,
+        queries, keys, mixes, term_queries, term_keys, value, mask, BLOCK_QUERIES, BLOCK_KEYS
     )  # B x T_q x H x d_v
-    return output.flatten(2)
+    return output.flatten(2).to(value_dtype)

@@ -1,8 +1,10 @@
 // A LiSA shared layer's attention on CPU, inference only (docs/method.md, "The CPU kernel of a shared layer").
 //
 // For query head h of sequence b:
-//   S[h] = sum_g mix[h, g] q_src[g] k_src[kv(g)]^T + sum_e q_e[h] k_e[h / (H / H_e)]^T   (kv(g) = g / (H / H_kv))
-//   out[h] = softmax(S[h] + M) v[kv(h)]
+//   S[h] = sum_i sum_g mix_i[h, g] q_i[g] k_i[kv_i(g)]^T + sum_e q_e[h] k_e[h / (H / H_e)]^T
+//   out[h] = softmax(S[h] + M) v[h / (H / H_kv)]
+// with kv_i(g) = g / (H / H_i) for a part's H_i key heads: the mixed parts i are the chain's source and its earlier
+// links' rank-r terms (each with its H x H mixing), the terms e its unmixed ones.
 // computed flash-style: one tile of block_q queries x block_k keys at a time, with an online softmax, so no
 // T_q x T_k tensor is ever held and a tile's logits stay in the core's cache. The products are torch's own small-GEMM
 // kernel (at::native::cpublas::brgemm), in float32; bf16/fp16 inputs are converted one tile at a time.
@@ -69,6 +71,16 @@ void add_mask_row(float* s, const mask_t* mask, int64_t stride_k, int64_t n) {
   }
 }
 
+template <typename scalar_t>
+struct Part {  // one mixed term: queries B x H x T_q x D (any strides, last dim contiguous), transposed keys
+               // B x H_i x D x T_k contiguous, both in the values' dtype, and its H x H float32 mixing
+  const scalar_t* query;
+  int64_t q_b, q_h, q_t;
+  const scalar_t* key_t;
+  int64_t key_heads, dim;
+  const float* mix;
+};
+
 struct Extra {  // one term q_e k_e^T: float32 queries B x H x T_q x W and transposed keys B x H_e x W x T_k
   const float* query;
   const float* key_t;
@@ -76,34 +88,36 @@ struct Extra {  // one term q_e k_e^T: float32 queries B x H x T_q x W and trans
 };
 
 template <typename scalar_t, typename mask_t>
-void attend(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor& mix, const std::vector<Extra>& extras,
-            const at::Tensor& value, const c10::optional<at::Tensor>& mask, at::Tensor& out, int64_t block_q,
+void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& extras, const at::Tensor& value,
+            const c10::optional<at::Tensor>& mask, at::Tensor& out, int64_t heads, int64_t q_len, int64_t block_q,
             int64_t block_k) {
-  const int64_t batch = q_src.size(0), heads = q_src.size(1), q_len = q_src.size(2), dim = q_src.size(3);
-  const int64_t kv_heads = k_src_t.size(1), k_len = k_src_t.size(3), value_dim = value.size(3);
+  const int64_t batch = value.size(0), kv_heads = value.size(1), k_len = value.size(2), value_dim = value.size(3);
   const int64_t group = heads / kv_heads;
   const bool causal = !mask.has_value();
-  const scalar_t* q_ptr = q_src.data_ptr<scalar_t>();
-  const scalar_t* k_ptr = k_src_t.data_ptr<scalar_t>();
   const scalar_t* v_ptr = value.data_ptr<scalar_t>();
-  const float* mix_ptr = mix.data_ptr<float>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const int64_t qs_b = q_src.stride(0), qs_h = q_src.stride(1), qs_t = q_src.stride(2);
   const int64_t v_b = value.stride(0), v_h = value.stride(1), v_t = value.stride(2);
   const mask_t* m_ptr = causal ? nullptr : mask->data_ptr<mask_t>();
-  const int64_t m_b = causal ? 0 : mask->stride(0), m_q = causal ? 0 : mask->stride(1);
+  const int64_t m_b = (causal || mask->size(0) == 1) ? 0 : mask->stride(0), m_q = causal ? 0 : mask->stride(1);
   const int64_t m_k = causal ? 0 : mask->stride(2);
   const int64_t q_blocks = (q_len + block_q - 1) / block_q;
   const int64_t tile = block_q * block_k;
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  int64_t part_dims = 0, max_key_width = 0;  // float32 copies of a reduced-precision block's queries and keys
+  for (const auto& part : parts) {
+    part_dims += part.dim;
+    max_key_width = std::max(max_key_width, part.key_heads * part.dim);
+  }
 
   at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    // Per thread: the source's per-head scores and the mixed logits of one tile (H x block_q x block_k each), the
+    // Per thread: a part's per-head scores and the mixed logits of one tile (H x block_q x block_k each), the
     // running output, maximum and sum of every query row, and float32 copies of a reduced-precision tile.
     std::vector<float> scores(heads * tile), logits(heads * tile), acc(heads * block_q * value_dim);
     std::vector<float> row_max(heads * block_q), row_sum(heads * block_q);
-    std::vector<float> q_tile(std::is_same_v<scalar_t, float> ? 0 : heads * block_q * dim);
-    std::vector<float> k_tile(std::is_same_v<scalar_t, float> ? 0 : kv_heads * dim * block_k);
-    std::vector<float> v_tile(std::is_same_v<scalar_t, float> ? 0 : kv_heads * block_k * value_dim);
+    std::vector<float> q_tile(is_float ? 0 : heads * block_q * part_dims);
+    std::vector<float> k_tile(is_float ? 0 : max_key_width * block_k);
+    std::vector<float> v_tile(is_float ? 0 : kv_heads * block_k * value_dim);
+    std::vector<const float*> queries(parts.size() * heads), values(kv_heads);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks zig-zag (0, last, 1, last - 1, ...): a thread's contiguous range of items holds cheap (early)
       // and costly (late) causal blocks alike.
@@ -115,28 +129,34 @@ void attend(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      // The block's queries of every head, float32, leading dimension ld_q.
-      std::vector<const float*> queries(heads);
-      int64_t ld_q = qs_t;
-      for (int64_t h = 0; h < heads; ++h) {
-        const scalar_t* q = q_ptr + b * qs_b + h * qs_h + q0 * qs_t;
-        queries[h] = as_float(q, bq, dim, qs_t, q_tile.data() + h * block_q * dim);
-        if constexpr (!std::is_same_v<scalar_t, float>) ld_q = dim;
+      // The block's queries of every part and head, float32 (leading dimension: the part's q_t, or its D if copied)
+      float* q_copy = q_tile.data();
+      for (size_t p = 0; p < parts.size(); ++p) {
+        const Part<scalar_t>& part = parts[p];
+        for (int64_t h = 0; h < heads; ++h) {
+          const scalar_t* q = part.query + b * part.q_b + h * part.q_h + q0 * part.q_t;
+          queries[p * heads + h] = as_float(q, bq, part.dim, part.q_t, q_copy);
+          if constexpr (!is_float) q_copy += block_q * part.dim;
+        }
       }
       for (int64_t k0 = 0; k0 < k_stop; k0 += block_k) {
         const int64_t bk = std::min(block_k, k_stop - k0);
-        // scores[g] (bq x bk, leading dimension block_k) = q_src[g] (bq x D) @ k_src^T[kv(g)] (D x bk)
-        for (int64_t j = 0; j < kv_heads; ++j) {
-          const scalar_t* k = k_ptr + ((b * kv_heads + j) * dim) * k_len + k0;
-          int64_t ld_k = k_len;
-          const float* key_t = as_float(k, dim, bk, k_len, k_tile.data() + j * dim * block_k);
-          if constexpr (!std::is_same_v<scalar_t, float>) ld_k = bk;
-          for (int64_t g = j * group; g < (j + 1) * group; ++g) {
-            brgemm(bq, bk, dim, ld_q, ld_k, block_k, false, queries[g], key_t, scores.data() + g * tile, false);
+        for (size_t p = 0; p < parts.size(); ++p) {
+          const Part<scalar_t>& part = parts[p];
+          const int64_t part_group = heads / part.key_heads;
+          const int64_t ld_q = is_float ? part.q_t : part.dim, ld_k = is_float ? k_len : bk;
+          // scores[g] (bq x bk, leading dimension block_k) = q_p[g] (bq x D) @ k_p^T[kv_p(g)] (D x bk)
+          for (int64_t j = 0; j < part.key_heads; ++j) {
+            const scalar_t* k = part.key_t + ((b * part.key_heads + j) * part.dim) * k_len + k0;
+            const float* key_t = as_float(k, part.dim, bk, k_len, k_tile.data() + j * part.dim * block_k);
+            for (int64_t g = j * part_group; g < (j + 1) * part_group; ++g) {
+              brgemm(bq, bk, part.dim, ld_q, ld_k, block_k, false, queries[p * heads + g], key_t,
+                     scores.data() + g * tile, false);
+            }
           }
+          // The part's head mixing, one product over the head axis: logits (H x tile) (+)= mix (H x H) @ scores
+          brgemm(heads, tile, heads, heads, tile, tile, p > 0, part.mix, scores.data(), logits.data(), false);
         }
-        // The head mixing, one product over the head axis: logits (H x tile) = mix (H x H) @ scores (H x tile)
-        brgemm(heads, tile, heads, heads, tile, tile, false, mix_ptr, scores.data(), logits.data(), false);
         for (const Extra& e : extras) {  // logits[h] += q_e[h] (bq x W) @ k_e^T (W x bk)
           const int64_t e_group = heads / e.heads;
           for (int64_t h = 0; h < heads; ++h) {
@@ -146,7 +166,6 @@ void attend(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor
           }
         }
         // float32 values of this tile, per KV head
-        std::vector<const float*> values(kv_heads);
         int64_t ld_v = v_t;
         for (int64_t j = 0; j < kv_heads; ++j) {
           const scalar_t* v = v_ptr + b * v_b + j * v_h + k0 * v_t;
@@ -206,38 +225,57 @@ void attend(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor
 
 }  // namespace
 
-// q_src B x H x T_q x D (any strides, last dim contiguous), k_src_t B x H_kv x D x T_k contiguous, both of the
-// values' dtype; mix H x H float32; q_extra[e] B x H x T_q x W_e and k_extra_t[e] B x H_e x W_e x T_k float32
-// contiguous; value B x H_kv x T_k x D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of
-// the T_k positions) or B_m x T_q x T_k (B_m 1 or B, any strides), bool (true: attend) or float32 (additive).
-// Returns B x T_q x H x D_v in the values' dtype.
-at::Tensor shared_attention(const at::Tensor& q_src, const at::Tensor& k_src_t, const at::Tensor& mix,
-                            const std::vector<at::Tensor>& q_extra, const std::vector<at::Tensor>& k_extra_t,
-                            const at::Tensor& value, const c10::optional<at::Tensor>& mask, int64_t block_q,
-                            int64_t block_k) {
-  TORCH_CHECK(q_src.dim() == 4 && k_src_t.dim() == 4 && value.dim() == 4, "q_src, k_src_t, value: 4-d tensors");
-  TORCH_CHECK(q_src.scalar_type() == k_src_t.scalar_type() && q_src.scalar_type() == value.scalar_type(),
-              "q_src, k_src_t and value must share a dtype");
-  TORCH_CHECK(k_src_t.is_contiguous() && mix.is_contiguous() && mix.scalar_type() == at::kFloat,
-              "k_src_t contiguous, mix float32 contiguous");
-  TORCH_CHECK(q_src.stride(3) == 1 && value.stride(3) == 1, "q_src and value: last dim contiguous");
-  TORCH_CHECK(q_src.size(1) % k_src_t.size(1) == 0 && value.size(1) == k_src_t.size(1), "GQA head counts");
-  TORCH_CHECK(q_extra.size() == k_extra_t.size(), "one key per extra query");
-  std::vector<Extra> extras;
-  for (size_t e = 0; e < q_extra.size(); ++e) {
-    TORCH_CHECK(q_extra[e].is_contiguous() && k_extra_t[e].is_contiguous(), "extras contiguous");
-    TORCH_CHECK(q_extra[e].scalar_type() == at::kFloat && k_extra_t[e].scalar_type() == at::kFloat, "extras float32");
-    TORCH_CHECK(q_src.size(1) % k_extra_t[e].size(1) == 0, "extra key heads must divide the query heads");
-    extras.push_back({q_extra[e].data_ptr<float>(), k_extra_t[e].data_ptr<float>(), q_extra[e].size(3),
-                      k_extra_t[e].size(1)});
+// mixed_queries[i] B x H x T_q x D_i (any strides, last dim contiguous) and mixed_keys_t[i] B x H_i x D_i x T_k
+// contiguous, in the values' dtype, mixes[i] H x H float32 (the source first); term_queries[e] B x H x T_q x W_e and
+// term_keys_t[e] B x H_e x W_e x T_k float32 contiguous; value B x H_kv x T_k x D_v (last dim contiguous); mask: none
+// (causal: the queries are the last T_q of the T_k positions) or B_m x T_q x T_k (B_m 1 or B, any strides), bool
+// (true: attend) or float32 (additive). Returns B x T_q x H x D_v in the values' dtype.
+at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys_t,
+                            const std::vector<at::Tensor>& mixes, const std::vector<at::Tensor>& term_queries,
+                            const std::vector<at::Tensor>& term_keys_t, const at::Tensor& value,
+                            const c10::optional<at::Tensor>& mask, int64_t block_q, int64_t block_k) {
+  TORCH_CHECK(!mixed_queries.empty() && mixed_queries.size() == mixed_keys_t.size() &&
+                  mixed_queries.size() == mixes.size(), "one key and one mixing per mixed part, at least one part");
+  TORCH_CHECK(term_queries.size() == term_keys_t.size(), "one key per term");
+  TORCH_CHECK(value.dim() == 4 && value.stride(3) == 1, "value: B x H_kv x T_k x D_v, last dim contiguous");
+  const int64_t batch = value.size(0), k_len = value.size(2);
+  const int64_t heads = mixed_queries[0].size(1), q_len = mixed_queries[0].size(2);
+  TORCH_CHECK(heads % value.size(1) == 0, "the value heads must divide the query heads");
+  for (size_t i = 0; i < mixed_queries.size(); ++i) {
+    const at::Tensor &q = mixed_queries[i], &k = mixed_keys_t[i], &mix = mixes[i];
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.stride(3) == 1 && k.is_contiguous(), "mixed part layouts");
+    TORCH_CHECK(q.scalar_type() == value.scalar_type() && k.scalar_type() == value.scalar_type(),
+                "mixed parts in the values' dtype");
+    TORCH_CHECK(q.size(0) == batch && q.size(1) == heads && q.size(2) == q_len && k.size(0) == batch &&
+                    heads % k.size(1) == 0 && k.size(2) == q.size(3) && k.size(3) == k_len, "mixed part shapes");
+    TORCH_CHECK(mix.is_contiguous() && mix.scalar_type() == at::kFloat && mix.size(0) == heads && mix.size(1) == heads,
+                "mixing: H x H float32 contiguous");
   }
-  auto out = at::empty({q_src.size(0), q_src.size(2), q_src.size(1), value.size(3)}, value.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_src.scalar_type(), "lisa_shared_attention", [&] {
+  std::vector<Extra> extras;
+  for (size_t e = 0; e < term_queries.size(); ++e) {
+    const at::Tensor &q = term_queries[e], &k = term_keys_t[e];
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.scalar_type() == at::kFloat &&
+                    k.scalar_type() == at::kFloat, "terms: float32 contiguous");
+    TORCH_CHECK(q.size(0) == batch && q.size(1) == heads && q.size(2) == q_len && k.size(0) == batch &&
+                    heads % k.size(1) == 0 && k.size(2) == q.size(3) && k.size(3) == k_len, "term shapes");
+    extras.push_back({q.data_ptr<float>(), k.data_ptr<float>(), q.size(3), k.size(1)});
+  }
+  TORCH_CHECK(!mask.has_value() || (mask->dim() == 3 && (mask->size(0) == 1 || mask->size(0) == batch) &&
+                                    mask->size(1) == q_len && mask->size(2) == k_len),
+              "mask: B_m x T_q x T_k with B_m 1 or B");
+  auto out = at::empty({batch, q_len, heads, value.size(3)}, value.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "lisa_shared_attention", [&] {
+    std::vector<Part<scalar_t>> parts;
+    for (size_t i = 0; i < mixed_queries.size(); ++i) {
+      const at::Tensor &q = mixed_queries[i], &k = mixed_keys_t[i];
+      parts.push_back({q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<scalar_t>(),
+                       k.size(1), k.size(2), mixes[i].data_ptr<float>()});
+    }
     if (!mask.has_value() || mask->scalar_type() == at::kFloat) {
-      attend<scalar_t, float>(q_src, k_src_t, mix, extras, value, mask, out, block_q, block_k);
+      attend<scalar_t, float>(parts, extras, value, mask, out, heads, q_len, block_q, block_k);
     } else {
       TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: bool or float32");
-      attend<scalar_t, bool>(q_src, k_src_t, mix, extras, value, mask, out, block_q, block_k);
+      attend<scalar_t, bool>(parts, extras, value, mask, out, heads, q_len, block_q, block_k);
     }
   });
   return out;
