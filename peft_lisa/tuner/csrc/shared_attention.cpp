@@ -166,11 +166,10 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           }
         }
         // float32 values of this tile, per KV head
-        int64_t ld_v = v_t;
+        const int64_t ld_v = is_float ? v_t : value_dim;
         for (int64_t j = 0; j < kv_heads; ++j) {
           const scalar_t* v = v_ptr + b * v_b + j * v_h + k0 * v_t;
           values[j] = as_float(v, bk, value_dim, v_t, v_tile.data() + j * block_k * value_dim);
-          if constexpr (!std::is_same_v<scalar_t, float>) ld_v = value_dim;
         }
         for (int64_t h = 0; h < heads; ++h) {
           for (int64_t r = 0; r < bq; ++r) {
