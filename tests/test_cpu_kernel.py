@@ -25,12 +25,20 @@ def kernel(monkeypatch):
 
 
 def folded_chain(
-    batch: int, q_len: int, k_len: int, heads: int, kv_heads: int, links: int, kv_group: bool, seed: int = 0
+    batch: int,
+    q_len: int,
+    k_len: int,
+    heads: int,
+    kv_heads: int,
+    links: int,
+    kv_group: bool,
+    seed: int = 0,
+    rank: int = 3,
 ) -> FoldedScores:
     """A source's logits (head size 8) under ``links`` shared layers, each mixing them by a random P (restricted to
-    KV groups under ``kv_group``) and adding a rank-3 term: the kernel's first part plus terms of both layouts (a
-    link's own rank-r term reads its query head's key head; an earlier link's is fully mixed, all key heads side by
-    side)."""
+    KV groups under ``kv_group``) and adding a rank-``rank`` term: the kernel's first part plus terms of both
+    layouts (a link's own rank-r term reads its query head's key head; an earlier link's is fully mixed, all key
+    heads side by side)."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -41,7 +49,7 @@ def folded_chain(
     logits = FoldedScores.from_query_key(rand(batch, heads, q_len, 8), rand(batch, kv_heads, k_len, 8), 8**-0.5)
     for _ in range(links):
         logits = logits.mixed(rand(heads, heads) * mask, group_map)
-        logits = logits.with_lowrank(rand(batch, heads, q_len, 3), rand(batch, kv_heads, k_len, 3), 3**-0.5)
+        logits = logits.with_lowrank(rand(batch, heads, q_len, rank), rand(batch, kv_heads, k_len, rank), rank**-0.5)
     return logits
 
 
@@ -126,20 +134,33 @@ def test_kernel_with_float32_parts_and_bf16_values(kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(kernel, dtype):
-    """A bf16/fp16 model's queries, keys and values are read in their dtype and converted one tile at a time, the
-    output written in their dtype: the result equals float32 dense attention of the same (rounded) tensors, within
-    its rounding."""
-    logits = folded_chain(2, 150, 150, 4, 2, 2, False, seed=2)
+@pytest.mark.parametrize("q_len, k_len", [(150, 150), (67, 130)], ids=["prefill", "after-cache-odd"])
+@pytest.mark.parametrize("pack", [False, True], ids=["converted", "packed"])
+def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(kernel, dtype, q_len, k_len, pack):
+    """A bf16/fp16 model's queries, keys and values are read in their dtype, the output written in their dtype.
+
+    Converted (``pack=False``, and any CPU where torch does not pack the dtype): everything is computed in float32
+    from the (rounded) tensors, so the result equals float32 dense attention of them within the output's rounding.
+    Packed (where the CPU packs the dtype, e.g. bf16 with AMX): ``q k^T`` and ``A V`` run in the dtype on packed keys
+    and values, the probabilities rounded to it for ``A V`` as torch's sdpa does; each probability's rounding moves
+    the output by at most half an epsilon of the largest value. Odd key counts and tiles cut by the causal mask
+    exercise the packing's padding; a chain's earlier link (rank 4, fully mixed) is packed as the source is."""
+    if pack and not kernel.packs(dtype):
+        pytest.skip(f"this CPU does not pack {dtype} for brgemm (torch's own sdpa does not either)")
+    logits = folded_chain(2, q_len, k_len, 4, 2, 2, False, seed=2, rank=4)
     logits = FoldedScores([replace(part, query=part.query.to(dtype), key=part.key.to(dtype)) for part in logits.parts])
-    value = torch.randn(2, 2, 150, 8).to(dtype)
+    value = torch.randn(2, 2, k_len, 8).to(dtype)
     reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
-    allowed = causal_allowed(slice(None), 150, 150, value.device)
+    allowed = causal_allowed(slice(None), q_len, k_len, value.device)
     with torch.no_grad():
-        got = logits.attend_by_kernel(kernel, None, value)
+        got = logits.attend_by_kernel(kernel, None, value, pack=pack)
     assert got.dtype == dtype
     expected = dense_attention(reference, allowed, value)
-    torch.testing.assert_close(got.float(), expected, atol=1e-5, rtol=torch.finfo(dtype).eps)  # within rounding
+    eps = torch.finfo(dtype).eps
+    atol = eps / 2 * value.float().abs().max().item() if pack else 1e-5
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=eps)  # within rounding
+    if pack:  # the packed products ran: their rounding differs from the converted route's
+        assert not torch.equal(got, logits.attend_by_kernel(kernel, None, value, pack=False))
 
 
 def test_kernel_mask_takes_masks_without_a_head_axis():

@@ -439,20 +439,23 @@ class FoldedScores(SourceLogits):
             return self.attend_by_blocks(attention_mask, value, block_bytes=EXPLICIT_BLOCK_BYTES_ACCELERATOR)
         return self.attend_fused(attention_mask, value, dropout)
 
-    def attend_by_kernel(self, kernel: ModuleType, mask: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    def attend_by_kernel(
+        self, kernel: ModuleType, mask: Optional[torch.Tensor], value: torch.Tensor, pack: bool = True
+    ) -> torch.Tensor:
         """``softmax(S + M) V`` -> B x T_q x (H d_v), in the values' dtype, by the compiled CPU kernel
         (``cpu_kernel.py``): the source and a chain's fully mixed earlier links as per-head scores mixed by their
         H x H matrix; the parts whose query heads each read one key head (a link's own rank-r term, an earlier link's
         under kv_group) as terms, their queries mixed, at their own width (measured at link 6 of a chain, SmolLM2
         shapes, 1 x 2048, 2 threads: full 1.48x the base's sdpa time against 1.65x with the earlier links as terms
         laid against all key heads; kv_group 1.20x against 1.50x as mixed parts). ``mask`` as
-        :func:`~peft_lisa.tuner.cpu_kernel.kernel_mask` gives it."""
+        :func:`~peft_lisa.tuner.cpu_kernel.kernel_mask` gives it; ``pack`` as
+        :func:`~peft_lisa.tuner.cpu_kernel.shared_attention` takes it."""
         keys = value.shape[2]
         source, *others = self.parts  # the source always as a mixed part, whatever its layout
         mixed = [(source.query, source.last_keys(keys), source.mixing())]
         mixed += [(part.query, part.last_keys(keys), part.mixing()) for part in others if part.key_index is None]
         terms = [part.kernel_term(keys) for part in others if part.key_index is not None]
-        return shared_attention(kernel, mixed, terms, value, mask)
+        return shared_attention(kernel, mixed, terms, value, mask, pack)
 
     def attend_by_blocks(
         self,

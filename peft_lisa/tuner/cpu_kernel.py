@@ -37,7 +37,12 @@ SOURCE = Path(__file__).parent / "csrc" / "shared_attention.cpp"
 # -march=native: the softmax loops vectorize for the machine's widest SIMD. One layer's attention core at 1 x 2048 on
 # SmolLM2 shapes, one thread, Zen 4: 80 ms with -march=native (AVX-512), 116 ms with -mavx2 -mfma, 160 ms with the
 # compiler's default (SSE2). The build is therefore named after the machine's CPU as well as the source.
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp")
+# -mprefer-vector-width=512 (x86 only): GCC's tuning for recent Intel CPUs vectorizes with 256-bit registers by
+# default; the same core on an Intel Xeon with AVX-512 and AMX, 2 threads, took 1.70x the base's sdpa time in bf16
+# and 1.02x in fp32 with 512-bit vectors against 2.11x and 1.14x without (docs/benchmark/cpu_kernel/README.md).
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp") + (
+    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+)
 # Queries x keys per tile: a tile's per-head scores and mixed logits (2 H x 64 x 128 float32: 590 KB on SmolLM2)
 # stay in a core's L2 cache. Measured on SmolLM2 shapes at 1 x 2048 tokens (Zen 4, 1 and 2 threads): 64 x 128,
 # 32 x 128, 32 x 256 and 64 x 256 within 5% of each other, 128 x 128 slowest.
@@ -153,8 +158,9 @@ def shared_attention(
     terms: list[tuple[torch.Tensor, torch.Tensor]],
     value: torch.Tensor,
     mask: Optional[torch.Tensor],
+    pack: bool = True,
 ) -> torch.Tensor:
-    """``softmax(S + M) V`` -> B x T_q x (H d_v) in the values' dtype (computed in float32), for per head h
+    """``softmax(S + M) V`` -> B x T_q x (H d_v) in the values' dtype, for per head h
     ``S[h] = sum_i sum_g mix_i[h, g] q_i[g] k_i[kv_i(g)]^T + sum_e q_e[h] k_e[kv_e(h)]^T``.
 
     ``mixed``: triples of queries B x H x T_q x D_i, keys B x H_i x T_k x D_i and an H x H mixing (its scale
@@ -163,6 +169,11 @@ def shared_attention(
     value: B x H_kv x T_k x d_v; mask from :func:`kernel_mask` (None: causal, the queries are the last T_q of the T_k
     positions). Query head g reads key head ``g // (H / H_i)``. The mixed parts are read in the values' dtype (float32
     for all if one of them differs, as an fp32 adapter on a bf16 base), the terms in float32.
+
+    Sums, the head mixing, the terms and the softmax are float32. In bf16/fp16, where the CPU runs torch's own flash
+    attention on packed operands (``kernel.packs(dtype)``: bf16 with AMX, for one) and ``pack`` is true, ``q k^T``
+    and ``A V`` run in that dtype as torch's sdpa does (the probabilities rounded to it for ``A V``); otherwise they
+    are computed in float32.
     """
     dtype = value_dtype = value.dtype
     if any(query.dtype != dtype or key.dtype != dtype for query, key, _ in mixed):
@@ -176,6 +187,6 @@ def shared_attention(
     term_queries = [term_query.float().contiguous() for term_query, _ in terms]
     term_keys = [term_key.float().transpose(2, 3).contiguous() for _, term_key in terms]  # B x H_e x W_e x T_k
     output = kernel.shared_attention(
-        queries, keys, mixes, term_queries, term_keys, value, mask, BLOCK_QUERIES, BLOCK_KEYS
+        queries, keys, mixes, term_queries, term_keys, value, mask, BLOCK_QUERIES, BLOCK_KEYS, pack
     )  # B x T_q x H x d_v
     return output.flatten(2).to(value_dtype)

@@ -7,7 +7,10 @@
 // links' rank-r terms (each with its H x H mixing), the terms e its unmixed ones.
 // computed flash-style: one tile of block_q queries x block_k keys at a time, with an online softmax, so no
 // T_q x T_k tensor is ever held and a tile's logits stay in the core's cache. The products are torch's own small-GEMM
-// kernel (at::native::cpublas::brgemm), in float32; bf16/fp16 inputs are converted one tile at a time.
+// kernel (at::native::cpublas::brgemm). bf16/fp16 inputs: where torch packs them for its own flash attention
+// (cpublas::could_pack, e.g. a CPU with AMX), q k^T and A V run in that precision on keys and values packed once
+// per call, with float32 sums and the probabilities rounded to the values' dtype for A V, as torch's sdpa does;
+// elsewhere they are converted to float32 one tile at a time. The head mixing, the terms and the softmax are float32.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -46,6 +49,25 @@ inline float exp_nonpositive(float x) {
   return underflow ? 0.f : p * scale;
 }
 
+// The maximum of s[0 .. n) (-inf for n = 0), sixteen logits at a time in a vector of the compiler's (GCC/Clang
+// vector extensions: one SIMD max per step on any target; a scalar running maximum is a chain of one max per logit).
+inline float row_maximum(const float* s, int64_t n) {
+  typedef float Lanes __attribute__((vector_size(64)));
+  constexpr int64_t kLanes = sizeof(Lanes) / sizeof(float);
+  Lanes lanes;
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = kNegInf;
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    Lanes x;
+    std::memcpy(&x, s + c, sizeof(x));
+    lanes = x > lanes ? x : lanes;
+  }
+  float result = kNegInf;
+  for (int64_t l = 0; l < kLanes; ++l) result = std::max(result, lanes[l]);
+  for (; c < n; ++c) result = std::max(result, s[c]);
+  return result;
+}
+
 // rows x cols of a row-major matrix (leading dimension ld) as float32: a float32 input in place (leading dimension
 // ld), any other converted into out (leading dimension cols).
 template <typename scalar_t>
@@ -55,6 +77,21 @@ const float* as_float(const scalar_t* in, int64_t rows, int64_t cols, int64_t ld
     for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = static_cast<float>(in[i * ld + j]);
   }
   return out;
+}
+
+// rows x cols of a row-major matrix (leading dimension ld) in the pair-interleaved ("VNNI") layout that the
+// reduced-precision brgemm reads as its right operand, out_rows (even) x out_cols with zeros beyond rows x cols:
+// out[(i / 2) * 2 out_cols + 2 j + i % 2] = in[i, j].
+template <typename scalar_t>
+void pack_pairs(const scalar_t* in, int64_t rows, int64_t cols, int64_t ld, int64_t out_rows, int64_t out_cols,
+                scalar_t* out) {
+  for (int64_t i = 0; i < out_rows; i += 2) {
+    scalar_t* dst = out + i * out_cols;
+    for (int64_t j = 0; j < out_cols; ++j) {
+      dst[2 * j] = (i < rows && j < cols) ? in[i * ld + j] : scalar_t(0);
+      dst[2 * j + 1] = (i + 1 < rows && j < cols) ? in[(i + 1) * ld + j] : scalar_t(0);
+    }
+  }
 }
 
 // The mask of one tile row (n keys) added to s: a float mask as is, a boolean one as 0 where true and the lowest float
@@ -87,10 +124,51 @@ struct Extra {  // one term q_e k_e^T: float32 queries B x H x T_q x W and trans
   int64_t width, heads;
 };
 
+// Keys and values packed for the reduced-precision brgemm, once per call: per part, its transposed keys by blocks of
+// block_k keys (B x H_i x key blocks x D x block_k, packed), and the values likewise (B x H_kv x key blocks x
+// block_k x D_v, packed); zeros beyond the last key.
+struct PackedOperands {
+  std::vector<at::Tensor> keys;
+  at::Tensor values;
+};
+
+template <typename scalar_t>
+PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const at::Tensor& value,
+                                       int64_t block_k) {
+  const int64_t batch = value.size(0), kv_heads = value.size(1), k_len = value.size(2), value_dim = value.size(3);
+  const int64_t k_blocks = (k_len + block_k - 1) / block_k;
+  const auto options = value.options();
+  PackedOperands packed;
+  for (const auto& part : parts) {
+    at::Tensor keys = at::empty({batch, part.key_heads, k_blocks, part.dim * block_k}, options);
+    scalar_t* out = keys.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * part.key_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t head = item / k_blocks, k0 = (item % k_blocks) * block_k;  // head: b * H_i + j
+        pack_pairs(part.key_t + head * part.dim * k_len + k0, part.dim, std::min(block_k, k_len - k0), k_len,
+                   part.dim, block_k, out + item * part.dim * block_k);
+      }
+    });
+    packed.keys.push_back(keys);
+  }
+  packed.values = at::empty({batch, kv_heads, k_blocks, block_k * value_dim}, options);
+  const scalar_t* v_ptr = value.data_ptr<scalar_t>();
+  scalar_t* out = packed.values.data_ptr<scalar_t>();
+  at::parallel_for(0, batch * kv_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (kv_heads * k_blocks), j = item / k_blocks % kv_heads, k0 = item % k_blocks * block_k;
+      pack_pairs(v_ptr + b * value.stride(0) + j * value.stride(1) + k0 * value.stride(2),
+                 std::min(block_k, k_len - k0), value_dim, value.stride(2), block_k, value_dim,
+                 out + item * block_k * value_dim);
+    }
+  });
+  return packed;
+}
+
 template <typename scalar_t, typename mask_t>
 void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& extras, const at::Tensor& value,
             const c10::optional<at::Tensor>& mask, at::Tensor& out, int64_t heads, int64_t q_len, int64_t block_q,
-            int64_t block_k) {
+            int64_t block_k, bool packed) {
   const int64_t batch = value.size(0), kv_heads = value.size(1), k_len = value.size(2), value_dim = value.size(3);
   const int64_t group = heads / kv_heads;
   const bool causal = !mask.has_value();
@@ -100,10 +178,14 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
   const mask_t* m_ptr = causal ? nullptr : mask->data_ptr<mask_t>();
   const int64_t m_b = (causal || mask->size(0) == 1) ? 0 : mask->stride(0), m_q = causal ? 0 : mask->stride(1);
   const int64_t m_k = causal ? 0 : mask->stride(2);
-  const int64_t q_blocks = (q_len + block_q - 1) / block_q;
+  const int64_t q_blocks = (q_len + block_q - 1) / block_q, k_blocks = (k_len + block_k - 1) / block_k;
   const int64_t tile = block_q * block_k;
   constexpr bool is_float = std::is_same_v<scalar_t, float>;
-  int64_t part_dims = 0, max_key_width = 0;  // float32 copies of a reduced-precision block's queries and keys
+  constexpr bool is_reduced = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+  const bool convert = !is_float && !packed;  // reduced precision, converted to float32 one tile at a time
+  PackedOperands operands;
+  if (packed) operands = pack_operands(parts, value, block_k);
+  int64_t part_dims = 0, max_key_width = 0;  // float32 copies of a converted block's queries and keys
   for (const auto& part : parts) {
     part_dims += part.dim;
     max_key_width = std::max(max_key_width, part.key_heads * part.dim);
@@ -111,12 +193,14 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
 
   at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
     // Per thread: a part's per-head scores and the mixed logits of one tile (H x block_q x block_k each), the
-    // running output, maximum and sum of every query row, and float32 copies of a reduced-precision tile.
+    // running output, maximum and sum of every query row, float32 copies of a converted tile, and one head's
+    // probabilities in the values' dtype for a packed A V.
     std::vector<float> scores(heads * tile), logits(heads * tile), acc(heads * block_q * value_dim);
     std::vector<float> row_max(heads * block_q), row_sum(heads * block_q);
-    std::vector<float> q_tile(is_float ? 0 : heads * block_q * part_dims);
-    std::vector<float> k_tile(is_float ? 0 : max_key_width * block_k);
-    std::vector<float> v_tile(is_float ? 0 : kv_heads * block_k * value_dim);
+    std::vector<float> q_tile(convert ? heads * block_q * part_dims : 0);
+    std::vector<float> k_tile(convert ? max_key_width * block_k : 0);
+    std::vector<float> v_tile(convert ? kv_heads * block_k * value_dim : 0);
+    std::vector<scalar_t> p_tile(packed ? tile : 0);
     std::vector<const float*> queries(parts.size() * heads), values(kv_heads);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks zig-zag (0, last, 1, last - 1, ...): a thread's contiguous range of items holds cheap (early)
@@ -129,24 +213,37 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      // The block's queries of every part and head, float32 (leading dimension: the part's q_t, or its D if copied)
+      // The block's queries of every part and head, float32 unless packed (leading dimension: the part's q_t, or
+      // its D if copied)
       float* q_copy = q_tile.data();
-      for (size_t p = 0; p < parts.size(); ++p) {
+      for (size_t p = 0; p < parts.size() && !packed; ++p) {
         const Part<scalar_t>& part = parts[p];
         for (int64_t h = 0; h < heads; ++h) {
           const scalar_t* q = part.query + b * part.q_b + h * part.q_h + q0 * part.q_t;
           queries[p * heads + h] = as_float(q, bq, part.dim, part.q_t, q_copy);
-          if constexpr (!is_float) q_copy += block_q * part.dim;
+          if (convert) q_copy += block_q * part.dim;
         }
       }
       for (int64_t k0 = 0; k0 < k_stop; k0 += block_k) {
-        const int64_t bk = std::min(block_k, k_stop - k0);
+        const int64_t bk = std::min(block_k, k_stop - k0), kb = k0 / block_k;
         for (size_t p = 0; p < parts.size(); ++p) {
           const Part<scalar_t>& part = parts[p];
           const int64_t part_group = heads / part.key_heads;
-          const int64_t ld_q = is_float ? part.q_t : part.dim, ld_k = is_float ? k_len : bk;
+          const int64_t ld_q = convert ? part.dim : part.q_t, ld_k = convert ? bk : k_len;
           // scores[g] (bq x bk, leading dimension block_k) = q_p[g] (bq x D) @ k_p^T[kv_p(g)] (D x bk)
           for (int64_t j = 0; j < part.key_heads; ++j) {
+            if constexpr (is_reduced) {
+              if (packed) {
+                const scalar_t* key_t = operands.keys[p].data_ptr<scalar_t>() +
+                                        ((b * part.key_heads + j) * k_blocks + kb) * part.dim * block_k;
+                for (int64_t g = j * part_group; g < (j + 1) * part_group; ++g) {
+                  brgemm(bq, bk, part.dim, part.q_t, block_k, block_k, false,
+                         part.query + b * part.q_b + g * part.q_h + q0 * part.q_t, key_t, scores.data() + g * tile,
+                         true);
+                }
+                continue;
+              }
+            }
             const scalar_t* k = part.key_t + ((b * part.key_heads + j) * part.dim) * k_len + k0;
             const float* key_t = as_float(k, part.dim, bk, k_len, k_tile.data() + j * part.dim * block_k);
             for (int64_t g = j * part_group; g < (j + 1) * part_group; ++g) {
@@ -165,9 +262,9 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
             brgemm(bq, bk, e.width, e.width, k_len, block_k, true, q, k, logits.data() + h * tile, false);
           }
         }
-        // float32 values of this tile, per KV head
-        const int64_t ld_v = is_float ? v_t : value_dim;
-        for (int64_t j = 0; j < kv_heads; ++j) {
+        // float32 values of this tile, per KV head (unless packed)
+        const int64_t ld_v = convert ? value_dim : v_t;
+        for (int64_t j = 0; j < kv_heads && !packed; ++j) {
           const scalar_t* v = v_ptr + b * v_b + j * v_h + k0 * v_t;
           values[j] = as_float(v, bk, value_dim, v_t, v_tile.data() + j * block_k * value_dim);
         }
@@ -180,9 +277,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
             } else {
               add_mask_row(s, m_ptr + b * m_b + (q0 + r) * m_q + k0 * m_k, m_k, bk);
             }
-            float tile_max = kNegInf;
-#pragma omp simd reduction(max : tile_max)
-            for (int64_t c = 0; c < n; ++c) tile_max = std::max(tile_max, s[c]);
+            const float tile_max = row_maximum(s, n);
             float& m_old = row_max[h * block_q + r];
             const float m_new = std::max(m_old, tile_max);
             float sum = 0.f;
@@ -196,6 +291,11 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
               }
             }
             for (int64_t c = n; c < bk; ++c) s[c] = 0.f;
+            if (packed) {  // the row's probabilities in the values' dtype, zero up to an even number of keys
+              scalar_t* p_row = p_tile.data() + r * block_k;
+              for (int64_t c = 0; c < bk; ++c) p_row[c] = static_cast<scalar_t>(s[c]);
+              if (bk % 2 != 0) p_row[bk] = scalar_t(0);
+            }
             const float rescale = (m_old == kNegInf) ? 0.f : std::exp(m_old - m_new);
             row_sum[h * block_q + r] = row_sum[h * block_q + r] * rescale + sum;
             m_old = m_new;
@@ -205,8 +305,17 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
             }
           }
           // acc[h] (bq x D_v) += p[h] (bq x bk) @ v[kv(h)] (bk x D_v)
+          float* acc_h = acc.data() + h * block_q * value_dim;
+          if constexpr (is_reduced) {
+            if (packed) {
+              const scalar_t* v = operands.values.data_ptr<scalar_t>() +
+                                  ((b * kv_heads + h / group) * k_blocks + kb) * block_k * value_dim;
+              brgemm(bq, value_dim, bk + bk % 2, block_k, value_dim, value_dim, true, p_tile.data(), v, acc_h, true);
+              continue;
+            }
+          }
           brgemm(bq, value_dim, bk, block_k, ld_v, value_dim, true, logits.data() + h * tile, values[h / group],
-                 acc.data() + h * block_q * value_dim, false);
+                 acc_h, false);
         }
       }
       for (int64_t h = 0; h < heads; ++h) {
@@ -218,21 +327,28 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
         }
       }
     }
-    at::native::cpublas::brgemm_release(false);
+    at::native::cpublas::brgemm_release(packed);
   });
 }
 
 }  // namespace
 
+// Whether q k^T and A V run in dtype on packed operands (bf16/fp16 where torch packs them for its own flash attention,
+// e.g. on a CPU with AMX) rather than converted to float32.
+bool packs(at::ScalarType dtype) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
+}
+
 // mixed_queries[i] B x H x T_q x D_i (any strides, last dim contiguous) and mixed_keys_t[i] B x H_i x D_i x T_k
 // contiguous, in the values' dtype, mixes[i] H x H float32 (the source first); term_queries[e] B x H x T_q x W_e and
 // term_keys_t[e] B x H_e x W_e x T_k float32 contiguous; value B x H_kv x T_k x D_v (last dim contiguous); mask: none
 // (causal: the queries are the last T_q of the T_k positions) or B_m x T_q x T_k (B_m 1 or B, any strides), bool
-// (true: attend) or float32 (additive). Returns B x T_q x H x D_v in the values' dtype.
+// (true: attend) or float32 (additive); pack: run q k^T and A V on packed operands where packs(dtype) (and every D_i
+// is even), else in float32. Returns B x T_q x H x D_v in the values' dtype.
 at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys_t,
                             const std::vector<at::Tensor>& mixes, const std::vector<at::Tensor>& term_queries,
                             const std::vector<at::Tensor>& term_keys_t, const at::Tensor& value,
-                            const c10::optional<at::Tensor>& mask, int64_t block_q, int64_t block_k) {
+                            const c10::optional<at::Tensor>& mask, int64_t block_q, int64_t block_k, bool pack) {
   TORCH_CHECK(!mixed_queries.empty() && mixed_queries.size() == mixed_keys_t.size() &&
                   mixed_queries.size() == mixes.size(), "one key and one mixing per mixed part, at least one part");
   TORCH_CHECK(term_queries.size() == term_keys_t.size(), "one key per term");
@@ -270,11 +386,13 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
       parts.push_back({q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<scalar_t>(),
                        k.size(1), k.size(2), mixes[i].data_ptr<float>()});
     }
+    bool packed = pack && packs(value.scalar_type()) && block_k % 2 == 0;
+    for (const auto& part : parts) packed = packed && part.dim % 2 == 0;
     if (!mask.has_value() || mask->scalar_type() == at::kFloat) {
-      attend<scalar_t, float>(parts, extras, value, mask, out, heads, q_len, block_q, block_k);
+      attend<scalar_t, float>(parts, extras, value, mask, out, heads, q_len, block_q, block_k, packed);
     } else {
       TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: bool or float32");
-      attend<scalar_t, bool>(parts, extras, value, mask, out, heads, q_len, block_q, block_k);
+      attend<scalar_t, bool>(parts, extras, value, mask, out, heads, q_len, block_q, block_k, packed);
     }
   });
   return out;
@@ -282,4 +400,5 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shared_attention", &shared_attention, "A LiSA shared layer's attention on CPU (inference)");
+  m.def("packs", &packs, "Whether bf16/fp16 products run on packed operands on this CPU");
 }
