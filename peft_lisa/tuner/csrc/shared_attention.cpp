@@ -185,7 +185,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
   const bool convert = !is_float && !packed;  // reduced precision, converted to float32 one tile at a time
   PackedOperands operands;
   if (packed) operands = pack_operands(parts, value, block_k);
-  int64_t part_dims = 0, max_key_width = 0;  // float32 copies of a converted block's queries and keys
+  int64_t part_dims = 0, max_key_width = 0;  // a block's queries of all parts; float32 copies of a tile's keys
   for (const auto& part : parts) {
     part_dims += part.dim;
     max_key_width = std::max(max_key_width, part.key_heads * part.dim);
@@ -193,15 +193,17 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
 
   at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
     // Per thread: a part's per-head scores and the mixed logits of one tile (H x block_q x block_k each), the
-    // running output, maximum and sum of every query row, float32 copies of a converted tile, and one head's
-    // probabilities in the values' dtype for a packed A V.
+    // running output, maximum and sum of every query row, the block's queries (float32, or the values' dtype if
+    // packed), float32 copies of a converted tile's keys and values, and the tile's probabilities in the values'
+    // dtype for a packed A V.
     std::vector<float> scores(heads * tile), logits(heads * tile), acc(heads * block_q * value_dim);
     std::vector<float> row_max(heads * block_q), row_sum(heads * block_q);
-    std::vector<float> q_tile(convert ? heads * block_q * part_dims : 0);
+    std::vector<float> q_tile(packed ? 0 : heads * block_q * part_dims);
+    std::vector<scalar_t> q_packed(packed ? heads * block_q * part_dims : 0);
     std::vector<float> k_tile(convert ? max_key_width * block_k : 0);
     std::vector<float> v_tile(convert ? kv_heads * block_k * value_dim : 0);
-    std::vector<scalar_t> p_tile(packed ? tile : 0);
-    std::vector<const float*> queries(parts.size() * heads), values(kv_heads);
+    std::vector<scalar_t> p_tile(packed ? heads * tile : 0);
+    std::vector<const float*> values(kv_heads);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks zig-zag (0, last, 1, last - 1, ...): a thread's contiguous range of items holds cheap (early)
       // and costly (late) causal blocks alike.
@@ -213,43 +215,49 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      // The block's queries of every part and head, float32 unless packed (leading dimension: the part's q_t, or
-      // its D if copied)
-      float* q_copy = q_tile.data();
-      for (size_t p = 0; p < parts.size() && !packed; ++p) {
+      // The block's queries of every part, all heads' rows one after another (block_q rows of D per head, zeros
+      // beyond bq), so that the query heads reading one key head are one product: in the values' dtype if packed,
+      // else float32.
+      for (size_t p = 0, offset = 0; p < parts.size(); offset += heads * block_q * parts[p].dim, ++p) {
         const Part<scalar_t>& part = parts[p];
         for (int64_t h = 0; h < heads; ++h) {
           const scalar_t* q = part.query + b * part.q_b + h * part.q_h + q0 * part.q_t;
-          queries[p * heads + h] = as_float(q, bq, part.dim, part.q_t, q_copy);
-          if (convert) q_copy += block_q * part.dim;
+          const int64_t at = offset + h * block_q * part.dim;
+          for (int64_t r = 0; r < block_q; ++r) {
+            for (int64_t d = 0; d < part.dim; ++d) {
+              const scalar_t x = r < bq ? q[r * part.q_t + d] : scalar_t(0);
+              if (packed) {
+                q_packed[at + r * part.dim + d] = x;
+              } else {
+                q_tile[at + r * part.dim + d] = static_cast<float>(x);
+              }
+            }
+          }
         }
       }
       for (int64_t k0 = 0; k0 < k_stop; k0 += block_k) {
         const int64_t bk = std::min(block_k, k_stop - k0), kb = k0 / block_k;
-        for (size_t p = 0; p < parts.size(); ++p) {
+        for (size_t p = 0, offset = 0; p < parts.size(); offset += heads * block_q * parts[p].dim, ++p) {
           const Part<scalar_t>& part = parts[p];
-          const int64_t part_group = heads / part.key_heads;
-          const int64_t ld_q = convert ? part.dim : part.q_t, ld_k = convert ? bk : k_len;
-          // scores[g] (bq x bk, leading dimension block_k) = q_p[g] (bq x D) @ k_p^T[kv_p(g)] (D x bk)
+          const int64_t part_group = heads / part.key_heads, rows = part_group * block_q;
+          // scores[g] (block_q x bk, leading dimension block_k) = q_p[g] (block_q x D) @ k_p^T[kv_p(g)] (D x bk),
+          // one product for the part_group query heads g of key head j
           for (int64_t j = 0; j < part.key_heads; ++j) {
+            const int64_t q_at = offset + j * rows * part.dim;
+            float* scores_j = scores.data() + j * part_group * tile;
             if constexpr (is_reduced) {
               if (packed) {
                 const scalar_t* key_t = operands.keys[p].data_ptr<scalar_t>() +
                                         ((b * part.key_heads + j) * k_blocks + kb) * part.dim * block_k;
-                for (int64_t g = j * part_group; g < (j + 1) * part_group; ++g) {
-                  brgemm(bq, bk, part.dim, part.q_t, block_k, block_k, false,
-                         part.query + b * part.q_b + g * part.q_h + q0 * part.q_t, key_t, scores.data() + g * tile,
-                         true);
-                }
+                brgemm(rows, bk, part.dim, part.dim, block_k, block_k, false, q_packed.data() + q_at, key_t,
+                       scores_j, true);
                 continue;
               }
             }
             const scalar_t* k = part.key_t + ((b * part.key_heads + j) * part.dim) * k_len + k0;
             const float* key_t = as_float(k, part.dim, bk, k_len, k_tile.data() + j * part.dim * block_k);
-            for (int64_t g = j * part_group; g < (j + 1) * part_group; ++g) {
-              brgemm(bq, bk, part.dim, ld_q, ld_k, block_k, false, queries[p * heads + g], key_t,
-                     scores.data() + g * tile, false);
-            }
+            brgemm(rows, bk, part.dim, part.dim, convert ? bk : k_len, block_k, false, q_tile.data() + q_at, key_t,
+                   scores_j, false);
           }
           // The part's head mixing, one product over the head axis: logits (H x tile) (+)= mix (H x H) @ scores
           brgemm(heads, tile, heads, heads, tile, tile, p > 0, part.mix, scores.data(), logits.data(), false);
@@ -292,7 +300,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
             }
             for (int64_t c = n; c < bk; ++c) s[c] = 0.f;
             if (packed) {  // the row's probabilities in the values' dtype, zero up to an even number of keys
-              scalar_t* p_row = p_tile.data() + r * block_k;
+              scalar_t* p_row = p_tile.data() + h * tile + r * block_k;
               for (int64_t c = 0; c < bk; ++c) p_row[c] = static_cast<scalar_t>(s[c]);
               if (bk % 2 != 0) p_row[bk] = scalar_t(0);
             }
@@ -304,18 +312,22 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
               for (int64_t c = 0; c < value_dim; ++c) o[c] *= rescale;
             }
           }
-          // acc[h] (bq x D_v) += p[h] (bq x bk) @ v[kv(h)] (bk x D_v)
-          float* acc_h = acc.data() + h * block_q * value_dim;
+        }
+        // acc[h] (block_q x D_v) += p[h] (block_q x bk) @ v[j] (bk x D_v), one product for the query heads h of
+        // KV head j (their rows beyond bq are never written out)
+        for (int64_t j = 0; j < kv_heads; ++j) {
+          float* acc_j = acc.data() + j * group * block_q * value_dim;
           if constexpr (is_reduced) {
             if (packed) {
               const scalar_t* v = operands.values.data_ptr<scalar_t>() +
-                                  ((b * kv_heads + h / group) * k_blocks + kb) * block_k * value_dim;
-              brgemm(bq, value_dim, bk + bk % 2, block_k, value_dim, value_dim, true, p_tile.data(), v, acc_h, true);
+                                  ((b * kv_heads + j) * k_blocks + kb) * block_k * value_dim;
+              brgemm(group * block_q, value_dim, bk + bk % 2, block_k, value_dim, value_dim, true,
+                     p_tile.data() + j * group * tile, v, acc_j, true);
               continue;
             }
           }
-          brgemm(bq, value_dim, bk, block_k, ld_v, value_dim, true, logits.data() + h * tile, values[h / group],
-                 acc_h, false);
+          brgemm(group * block_q, value_dim, bk, block_k, ld_v, value_dim, true, logits.data() + j * group * tile,
+                 values[j], acc_j, false);
         }
       }
       for (int64_t h = 0; h < heads; ++h) {
