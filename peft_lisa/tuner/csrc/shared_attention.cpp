@@ -8,9 +8,10 @@
 // computed flash-style: one tile of block_q queries x block_k keys at a time, with an online softmax, so no
 // T_q x T_k tensor is ever held and a tile's logits stay in the core's cache. The products are torch's own small-GEMM
 // kernel (at::native::cpublas::brgemm). bf16/fp16 inputs: where torch packs them for its own flash attention
-// (cpublas::could_pack, e.g. a CPU with AMX), q k^T and A V run in that precision on keys and values packed once
-// per call, with float32 sums and the probabilities rounded to the values' dtype for A V, as torch's sdpa does;
-// elsewhere they are converted to float32 one tile at a time. The head mixing, the terms and the softmax are float32.
+// (cpublas::could_pack, e.g. a CPU with AMX) and the caller asks (pack), q k^T (parts and terms) and A V run in that
+// precision on keys and values packed once per call, with float32 sums and the probabilities rounded to the values'
+// dtype for A V, as torch's sdpa does; elsewhere they are converted to float32 one tile at a time. The head mixing and
+// the softmax are float32.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -118,38 +119,73 @@ struct Part {  // one mixed term: queries B x H x T_q x D (any strides, last dim
   const float* mix;
 };
 
-struct Extra {  // one term q_e k_e^T: float32 queries B x H x T_q x W and transposed keys B x H_e x W x T_k
-  const float* query;
-  const float* key_t;
+struct Extra {  // one term q_e k_e^T: queries B x H x T_q x W and transposed keys B x H_e x W x T_k, contiguous,
+               // float32, or in the values' dtype on the packed route
+  const void* query;
+  const void* key_t;
   int64_t width, heads;
 };
 
-// Keys and values packed for the reduced-precision brgemm, once per call: per part, its transposed keys by blocks of
-// block_k keys (B x H_i x key blocks x D x block_k, packed), and the values likewise (B x H_kv x key blocks x
-// block_k x D_v, packed); zeros beyond the last key.
+// Keys and values packed for the reduced-precision brgemm, once per call: per part and per term, its transposed keys
+// by blocks of block_k keys (B x H_i x key blocks x D x block_k, packed), and the values likewise (B x H_kv x key
+// blocks x block_k x D_v, packed); zeros beyond the last key.
 struct PackedOperands {
-  std::vector<at::Tensor> keys;
-  at::Tensor values;
+  std::vector<at::Tensor> keys, term_keys;
+  at::Tensor spread_keys, values;  // spread_keys: the spread parts' keys side by side, B x key blocks x (W block_k)
 };
 
+// Transposed keys B x H_i x D x T_k (contiguous) packed by blocks of block_k keys: B x H_i x key blocks x (D block_k).
 template <typename scalar_t>
-PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const at::Tensor& value,
-                                       int64_t block_k) {
+at::Tensor pack_keys(const scalar_t* key_t, int64_t batch, int64_t key_heads, int64_t dim, int64_t k_len,
+                     int64_t block_k, const at::TensorOptions& options) {
+  const int64_t k_blocks = (k_len + block_k - 1) / block_k;
+  at::Tensor keys = at::empty({batch, key_heads, k_blocks, dim * block_k}, options);
+  scalar_t* out = keys.data_ptr<scalar_t>();
+  at::parallel_for(0, batch * key_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head = item / k_blocks, k0 = (item % k_blocks) * block_k;  // head: b * H_i + j
+      pack_pairs(key_t + head * dim * k_len + k0, dim, std::min(block_k, k_len - k0), k_len, dim, block_k,
+                 out + item * dim * block_k);
+    }
+  });
+  return keys;
+}
+
+template <typename scalar_t>
+PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std::vector<bool>& spread,
+                             const std::vector<Extra>& extras, const at::Tensor& value, int64_t block_k) {
   const int64_t batch = value.size(0), kv_heads = value.size(1), k_len = value.size(2), value_dim = value.size(3);
   const int64_t k_blocks = (k_len + block_k - 1) / block_k;
   const auto options = value.options();
   PackedOperands packed;
-  for (const auto& part : parts) {
-    at::Tensor keys = at::empty({batch, part.key_heads, k_blocks, part.dim * block_k}, options);
-    scalar_t* out = keys.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * part.key_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
+  int64_t spread_dims = 0;  // the spread parts' keys, each all its key heads side by side, one after another (each
+  for (size_t p = 0; p < parts.size(); ++p) {  // part's size is even, so a part's rows are whole packed pairs)
+    if (spread[p]) spread_dims += parts[p].key_heads * parts[p].dim;
+    packed.keys.push_back(spread[p] ? at::Tensor() : pack_keys(parts[p].key_t, batch, parts[p].key_heads,
+                                                                parts[p].dim, k_len, block_k, options));
+  }
+  if (spread_dims > 0) {
+    packed.spread_keys = at::empty({batch, k_blocks, 2 * spread_dims * block_k}, options);  // twice: see attend
+    scalar_t* out = packed.spread_keys.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * k_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t head = item / k_blocks, k0 = (item % k_blocks) * block_k;  // head: b * H_i + j
-        pack_pairs(part.key_t + head * part.dim * k_len + k0, part.dim, std::min(block_k, k_len - k0), k_len,
-                   part.dim, block_k, out + item * part.dim * block_k);
+        const int64_t b = item / k_blocks, k0 = (item % k_blocks) * block_k;
+        int64_t row = 0;
+        for (size_t p = 0; p < parts.size(); ++p) {
+          if (!spread[p]) continue;
+          const int64_t width = parts[p].key_heads * parts[p].dim;
+          for (int64_t copy = 0; copy < 2; ++copy) {
+            pack_pairs(parts[p].key_t + b * width * k_len + k0, width, std::min(block_k, k_len - k0), k_len, width,
+                       block_k, out + (2 * item * spread_dims + copy * spread_dims + row) * block_k);
+          }
+          row += width;
+        }
       }
     });
-    packed.keys.push_back(keys);
+  }
+  for (const Extra& e : extras) {
+    packed.term_keys.push_back(pack_keys(static_cast<const scalar_t*>(e.key_t), batch, e.heads, e.width, k_len,
+                                         block_k, options));
   }
   packed.values = at::empty({batch, kv_heads, k_blocks, block_k * value_dim}, options);
   const scalar_t* v_ptr = value.data_ptr<scalar_t>();
@@ -183,13 +219,23 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
   constexpr bool is_float = std::is_same_v<scalar_t, float>;
   constexpr bool is_reduced = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
   const bool convert = !is_float && !packed;  // reduced precision, converted to float32 one tile at a time
+  // On the packed route a chain's earlier links (mixed parts no wider than the source when laid against all their key
+  // heads side by side) are spread: their queries mixed per block, one product against all their key heads, so that
+  // the float32 H x H mixing over every tile is left to the source.
+  std::vector<bool> spread(parts.size(), false);
+  int64_t spread_dims = 0;
+  for (size_t p = 1; p < parts.size() && packed; ++p) {
+    spread[p] = parts[p].key_heads * parts[p].dim <= parts[0].dim;
+    if (spread[p]) spread_dims += parts[p].key_heads * parts[p].dim;
+  }
   PackedOperands operands;
-  if (packed) operands = pack_operands(parts, value, block_k);
-  int64_t part_dims = 0, max_key_width = 0;  // a block's queries of all parts; float32 copies of a tile's keys
-  for (const auto& part : parts) {
+  if (packed) operands = pack_operands(parts, spread, extras, value, block_k);
+  int64_t part_dims = 0, max_key_width = 0, term_dims = 0;  // a block's queries of all parts and terms; float32
+  for (const auto& part : parts) {                            // copies of a converted tile's keys
     part_dims += part.dim;
     max_key_width = std::max(max_key_width, part.key_heads * part.dim);
   }
+  for (const Extra& e : extras) term_dims += e.width;
 
   at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
     // Per thread: a part's per-head scores and the mixed logits of one tile (H x block_q x block_k each), the
@@ -203,6 +249,8 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     std::vector<float> k_tile(convert ? max_key_width * block_k : 0);
     std::vector<float> v_tile(convert ? kv_heads * block_k * value_dim : 0);
     std::vector<scalar_t> p_tile(packed ? heads * tile : 0);
+    std::vector<scalar_t> term_q(packed ? heads * block_q * term_dims : 0);
+    std::vector<scalar_t> spread_q(heads * block_q * 2 * spread_dims);
     std::vector<const float*> values(kv_heads);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks zig-zag (0, last, 1, last - 1, ...): a thread's contiguous range of items holds cheap (early)
@@ -218,8 +266,32 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
       // The block's queries of every part, all heads' rows one after another (block_q rows of D per head, zeros
       // beyond bq), so that the query heads reading one key head are one product: in the values' dtype if packed,
       // else float32.
+      int64_t spread_column = 0;
       for (size_t p = 0, offset = 0; p < parts.size(); offset += heads * block_q * parts[p].dim, ++p) {
         const Part<scalar_t>& part = parts[p];
+        if (spread[p]) {  // spread_q[h] (block_q x H_i D) = [sum_{g of key head j} mix[h, g] q[g]]_j, in the dtype,
+                          // at this part's columns of spread_q (H block_q x spread_dims)
+          const int64_t size = heads / part.key_heads;
+          for (int64_t h = 0; h < heads; ++h) {
+            for (int64_t r = 0; r < block_q; ++r) {
+              scalar_t* spread_dst = spread_q.data() + (h * block_q + r) * 2 * spread_dims + spread_column;
+              for (int64_t j = 0; j < part.key_heads; ++j) {
+                for (int64_t d = 0; d < part.dim; ++d) {
+                  float x = 0.f;
+                  for (int64_t g = j * size; g < (j + 1) * size && r < bq; ++g) {
+                    x += part.mix[h * heads + g] * static_cast<float>(part.query[b * part.q_b + g * part.q_h +
+                                                                                   (q0 + r) * part.q_t + d]);
+                  }
+                  const scalar_t high = static_cast<scalar_t>(x);  // x = high + low within float32's precision
+                  spread_dst[j * part.dim + d] = high;
+                  spread_dst[spread_dims + j * part.dim + d] = static_cast<scalar_t>(x - static_cast<float>(high));
+                }
+              }
+            }
+          }
+          spread_column += part.key_heads * part.dim;
+          continue;
+        }
         for (int64_t h = 0; h < heads; ++h) {
           const scalar_t* q = part.query + b * part.q_b + h * part.q_h + q0 * part.q_t;
           const int64_t at = offset + h * block_q * part.dim;
@@ -235,10 +307,21 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           }
         }
       }
+      if (packed) {  // likewise the terms' queries
+        scalar_t* dst = term_q.data();
+        for (const Extra& e : extras) {
+          for (int64_t h = 0; h < heads; ++h, dst += block_q * e.width) {
+            const scalar_t* q = static_cast<const scalar_t*>(e.query) + ((b * heads + h) * q_len + q0) * e.width;
+            std::copy(q, q + bq * e.width, dst);
+            std::fill(dst + bq * e.width, dst + block_q * e.width, scalar_t(0));
+          }
+        }
+      }
       for (int64_t k0 = 0; k0 < k_stop; k0 += block_k) {
         const int64_t bk = std::min(block_k, k_stop - k0), kb = k0 / block_k;
         for (size_t p = 0, offset = 0; p < parts.size(); offset += heads * block_q * parts[p].dim, ++p) {
           const Part<scalar_t>& part = parts[p];
+          if (spread[p]) continue;  // after the parts, all in one product
           const int64_t part_group = heads / part.key_heads, rows = part_group * block_q;
           // scores[g] (block_q x bk, leading dimension block_k) = q_p[g] (block_q x D) @ k_p^T[kv_p(g)] (D x bk),
           // one product for the part_group query heads g of key head j
@@ -262,11 +345,33 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           // The part's head mixing, one product over the head axis: logits (H x tile) (+)= mix (H x H) @ scores
           brgemm(heads, tile, heads, heads, tile, tile, p > 0, part.mix, scores.data(), logits.data(), false);
         }
-        for (const Extra& e : extras) {  // logits[h] += q_e[h] (bq x W) @ k_e^T (W x bk)
+        if constexpr (is_reduced) {
+          if (spread_dims > 0) {  // logits (all heads' rows, block_q each) += spread_q (H block_q x W) @ k^T (W x bk)
+            const scalar_t* key_t = operands.spread_keys.data_ptr<scalar_t>() +
+                                    (b * k_blocks + kb) * 2 * spread_dims * block_k;
+            brgemm(heads * block_q, bk, 2 * spread_dims, 2 * spread_dims, block_k, block_k, true, spread_q.data(),
+                   key_t, logits.data(), true);
+          }
+        }
+        const scalar_t* term_q_e = term_q.data();
+        for (size_t t = 0; t < extras.size(); ++t) {  // logits[h] += q_e[h] (bq x W) @ k_e^T (W x bk)
+          const Extra& e = extras[t];
           const int64_t e_group = heads / e.heads;
+          if constexpr (is_reduced) {
+            if (packed) {  // one product for the e_group query heads of key head j
+              for (int64_t j = 0; j < e.heads; ++j) {
+                const scalar_t* key_t = operands.term_keys[t].data_ptr<scalar_t>() +
+                                        ((b * e.heads + j) * k_blocks + kb) * e.width * block_k;
+                brgemm(e_group * block_q, bk, e.width, e.width, block_k, block_k, true,
+                       term_q_e + j * e_group * block_q * e.width, key_t, logits.data() + j * e_group * tile, true);
+              }
+              term_q_e += heads * block_q * e.width;
+              continue;
+            }
+          }
           for (int64_t h = 0; h < heads; ++h) {
-            const float* q = e.query + ((b * heads + h) * q_len + q0) * e.width;
-            const float* k = e.key_t + ((b * e.heads + h / e_group) * e.width) * k_len + k0;
+            const float* q = static_cast<const float*>(e.query) + ((b * heads + h) * q_len + q0) * e.width;
+            const float* k = static_cast<const float*>(e.key_t) + ((b * e.heads + h / e_group) * e.width) * k_len + k0;
             brgemm(bq, bk, e.width, e.width, k_len, block_k, true, q, k, logits.data() + h * tile, false);
           }
         }
@@ -353,10 +458,11 @@ bool packs(at::ScalarType dtype) {
 
 // mixed_queries[i] B x H x T_q x D_i (any strides, last dim contiguous) and mixed_keys_t[i] B x H_i x D_i x T_k
 // contiguous, in the values' dtype, mixes[i] H x H float32 (the source first); term_queries[e] B x H x T_q x W_e and
-// term_keys_t[e] B x H_e x W_e x T_k float32 contiguous; value B x H_kv x T_k x D_v (last dim contiguous); mask: none
-// (causal: the queries are the last T_q of the T_k positions) or B_m x T_q x T_k (B_m 1 or B, any strides), bool
-// (true: attend) or float32 (additive); pack: run q k^T and A V on packed operands where packs(dtype) (and every D_i
-// is even), else in float32. Returns B x T_q x H x D_v in the values' dtype.
+// term_keys_t[e] B x H_e x W_e x T_k contiguous, float32, or with pack in the values' dtype; value B x H_kv x T_k x
+// D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of the T_k positions) or B_m x T_q x T_k
+// (B_m 1 or B, any strides), bool (true: attend) or float32 (additive); pack: run the products q k^T (parts and
+// terms) and A V in the values' dtype on packed operands, which needs packs(dtype) and every D_i and W_e even; else
+// they are float32. Returns B x T_q x H x D_v in the values' dtype.
 at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys_t,
                             const std::vector<at::Tensor>& mixes, const std::vector<at::Tensor>& term_queries,
                             const std::vector<at::Tensor>& term_keys_t, const at::Tensor& value,
@@ -378,14 +484,21 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
     TORCH_CHECK(mix.is_contiguous() && mix.scalar_type() == at::kFloat && mix.size(0) == heads && mix.size(1) == heads,
                 "mixing: H x H float32 contiguous");
   }
+  if (pack) {
+    TORCH_CHECK(packs(value.scalar_type()) && block_k % 2 == 0, "pack: this CPU does not pack ",
+                value.scalar_type(), " for brgemm (see packs(dtype)), or block_k is odd");
+    for (const auto& q : mixed_queries) TORCH_CHECK(q.size(3) % 2 == 0, "pack: the mixed parts' sizes must be even");
+    for (const auto& q : term_queries) TORCH_CHECK(q.size(3) % 2 == 0, "pack: the terms' widths must be even");
+  }
+  const at::ScalarType term_dtype = pack ? value.scalar_type() : at::kFloat;
   std::vector<Extra> extras;
   for (size_t e = 0; e < term_queries.size(); ++e) {
     const at::Tensor &q = term_queries[e], &k = term_keys_t[e];
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.scalar_type() == at::kFloat &&
-                    k.scalar_type() == at::kFloat, "terms: float32 contiguous");
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.scalar_type() == term_dtype &&
+                    k.scalar_type() == term_dtype, "terms: contiguous, float32 (with pack: the values' dtype)");
     TORCH_CHECK(q.size(0) == batch && q.size(1) == heads && q.size(2) == q_len && k.size(0) == batch &&
                     heads % k.size(1) == 0 && k.size(2) == q.size(3) && k.size(3) == k_len, "term shapes");
-    extras.push_back({q.data_ptr<float>(), k.data_ptr<float>(), q.size(3), k.size(1)});
+    extras.push_back({q.data_ptr(), k.data_ptr(), q.size(3), k.size(1)});
   }
   TORCH_CHECK(!mask.has_value() || (mask->dim() == 3 && (mask->size(0) == 1 || mask->size(0) == batch) &&
                                     mask->size(1) == q_len && mask->size(2) == k_len),
@@ -398,13 +511,11 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
       parts.push_back({q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<scalar_t>(),
                        k.size(1), k.size(2), mixes[i].data_ptr<float>()});
     }
-    bool packed = pack && packs(value.scalar_type()) && block_k % 2 == 0;
-    for (const auto& part : parts) packed = packed && part.dim % 2 == 0;
     if (!mask.has_value() || mask->scalar_type() == at::kFloat) {
-      attend<scalar_t, float>(parts, extras, value, mask, out, heads, q_len, block_q, block_k, packed);
+      attend<scalar_t, float>(parts, extras, value, mask, out, heads, q_len, block_q, block_k, pack);
     } else {
       TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: bool or float32");
-      attend<scalar_t, bool>(parts, extras, value, mask, out, heads, q_len, block_q, block_k, packed);
+      attend<scalar_t, bool>(parts, extras, value, mask, out, heads, q_len, block_q, block_k, pack);
     }
   });
   return out;
