@@ -80,13 +80,16 @@ def test_kernel_equals_dense_attention_causal(kernel, batch, q_len, k_len, heads
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
-def test_kernel_equals_dense_attention_with_padding(kernel, mask_kind):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_equals_dense_attention_with_padding(kernel, mask_kind, dtype):
     """Left padding as transformers hands it (a bool mask, or an additive float one for eager), with a sequence whose
     first query rows see no key at all (they attend evenly, as the torch route's additive mask makes them), and a
-    mask one key wider than the values (the kernel reads its first T_k columns)."""
+    mask one key wider than the values (the kernel reads its first T_k columns). In bf16 on the route the CPU takes
+    (packed where it packs bf16), within the rounding of the reduced-precision test below."""
     batch, q_len, heads, kv_heads = 3, 140, 6, 3
-    logits = folded_chain(batch, q_len, q_len, heads, kv_heads, 2, False, seed=1)
-    value = torch.randn(batch, kv_heads, q_len, 8)
+    logits = folded_chain(batch, q_len, q_len, heads, kv_heads, 2, False, seed=1, rank=4)
+    logits = FoldedScores([replace(part, query=part.query.to(dtype), key=part.key.to(dtype)) for part in logits.parts])
+    value = torch.randn(batch, kv_heads, q_len, 8).to(dtype)
     allowed = causal_allowed(slice(None), q_len, q_len, value.device).expand(batch, 1, q_len, q_len).clone()
     allowed[1, ..., :70] = False  # sequence 1: 70 padding tokens, over the first key tile
     allowed[1, ..., :70, 69] = True  # its padded rows see one key...
@@ -97,7 +100,13 @@ def test_kernel_equals_dense_attention_with_padding(kernel, mask_kind):
     assert supported
     with torch.no_grad():
         got = logits.attend_by_kernel(kernel, kernel_mask, value)
-    torch.testing.assert_close(got, dense_attention(logits, allowed, value), atol=2e-5, rtol=2e-5)
+    reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
+    expected = dense_attention(reference, allowed, value)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    else:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), expected, atol=eps / 2 * value.float().abs().max().item(), rtol=eps)
 
 
 def test_kernel_reads_a_mask_shared_by_the_batch(kernel):
