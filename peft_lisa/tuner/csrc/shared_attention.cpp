@@ -201,6 +201,46 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
   return packed;
 }
 
+// A block's queries of one part, all heads' rows one after another: out[h] (block_q x D) = q[b, h, q0 .. q0 + bq) in
+// out_t, zeros beyond bq.
+template <typename scalar_t, typename out_t>
+void block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq, int64_t block_q, int64_t heads,
+                   out_t* out) {
+  for (int64_t h = 0; h < heads; ++h) {
+    const scalar_t* q = part.query + b * part.q_b + h * part.q_h + q0 * part.q_t;
+    for (int64_t r = 0; r < block_q; ++r) {
+      out_t* row = out + (h * block_q + r) * part.dim;
+      for (int64_t d = 0; d < part.dim; ++d) row[d] = static_cast<out_t>(r < bq ? q[r * part.q_t + d] : scalar_t(0));
+    }
+  }
+}
+
+// A block's queries of one spread part, mixed and split: row h block_q + r of out (leading dimension ld) holds
+// x[j] = sum_{g of key head j} mix[h, g] q[b, g, q0 + r] for each key head j (H_i D values), rounded to the dtype at
+// columns [0, H_i D) and the remainder x - high at [low_column, low_column + H_i D); zeros beyond bq.
+template <typename scalar_t>
+void spread_block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq, int64_t block_q,
+                          int64_t heads, int64_t ld, int64_t low_column, scalar_t* out) {
+  const int64_t size = heads / part.key_heads;  // query heads per key head
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t r = 0; r < block_q; ++r) {
+      scalar_t* row = out + (h * block_q + r) * ld;
+      for (int64_t j = 0; j < part.key_heads; ++j) {
+        for (int64_t d = 0; d < part.dim; ++d) {
+          float x = 0.f;
+          for (int64_t g = j * size; g < (j + 1) * size && r < bq; ++g) {
+            x += part.mix[h * heads + g] *
+                 static_cast<float>(part.query[b * part.q_b + g * part.q_h + (q0 + r) * part.q_t + d]);
+          }
+          const scalar_t high = static_cast<scalar_t>(x);  // x = high + low within float32's precision
+          row[j * part.dim + d] = high;
+          row[low_column + j * part.dim + d] = static_cast<scalar_t>(x - static_cast<float>(high));
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename mask_t>
 void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& extras, const at::Tensor& value,
             const c10::optional<at::Tensor>& mask, at::Tensor& out, int64_t heads, int64_t q_len, int64_t block_q,
@@ -265,46 +305,18 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       // The block's queries of every part, all heads' rows one after another (block_q rows of D per head, zeros
       // beyond bq), so that the query heads reading one key head are one product: in the values' dtype if packed,
-      // else float32.
+      // else float32; a spread part's mixed and split, at its columns of spread_q (H block_q x 2 spread_dims).
       int64_t spread_column = 0;
       for (size_t p = 0, offset = 0; p < parts.size(); offset += heads * block_q * parts[p].dim, ++p) {
         const Part<scalar_t>& part = parts[p];
-        if (spread[p]) {  // spread_q[h] (block_q x H_i D) = [sum_{g of key head j} mix[h, g] q[g]]_j, in the dtype,
-                          // at this part's columns of spread_q (H block_q x spread_dims)
-          const int64_t size = heads / part.key_heads;
-          for (int64_t h = 0; h < heads; ++h) {
-            for (int64_t r = 0; r < block_q; ++r) {
-              scalar_t* spread_dst = spread_q.data() + (h * block_q + r) * 2 * spread_dims + spread_column;
-              for (int64_t j = 0; j < part.key_heads; ++j) {
-                for (int64_t d = 0; d < part.dim; ++d) {
-                  float x = 0.f;
-                  for (int64_t g = j * size; g < (j + 1) * size && r < bq; ++g) {
-                    x += part.mix[h * heads + g] * static_cast<float>(part.query[b * part.q_b + g * part.q_h +
-                                                                                   (q0 + r) * part.q_t + d]);
-                  }
-                  const scalar_t high = static_cast<scalar_t>(x);  // x = high + low within float32's precision
-                  spread_dst[j * part.dim + d] = high;
-                  spread_dst[spread_dims + j * part.dim + d] = static_cast<scalar_t>(x - static_cast<float>(high));
-                }
-              }
-            }
-          }
+        if (spread[p]) {
+          spread_block_queries(part, b, q0, bq, block_q, heads, 2 * spread_dims, spread_dims,
+                               spread_q.data() + spread_column);
           spread_column += part.key_heads * part.dim;
-          continue;
-        }
-        for (int64_t h = 0; h < heads; ++h) {
-          const scalar_t* q = part.query + b * part.q_b + h * part.q_h + q0 * part.q_t;
-          const int64_t at = offset + h * block_q * part.dim;
-          for (int64_t r = 0; r < block_q; ++r) {
-            for (int64_t d = 0; d < part.dim; ++d) {
-              const scalar_t x = r < bq ? q[r * part.q_t + d] : scalar_t(0);
-              if (packed) {
-                q_packed[at + r * part.dim + d] = x;
-              } else {
-                q_tile[at + r * part.dim + d] = static_cast<float>(x);
-              }
-            }
-          }
+        } else if (packed) {
+          block_queries(part, b, q0, bq, block_q, heads, q_packed.data() + offset);
+        } else {
+          block_queries(part, b, q0, bq, block_q, heads, q_tile.data() + offset);
         }
       }
       if (packed) {  // likewise the terms' queries
