@@ -153,17 +153,18 @@ at::Tensor pack_keys(const scalar_t* key_t, int64_t batch, int64_t key_heads, in
 
 template <typename scalar_t>
 PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std::vector<bool>& spread,
-                             const std::vector<Extra>& extras, const at::Tensor& value, int64_t block_k) {
+                             int64_t spread_dims, const std::vector<Extra>& extras, const at::Tensor& value,
+                             int64_t block_k) {
   const int64_t batch = value.size(0), kv_heads = value.size(1), k_len = value.size(2), value_dim = value.size(3);
   const int64_t k_blocks = (k_len + block_k - 1) / block_k;
   const auto options = value.options();
   PackedOperands packed;
-  int64_t spread_dims = 0;  // the spread parts' keys, each all its key heads side by side, one after another (each
-  for (size_t p = 0; p < parts.size(); ++p) {  // part's size is even, so a part's rows are whole packed pairs)
-    if (spread[p]) spread_dims += parts[p].key_heads * parts[p].dim;
+  for (size_t p = 0; p < parts.size(); ++p) {
     packed.keys.push_back(spread[p] ? at::Tensor() : pack_keys(parts[p].key_t, batch, parts[p].key_heads,
                                                                 parts[p].dim, k_len, block_k, options));
   }
+  // The spread parts' keys (spread_dims rows in all), each all its key heads side by side, one after another (each
+  // part's size is even, so a part's rows are whole packed pairs).
   if (spread_dims > 0) {
     packed.spread_keys = at::empty({batch, k_blocks, 2 * spread_dims * block_k}, options);  // twice: see attend
     scalar_t* out = packed.spread_keys.data_ptr<scalar_t>();
@@ -269,7 +270,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     if (spread[p]) spread_dims += parts[p].key_heads * parts[p].dim;
   }
   PackedOperands operands;
-  if (packed) operands = pack_operands(parts, spread, extras, value, block_k);
+  if (packed) operands = pack_operands(parts, spread, spread_dims, extras, value, block_k);
   int64_t part_dims = 0, max_key_width = 0, term_dims = 0;  // a block's queries of all parts and terms; float32
   for (const auto& part : parts) {                            // copies of a converted tile's keys
     part_dims += part.dim;
