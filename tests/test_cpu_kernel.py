@@ -79,6 +79,31 @@ def test_kernel_equals_dense_attention_causal(kernel, batch, q_len, k_len, heads
     torch.testing.assert_close(got, dense_attention(logits, allowed, value), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_where_later_keys_raise_the_row_maximum(kernel, dtype):
+    """Logits that climb in steps along the keys (every 64 keys), by a height per head: 0 and 3 per step keep each
+    128-key tile within the kernel's slack over a row's running maximum (it stays; probabilities above one), 6 and 24
+    exceed it (a tile raises the maximum and rescales the row's sum and output so far; at 24 per step the logits
+    would overflow float32's exp within a row whose maximum were never raised). In bf16 on the route the CPU takes,
+    within the rounding of the reduced-precision test below."""
+    q_len, heads, steps = 400, 4, torch.tensor([0.0, 3.0, 6.0, 24.0])
+    generator = torch.Generator().manual_seed(5)
+    query, key = torch.randn(1, heads, q_len, 8, generator=generator), torch.randn(1, 2, q_len, 8, generator=generator)
+    query[..., 0] = steps[:, None] * 8**0.5  # scaled by 8^-0.5 below
+    key[..., 0] = torch.arange(q_len) // 64
+    logits = FoldedScores.from_query_key(query.to(dtype), key.to(dtype), 8**-0.5).mixed(torch.eye(heads), None)
+    logits = logits.with_lowrank(torch.randn(1, heads, q_len, 2), torch.randn(1, 2, q_len, 2), 0.5)
+    value = torch.randn(1, 2, q_len, 8).to(dtype)
+    reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
+    allowed = causal_allowed(slice(None), q_len, q_len, value.device)
+    with torch.no_grad():
+        got = logits.attend_by_kernel(kernel, None, value)
+    expected = dense_attention(reference, allowed, value)
+    eps = torch.finfo(dtype).eps
+    atol = 2e-5 if dtype == torch.float32 else eps / 2 * value.float().abs().max().item()
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=eps if dtype != torch.float32 else 2e-5)
+
+
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_equals_dense_attention_with_padding(kernel, mask_kind, dtype):

@@ -6,7 +6,9 @@
 // with kv_i(g) = g / (H / H_i) for a part's H_i key heads: the mixed parts i are the chain's source and its earlier
 // links' rank-r terms (each with its H x H mixing), the terms e its unmixed ones.
 // computed flash-style: one tile of block_q queries x block_k keys at a time, with an online softmax, so no
-// T_q x T_k tensor is ever held and a tile's logits stay in the core's cache. The products are torch's own small-GEMM
+// T_q x T_k tensor is ever held and a tile's logits stay in the core's cache. The online softmax keeps a row's running
+// maximum until a tile exceeds it by more than kSlack, so that most tiles take one pass over their logits (exp, sum
+// and maximum together) and no rescaling (the softmax helpers are written on GCC/Clang vector types). The products are torch's own small-GEMM
 // kernel (at::native::cpublas::brgemm). bf16/fp16 inputs: where torch packs them for its own flash attention
 // (cpublas::could_pack, e.g. a CPU with AMX) and the caller asks (pack), q k^T (parts and terms) and A V run in that
 // precision on keys and values packed once per call, with float32 sums and the probabilities rounded to the values'
@@ -29,44 +31,156 @@ namespace {
 using at::native::cpublas::brgemm;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (a logit minus its row's maximum), within 2e-7 relative: exp(x) = 2^n exp(f) with n the nearest
-// integer to x / ln 2 and a degree-6 polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87 (and for -inf).
-// Branch-free, so that the compiler vectorizes the softmax loop (the C library's expf is a scalar call per logit).
-inline float exp_nonpositive(float x) {
-  const bool underflow = !(x >= -87.f);
-  x = underflow ? -87.f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float f = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts for accuracy
-  float p = 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
+// Sixteen float32 lanes (GCC/Clang vector extensions): one SIMD instruction per operation on any target, so that the
+// softmax's loops, including their sums and maxima, do not depend on what the compiler auto-vectorizes (an OpenMP
+// simd reduction left each row's sum and maximum to a chain of sixteen scalar instructions).
+typedef float Floats __attribute__((vector_size(64)));
+typedef int32_t Ints __attribute__((vector_size(64)));
+typedef int16_t Shorts __attribute__((vector_size(32)));
+typedef float HalfFloats __attribute__((vector_size(32)));
+typedef float QuarterFloats __attribute__((vector_size(16)));
+constexpr int64_t kLanes = sizeof(Floats) / sizeof(float);
+
+inline Floats load_lanes(const float* p) {
+  Floats x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+// The first n < kLanes lanes from p, fill in the others.
+inline Floats load_partial(const float* p, int64_t n, float fill) {
+  float lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = l < n ? p[l] : fill;
+  return load_lanes(lanes);
+}
+
+// The maximum or the sum of a vector's lanes, by halves (four steps rather than a chain of fifteen).
+template <bool maximum>
+inline float reduce_lanes(Floats x) {
+  HalfFloats a, b;
+  std::memcpy(&a, &x, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
+  a = maximum ? (a > b ? a : b) : a + b;
+  QuarterFloats c, d;
+  std::memcpy(&c, &a, sizeof(c));
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof(c), sizeof(d));
+  c = maximum ? (c > d ? c : d) : c + d;
+  return maximum ? std::max(std::max(c[0], c[2]), std::max(c[1], c[3])) : (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// A softmax row's running maximum stays until a logit exceeds it by more than kSlack: probabilities up to
+// exp(kSlack) ~ 3000 before the normalization, which float32 sums and bf16/fp16 probabilities hold.
+constexpr float kSlack = 8.f;
+
+// exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum), within 2e-7 relative: exp(x) = 2^n
+// exp(f) with n the nearest integer to x / ln 2 and a degree-6 polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87
+// (and for -inf). Branch-free.
+inline Floats exp_below(Floats x) {
+  const Ints keep = x >= -87.f;
+  x = keep ? x : -87.f;
+  const Floats shift = x * 1.44269504088896341f + 12582912.f;  // 1.5 2^23: rounds x / ln 2 to an integer
+  const Floats n = shift - 12582912.f;
+  const Floats f = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts for accuracy
+  Floats p = f * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * f + 8.3334519073e-3f;
   p = p * f + 4.1665795894e-2f;
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   p = p * f * f + f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
+  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;  // 2^n
+  Floats scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.f : p * scale;
+  return keep ? p * scale : 0.f;
 }
 
-// The maximum of s[0 .. n) (-inf for n = 0), sixteen logits at a time in a vector of the compiler's (GCC/Clang
-// vector extensions: one SIMD max per step on any target; a scalar running maximum is a chain of one max per logit).
+// The maximum of s[0 .. n) (-inf for n = 0).
 inline float row_maximum(const float* s, int64_t n) {
-  typedef float Lanes __attribute__((vector_size(64)));
-  constexpr int64_t kLanes = sizeof(Lanes) / sizeof(float);
-  Lanes lanes;
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = kNegInf;
+  Floats lanes = Floats{} + kNegInf;
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    Lanes x;
-    std::memcpy(&x, s + c, sizeof(x));
+    const Floats x = load_lanes(s + c);
     lanes = x > lanes ? x : lanes;
   }
-  float result = kNegInf;
-  for (int64_t l = 0; l < kLanes; ++l) result = std::max(result, lanes[l]);
-  for (; c < n; ++c) result = std::max(result, s[c]);
-  return result;
+  if (c < n) {
+    const Floats x = load_partial(s + c, n - c, kNegInf);
+    lanes = x > lanes ? x : lanes;
+  }
+  return reduce_lanes<true>(lanes);
+}
+
+// n <= kLanes float32 values stored as out_t, rounded to nearest even: bf16 by integer lanes (the values are
+// probabilities: never negative or NaN), others one at a time; returns the values as stored (0 beyond n).
+template <typename out_t>
+inline Floats store_lanes(out_t* out, Floats x, int64_t n = kLanes) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    std::memcpy(out, &x, n * sizeof(float));
+    return x;
+  } else if constexpr (std::is_same_v<out_t, at::BFloat16>) {
+    Ints bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    bits = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    const Shorts high = __builtin_convertvector(bits, Shorts);
+    std::memcpy(out, &high, n * sizeof(int16_t));
+    bits <<= 16;
+    std::memcpy(&x, &bits, sizeof(x));
+    return x;
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (l < n) out[l] = static_cast<out_t>(x[l]);
+      x[l] = l < n ? static_cast<float>(out[l]) : 0.f;
+    }
+    return x;
+  }
+}
+
+// out[c] = exp(s[c] - m) for c < n (s[c] <= m + kSlack), zeros on to width; returns the sum of out[0 .. n) as stored,
+// rounded to out_t (so that the weights A V applies are normalized by their own sum), and the maximum of s[0 .. n) in
+// *maximum where given.
+template <typename out_t>
+inline float exp_row(const float* s, int64_t n, int64_t width, float m, out_t* out, float* maximum = nullptr) {
+  Floats sum = {}, lanes = Floats{} + kNegInf;
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    const Floats x = load_lanes(s + c);
+    lanes = x > lanes ? x : lanes;
+    sum += store_lanes(out + c, exp_below(x - m));
+  }
+  if (c < n) {  // the partial vector
+    const Floats x = load_partial(s + c, n - c, kNegInf);
+    lanes = x > lanes ? x : lanes;
+    sum += store_lanes(out + c, exp_below(x - m), std::min(kLanes, width - c));
+    c += kLanes;
+  }
+  for (; c < width; c += kLanes) store_lanes(out + c, Floats{}, std::min(kLanes, width - c));
+  if (maximum) *maximum = reduce_lanes<true>(lanes);
+  return reduce_lanes<false>(sum);
+}
+
+// One tile row of the online softmax: out = exp(s - m) for the row's n logits s (zeros on to width), with the row's
+// running maximum m, sum l of exp(logit - m) and output acc (d floats), rescaled where m changes. m is not raised
+// while the row's logits stay within kSlack of it: exp(s - m) then takes one pass that also finds the tile's maximum,
+// and only a tile that exceeds m + kSlack (or a row's first) takes a second pass from its own maximum.
+template <typename out_t>
+inline void softmax_row(const float* s, int64_t n, int64_t width, float& m, float& l, float* acc, int64_t d,
+                        out_t* out) {
+  float tile_max;
+  if (m != kNegInf) {
+    const float sum = exp_row(s, n, width, m, out, &tile_max);
+    if (tile_max <= m + kSlack) {
+      l += sum;
+      return;
+    }
+  } else {
+    tile_max = row_maximum(s, n);
+  }
+  if (tile_max == kNegInf) {  // nothing seen yet in the row: it contributes nothing so far
+    exp_row(s, 0, width, 0.f, out);
+    return;
+  }
+  const float rescale = (m == kNegInf) ? 0.f : std::exp(m - tile_max);
+  l = l * rescale + exp_row(s, n, width, tile_max, out);
+  m = tile_max;
+  for (int64_t c = 0; c < d; ++c) acc[c] *= rescale;
 }
 
 // rows x cols of a row-major matrix (leading dimension ld) as float32: a float32 input in place (leading dimension
@@ -290,6 +404,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     std::vector<float> k_tile(convert ? max_key_width * block_k : 0);
     std::vector<float> v_tile(convert ? kv_heads * block_k * value_dim : 0);
     std::vector<scalar_t> p_tile(packed ? heads * tile : 0);
+    std::vector<float> p_float(packed ? 0 : heads * tile);
     std::vector<scalar_t> term_q(packed ? heads * block_q * term_dims : 0);
     std::vector<scalar_t> spread_q(heads * block_q * 2 * spread_dims);
     std::vector<const float*> values(kv_heads);
@@ -403,31 +518,14 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
             } else {
               add_mask_row(s, m_ptr + b * m_b + (q0 + r) * m_q + k0 * m_k, m_k, bk);
             }
-            const float tile_max = row_maximum(s, n);
-            float& m_old = row_max[h * block_q + r];
-            const float m_new = std::max(m_old, tile_max);
-            float sum = 0.f;
-            if (m_new == kNegInf) {  // nothing seen yet in this row: it contributes nothing so far
-              n = 0;
+            // the probabilities for A V: in the values' dtype if packed (zeros up to an even number of keys), else
+            // float32
+            float* o = acc.data() + (h * block_q + r) * value_dim;
+            float &m = row_max[h * block_q + r], &l = row_sum[h * block_q + r];
+            if (packed) {
+              softmax_row(s, n, bk + bk % 2, m, l, o, value_dim, p_tile.data() + h * tile + r * block_k);
             } else {
-#pragma omp simd reduction(+ : sum)
-              for (int64_t c = 0; c < n; ++c) {
-                s[c] = exp_nonpositive(s[c] - m_new);
-                sum += s[c];
-              }
-            }
-            for (int64_t c = n; c < bk; ++c) s[c] = 0.f;
-            if (packed) {  // the row's probabilities in the values' dtype, zero up to an even number of keys
-              scalar_t* p_row = p_tile.data() + h * tile + r * block_k;
-              for (int64_t c = 0; c < bk; ++c) p_row[c] = static_cast<scalar_t>(s[c]);
-              if (bk % 2 != 0) p_row[bk] = scalar_t(0);
-            }
-            const float rescale = (m_old == kNegInf) ? 0.f : std::exp(m_old - m_new);
-            row_sum[h * block_q + r] = row_sum[h * block_q + r] * rescale + sum;
-            m_old = m_new;
-            if (rescale != 1.f) {
-              float* o = acc.data() + (h * block_q + r) * value_dim;
-              for (int64_t c = 0; c < value_dim; ++c) o[c] *= rescale;
+              softmax_row(s, n, bk, m, l, o, value_dim, p_float.data() + h * tile + r * block_k);
             }
           }
         }
@@ -444,7 +542,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
               continue;
             }
           }
-          brgemm(group * block_q, value_dim, bk, block_k, ld_v, value_dim, true, logits.data() + j * group * tile,
+          brgemm(group * block_q, value_dim, bk, block_k, ld_v, value_dim, true, p_float.data() + j * group * tile,
                  values[j], acc_j, false);
         }
       }
