@@ -57,35 +57,41 @@ inline Floats load_partial(const float* p, int64_t n, float fill) {
 // The maximum or the sum of a vector's lanes, by halves (four steps rather than a chain of fifteen).
 template <bool maximum>
 inline float reduce_lanes(Floats x) {
-  HalfFloats a, b;
-  std::memcpy(&a, &x, sizeof(a));
-  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
-  a = maximum ? (a > b ? a : b) : a + b;
-  QuarterFloats c, d;
-  std::memcpy(&c, &a, sizeof(c));
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof(c), sizeof(d));
-  c = maximum ? (c > d ? c : d) : c + d;
-  return maximum ? std::max(std::max(c[0], c[2]), std::max(c[1], c[3])) : (c[0] + c[2]) + (c[1] + c[3]);
+  const HalfFloats a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const HalfFloats b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const HalfFloats ab = maximum ? (a > b ? a : b) : a + b;
+  const QuarterFloats c = __builtin_shufflevector(ab, ab, 0, 1, 2, 3);
+  const QuarterFloats d = __builtin_shufflevector(ab, ab, 4, 5, 6, 7);
+  const QuarterFloats cd = maximum ? (c > d ? c : d) : c + d;
+  return maximum ? std::max(std::max(cd[0], cd[2]), std::max(cd[1], cd[3])) : (cd[0] + cd[2]) + (cd[1] + cd[3]);
 }
 
 // A softmax row's running maximum stays until a logit exceeds it by more than kSlack: probabilities up to
 // exp(kSlack) ~ 3000 before the normalization, which float32 sums and bf16/fp16 probabilities hold.
 constexpr float kSlack = 8.f;
 
-// exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum), within 2e-7 relative: exp(x) = 2^n
-// exp(f) with n the nearest integer to x / ln 2 and a degree-6 polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87
-// (and for -inf). Branch-free.
+// exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum): exp(x) = 2^n exp(f) with n the nearest
+// integer to x / ln 2 and a polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87 (and for -inf). Branch-free. The
+// polynomial is of degree 6 (relative error 2e-7) for float32 probabilities, of degree 4 (5.4e-6, a weighted
+// least-squares fit) where they are rounded to bf16/fp16 next (relative steps of 3.9e-3 and 4.9e-4).
+template <bool rounded>
 inline Floats exp_below(Floats x) {
   const Ints keep = x >= -87.f;
   x = keep ? x : -87.f;
   const Floats shift = x * 1.44269504088896341f + 12582912.f;  // 1.5 2^23: rounds x / ln 2 to an integer
   const Floats n = shift - 12582912.f;
   const Floats f = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts for accuracy
-  Floats p = f * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
+  Floats p;
+  if constexpr (rounded) {
+    p = f * 4.127774760e-2f + 1.675351560e-1f;
+    p = p * f + 5.000511408e-1f;
+  } else {
+    p = f * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+  }
   p = p * f * f + f + 1.f;
   const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;  // 2^n
   Floats scale;
@@ -143,12 +149,12 @@ inline float exp_row(const float* s, int64_t n, int64_t width, float m, out_t* o
   for (; c + kLanes <= n; c += kLanes) {
     const Floats x = load_lanes(s + c);
     lanes = x > lanes ? x : lanes;
-    sum += store_lanes(out + c, exp_below(x - m));
+    sum += store_lanes(out + c, exp_below<!std::is_same_v<out_t, float>>(x - m));
   }
   if (c < n) {  // the partial vector
     const Floats x = load_partial(s + c, n - c, kNegInf);
     lanes = x > lanes ? x : lanes;
-    sum += store_lanes(out + c, exp_below(x - m), std::min(kLanes, width - c));
+    sum += store_lanes(out + c, exp_below<!std::is_same_v<out_t, float>>(x - m), std::min(kLanes, width - c));
     c += kLanes;
   }
   for (; c < width; c += kLanes) store_lanes(out + c, Floats{}, std::min(kLanes, width - c));
@@ -325,7 +331,13 @@ void block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq
     const scalar_t* q = part.query + b * part.q_b + h * part.q_h + q0 * part.q_t;
     for (int64_t r = 0; r < block_q; ++r) {
       out_t* row = out + (h * block_q + r) * part.dim;
-      for (int64_t d = 0; d < part.dim; ++d) row[d] = static_cast<out_t>(r < bq ? q[r * part.q_t + d] : scalar_t(0));
+      if (r >= bq) {
+        std::fill(row, row + part.dim, out_t(0));
+      } else if constexpr (std::is_same_v<scalar_t, out_t>) {
+        std::memcpy(row, q + r * part.q_t, part.dim * sizeof(out_t));
+      } else {
+        for (int64_t d = 0; d < part.dim; ++d) row[d] = static_cast<out_t>(q[r * part.q_t + d]);
+      }
     }
   }
 }
