@@ -114,8 +114,9 @@ inline float row_maximum(const float* s, int64_t n) {
   return reduce_lanes<true>(lanes);
 }
 
-// n <= kLanes float32 values stored as out_t, rounded to nearest even: bf16 by integer lanes (the values are
-// probabilities: never negative or NaN), others one at a time; returns the values as stored (0 beyond n).
+// n <= kLanes float32 values stored as out_t, rounded to nearest even: bf16 by integer lanes (a NaN whose payload
+// lies in the low 16 bits would become an infinity: the values are probabilities and mixed queries), others one at a
+// time; returns the values as stored (0 beyond n).
 template <typename out_t>
 inline Floats store_lanes(out_t* out, Floats x, int64_t n = kLanes) {
   if constexpr (std::is_same_v<out_t, float>) {
@@ -343,26 +344,29 @@ void block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq
 }
 
 // A block's queries of one spread part, mixed and split: row h block_q + r of out (leading dimension ld) holds
-// x[j] = sum_{g of key head j} mix[h, g] q[b, g, q0 + r] for each key head j (H_i D values), rounded to the dtype at
-// columns [0, H_i D) and the remainder x - high at [low_column, low_column + H_i D); zeros beyond bq.
+// x[j] = sum_{g of key head j} mix[h, g] q[g, r] for each key head j (H_i D values), rounded to the dtype at columns
+// [0, H_i D) and the remainder x - high at [low_column, low_column + H_i D). block: the part's queries of the block in
+// float32 (H x block_q x D, zeros beyond the block's queries: block_queries); x: a scratch row of H_i D floats rounded
+// up to a multiple of kLanes.
 template <typename scalar_t>
-void spread_block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq, int64_t block_q,
-                          int64_t heads, int64_t ld, int64_t low_column, scalar_t* out) {
-  const int64_t size = heads / part.key_heads;  // query heads per key head
+void spread_block_queries(const Part<scalar_t>& part, const float* block, int64_t block_q, int64_t heads, int64_t ld,
+                          int64_t low_column, float* x, scalar_t* out) {
+  const int64_t size = heads / part.key_heads, width = part.key_heads * part.dim;  // size: query heads per key head
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t r = 0; r < block_q; ++r) {
-      scalar_t* row = out + (h * block_q + r) * ld;
+      std::fill(x, x + (width + kLanes - 1) / kLanes * kLanes, 0.f);
       for (int64_t j = 0; j < part.key_heads; ++j) {
-        for (int64_t d = 0; d < part.dim; ++d) {
-          float x = 0.f;
-          for (int64_t g = j * size; g < (j + 1) * size && r < bq; ++g) {
-            x += part.mix[h * heads + g] *
-                 static_cast<float>(part.query[b * part.q_b + g * part.q_h + (q0 + r) * part.q_t + d]);
-          }
-          const scalar_t high = static_cast<scalar_t>(x);  // x = high + low within float32's precision
-          row[j * part.dim + d] = high;
-          row[low_column + j * part.dim + d] = static_cast<scalar_t>(x - static_cast<float>(high));
+        for (int64_t g = j * size; g < (j + 1) * size; ++g) {
+          const float c = part.mix[h * heads + g];
+          const float* q = block + (g * block_q + r) * part.dim;
+          for (int64_t d = 0; d < part.dim; ++d) x[j * part.dim + d] += c * q[d];
         }
+      }
+      scalar_t* row = out + (h * block_q + r) * ld;
+      for (int64_t c = 0; c < width; c += kLanes) {  // x = high + low within float32's precision
+        const int64_t n = std::min(kLanes, width - c);
+        const Floats x_c = load_lanes(x + c);
+        store_lanes(row + low_column + c, x_c - store_lanes(row + c, x_c, n), n);
       }
     }
   }
@@ -419,6 +423,8 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     std::vector<float> p_float(packed ? 0 : heads * tile);
     std::vector<scalar_t> term_q(packed ? heads * block_q * term_dims : 0);
     std::vector<scalar_t> spread_q(heads * block_q * 2 * spread_dims);
+    std::vector<float> spread_block(spread_dims > 0 ? heads * block_q * parts[0].dim : 0);
+    std::vector<float> spread_row((parts[0].dim + kLanes - 1) / kLanes * kLanes);
     std::vector<const float*> values(kv_heads);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks zig-zag (0, last, 1, last - 1, ...): a thread's contiguous range of items holds cheap (early)
@@ -438,8 +444,9 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
       for (size_t p = 0, offset = 0; p < parts.size(); offset += heads * block_q * parts[p].dim, ++p) {
         const Part<scalar_t>& part = parts[p];
         if (spread[p]) {
-          spread_block_queries(part, b, q0, bq, block_q, heads, 2 * spread_dims, spread_dims,
-                               spread_q.data() + spread_column);
+          block_queries(part, b, q0, bq, block_q, heads, spread_block.data());
+          spread_block_queries(part, spread_block.data(), block_q, heads, 2 * spread_dims, spread_dims,
+                               spread_row.data(), spread_q.data() + spread_column);
           spread_column += part.key_heads * part.dim;
         } else if (packed) {
           block_queries(part, b, q0, bq, block_q, heads, q_packed.data() + offset);
