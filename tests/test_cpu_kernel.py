@@ -81,9 +81,10 @@ def test_kernel_equals_dense_attention_causal(kernel, batch, q_len, k_len, heads
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_where_later_keys_raise_the_row_maximum(kernel, dtype):
-    """Logits that climb in steps along the keys (every 64 keys), by a height per head: 0 and 3 per step keep each
-    128-key tile within the kernel's slack over a row's running maximum (it stays; probabilities above one), 6 and 24
-    exceed it (a tile raises the maximum and rescales the row's sum and output so far; at 24 per step the logits
+    """Logits that climb in steps along the keys (every 64 keys), by a height per head, against the kernel's slack
+    of 8 over a row's running maximum (tiles of 128 keys): at 0 per step the maximum is never raised after a row's
+    first tile; at 3 some tiles keep it (probabilities above one) and later ones raise it once the steps add up beyond
+    the slack; at 6 and 24 nearly every tile raises it and rescales the row's sum and output so far (at 24 the logits
     would overflow float32's exp within a row whose maximum were never raised). In bf16 on the route the CPU takes,
     within the rounding of the reduced-precision test below."""
     q_len, heads, steps = 400, 4, torch.tensor([0.0, 3.0, 6.0, 24.0])

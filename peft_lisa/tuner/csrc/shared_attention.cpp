@@ -36,6 +36,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // simd reduction left each row's sum and maximum to a chain of sixteen scalar instructions).
 typedef float Floats __attribute__((vector_size(64)));
 typedef int32_t Ints __attribute__((vector_size(64)));
+typedef uint32_t Bits __attribute__((vector_size(64)));
 typedef int16_t Shorts __attribute__((vector_size(32)));
 typedef float HalfFloats __attribute__((vector_size(32)));
 typedef float QuarterFloats __attribute__((vector_size(16)));
@@ -71,13 +72,16 @@ inline float reduce_lanes(Floats x) {
 constexpr float kSlack = 8.f;
 
 // exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum): exp(x) = 2^n exp(f) with n the nearest
-// integer to x / ln 2 and a polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87 (and for -inf). Branch-free. The
+// integer to x / ln 2 and a polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87 (and for -inf). Branch-free. x is
+// clamped to 88 above (a tile's first pass may see logits far above a stale maximum; it is redone, but n must stay
+// an int). The
 // polynomial is of degree 6 (relative error 2e-7) for float32 probabilities, of degree 4 (5.4e-6, a weighted
 // least-squares fit) where they are rounded to bf16/fp16 next (relative steps of 3.9e-3 and 4.9e-4).
 template <bool rounded>
 inline Floats exp_below(Floats x) {
   const Ints keep = x >= -87.f;
   x = keep ? x : -87.f;
+  x = x <= 88.f ? x : 88.f;
   const Floats shift = x * 1.44269504088896341f + 12582912.f;  // 1.5 2^23: rounds x / ln 2 to an integer
   const Floats n = shift - 12582912.f;
   const Floats f = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts for accuracy
@@ -114,18 +118,18 @@ inline float row_maximum(const float* s, int64_t n) {
   return reduce_lanes<true>(lanes);
 }
 
-// n <= kLanes float32 values stored as out_t, rounded to nearest even: bf16 by integer lanes (a NaN whose payload
-// lies in the low 16 bits would become an infinity: the values are probabilities and mixed queries), others one at a
-// time; returns the values as stored (0 beyond n).
+// The first n <= kLanes lanes of x stored as out_t, rounded to nearest even (bf16 by integer lanes, a NaN kept a
+// quiet NaN; others one at a time); returns x as stored (the lanes beyond n as the rounding would store them).
 template <typename out_t>
 inline Floats store_lanes(out_t* out, Floats x, int64_t n = kLanes) {
   if constexpr (std::is_same_v<out_t, float>) {
     std::memcpy(out, &x, n * sizeof(float));
     return x;
   } else if constexpr (std::is_same_v<out_t, at::BFloat16>) {
-    Ints bits;
+    Bits bits;
     std::memcpy(&bits, &x, sizeof(bits));
-    bits = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    const Bits nan = x != x;
+    bits = nan ? ((bits >> 16) | 0x40u) : (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     const Shorts high = __builtin_convertvector(bits, Shorts);
     std::memcpy(out, &high, n * sizeof(int16_t));
     bits <<= 16;
@@ -173,7 +177,7 @@ inline void softmax_row(const float* s, int64_t n, int64_t width, float& m, floa
   float tile_max;
   if (m != kNegInf) {
     const float sum = exp_row(s, n, width, m, out, &tile_max);
-    if (tile_max <= m + kSlack) {
+    if (tile_max - m <= kSlack) {
       l += sum;
       return;
     }
