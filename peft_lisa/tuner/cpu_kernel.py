@@ -98,9 +98,11 @@ def cpu_kernel_status() -> str:
 
 @functools.cache
 def _build_name() -> str:
-    """The extension's name: the source, the flags, torch's version and the machine's CPU, so that a build directory
-    shared between machines never hands one a build for another's instruction set."""
+    """The extension's name: the source and its headers, the flags, torch's version and the machine's CPU, so that a
+    build directory shared between machines never hands one a build for another's instruction set."""
     digest = hashlib.sha256(SOURCE.read_bytes())
+    for header in sorted(SOURCE.parent.glob("*.h")):  # the headers it includes
+        digest.update(header.read_bytes())
     digest.update(" ".join(COMPILE_FLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_identity().encode())

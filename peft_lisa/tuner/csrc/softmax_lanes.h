@@ -1,0 +1,182 @@
+// The online softmax of a LiSA shared layer's CPU kernel, one tile row at a time (shared_attention.cpp; docs/method.md,
+// "The CPU kernel of a shared layer"), on GCC/Clang vector types.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace lisa_softmax {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Sixteen float32 lanes (GCC/Clang vector extensions): one SIMD instruction per operation on any target, so that the
+// softmax's loops, including their sums and maxima, do not depend on what the compiler auto-vectorizes (an OpenMP
+// simd reduction left each row's sum and maximum to a chain of sixteen scalar instructions).
+typedef float Floats __attribute__((vector_size(64)));
+typedef int32_t Ints __attribute__((vector_size(64)));
+typedef uint32_t Bits __attribute__((vector_size(64)));
+typedef int16_t Shorts __attribute__((vector_size(32)));
+typedef float HalfFloats __attribute__((vector_size(32)));
+typedef float QuarterFloats __attribute__((vector_size(16)));
+constexpr int64_t kLanes = sizeof(Floats) / sizeof(float);
+
+inline Floats load_lanes(const float* p) {
+  Floats x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+// The first n < kLanes lanes from p, fill in the others.
+inline Floats load_partial(const float* p, int64_t n, float fill) {
+  float lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = l < n ? p[l] : fill;
+  return load_lanes(lanes);
+}
+
+// The maximum or the sum of a vector's lanes, by halves (four steps rather than a chain of fifteen).
+template <bool maximum>
+inline float reduce_lanes(Floats x) {
+  const HalfFloats a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const HalfFloats b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const HalfFloats ab = maximum ? (a > b ? a : b) : a + b;
+  const QuarterFloats c = __builtin_shufflevector(ab, ab, 0, 1, 2, 3);
+  const QuarterFloats d = __builtin_shufflevector(ab, ab, 4, 5, 6, 7);
+  const QuarterFloats cd = maximum ? (c > d ? c : d) : c + d;
+  return maximum ? std::max(std::max(cd[0], cd[2]), std::max(cd[1], cd[3])) : (cd[0] + cd[2]) + (cd[1] + cd[3]);
+}
+
+// A softmax row's running maximum stays until a logit exceeds it by more than kSlack: probabilities up to
+// exp(kSlack) ~ 3000 before the normalization, which float32 sums and bf16/fp16 probabilities hold.
+constexpr float kSlack = 8.f;
+
+// exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum): exp(x) = 2^n exp(f) with n the nearest
+// integer to x / ln 2 and a polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87 (and for -inf). Branch-free. x is
+// clamped to 88 above (a tile's first pass may see logits far above a stale maximum; it is redone, but n must stay
+// an int). The
+// polynomial is of degree 6 (relative error 2e-7) for float32 probabilities, of degree 4 (5.4e-6, a weighted
+// least-squares fit) where they are rounded to bf16/fp16 next (relative steps of 3.9e-3 and 4.9e-4).
+template <bool rounded>
+inline Floats exp_below(Floats x) {
+  const Ints keep = x >= -87.f;
+  x = keep ? x : -87.f;
+  x = x <= 88.f ? x : 88.f;
+  const Floats shift = x * 1.44269504088896341f + 12582912.f;  // 1.5 2^23: rounds x / ln 2 to an integer
+  const Floats n = shift - 12582912.f;
+  const Floats f = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts for accuracy
+  Floats p;
+  if constexpr (rounded) {
+    p = f * 4.127774760e-2f + 1.675351560e-1f;
+    p = p * f + 5.000511408e-1f;
+  } else {
+    p = f * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+  }
+  p = p * f * f + f + 1.f;
+  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;  // 2^n
+  Floats scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return keep ? p * scale : 0.f;
+}
+
+// The maximum of s[0 .. n) (-inf for n = 0).
+inline float row_maximum(const float* s, int64_t n) {
+  Floats lanes = Floats{} + kNegInf;
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    const Floats x = load_lanes(s + c);
+    lanes = x > lanes ? x : lanes;
+  }
+  if (c < n) {
+    const Floats x = load_partial(s + c, n - c, kNegInf);
+    lanes = x > lanes ? x : lanes;
+  }
+  return reduce_lanes<true>(lanes);
+}
+
+// The first n <= kLanes lanes of x stored as out_t, rounded to nearest even (bf16 by integer lanes, a NaN kept a
+// quiet NaN; others one at a time); returns x as stored (the lanes beyond n as the rounding would store them).
+template <typename out_t>
+inline Floats store_lanes(out_t* out, Floats x, int64_t n = kLanes) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    std::memcpy(out, &x, n * sizeof(float));
+    return x;
+  } else if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    Bits bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    const Bits nan = x != x;
+    bits = nan ? ((bits >> 16) | 0x40u) : (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const Shorts high = __builtin_convertvector(bits, Shorts);
+    std::memcpy(out, &high, n * sizeof(int16_t));
+    bits <<= 16;
+    std::memcpy(&x, &bits, sizeof(x));
+    return x;
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (l < n) out[l] = static_cast<out_t>(x[l]);
+      x[l] = l < n ? static_cast<float>(out[l]) : 0.f;
+    }
+    return x;
+  }
+}
+
+// out[c] = exp(s[c] - m) for c < n (s[c] <= m + kSlack), zeros on to width; returns the sum of out[0 .. n) as stored,
+// rounded to out_t (so that the weights A V applies are normalized by their own sum), and the maximum of s[0 .. n) in
+// *maximum where given.
+template <typename out_t>
+inline float exp_row(const float* s, int64_t n, int64_t width, float m, out_t* out, float* maximum = nullptr) {
+  Floats sum = {}, lanes = Floats{} + kNegInf;
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    const Floats x = load_lanes(s + c);
+    lanes = x > lanes ? x : lanes;
+    sum += store_lanes(out + c, exp_below<!std::is_same_v<out_t, float>>(x - m));
+  }
+  if (c < n) {  // the partial vector
+    const Floats x = load_partial(s + c, n - c, kNegInf);
+    lanes = x > lanes ? x : lanes;
+    sum += store_lanes(out + c, exp_below<!std::is_same_v<out_t, float>>(x - m), std::min(kLanes, width - c));
+    c += kLanes;
+  }
+  for (; c < width; c += kLanes) store_lanes(out + c, Floats{}, std::min(kLanes, width - c));
+  if (maximum) *maximum = reduce_lanes<true>(lanes);
+  return reduce_lanes<false>(sum);
+}
+
+// One tile row of the online softmax: out = exp(s - m) for the row's n logits s (zeros on to width), with the row's
+// running maximum m, sum l of exp(logit - m) and output acc (d floats), rescaled where m changes. m is not raised
+// while the row's logits stay within kSlack of it: exp(s - m) then takes one pass that also finds the tile's maximum,
+// and only a tile that exceeds m + kSlack (or a row's first) takes a second pass from its own maximum.
+template <typename out_t>
+inline void softmax_row(const float* s, int64_t n, int64_t width, float& m, float& l, float* acc, int64_t d,
+                        out_t* out) {
+  float tile_max;
+  if (m != kNegInf) {
+    const float sum = exp_row(s, n, width, m, out, &tile_max);
+    if (tile_max - m <= kSlack) {
+      l += sum;
+      return;
+    }
+  } else {
+    tile_max = row_maximum(s, n);
+  }
+  if (tile_max == kNegInf) {  // nothing seen yet in the row: it contributes nothing so far
+    exp_row(s, 0, width, 0.f, out);
+    return;
+  }
+  const float rescale = (m == kNegInf) ? 0.f : std::exp(m - tile_max);
+  l = l * rescale + exp_row(s, n, width, tile_max, out);
+  m = tile_max;
+  for (int64_t c = 0; c < d; ++c) acc[c] *= rescale;
+}
+
+}  // namespace lisa_softmax
