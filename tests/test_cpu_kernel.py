@@ -261,3 +261,20 @@ def test_split_query_keeps_float32_precision(dtype):
     assert (high - query).abs().max() > eps**2 * query.abs().max()  # the high half alone is not enough
     torch.testing.assert_close(high + low, query, atol=0, rtol=eps**2)
     assert torch.equal(cpu_kernel.split_query(query, torch.float32), query)
+
+
+def test_build_name_follows_the_source_and_its_headers(tmp_path, monkeypatch):
+    """A cached build is reused only for the same source and headers: changing either names a new build (the kernel's
+    softmax lives in a header, ``softmax_lanes.h``)."""
+    source, header = tmp_path / "shared_attention.cpp", tmp_path / "softmax_lanes.h"
+    source.write_text("// source")
+    header.write_text("// header")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", source)
+    names = []
+    for path, text in ((None, None), (header, "// header, changed"), (source, "// source, changed")):
+        if path is not None:
+            path.write_text(text)
+        cpu_kernel._build_name.cache_clear()
+        names.append(cpu_kernel._build_name())
+    cpu_kernel._build_name.cache_clear()  # the real source's name is computed afresh after the test
+    assert len(set(names)) == 3
