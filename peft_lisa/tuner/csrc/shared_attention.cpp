@@ -9,11 +9,11 @@
 // T_q x T_k tensor is ever held and a tile's logits stay in the core's cache. The online softmax keeps a row's running
 // maximum until a tile exceeds it by more than kSlack, so that most tiles take one pass over their logits (exp, sum
 // and maximum together) and no rescaling (its helpers, softmax_lanes.h, on GCC/Clang vector types). The products are
-// torch's own small-GEMM kernel (at::native::cpublas::brgemm). bf16/fp16 inputs: where torch packs them for its own flash attention
-// (cpublas::could_pack, e.g. a CPU with AMX) and the caller asks (pack), q k^T (parts and terms) and A V run in that
-// precision on keys and values packed once per call, with float32 sums and the probabilities rounded to the values'
-// dtype for A V, as torch's sdpa does; elsewhere they are converted to float32 one tile at a time. The head mixing and
-// the softmax are float32.
+// torch's own small-GEMM kernel (at::native::cpublas::brgemm). bf16/fp16 inputs: where torch packs them for its own
+// flash attention (cpublas::could_pack, e.g. a CPU with AMX) and the caller asks (pack), q k^T (parts and terms) and
+// A V run in that precision on keys and values packed once per call, with float32 sums and the probabilities rounded
+// to the values' dtype for A V, as torch's sdpa does; elsewhere they are converted to float32 one tile at a time. The
+// head mixing and the softmax are float32.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>

@@ -59,9 +59,8 @@ constexpr float kSlack = 8.f;
 // exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum): exp(x) = 2^n exp(f) with n the nearest
 // integer to x / ln 2 and a polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87 (and for -inf). Branch-free. x is
 // clamped to 88 above (a tile's first pass may see logits far above a stale maximum; it is redone, but n must stay
-// an int). The
-// polynomial is of degree 6 (relative error 2e-7) for float32 probabilities, of degree 4 (5.4e-6, a weighted
-// least-squares fit) where they are rounded to bf16/fp16 next (relative steps of 3.9e-3 and 4.9e-4).
+// an int). The polynomial is of degree 6 (relative error 2e-7) for float32 probabilities, of degree 4 (5.4e-6, a
+// weighted least-squares fit) where they are rounded to bf16/fp16 next (relative steps of 3.9e-3 and 4.9e-4).
 template <bool rounded>
 inline Floats exp_below(Floats x) {
   const Ints keep = x >= -87.f;
