@@ -6,7 +6,9 @@ Whole models through the kernel are checked against the independent reference by
 
 from __future__ import annotations
 
+import functools
 import logging
+import platform
 from dataclasses import replace
 
 import pytest
@@ -17,11 +19,27 @@ from peft_lisa.tuner.carrier import FoldedScores
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_mask
 from tests.conftest import require_cpu_kernel
 
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 
-@pytest.fixture
-def kernel(monkeypatch):
+
+@functools.cache
+def portable_kernel():
+    """The kernel built without AVX-512 (``-mno-avx512f``): the softmax's portable vector code (``softmax_lanes.h``),
+    what CPUs without AVX-512 run."""
+    name, flags = cpu_kernel._build_name() + "_portable", (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f")
+    return cpu_kernel._build(name, required=True, flags=flags)
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernel(request, monkeypatch):
+    """The kernel as this machine builds it (``-march=native``: with AVX-512 and AVX512-BF16 where the CPU has them)
+    and, on x86, built without AVX-512 too."""
     require_cpu_kernel(monkeypatch)
-    return cpu_kernel.load_cpu_kernel()
+    if request.param == "native":
+        return cpu_kernel.load_cpu_kernel()
+    if not X86:
+        pytest.skip("off x86 the native build is the portable one")
+    return portable_kernel()
 
 
 def folded_chain(
@@ -200,6 +218,17 @@ def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(
     torch.testing.assert_close(got.float(), expected, atol=atol, rtol=eps)  # within rounding
     if pack:  # the packed products ran: their rounding differs from the converted route's
         assert not torch.equal(got, logits.attend_by_kernel(kernel, None, value, pack=False))
+
+
+def test_a_build_names_the_instructions_it_targets(kernel, request):
+    """The portable build takes the portable code; the native one the AVX-512 code where the CPU has AVX-512 (with
+    AVX512-BF16 where it has that too), so that the kernel tests run both where both exist."""
+    flags = set(" ".join(line for line in cpu_kernel._cpu_identity().splitlines() if "flags" in line).split())
+    if request.node.callspec.params["kernel"] == "portable" or "avx512f" not in flags:
+        expected = "portable"
+    else:
+        expected = "avx512-bf16" if "avx512_bf16" in flags else "avx512"
+    assert kernel.vector_instructions() == expected
 
 
 def test_kernel_mask_takes_masks_without_a_head_axis():

@@ -118,12 +118,14 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(name: str, required: bool) -> Optional[ModuleType]:
+def _build(name: str, required: bool, flags: tuple[str, ...] = COMPILE_FLAGS) -> Optional[ModuleType]:
+    """The kernel compiled with ``flags`` as extension ``name`` (the tests also build it without AVX-512: the
+    softmax's portable code, ``csrc/softmax_lanes.h``)."""
     from torch.utils import cpp_extension
 
     logger.info("Building the LiSA CPU attention kernel (once per machine, about 30 s)...")
     try:
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(COMPILE_FLAGS), verbose=False)
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(flags), verbose=False)
     except Exception as error:  # a missing compiler or ninja, a failed compile: all say the same to the user
         message = (
             f"the LiSA CPU attention kernel could not be built ({type(error).__name__}: {error}). It needs a C++ "

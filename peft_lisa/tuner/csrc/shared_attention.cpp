@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -499,7 +500,11 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
   return out;
 }
 
+// The instructions of this build's softmax: "avx512-bf16", "avx512" or "portable" (softmax_lanes.h).
+std::string vector_instructions() { return lisa_softmax::kInstructions; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shared_attention", &shared_attention, "A LiSA shared layer's attention on CPU (inference)");
   m.def("packs", &packs, "Whether bf16/fp16 products run on packed operands on this CPU");
+  m.def("vector_instructions", &vector_instructions, "The instructions of this build's softmax");
 }

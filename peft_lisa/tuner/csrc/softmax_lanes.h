@@ -1,5 +1,6 @@
 // The online softmax of a LiSA shared layer's CPU kernel, one tile row at a time (shared_attention.cpp; docs/method.md,
-// "The CPU kernel of a shared layer"), on GCC/Clang vector types.
+// "The CPU kernel of a shared layer"), on GCC/Clang vector types, with AVX-512 and AVX512-BF16 instructions where the
+// build targets them (-march=native) and portable vector code elsewhere (tested by a build without AVX-512).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -11,6 +12,10 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace lisa_softmax {
 
@@ -26,6 +31,15 @@ typedef int16_t Shorts __attribute__((vector_size(32)));
 typedef float HalfFloats __attribute__((vector_size(32)));
 typedef float QuarterFloats __attribute__((vector_size(16)));
 constexpr int64_t kLanes = sizeof(Floats) / sizeof(float);
+
+// The instructions of this build's softmax beyond the portable vector code (what the compiler was told to target).
+#if defined(__AVX512BF16__)
+constexpr const char* kInstructions = "avx512-bf16";
+#elif defined(__AVX512F__)
+constexpr const char* kInstructions = "avx512";
+#else
+constexpr const char* kInstructions = "portable";
+#endif
 
 inline Floats load_lanes(const float* p) {
   Floats x;
@@ -56,19 +70,20 @@ inline float reduce_lanes(Floats x) {
 // exp(kSlack) ~ 3000 before the normalization, which float32 sums and bf16/fp16 probabilities hold.
 constexpr float kSlack = 8.f;
 
-// exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum): exp(x) = 2^n exp(f) with n the nearest
-// integer to x / ln 2 and a polynomial for exp(f), |f| <= ln(2) / 2; 0 below -87 (and for -inf). Branch-free. x is
-// clamped to 88 above (a tile's first pass may see logits far above a stale maximum; it is redone, but n must stay
-// an int). The polynomial is of degree 6 (relative error 2e-7) for float32 probabilities, of degree 4 (5.4e-6, a
-// weighted least-squares fit) where they are rounded to bf16/fp16 next (relative steps of 3.9e-3 and 4.9e-4).
+// The lane-wise maximum of a and b (b where a is NaN).
+inline Floats max_lanes(Floats a, Floats b) {
+#if defined(__AVX512F__)
+  return (Floats)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+// exp(f) for |f| <= ln(2) / 2 by a polynomial: of degree 6 (relative error 2e-7) for float32 probabilities, of degree
+// 4 (5.4e-6, a weighted least-squares fit) where they are rounded to bf16/fp16 next (relative steps of 3.9e-3 and
+// 4.9e-4).
 template <bool rounded>
-inline Floats exp_below(Floats x) {
-  const Ints keep = x >= -87.f;
-  x = keep ? x : -87.f;
-  x = x <= 88.f ? x : 88.f;
-  const Floats shift = x * 1.44269504088896341f + 12582912.f;  // 1.5 2^23: rounds x / ln 2 to an integer
-  const Floats n = shift - 12582912.f;
-  const Floats f = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln 2, in two parts for accuracy
+inline Floats exp_reduced(Floats f) {
   Floats p;
   if constexpr (rounded) {
     p = f * 4.127774760e-2f + 1.675351560e-1f;
@@ -80,11 +95,34 @@ inline Floats exp_below(Floats x) {
     p = p * f + 1.6666665459e-1f;
     p = p * f + 5.0000001201e-1f;
   }
-  p = p * f * f + f + 1.f;
+  p = p * f + 1.f;
+  return p * f + 1.f;
+}
+
+// exp(x) lane-wise for x <= kSlack (a logit minus its row's running maximum): exp(x) = 2^n exp(f) with n the nearest
+// integer to x / ln 2 and f = x - n ln 2 (exp_reduced); 0 below -87 (and for -inf). Branch-free. x is clamped to 88
+// above (a tile's first pass may see logits far above a stale maximum; it is redone, but 2^n must stay finite). With
+// AVX-512, n is rounded by one instruction and 2^n applied by scalef; elsewhere both by integer lanes.
+template <bool rounded>
+inline Floats exp_below(Floats x) {
+#if defined(__AVX512F__)
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  x = (Floats)_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const Floats n = (Floats)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
+  const Floats p = exp_reduced<rounded>(x - n * 0.693359375f + n * 2.12194440e-4f);  // x - n ln 2 in two parts
+  return (Floats)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
+#else
+  const Ints keep = x >= -87.f;
+  x = keep ? x : -87.f;
+  x = x <= 88.f ? x : 88.f;
+  const Floats shift = x * 1.44269504088896341f + 12582912.f;  // 1.5 2^23: rounds x / ln 2 to an integer
+  const Floats n = shift - 12582912.f;
+  const Floats p = exp_reduced<rounded>(x - n * 0.693359375f + n * 2.12194440e-4f);  // x - n ln 2 in two parts
   const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;  // 2^n
   Floats scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return keep ? p * scale : 0.f;
+#endif
 }
 
 // The maximum of s[0 .. n) (-inf for n = 0).
@@ -92,13 +130,9 @@ inline float row_maximum(const float* s, int64_t n) {
   Floats lanes = Floats{} + kNegInf;
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    const Floats x = load_lanes(s + c);
-    lanes = x > lanes ? x : lanes;
+    lanes = max_lanes(load_lanes(s + c), lanes);
   }
-  if (c < n) {
-    const Floats x = load_partial(s + c, n - c, kNegInf);
-    lanes = x > lanes ? x : lanes;
-  }
+  if (c < n) lanes = max_lanes(load_partial(s + c, n - c, kNegInf), lanes);
   return reduce_lanes<true>(lanes);
 }
 
@@ -135,14 +169,28 @@ template <typename out_t>
 inline float exp_row(const float* s, int64_t n, int64_t width, float m, out_t* out, float* maximum = nullptr) {
   Floats sum = {}, lanes = Floats{} + kNegInf;
   int64_t c = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<out_t, c10::BFloat16>) {  // two vectors at a time, rounded together to bf16 and
+    const __m512bh ones = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.f), _mm512_set1_ps(1.f));  // summed as rounded
+    __m512 pair_sums = _mm512_setzero_ps();  // lane l: the sum of bf16 lanes 2 l and 2 l + 1
+    for (; c + 2 * kLanes <= n; c += 2 * kLanes) {
+      const Floats x = load_lanes(s + c), y = load_lanes(s + c + kLanes);
+      lanes = max_lanes(y, max_lanes(x, lanes));
+      const __m512bh p = _mm512_cvtne2ps_pbh((__m512)exp_below<true>(y - m), (__m512)exp_below<true>(x - m));
+      _mm512_storeu_si512(out + c, (__m512i)p);
+      pair_sums = _mm512_dpbf16_ps(pair_sums, p, ones);
+    }
+    sum = (Floats)pair_sums;
+  }
+#endif
   for (; c + kLanes <= n; c += kLanes) {
     const Floats x = load_lanes(s + c);
-    lanes = x > lanes ? x : lanes;
+    lanes = max_lanes(x, lanes);
     sum += store_lanes(out + c, exp_below<!std::is_same_v<out_t, float>>(x - m));
   }
   if (c < n) {  // the partial vector
     const Floats x = load_partial(s + c, n - c, kNegInf);
-    lanes = x > lanes ? x : lanes;
+    lanes = max_lanes(x, lanes);
     sum += store_lanes(out + c, exp_below<!std::is_same_v<out_t, float>>(x - m), std::min(kLanes, width - c));
     c += kLanes;
   }
