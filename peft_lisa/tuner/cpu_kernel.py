@@ -162,17 +162,6 @@ def packs(kernel: ModuleType, dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and bool(kernel.packs(dtype))
 
 
-def split_query(query: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A term's float32 queries B x H x T_q x W for the kernel, contiguous: as float32, or in bf16/fp16 as two halves
-    side by side, ``[high, low]`` with ``high + low = query`` within float32's precision, so that a product in that
-    dtype against the keys twice keeps the query's precision (rounded to bf16 alone, the mixed queries of a 4-link
-    chain of random mixings moved the output by up to 0.074, against 0.008 for the rest of the kernel's rounding)."""
-    if dtype == torch.float32:
-        return query.float().contiguous()
-    high = query.to(dtype)
-    return torch.cat([high, (query.float() - high.float()).to(dtype)], dim=-1).contiguous()
-
-
 def shared_attention(
     kernel: ModuleType,
     mixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -189,29 +178,28 @@ def shared_attention(
     of queries B x H x T_q x W_e, already mixed and scaled, and keys B x H_e x T_k x W_e (a link's own rank-r term);
     value: B x H_kv x T_k x d_v; mask from :func:`kernel_mask` (None: causal, the queries are the last T_q of the T_k
     positions). Query head g reads key head ``g // (H / H_i)``. The mixed parts are read in the values' dtype (float32
-    for all if one of them differs, as an fp32 adapter on a bf16 base), the terms in float32.
+    for all if one of them differs, as an fp32 adapter on a bf16 base), the terms' queries in float32.
 
     Sums, the head mixing and the softmax are float32. In bf16/fp16, where the CPU runs torch's own flash attention
     on packed operands (:func:`packs`: bf16 with AMX, for one), ``pack`` is true and every part's and term's size is
-    even, the products ``q k^T`` (the terms' too, their queries rounded to that dtype) and ``A V`` run in that dtype
-    as torch's sdpa does (the probabilities rounded to it for ``A V``); otherwise they are computed in float32.
+    even, the products ``q k^T`` and ``A V`` run in that dtype as torch's sdpa does (the probabilities rounded to it
+    for ``A V``); the terms' queries, mixed in float32, are split in the kernel into two halves of that dtype whose
+    sum keeps their precision, against the keys twice. Otherwise the products are computed in float32.
     """
     dtype = value_dtype = value.dtype
     if any(query.dtype != dtype or key.dtype != dtype for query, key, _ in mixed):
         dtype = torch.float32
-    sizes = [query.shape[-1] for query, _, _ in mixed]  # a term's width is even once split (split_query)
+    sizes = [query.shape[-1] for query, _, _ in mixed] + [query.shape[-1] for query, _ in terms]
     pack = pack and packs(kernel, dtype) and BLOCK_KEYS % 2 == 0 and all(size % 2 == 0 for size in sizes)
-    term_dtype = dtype if pack else torch.float32
+    term_key_dtype = dtype if pack else torch.float32
     value = value.to(dtype)
     if value.stride(-1) != 1:
         value = value.contiguous()
     queries = [query.to(dtype) if query.stride(-1) == 1 else query.to(dtype).contiguous() for query, _, _ in mixed]
     keys = [key.to(dtype).transpose(2, 3).contiguous() for _, key, _ in mixed]  # B x H_i x D_i x T_k
     mixes = [mix.float().contiguous() for _, _, mix in mixed]
-    term_queries = [split_query(term_query, term_dtype) for term_query, _ in terms]
-    term_keys = [term_key.to(term_dtype).transpose(2, 3).contiguous() for _, term_key in terms]  # B x H_e x W_e x T_k
-    if pack:  # each key twice, against the query's two halves
-        term_keys = [torch.cat([key, key], dim=2) for key in term_keys]
+    term_queries = [term_query.float().contiguous() for term_query, _ in terms]
+    term_keys = [key.to(term_key_dtype).transpose(2, 3).contiguous() for _, key in terms]  # B x H_e x W_e x T_k
     output = kernel.shared_attention(
         queries, keys, mixes, term_queries, term_keys, value, mask, BLOCK_QUERIES, BLOCK_KEYS, pack
     )  # B x T_q x H x d_v

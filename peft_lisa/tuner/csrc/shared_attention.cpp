@@ -12,8 +12,9 @@
 // torch's own small-GEMM kernel (at::native::cpublas::brgemm). bf16/fp16 inputs: where torch packs them for its own
 // flash attention (cpublas::could_pack, e.g. a CPU with AMX) and the caller asks (pack), q k^T (parts and terms) and
 // A V run in that precision on keys and values packed once per call, with float32 sums and the probabilities rounded
-// to the values' dtype for A V, as torch's sdpa does; elsewhere they are converted to float32 one tile at a time. The
-// head mixing and the softmax are float32.
+// to the values' dtype for A V, as torch's sdpa does; queries mixed in float32 (a spread part's, a term's) are split
+// into two halves of that dtype against the keys twice (split_row). Elsewhere they are converted to float32 one tile
+// at a time. The head mixing and the softmax are float32.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -36,6 +37,7 @@ using lisa_softmax::Floats;
 using lisa_softmax::kLanes;
 using lisa_softmax::kNegInf;
 using lisa_softmax::load_lanes;
+using lisa_softmax::load_partial;
 using lisa_softmax::softmax_row;
 using lisa_softmax::store_lanes;
 
@@ -89,33 +91,36 @@ struct Part {  // one mixed term: queries B x H x T_q x D (any strides, last dim
   const float* mix;
 };
 
-struct Extra {  // one term q_e k_e^T: queries B x H x T_q x W and transposed keys B x H_e x W x T_k, contiguous,
-               // float32, or in the values' dtype on the packed route
-  const void* query;
+struct Extra {  // one term q_e k_e^T: queries B x H x T_q x W, float32, and transposed keys B x H_e x W x T_k, float32
+               // or, on the packed route, in the values' dtype; contiguous
+  const float* query;
   const void* key_t;
   int64_t width, heads;
 };
 
 // Keys and values packed for the reduced-precision brgemm, once per call: per part and per term, its transposed keys
-// by blocks of block_k keys (B x H_i x key blocks x D x block_k, packed), and the values likewise (B x H_kv x key
-// blocks x block_k x D_v, packed); zeros beyond the last key.
+// by blocks of block_k keys (B x H_i x key blocks x D x block_k, packed; a term's twice, see attend), and the values
+// likewise (B x H_kv x key blocks x block_k x D_v, packed); zeros beyond the last key.
 struct PackedOperands {
   std::vector<at::Tensor> keys, term_keys;
   at::Tensor spread_keys, values;  // spread_keys: the spread parts' keys side by side, B x key blocks x (W block_k)
 };
 
-// Transposed keys B x H_i x D x T_k (contiguous) packed by blocks of block_k keys: B x H_i x key blocks x (D block_k).
+// Transposed keys B x H_i x D x T_k (contiguous, D even) packed by blocks of block_k keys, `copies` times one after
+// another: B x H_i x key blocks x (copies D block_k).
 template <typename scalar_t>
 at::Tensor pack_keys(const scalar_t* key_t, int64_t batch, int64_t key_heads, int64_t dim, int64_t k_len,
-                     int64_t block_k, const at::TensorOptions& options) {
+                     int64_t block_k, const at::TensorOptions& options, int64_t copies = 1) {
   const int64_t k_blocks = (k_len + block_k - 1) / block_k;
-  at::Tensor keys = at::empty({batch, key_heads, k_blocks, dim * block_k}, options);
+  at::Tensor keys = at::empty({batch, key_heads, k_blocks, copies * dim * block_k}, options);
   scalar_t* out = keys.data_ptr<scalar_t>();
   at::parallel_for(0, batch * key_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / k_blocks, k0 = (item % k_blocks) * block_k;  // head: b * H_i + j
-      pack_pairs(key_t + head * dim * k_len + k0, dim, std::min(block_k, k_len - k0), k_len, dim, block_k,
-                 out + item * dim * block_k);
+      for (int64_t copy = 0; copy < copies; ++copy) {
+        pack_pairs(key_t + head * dim * k_len + k0, dim, std::min(block_k, k_len - k0), k_len, dim, block_k,
+                   out + (item * copies + copy) * dim * block_k);
+      }
     }
   });
   return keys;
@@ -154,9 +159,9 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
       }
     });
   }
-  for (const Extra& e : extras) {
+  for (const Extra& e : extras) {  // twice: against a query row's high and low halves
     packed.term_keys.push_back(pack_keys(static_cast<const scalar_t*>(e.key_t), batch, e.heads, e.width, k_len,
-                                         block_k, options));
+                                         block_k, options, 2));
   }
   packed.values = at::empty({batch, kv_heads, k_blocks, block_k * value_dim}, options);
   const scalar_t* v_ptr = value.data_ptr<scalar_t>();
@@ -192,18 +197,31 @@ void block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq
   }
 }
 
+// n float32 values x as high + low in scalar_t, high + low = x within float32's precision: high (x rounded) at
+// row[0, n), the remainder x - high at row[low_column, low_column + n), so that a product in scalar_t against the keys
+// twice keeps x's precision (mixed queries rounded to bf16 alone moved the output of a 4-link chain of random mixings
+// by up to 0.074, against 0.008 for the rest of the kernel's rounding).
+template <typename scalar_t>
+void split_row(const float* x, int64_t n, int64_t low_column, scalar_t* row) {
+  for (int64_t c = 0; c < n; c += kLanes) {
+    const int64_t m = std::min(kLanes, n - c);
+    const Floats x_c = m == kLanes ? load_lanes(x + c) : load_partial(x + c, m, 0.f);
+    store_lanes(row + low_column + c, x_c - store_lanes(row + c, x_c, m), m);
+  }
+}
+
 // A block's queries of one spread part, mixed and split: row h block_q + r of out (leading dimension ld) holds
 // x[j] = sum_{g of key head j} mix[h, g] q[g, r] for each key head j (H_i D values), rounded to the dtype at columns
-// [0, H_i D) and the remainder x - high at [low_column, low_column + H_i D). block: the part's queries of the block in
-// float32 (H x block_q x D, zeros beyond the block's queries: block_queries); x: a scratch row of H_i D floats rounded
-// up to a multiple of kLanes.
+// [0, H_i D) and the remainder x - high at [low_column, low_column + H_i D) (split_row). block: the part's queries of
+// the block in float32 (H x block_q x D, zeros beyond the block's queries: block_queries); x: a scratch row of H_i D
+// floats.
 template <typename scalar_t>
 void spread_block_queries(const Part<scalar_t>& part, const float* block, int64_t block_q, int64_t heads, int64_t ld,
                           int64_t low_column, float* x, scalar_t* out) {
   const int64_t size = heads / part.key_heads, width = part.key_heads * part.dim;  // size: query heads per key head
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t r = 0; r < block_q; ++r) {
-      std::fill(x, x + (width + kLanes - 1) / kLanes * kLanes, 0.f);
+      std::fill(x, x + width, 0.f);
       for (int64_t j = 0; j < part.key_heads; ++j) {
         for (int64_t g = j * size; g < (j + 1) * size; ++g) {
           const float c = part.mix[h * heads + g];
@@ -211,12 +229,7 @@ void spread_block_queries(const Part<scalar_t>& part, const float* block, int64_
           for (int64_t d = 0; d < part.dim; ++d) x[j * part.dim + d] += c * q[d];
         }
       }
-      scalar_t* row = out + (h * block_q + r) * ld;
-      for (int64_t c = 0; c < width; c += kLanes) {  // x = high + low within float32's precision
-        const int64_t n = std::min(kLanes, width - c);
-        const Floats x_c = load_lanes(x + c);
-        store_lanes(row + low_column + c, x_c - store_lanes(row + c, x_c, n), n);
-      }
+      split_row(x, width, low_column, out + (h * block_q + r) * ld);
     }
   }
 }
@@ -255,7 +268,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     part_dims += part.dim;
     max_key_width = std::max(max_key_width, part.key_heads * part.dim);
   }
-  for (const Extra& e : extras) term_dims += e.width;
+  for (const Extra& e : extras) term_dims += packed ? 2 * e.width : e.width;  // packed: [high, low]
 
   at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
     // Per thread: a part's per-head scores and the mixed logits of one tile (H x block_q x block_k each), the
@@ -273,7 +286,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     std::vector<scalar_t> term_q(packed ? heads * block_q * term_dims : 0);
     std::vector<scalar_t> spread_q(heads * block_q * 2 * spread_dims);
     std::vector<float> spread_block(spread_dims > 0 ? heads * block_q * parts[0].dim : 0);
-    std::vector<float> spread_row((parts[0].dim + kLanes - 1) / kLanes * kLanes);
+    std::vector<float> spread_row(parts[0].dim);
     std::vector<const float*> values(kv_heads);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks zig-zag (0, last, 1, last - 1, ...): a thread's contiguous range of items holds cheap (early)
@@ -303,13 +316,13 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           block_queries(part, b, q0, bq, block_q, heads, q_tile.data() + offset);
         }
       }
-      if (packed) {  // likewise the terms' queries
+      if (packed) {  // likewise the terms' queries, split: rows [high, low] of 2 W (split_row), zeros beyond bq
         scalar_t* dst = term_q.data();
         for (const Extra& e : extras) {
-          for (int64_t h = 0; h < heads; ++h, dst += block_q * e.width) {
-            const scalar_t* q = static_cast<const scalar_t*>(e.query) + ((b * heads + h) * q_len + q0) * e.width;
-            std::copy(q, q + bq * e.width, dst);
-            std::fill(dst + bq * e.width, dst + block_q * e.width, scalar_t(0));
+          for (int64_t h = 0; h < heads; ++h, dst += block_q * 2 * e.width) {
+            const float* q = e.query + ((b * heads + h) * q_len + q0) * e.width;
+            for (int64_t r = 0; r < bq; ++r) split_row(q + r * e.width, e.width, e.width, dst + r * 2 * e.width);
+            std::fill(dst + bq * 2 * e.width, dst + block_q * 2 * e.width, scalar_t(0));
           }
         }
       }
@@ -354,19 +367,20 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           const Extra& e = extras[t];
           const int64_t e_group = heads / e.heads;
           if constexpr (is_reduced) {
-            if (packed) {  // one product for the e_group query heads of key head j
+            if (packed) {  // one product for the e_group query heads of key head j, [high, low] against the keys twice
+              const int64_t size = 2 * e.width;
               for (int64_t j = 0; j < e.heads; ++j) {
                 const scalar_t* key_t = operands.term_keys[t].data_ptr<scalar_t>() +
-                                        ((b * e.heads + j) * k_blocks + kb) * e.width * block_k;
-                brgemm(e_group * block_q, bk, e.width, e.width, block_k, block_k, true,
-                       term_q_e + j * e_group * block_q * e.width, key_t, logits.data() + j * e_group * tile, true);
+                                        ((b * e.heads + j) * k_blocks + kb) * size * block_k;
+                brgemm(e_group * block_q, bk, size, size, block_k, block_k, true,
+                       term_q_e + j * e_group * block_q * size, key_t, logits.data() + j * e_group * tile, true);
               }
-              term_q_e += heads * block_q * e.width;
+              term_q_e += heads * block_q * size;
               continue;
             }
           }
           for (int64_t h = 0; h < heads; ++h) {
-            const float* q = static_cast<const float*>(e.query) + ((b * heads + h) * q_len + q0) * e.width;
+            const float* q = e.query + ((b * heads + h) * q_len + q0) * e.width;
             const float* k = static_cast<const float*>(e.key_t) + ((b * e.heads + h / e_group) * e.width) * k_len + k0;
             brgemm(bq, bk, e.width, e.width, k_len, block_k, true, q, k, logits.data() + h * tile, false);
           }
@@ -436,12 +450,13 @@ bool packs(at::ScalarType dtype) {
 }
 
 // mixed_queries[i] B x H x T_q x D_i (any strides, last dim contiguous) and mixed_keys_t[i] B x H_i x D_i x T_k
-// contiguous, in the values' dtype, mixes[i] H x H float32 (the source first); term_queries[e] B x H x T_q x W_e and
-// term_keys_t[e] B x H_e x W_e x T_k contiguous, float32, or with pack in the values' dtype; value B x H_kv x T_k x
-// D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of the T_k positions) or B_m x T_q x T_k
-// (B_m 1 or B, any strides), bool (true: attend) or float32 (additive); pack: run the products q k^T (parts and
-// terms) and A V in the values' dtype on packed operands, which needs packs(dtype) and every D_i and W_e even; else
-// they are float32. Returns B x T_q x H x D_v in the values' dtype.
+// contiguous, in the values' dtype, mixes[i] H x H float32 (the source first); term_queries[e] B x H x T_q x W_e
+// float32 and term_keys_t[e] B x H_e x W_e x T_k, float32 or with pack in the values' dtype, contiguous; value
+// B x H_kv x T_k x D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of the T_k positions) or
+// B_m x T_q x T_k (B_m 1 or B, any strides), bool (true: attend) or float32 (additive); pack: run the products q k^T
+// (parts and terms, the terms' queries split in two halves of that dtype) and A V in the values' dtype on packed
+// operands, which needs packs(dtype) and every D_i and W_e even; else they are float32. Returns B x T_q x H x D_v in the
+// values' dtype.
 at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys_t,
                             const std::vector<at::Tensor>& mixes, const std::vector<at::Tensor>& term_queries,
                             const std::vector<at::Tensor>& term_keys_t, const at::Tensor& value,
@@ -469,15 +484,16 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
     for (const auto& q : mixed_queries) TORCH_CHECK(q.size(3) % 2 == 0, "pack: the mixed parts' sizes must be even");
     for (const auto& q : term_queries) TORCH_CHECK(q.size(3) % 2 == 0, "pack: the terms' widths must be even");
   }
-  const at::ScalarType term_dtype = pack ? value.scalar_type() : at::kFloat;
+  const at::ScalarType key_dtype = pack ? value.scalar_type() : at::kFloat;
   std::vector<Extra> extras;
   for (size_t e = 0; e < term_queries.size(); ++e) {
     const at::Tensor &q = term_queries[e], &k = term_keys_t[e];
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.scalar_type() == term_dtype &&
-                    k.scalar_type() == term_dtype, "terms: contiguous, float32 (with pack: the values' dtype)");
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.scalar_type() == at::kFloat &&
+                    k.scalar_type() == key_dtype, "terms: contiguous, float32 queries, float32 keys (with pack: in "
+                "the values' dtype)");
     TORCH_CHECK(q.size(0) == batch && q.size(1) == heads && q.size(2) == q_len && k.size(0) == batch &&
                     heads % k.size(1) == 0 && k.size(2) == q.size(3) && k.size(3) == k_len, "term shapes");
-    extras.push_back({q.data_ptr(), k.data_ptr(), q.size(3), k.size(1)});
+    extras.push_back({q.data_ptr<float>(), k.data_ptr(), q.size(3), k.size(1)});
   }
   TORCH_CHECK(!mask.has_value() || (mask->dim() == 3 && (mask->size(0) == 1 || mask->size(0) == batch) &&
                                     mask->size(1) == q_len && mask->size(2) == k_len),
