@@ -168,6 +168,31 @@ def test_kernel_reads_a_mask_shared_by_the_batch(kernel):
     torch.testing.assert_close(got, dense_attention(logits, allowed, value), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_reads_keys_as_they_lie(kernel, dtype):
+    """Keys that are views, as caches hand them: a slice of a longer buffer along the positions (the source's), and
+    heads laid out within positions (``B x T x H x r`` transposed: the rank-r keys of an earlier link, spread where
+    packed, and of the last link's term). The kernel reads them in place; the result equals, bit for bit, the one
+    from contiguous copies."""
+    generator = torch.Generator().manual_seed(6)
+    batch, heads, kv_heads, q_len, rank = 2, 4, 2, 150, 4
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    source_key = rand(batch, kv_heads, q_len + 40, 8)[:, :, :q_len]
+    lowrank_keys = [rand(batch, q_len, kv_heads, rank).transpose(1, 2) for _ in range(2)]
+    assert not (source_key.is_contiguous() or any(key.is_contiguous() for key in lowrank_keys))
+    logits = FoldedScores.from_query_key(rand(batch, heads, q_len, 8), source_key, 8**-0.5)
+    for key in lowrank_keys:
+        logits = logits.mixed(torch.randn(heads, heads, generator=generator), None)
+        logits = logits.with_lowrank(rand(batch, heads, q_len, rank), key, rank**-0.5)
+    copies = FoldedScores([replace(part, key=part.key.contiguous()) for part in logits.parts])
+    value = rand(batch, kv_heads, q_len, 8)
+    with torch.no_grad():
+        assert torch.equal(logits.attend_by_kernel(kernel, None, value), copies.attend_by_kernel(kernel, None, value))
+
+
 def test_kernel_with_float32_parts_and_bf16_values(kernel):
     """An fp32 adapter on a bf16 base: the rank-r parts are float32, the source's query/key and the values bf16.
     Everything is read in float32, the output written in bf16."""

@@ -162,6 +162,11 @@ def packs(kernel: ModuleType, dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and bool(kernel.packs(dtype))
 
 
+def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as it is if its last dimension is contiguous (the kernel takes any other strides), else a copy."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def shared_attention(
     kernel: ModuleType,
     mixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -192,14 +197,12 @@ def shared_attention(
     sizes = [query.shape[-1] for query, _, _ in mixed] + [query.shape[-1] for query, _ in terms]
     pack = pack and packs(kernel, dtype) and BLOCK_KEYS % 2 == 0 and all(size % 2 == 0 for size in sizes)
     term_key_dtype = dtype if pack else torch.float32
-    value = value.to(dtype)
-    if value.stride(-1) != 1:
-        value = value.contiguous()
-    queries = [query.to(dtype) if query.stride(-1) == 1 else query.to(dtype).contiguous() for query, _, _ in mixed]
-    keys = [key.to(dtype).transpose(2, 3).contiguous() for _, key, _ in mixed]  # B x H_i x D_i x T_k
+    value = last_dim_contiguous(value.to(dtype))
+    queries = [last_dim_contiguous(query.to(dtype)) for query, _, _ in mixed]
+    keys = [last_dim_contiguous(key.to(dtype)) for _, key, _ in mixed]  # as they lie
     mixes = [mix.float().contiguous() for _, _, mix in mixed]
     term_queries = [term_query.float().contiguous() for term_query, _ in terms]
-    term_keys = [key.to(term_key_dtype).transpose(2, 3).contiguous() for _, key in terms]  # B x H_e x W_e x T_k
+    term_keys = [last_dim_contiguous(key.to(term_key_dtype)) for _, key in terms]
     output = kernel.shared_attention(
         queries, keys, mixes, term_queries, term_keys, value, mask, BLOCK_QUERIES, BLOCK_KEYS, pack
     )  # B x T_q x H x d_v

@@ -52,17 +52,18 @@ const float* as_float(const scalar_t* in, int64_t rows, int64_t cols, int64_t ld
   return out;
 }
 
-// rows x cols of a row-major matrix (leading dimension ld) in the pair-interleaved ("VNNI") layout that the
+// rows x cols of a matrix in[i, j] = in[i row_stride + j col_stride] in the pair-interleaved ("VNNI") layout that the
 // reduced-precision brgemm reads as its right operand, out_rows (even) x out_cols with zeros beyond rows x cols:
-// out[(i / 2) * 2 out_cols + 2 j + i % 2] = in[i, j].
+// out[(i / 2) * 2 out_cols + 2 j + i % 2] = in[i, j]. Keys are read as they lie (B x H_k x T_k x D: row_stride 1,
+// col_stride their T_k stride), values with col_stride 1.
 template <typename scalar_t>
-void pack_pairs(const scalar_t* in, int64_t rows, int64_t cols, int64_t ld, int64_t out_rows, int64_t out_cols,
-                scalar_t* out) {
+void pack_pairs(const scalar_t* in, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                int64_t out_rows, int64_t out_cols, scalar_t* out) {
   for (int64_t i = 0; i < out_rows; i += 2) {
     scalar_t* dst = out + i * out_cols;
     for (int64_t j = 0; j < out_cols; ++j) {
-      dst[2 * j] = (i < rows && j < cols) ? in[i * ld + j] : scalar_t(0);
-      dst[2 * j + 1] = (i + 1 < rows && j < cols) ? in[(i + 1) * ld + j] : scalar_t(0);
+      dst[2 * j] = (i < rows && j < cols) ? in[i * row_stride + j * col_stride] : scalar_t(0);
+      dst[2 * j + 1] = (i + 1 < rows && j < cols) ? in[(i + 1) * row_stride + j * col_stride] : scalar_t(0);
     }
   }
 }
@@ -81,20 +82,29 @@ void add_mask_row(float* s, const mask_t* mask, int64_t stride_k, int64_t n) {
   }
 }
 
+// Keys B x H_k x T_k x D as given (last dim contiguous, any other strides), and on the unpacked route their transposed
+// copy B x H_k x D x T_k, contiguous (null on the packed route, which packs the keys as they lie).
+template <typename T>
+struct Keys {
+  const T* key;
+  int64_t k_b, k_h, k_t;
+  const T* key_t;
+};
+
 template <typename scalar_t>
-struct Part {  // one mixed term: queries B x H x T_q x D (any strides, last dim contiguous), transposed keys
-               // B x H_i x D x T_k contiguous, both in the values' dtype, and its H x H float32 mixing
+struct Part {  // one mixed term: queries B x H x T_q x D (any strides, last dim contiguous) and keys B x H_i x T_k x D,
+               // both in the values' dtype, and its H x H float32 mixing
   const scalar_t* query;
   int64_t q_b, q_h, q_t;
-  const scalar_t* key_t;
+  Keys<scalar_t> keys;
   int64_t key_heads, dim;
   const float* mix;
 };
 
-struct Extra {  // one term q_e k_e^T: queries B x H x T_q x W, float32, and transposed keys B x H_e x W x T_k, float32
-               // or, on the packed route, in the values' dtype; contiguous
+struct Extra {  // one term q_e k_e^T: queries B x H x T_q x W, float32, contiguous, and keys B x H_e x T_k x W, float32
+               // or, on the packed route, in the values' dtype
   const float* query;
-  const void* key_t;
+  Keys<void> keys;
   int64_t width, heads;
 };
 
@@ -106,24 +116,24 @@ struct PackedOperands {
   at::Tensor spread_keys, values;  // spread_keys: the spread parts' keys side by side, B x key blocks x (W block_k)
 };
 
-// Transposed keys B x H_i x D x T_k (contiguous, D even) packed by blocks of block_k keys, `copies` times one after
-// another: B x H_i x key blocks x (copies D block_k).
+// Keys B x H_i x T_k x D (D even) transposed and packed by blocks of block_k keys, `copies` times one after another:
+// B x H_i x key blocks x (copies D block_k).
 template <typename scalar_t>
-at::Tensor pack_keys(const scalar_t* key_t, int64_t batch, int64_t key_heads, int64_t dim, int64_t k_len,
+at::Tensor pack_keys(const Keys<scalar_t>& keys, int64_t batch, int64_t key_heads, int64_t dim, int64_t k_len,
                      int64_t block_k, const at::TensorOptions& options, int64_t copies = 1) {
   const int64_t k_blocks = (k_len + block_k - 1) / block_k;
-  at::Tensor keys = at::empty({batch, key_heads, k_blocks, copies * dim * block_k}, options);
-  scalar_t* out = keys.data_ptr<scalar_t>();
+  at::Tensor packed = at::empty({batch, key_heads, k_blocks, copies * dim * block_k}, options);
+  scalar_t* out = packed.data_ptr<scalar_t>();
   at::parallel_for(0, batch * key_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t head = item / k_blocks, k0 = (item % k_blocks) * block_k;  // head: b * H_i + j
+      const int64_t b = item / (key_heads * k_blocks), j = item / k_blocks % key_heads, k0 = item % k_blocks * block_k;
       for (int64_t copy = 0; copy < copies; ++copy) {
-        pack_pairs(key_t + head * dim * k_len + k0, dim, std::min(block_k, k_len - k0), k_len, dim, block_k,
-                   out + (item * copies + copy) * dim * block_k);
+        pack_pairs(keys.key + b * keys.k_b + j * keys.k_h + k0 * keys.k_t, dim, std::min(block_k, k_len - k0), 1,
+                   keys.k_t, dim, block_k, out + (item * copies + copy) * dim * block_k);
       }
     }
   });
-  return keys;
+  return packed;
 }
 
 template <typename scalar_t>
@@ -135,7 +145,7 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
   const auto options = value.options();
   PackedOperands packed;
   for (size_t p = 0; p < parts.size(); ++p) {
-    packed.keys.push_back(spread[p] ? at::Tensor() : pack_keys(parts[p].key_t, batch, parts[p].key_heads,
+    packed.keys.push_back(spread[p] ? at::Tensor() : pack_keys(parts[p].keys, batch, parts[p].key_heads,
                                                                 parts[p].dim, k_len, block_k, options));
   }
   // The spread parts' keys (spread_dims rows in all), each all its key heads side by side, one after another (each
@@ -149,19 +159,21 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
         int64_t row = 0;
         for (size_t p = 0; p < parts.size(); ++p) {
           if (!spread[p]) continue;
-          const int64_t width = parts[p].key_heads * parts[p].dim;
-          for (int64_t copy = 0; copy < 2; ++copy) {
-            pack_pairs(parts[p].key_t + b * width * k_len + k0, width, std::min(block_k, k_len - k0), k_len, width,
-                       block_k, out + (2 * item * spread_dims + copy * spread_dims + row) * block_k);
+          const Keys<scalar_t>& keys = parts[p].keys;
+          for (int64_t j = 0; j < parts[p].key_heads; ++j, row += parts[p].dim) {  // rows j D .. (j + 1) D
+            for (int64_t copy = 0; copy < 2; ++copy) {
+              pack_pairs(keys.key + b * keys.k_b + j * keys.k_h + k0 * keys.k_t, parts[p].dim,
+                         std::min(block_k, k_len - k0), 1, keys.k_t, parts[p].dim, block_k,
+                         out + (2 * item * spread_dims + copy * spread_dims + row) * block_k);
+            }
           }
-          row += width;
         }
       }
     });
   }
   for (const Extra& e : extras) {  // twice: against a query row's high and low halves
-    packed.term_keys.push_back(pack_keys(static_cast<const scalar_t*>(e.key_t), batch, e.heads, e.width, k_len,
-                                         block_k, options, 2));
+    const Keys<scalar_t> keys{static_cast<const scalar_t*>(e.keys.key), e.keys.k_b, e.keys.k_h, e.keys.k_t, nullptr};
+    packed.term_keys.push_back(pack_keys(keys, batch, e.heads, e.width, k_len, block_k, options, 2));
   }
   packed.values = at::empty({batch, kv_heads, k_blocks, block_k * value_dim}, options);
   const scalar_t* v_ptr = value.data_ptr<scalar_t>();
@@ -170,7 +182,7 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (kv_heads * k_blocks), j = item / k_blocks % kv_heads, k0 = item % k_blocks * block_k;
       pack_pairs(v_ptr + b * value.stride(0) + j * value.stride(1) + k0 * value.stride(2),
-                 std::min(block_k, k_len - k0), value_dim, value.stride(2), block_k, value_dim,
+                 std::min(block_k, k_len - k0), value_dim, value.stride(2), 1, block_k, value_dim,
                  out + item * block_k * value_dim);
     }
   });
@@ -378,7 +390,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
                 continue;
               }
             }
-            const scalar_t* k = part.key_t + ((b * part.key_heads + j) * part.dim) * k_len + k0;
+            const scalar_t* k = part.keys.key_t + ((b * part.key_heads + j) * part.dim) * k_len + k0;
             const float* key_t = as_float(k, part.dim, bk, k_len, k_tile.data() + j * part.dim * block_k);
             brgemm(rows, bk, part.dim, part.dim, convert ? bk : k_len, block_k, false, q_tile.data() + q_at, key_t,
                    scores_j, false);
@@ -413,7 +425,8 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           }
           for (int64_t h = 0; h < heads; ++h) {
             const float* q = e.query + ((b * heads + h) * q_len + q0) * e.width;
-            const float* k = static_cast<const float*>(e.key_t) + ((b * e.heads + h / e_group) * e.width) * k_len + k0;
+            const float* k = static_cast<const float*>(e.keys.key_t) + ((b * e.heads + h / e_group) * e.width) * k_len +
+                             k0;
             brgemm(bq, bk, e.width, e.width, k_len, block_k, true, q, k, logits.data() + h * tile, false);
           }
         }
@@ -481,32 +494,32 @@ bool packs(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && at::native::cpublas::could_pack(dtype);
 }
 
-// mixed_queries[i] B x H x T_q x D_i (any strides, last dim contiguous) and mixed_keys_t[i] B x H_i x D_i x T_k
-// contiguous, in the values' dtype, mixes[i] H x H float32 (the source first); term_queries[e] B x H x T_q x W_e
-// float32 and term_keys_t[e] B x H_e x W_e x T_k, float32 or with pack in the values' dtype, contiguous; value
+// mixed_queries[i] B x H x T_q x D_i and mixed_keys[i] B x H_i x T_k x D_i (any strides, last dim contiguous), in the
+// values' dtype, mixes[i] H x H float32 (the source first); term_queries[e] B x H x T_q x W_e float32 contiguous and
+// term_keys[e] B x H_e x T_k x W_e (last dim contiguous), float32 or with pack in the values' dtype; value
 // B x H_kv x T_k x D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of the T_k positions) or
 // B_m x T_q x T_k (B_m 1 or B, any strides), bool (true: attend) or float32 (additive); pack: run the products q k^T
 // (parts and terms, the terms' queries split in two halves of that dtype) and A V in the values' dtype on packed
 // operands, which needs packs(dtype) and every D_i and W_e even; else they are float32. Returns B x T_q x H x D_v in the
 // values' dtype.
-at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys_t,
+at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys,
                             const std::vector<at::Tensor>& mixes, const std::vector<at::Tensor>& term_queries,
-                            const std::vector<at::Tensor>& term_keys_t, const at::Tensor& value,
+                            const std::vector<at::Tensor>& term_keys, const at::Tensor& value,
                             const c10::optional<at::Tensor>& mask, int64_t block_q, int64_t block_k, bool pack) {
-  TORCH_CHECK(!mixed_queries.empty() && mixed_queries.size() == mixed_keys_t.size() &&
+  TORCH_CHECK(!mixed_queries.empty() && mixed_queries.size() == mixed_keys.size() &&
                   mixed_queries.size() == mixes.size(), "one key and one mixing per mixed part, at least one part");
-  TORCH_CHECK(term_queries.size() == term_keys_t.size(), "one key per term");
+  TORCH_CHECK(term_queries.size() == term_keys.size(), "one key per term");
   TORCH_CHECK(value.dim() == 4 && value.stride(3) == 1, "value: B x H_kv x T_k x D_v, last dim contiguous");
   const int64_t batch = value.size(0), k_len = value.size(2);
   const int64_t heads = mixed_queries[0].size(1), q_len = mixed_queries[0].size(2);
   TORCH_CHECK(heads % value.size(1) == 0, "the value heads must divide the query heads");
   for (size_t i = 0; i < mixed_queries.size(); ++i) {
-    const at::Tensor &q = mixed_queries[i], &k = mixed_keys_t[i], &mix = mixes[i];
-    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.stride(3) == 1 && k.is_contiguous(), "mixed part layouts");
+    const at::Tensor &q = mixed_queries[i], &k = mixed_keys[i], &mix = mixes[i];
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.stride(3) == 1 && k.stride(3) == 1, "mixed part layouts");
     TORCH_CHECK(q.scalar_type() == value.scalar_type() && k.scalar_type() == value.scalar_type(),
                 "mixed parts in the values' dtype");
     TORCH_CHECK(q.size(0) == batch && q.size(1) == heads && q.size(2) == q_len && k.size(0) == batch &&
-                    heads % k.size(1) == 0 && k.size(2) == q.size(3) && k.size(3) == k_len, "mixed part shapes");
+                    heads % k.size(1) == 0 && k.size(3) == q.size(3) && k.size(2) == k_len, "mixed part shapes");
     TORCH_CHECK(mix.is_contiguous() && mix.scalar_type() == at::kFloat && mix.size(0) == heads && mix.size(1) == heads,
                 "mixing: H x H float32 contiguous");
   }
@@ -517,15 +530,23 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
     for (const auto& q : term_queries) TORCH_CHECK(q.size(3) % 2 == 0, "pack: the terms' widths must be even");
   }
   const at::ScalarType key_dtype = pack ? value.scalar_type() : at::kFloat;
+  // The unpacked route reads the keys transposed, B x H_k x D x T_k contiguous: copied once per call, kept here.
+  std::vector<at::Tensor> transposed;
+  auto key_t = [&](const at::Tensor& k) {
+    if (pack) return static_cast<const void*>(nullptr);
+    transposed.push_back(k.transpose(2, 3).contiguous());
+    return static_cast<const void*>(transposed.back().data_ptr());
+  };
   std::vector<Extra> extras;
   for (size_t e = 0; e < term_queries.size(); ++e) {
-    const at::Tensor &q = term_queries[e], &k = term_keys_t[e];
-    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.scalar_type() == at::kFloat &&
-                    k.scalar_type() == key_dtype, "terms: contiguous, float32 queries, float32 keys (with pack: in "
-                "the values' dtype)");
+    const at::Tensor &q = term_queries[e], &k = term_keys[e];
+    TORCH_CHECK(q.is_contiguous() && k.dim() == 4 && k.stride(3) == 1 && q.scalar_type() == at::kFloat &&
+                    k.scalar_type() == key_dtype, "terms: float32 queries, contiguous, and float32 keys (with pack: in "
+                "the values' dtype), last dim contiguous");
     TORCH_CHECK(q.size(0) == batch && q.size(1) == heads && q.size(2) == q_len && k.size(0) == batch &&
-                    heads % k.size(1) == 0 && k.size(2) == q.size(3) && k.size(3) == k_len, "term shapes");
-    extras.push_back({q.data_ptr<float>(), k.data_ptr(), q.size(3), k.size(1)});
+                    heads % k.size(1) == 0 && k.size(3) == q.size(3) && k.size(2) == k_len, "term shapes");
+    extras.push_back({q.data_ptr<float>(), {k.data_ptr(), k.stride(0), k.stride(1), k.stride(2), key_t(k)}, q.size(3),
+                      k.size(1)});
   }
   TORCH_CHECK(!mask.has_value() || (mask->dim() == 3 && (mask->size(0) == 1 || mask->size(0) == batch) &&
                                     mask->size(1) == q_len && mask->size(2) == k_len),
@@ -534,9 +555,11 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "lisa_shared_attention", [&] {
     std::vector<Part<scalar_t>> parts;
     for (size_t i = 0; i < mixed_queries.size(); ++i) {
-      const at::Tensor &q = mixed_queries[i], &k = mixed_keys_t[i];
-      parts.push_back({q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<scalar_t>(),
-                       k.size(1), k.size(2), mixes[i].data_ptr<float>()});
+      const at::Tensor &q = mixed_queries[i], &k = mixed_keys[i];
+      const Keys<scalar_t> keys{k.data_ptr<scalar_t>(), k.stride(0), k.stride(1), k.stride(2),
+                                static_cast<const scalar_t*>(key_t(k))};
+      parts.push_back({q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2), keys, k.size(1), k.size(3),
+                       mixes[i].data_ptr<float>()});
     }
     if (!mask.has_value() || mask->scalar_type() == at::kFloat) {
       attend<scalar_t, float>(parts, extras, value, mask, out, heads, q_len, block_q, block_k, pack);
