@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -216,8 +218,9 @@ def test_kernel_with_float32_parts_and_bf16_values(kernel):
 @pytest.mark.parametrize("pack", [False, True], ids=["converted", "packed"])
 @pytest.mark.parametrize("links", [2, 4])
 @pytest.mark.parametrize("kv_group", [False, True], ids=["full", "kv_group"])
+@pytest.mark.parametrize("rank", [4, 18], ids=["rank4", "rank18"])
 def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(
-    kernel, dtype, q_len, k_len, pack, links, kv_group
+    kernel, dtype, q_len, k_len, pack, links, kv_group, rank
 ):
     """A bf16/fp16 model's queries, keys and values are read in their dtype, the output written in their dtype.
 
@@ -229,10 +232,11 @@ def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(
     exercise the packing's padding. Packed, a chain's earlier links (rank 4, 1 or 3 of them) are spread when fully
     mixed: their queries mixed per block, one product against all their key heads side by side; under kv_group they
     are terms, their queries mixed in float32 (by products of up to four random mixings) and split into two halves of
-    the dtype (with the low halves dropped, the 4-link chain's output moved by up to 0.054, 3x the tolerance)."""
+    the dtype (with the low halves dropped, the 4-link chain's output moved by up to 0.054, 3x the tolerance). Rank 18
+    gives split rows of whole and partial vectors (18 and 36 values against 16 lanes)."""
     if pack and not kernel.packs(dtype):
         pytest.skip(f"this CPU does not pack {dtype} for brgemm (torch's own sdpa does not either)")
-    logits = folded_chain(2, q_len, k_len, 4, 2, links, kv_group, seed=2, rank=4)
+    logits = folded_chain(2, q_len, k_len, 4, 2, links, kv_group, seed=2, rank=rank)
     logits = FoldedScores([replace(part, query=part.query.to(dtype), key=part.key.to(dtype)) for part in logits.parts])
     value = torch.randn(2, 2, k_len, 8).to(dtype)
     reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
@@ -249,13 +253,20 @@ def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(
 
 
 def test_a_build_names_the_instructions_it_targets(kernel, request):
-    """The portable build takes the portable code; the native one the AVX-512 code where the CPU has AVX-512 (with
-    AVX512-BF16 where it has that too), so that the kernel tests run both where both exist."""
-    flags = set(" ".join(line for line in cpu_kernel._cpu_identity().splitlines() if "flags" in line).split())
-    if request.node.callspec.params["kernel"] == "portable" or "avx512f" not in flags:
-        expected = "portable"
+    """Each build takes the code for what its flags target, as the compiler reports it (``-dM -E``): the portable
+    build the portable code; the native one the AVX-512 code where ``-march=native`` targets AVX-512 (with
+    AVX512-BF16 where it targets that too), so that the kernel tests run both where both exist."""
+    flags = list(cpu_kernel.COMPILE_FLAGS)
+    if request.node.callspec.params["kernel"] == "portable":
+        flags.append("-mno-avx512f")
+    compiler = os.environ.get("CXX", "c++")
+    defined = subprocess.run(
+        [compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if "__AVX512BF16__" in defined:
+        expected = "avx512-bf16"
     else:
-        expected = "avx512-bf16" if "avx512_bf16" in flags else "avx512"
+        expected = "avx512" if "__AVX512F__" in defined else "portable"
     assert kernel.vector_instructions() == expected
 
 

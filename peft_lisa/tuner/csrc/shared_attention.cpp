@@ -113,7 +113,7 @@ struct Extra {  // one term q_e k_e^T: queries B x H x T_q x W, float32, contigu
 // likewise (B x H_kv x key blocks x block_k x D_v, packed); zeros beyond the last key.
 struct PackedOperands {
   std::vector<at::Tensor> keys, term_keys;
-  at::Tensor spread_keys, values;  // spread_keys: the spread parts' keys side by side, B x key blocks x (W block_k)
+  at::Tensor spread_keys, values;  // spread_keys: the spread parts' keys side by side, B x key blocks x (2 W block_k)
 };
 
 // Keys B x H_i x T_k x D (D even) transposed and packed by blocks of block_k keys, `copies` times one after another:
@@ -209,9 +209,9 @@ void block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq
   }
 }
 
-// n float32 values x as high + low in scalar_t, high + low = x within float32's precision: high (x rounded) at
-// row[0, n), the remainder x - high at row[low_column, low_column + n), so that a product in scalar_t against the keys
-// twice keeps x's precision (mixed queries rounded to bf16 alone moved the output of a 4-link chain of random mixings
+// n float32 values x as high + low in scalar_t (high + low = x to about twice scalar_t's precision: 16 significant
+// bits in bf16): high (x rounded) at row[0, n), the remainder x - high at row[low_column, low_column + n), so that a
+// product in scalar_t against the keys twice keeps x's precision (mixed queries rounded to bf16 alone moved the output of a 4-link chain of random mixings
 // by up to 0.074, against 0.008 for the rest of the kernel's rounding).
 template <typename scalar_t>
 void split_row(const float* x, int64_t n, int64_t low_column, scalar_t* row) {
@@ -309,8 +309,9 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     // Per thread (scratch): a part's per-head scores and the mixed logits of one tile (H x block_q x block_k each),
     // the running output, maximum and sum of every query row, the block's queries (float32, or the values' dtype if
     // packed), float32 copies of a converted tile's keys and values, the tile's probabilities (in the values' dtype
-    // for a packed A V), the terms' and spread parts' split queries and a spread part's float32 block and row. Every
-    // buffer is written before it is read.
+    // for a packed A V), the terms' and spread parts' split queries and a spread part's float32 block and row. Their
+    // contents are left from earlier calls: every value a result depends on is written first (a short key tile's
+    // columns beyond bk in scores and logits are mixed, column by column, but never read by the softmax).
     const auto scores = scratch<float>(0, heads * tile), logits = scratch<float>(1, heads * tile);
     const auto acc = scratch<float>(2, heads * block_q * value_dim);
     const auto row_max = scratch<float>(3, heads * block_q), row_sum = scratch<float>(4, heads * block_q);
