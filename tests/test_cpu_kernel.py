@@ -22,14 +22,14 @@ from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_at
 from tests.conftest import require_cpu_kernel
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
+PORTABLE_FLAGS = (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f")  # the portable build's: no AVX-512
 
 
 @functools.cache
 def portable_kernel():
     """The kernel built without AVX-512 (``-mno-avx512f``): the softmax's portable vector code (``softmax_lanes.h``),
     what CPUs without AVX-512 run."""
-    name, flags = cpu_kernel._build_name() + "_portable", (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f")
-    return cpu_kernel._build(name, required=True, flags=flags)
+    return cpu_kernel._build(cpu_kernel._build_name() + "_portable", required=True, flags=PORTABLE_FLAGS)
 
 
 @pytest.fixture(params=["native", "portable"])
@@ -229,7 +229,7 @@ def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(
     Packed (where the CPU packs the dtype, e.g. bf16 with AMX): ``q k^T`` and ``A V`` run in the dtype on packed keys
     and values, the probabilities rounded to it for ``A V`` as torch's sdpa does; each probability's rounding moves
     the output by at most half an epsilon of the largest value. Odd key counts and tiles cut by the causal mask
-    exercise the packing's padding. Packed, a chain's earlier links (rank 4, 1 or 3 of them) are spread when fully
+    exercise the packing's padding. Packed, a chain's earlier links (1 or 3 of them) are spread when fully
     mixed: their queries mixed per block, one product against all their key heads side by side; under kv_group they
     are terms, their queries mixed in float32 (by products of up to four random mixings) and split into two halves of
     the dtype (with the low halves dropped, the 4-link chain's output moved by up to 0.054, 3x the tolerance). Rank 18
@@ -256,9 +256,8 @@ def test_a_build_names_the_instructions_it_targets(kernel, request):
     """Each build takes the code for what its flags target, as the compiler reports it (``-dM -E``): the portable
     build the portable code; the native one the AVX-512 code where ``-march=native`` targets AVX-512 (with
     AVX512-BF16 where it targets that too), so that the kernel tests run both where both exist."""
-    flags = list(cpu_kernel.COMPILE_FLAGS)
-    if request.node.callspec.params["kernel"] == "portable":
-        flags.append("-mno-avx512f")
+    portable = request.node.callspec.params["kernel"] == "portable"
+    flags = PORTABLE_FLAGS if portable else cpu_kernel.COMPILE_FLAGS
     compiler = os.environ.get("CXX", "c++")
     defined = subprocess.run(
         [compiler, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, check=True

@@ -211,8 +211,8 @@ void block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq
 
 // n float32 values x as high + low in scalar_t (high + low = x to about twice scalar_t's precision: 16 significant
 // bits in bf16): high (x rounded) at row[0, n), the remainder x - high at row[low_column, low_column + n), so that a
-// product in scalar_t against the keys twice keeps x's precision (mixed queries rounded to bf16 alone moved the output of a 4-link chain of random mixings
-// by up to 0.074, against 0.008 for the rest of the kernel's rounding).
+// product in scalar_t against the keys twice keeps x's precision (mixed queries rounded to bf16 alone moved the output
+// of a 4-link chain of random mixings by up to 0.074, against 0.008 for the rest of the kernel's rounding).
 template <typename scalar_t>
 void split_row(const float* x, int64_t n, int64_t low_column, scalar_t* row) {
   for (int64_t c = 0; c < n; c += kLanes) {
@@ -246,9 +246,9 @@ void spread_block_queries(const Part<scalar_t>& part, const float* block, int64_
   }
 }
 
-// n values of T in one of a thread's scratch buffers (slot: which one), kept across calls: no allocation, page faults or
-// zeroing once the thread has held a buffer of that size (a call at 128 tokens took 1.75x the base's sdpa time with
-// them, 2.2x with buffers allocated per call). Holds whatever was there before.
+// n values of T in one of a thread's scratch buffers (slot: which one), kept across calls: no allocation, page faults
+// or zeroing once the thread has held a buffer of that size (a call at 128 tokens took 1.75x the base's sdpa time
+// with them, 2.2x with buffers allocated per call). Holds whatever was there before.
 template <typename T>
 struct Scratch {
   T* ptr;
@@ -501,8 +501,8 @@ bool packs(at::ScalarType dtype) {
 // B x H_kv x T_k x D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of the T_k positions) or
 // B_m x T_q x T_k (B_m 1 or B, any strides), bool (true: attend) or float32 (additive); pack: run the products q k^T
 // (parts and terms, the terms' queries split in two halves of that dtype) and A V in the values' dtype on packed
-// operands, which needs packs(dtype) and every D_i and W_e even; else they are float32. Returns B x T_q x H x D_v in the
-// values' dtype.
+// operands, which needs packs(dtype) and every D_i and W_e even; else they are float32. Returns B x T_q x H x D_v in
+// the values' dtype.
 at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys,
                             const std::vector<at::Tensor>& mixes, const std::vector<at::Tensor>& term_queries,
                             const std::vector<at::Tensor>& term_keys, const at::Tensor& value,
