@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import platform
+import shutil
 import subprocess
 from dataclasses import replace
 
@@ -267,6 +268,17 @@ def test_a_build_names_the_instructions_it_targets(kernel, request):
     else:
         expected = "avx512" if "__AVX512F__" in defined else "portable"
     assert kernel.vector_instructions() == expected
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils) to read a build's symbol table")
+def test_a_build_exports_its_entry_point_only(kernel):
+    """Functions of the native and the portable build have the same names; exported, one build's calls could bind
+    to the other's code when both are loaded in one process. Only the module's ``PyInit_`` may be exported."""
+    listing = subprocess.run(
+        ["nm", "-D", "--defined-only", kernel.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    functions = [line.split()[-1] for line in listing.splitlines() if line.split()[1:2] == ["T"]]
+    assert functions == [f"PyInit_{kernel.__name__}"]
 
 
 def test_kernel_mask_takes_masks_without_a_head_axis():
