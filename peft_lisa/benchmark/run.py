@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..tuner import attention as lisa_attention
 from ..tuner.compression import qk_compression_report
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import (
@@ -174,7 +175,8 @@ def run_benchmark(
         "The merged model's shared layers with a linear alignment keep their logits as queries and keys on "
         "prefill (docs/method.md, 'Fused attention of a shared layer') and attend by fused sdpa calls, or by "
         "explicit blocks of queries where those calls would be at least twice as wide as the values "
-        "(head_mixing='full' on a GQA model); on CPU, a prompt of at most 128 tokens (HANDED_LOGITS_MAX_KEYS) has "
+        f"(head_mixing='full' on a GQA model; on CPU the compiled kernel where it is built); on CPU, a prompt of at "
+        f"most {lisa_attention.HANDED_LOGITS_MAX_KEYS} tokens (HANDED_LOGITS_MAX_KEYS) has "
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "

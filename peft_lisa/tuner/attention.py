@@ -55,12 +55,13 @@ EXPLICIT_SOURCE_MAX_QUERIES = 1
 # Without autograd, on CPU, a shared layer that attends to at most this many keys computes all its logits at once
 # (B x H x T_q x T_k float32) and hands them on as they are, as on a decode step: a short prefill's chain then mixes
 # the logits it gets instead of recomputing each earlier link's terms block by block, which costs more tensor
-# operations than the arithmetic they save at this size. Measured on SmolLM2, 2 threads, bf16 (in-process A/B,
-# docs/benchmark/prefill_variants/handed_logits.py): 1 x 128 tokens 0.98x of the base against 0.89x recomputed, with
-# peak tensors below the base's; at 256 keys 1.00x against 0.94x, but peak tensors 42% above the base's (12.9 against
-# 9.1 MiB), so longer inputs keep the bounded blocks. Not measured on an accelerator, where the folded route's one
-# fused call launches fewer kernels: it keeps that route.
-HANDED_LOGITS_MAX_KEYS = 128
+# operations than the arithmetic they save at this size. Measured on SmolLM2, 50% shared, 2 threads, in-process A/B
+# (docs/benchmark/prefill_variants/handed_logits.py), on an Intel Xeon with AMX against the CPU kernel: handing on
+# is ahead at 64 and 96 keys or level (bf16 8 x 96: 0.98x of the base against 0.96x), behind from 112 (bf16 8 x 128:
+# 0.93x against 0.98x; fp32 1.03x against 1.05x). Before the kernel (AMD EPYC, explicit blocks) it led at 128 too
+# (bf16 1 x 128: 0.98x against 0.89x); at 256 keys it held peak tensors 42% above the base's (12.9 against 9.1 MiB).
+# Not measured on an accelerator, where the folded route's one fused call launches fewer kernels: it keeps that route.
+HANDED_LOGITS_MAX_KEYS = 96
 
 
 class HeadAlign(nn.Module):
