@@ -75,6 +75,7 @@ from .jobs.checks import (
     resolve_device,
     resolve_dtype,
 )
+from .tuner.layer_choice import SCORES
 
 PROG = "peft-lisa"
 EXIT_USAGE, EXIT_FAILURE = 2, 1
@@ -173,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         "deeper layers",
     )
     bench.add_argument("--analysis", default=None, help="analysis.json to choose the --share-fraction layers from")
+    bench.add_argument(
+        "--max-chain",
+        type=positive_int,
+        default=None,
+        help="with --analysis: the longest run of adjacent shared layers to choose (default: no cap)",
+    )
+    bench.add_argument(
+        "--layer-score",
+        choices=SCORES,
+        default=None,
+        help="with --analysis: the score that ranks the layers (default: js_matched; sensitivity_calibrated, the "
+        "default of train, needs an analysis run with --calibrated-sensitivity)",
+    )
     bench.add_argument("--rank", type=even_rank, default=8, help="LiSA rank r (default: 8)")
     bench.add_argument(
         "--align-hidden", type=non_negative_int, default=0, help="alignment FFN size (default: 0 = linear only)"
@@ -267,6 +281,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     merged_dir, merged_config = check_merged_dir(args.merged) if args.merged else (None, None)
     if args.analysis and args.share_fraction is None:
         raise CLIError("--analysis needs --share-fraction (the fraction of layers to choose from it)")
+    for name, value in (("--max-chain", args.max_chain), ("--layer-score", args.layer_score)):
+        if value is not None and not args.analysis:
+            raise CLIError(
+                f"{name} applies to the layers chosen from --analysis: give --analysis and --share-fraction"
+            )
     grid = dict(BENCH_QUICK if args.quick else BENCH_FULL)
     grid.update({name: getattr(args, name) for name in grid if getattr(args, name) is not None})
     analysis = _load_analysis(args.analysis) if args.analysis else None
@@ -283,6 +302,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             share_layers=args.share_layers,
             share_fraction=args.share_fraction,
             analysis=analysis,
+            max_chain=args.max_chain,
+            layer_score=args.layer_score or "js_matched",
             rank=args.rank,
             align_hidden=args.align_hidden,
             head_mixing=args.head_mixing,

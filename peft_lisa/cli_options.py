@@ -302,6 +302,8 @@ def add_layer_options(lisa: Any) -> None:
     )
     option(lisa, "--layer-score", SCORES, DEFAULT_LAYER_SCORE, score_help)
     option(lisa, "--keep-first", non_negative_int, 2, "first layers kept full (default: 2)")
+    chain_help = "longest run of adjacent shared layers --share-fraction may choose (default: no cap)"
+    option(lisa, "--max-chain", positive_int, None, chain_help)
     batches_help = "batches of 4 x 256 tokens for the analysis run by train (default: 2)"
     option(lisa, "--analysis-batches", positive_int, 2, batches_help)
     option(lisa, "--rank", even_rank, None, "per-head rank of the low-rank Q/K (default: 8)")

@@ -24,7 +24,7 @@ from peft_lisa.analysis import (
 )
 from peft_lisa.tuner.functional import permutation_matrix
 
-from .conftest import tiny_model
+from .conftest import REPO_ROOT, tiny_model
 
 SOURCE, TARGET = 1, 2  # in the constructed models, layer TARGET's attention is a head-permuted copy of SOURCE's
 SMALL = dict(seq_len=24, batch_size=2, max_batches=2, progress=False)
@@ -422,6 +422,48 @@ def test_choose_share_layers():
     assert choose_share_layers(analysis, fraction=0.2, score="js_indexed") == [2, 7]
 
 
+def runs_of_adjacent(layers: list[int]) -> list[int]:
+    """The lengths of the runs of adjacent layers in ``layers`` (sorted): [2, 4, 5, 7] -> [1, 2, 1]."""
+    runs: list[int] = []
+    for i, layer in enumerate(layers):
+        if i and layer == layers[i - 1] + 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
+def test_choose_share_layers_caps_chains():
+    """``max_chain``: the best candidates first, each skipped when it would make a run of adjacent shared layers
+    longer than the cap, the next best taking its place."""
+    analysis = synthetic_analysis([None, 0.01, 0.02, 0.30, 0.05, 0.04, 0.20, 0.03, 0.06, 0.10])
+    # Ranked (keep_first=2): 2, 7, 5, 4, 8, 9, 6, 3. Uncapped the best four are [2, 4, 5, 7]; with chains of one,
+    # 4 (next to 5) is skipped and 9 takes its place.
+    assert choose_share_layers(analysis, fraction=0.4) == [2, 4, 5, 7]
+    assert choose_share_layers(analysis, fraction=0.4, max_chain=1) == [2, 5, 7, 9]
+    assert choose_share_layers(analysis, fraction=0.6, max_chain=3) == [2, 4, 5, 7, 8, 9]
+    assert choose_share_layers(analysis, threshold=0.05, max_chain=1) == [2, 5, 7]  # 4 would join 5
+    with pytest.raises(ValueError, match="only 4 can share in chains of at most 1.*or raise max_chain"):
+        choose_share_layers(analysis, fraction=0.5, max_chain=1)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="max_chain must be a positive integer"):
+            choose_share_layers(analysis, fraction=0.4, max_chain=bad)
+    # The checked-in SmolLM2 analysis at 50%: its chains reach 6 uncapped; each cap holds, the count stays, and the
+    # choice is the greedy one, recomputed here by scanning the runs of every trial set.
+    smollm2 = AttentionAnalysis.from_json(REPO_ROOT / "docs" / "analysis" / "smollm2_135m_analysis.json")
+    assert max(runs_of_adjacent(choose_share_layers(smollm2, fraction=0.5))) == 6
+    ranked = sorted(
+        (value, layer) for layer, value in enumerate(smollm2.js_matched) if layer >= 2 and value is not None
+    )
+    for cap in (2, 3, 4):
+        expected: list[int] = []
+        for _, layer in ranked:
+            if len(expected) < 15 and max(runs_of_adjacent(sorted([*expected, layer]))) <= cap:
+                expected.append(layer)
+        chosen = choose_share_layers(smollm2, fraction=0.5, max_chain=cap)
+        assert chosen == sorted(expected) and len(chosen) == 15 and max(runs_of_adjacent(chosen)) <= cap, cap
+
+
 def test_choose_share_layers_applies_the_rule_of_from_analysis():
     """``choose_share_layers`` and ``LiSAConfig.from_analysis`` apply one rule (``tuner.layer_choice``)."""
     analysis = synthetic_analysis(
@@ -434,6 +476,7 @@ def test_choose_share_layers_applies_the_rule_of_from_analysis():
         dict(fraction=0.5, threshold=0.04),
         dict(fraction=0.2, score="js_indexed"),
         dict(fraction=0.4, score="sensitivity_permuted"),
+        dict(fraction=0.4, max_chain=1),
     ):
         config = LiSAConfig.from_analysis(analysis, **kwargs)
         assert choose_share_layers(analysis, **kwargs) == config.share_layers, kwargs

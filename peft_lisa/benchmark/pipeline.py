@@ -74,6 +74,8 @@ def benchmark_model(
     device: Union[str, torch.device, None] = None,
     output_dir: PathLike = "lisa-bench",
     command: Optional[str] = None,
+    max_chain: Optional[int] = None,
+    layer_score: str = "js_matched",
     **options: Any,
 ) -> BenchmarkOutputs:
     """Benchmark a base model against a merged LiSA model of it and write the results to ``output_dir``.
@@ -86,6 +88,8 @@ def benchmark_model(
         share_fraction: without ``share_layers``, share this fraction of the layers (default 0.5): the best ones of
             ``analysis`` when given, else :func:`default_share_layers`.
         analysis: an :class:`~peft_lisa.AttentionAnalysis` of the base model to choose the shared layers from.
+        max_chain, layer_score: with ``analysis``, the longest run of adjacent shared layers it may choose and the
+            score it ranks the layers by (:func:`~peft_lisa.choose_share_layers`).
         rank, align_hidden, head_mixing: the LiSA rank, alignment FFN width (0: linear alignment) and head mixing
             (``LiSAConfig.head_mixing``) of the untrained adapter.
         dtype: the models' dtype; default bfloat16 on CUDA, float32 elsewhere.
@@ -102,8 +106,9 @@ def benchmark_model(
             be chosen from ``analysis``.
     """
     base, merged_model, path = load_benchmark_models(
-        model, merged, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing, dtype, device
-    )
+        model, merged, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing, dtype, device,
+        max_chain=max_chain, layer_score=layer_score,
+    )  # fmt: skip
     device = next(base.parameters()).device
     result = run_benchmark(base, merged_model, device=device, **options)
     if command is not None:
@@ -132,17 +137,24 @@ def untrained_merged(
     rank: int,
     align_hidden: Optional[int],
     head_mixing: str = "full",
+    max_chain: Optional[int] = None,
+    layer_score: str = "js_matched",
 ) -> nn.Module:
     """A copy of ``base`` with an untrained LiSA adapter merged in (speed does not depend on the weights)."""
     num_layers = base.config.num_hidden_layers
+    if (max_chain is not None or layer_score != "js_matched") and analysis is None:
+        raise ValueError("max_chain and layer_score apply to layers chosen from an analysis: give the analysis too")
     if share_layers is not None:
         layers, how = list(share_layers), "given"
     elif analysis is not None:
+        fraction = 0.5 if share_fraction is None else share_fraction
         try:
-            layers = choose_share_layers(analysis, fraction=0.5 if share_fraction is None else share_fraction)
+            layers = choose_share_layers(analysis, fraction=fraction, score=layer_score, max_chain=max_chain)
         except ValueError as error:
             raise ValueError(f"share_fraction {share_fraction}: {error}") from None
-        how = "chosen from the analysis"
+        how = f"chosen from the analysis by {layer_score}" + (
+            "" if max_chain is None else f", chains of at most {max_chain}"
+        )
     else:
         layers = default_share_layers(num_layers, 0.5 if share_fraction is None else share_fraction)
         how = "spread over the deeper layers (peft_lisa.benchmark.default_share_layers)"
@@ -163,6 +175,8 @@ def load_benchmark_models(
     head_mixing: str = "full",
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
+    max_chain: Optional[int] = None,
+    layer_score: str = "js_matched",
 ) -> tuple[nn.Module, nn.Module, Path]:
     """The base model and the merged LiSA model of it that :func:`benchmark_model` compares (same arguments), in
     eval mode on ``device``, with the base model's resolved path."""
@@ -191,6 +205,8 @@ def load_benchmark_models(
                 "model it was merged from as model (--model on the command line)"
             )
     else:
-        merged_model = untrained_merged(base, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing)
+        merged_model = untrained_merged(
+            base, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing, max_chain, layer_score
+        )
         merged_model = merged_model.to(device=device, dtype=dtype).eval()
     return base, merged_model, path

@@ -22,8 +22,8 @@ from .checks import (
     base_model_from_hint,
     check_adapter_dir,
     check_data_source,
+    check_layer_choice,
     check_model_name,
-    check_share_layers,
     load_analysis_file,
     model_label,
     resolve_device,
@@ -51,7 +51,8 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
 
     The adapter: ``adapter`` (an existing LiSA adapter directory, calibrated further), or a new one on ``model``
     (``load_in_4bit``) with the layer options of ``peft-lisa train`` (``share_layers`` or ``share_fraction``,
-    ``layer_score``, ``analysis``, ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``). The calibration:
+    ``layer_score``, ``analysis``, ``keep_first``, ``max_chain``, ``analysis_batches``, ``rank``, ``align_hidden``).
+    The calibration:
     ``calibration_sequences`` of ``seq_len`` tokens of ``data`` (its ``split`` part), or of the ``calibration_data``
     sources in equal shares (their ``split`` parts; the layer choice still reads ``data``), ``batch_size`` per step,
     ``calibration_steps`` Adam steps per shared layer at ``calibration_lr``, ``calibration_copy_blocks`` (blocks of
@@ -67,6 +68,7 @@ class CalibrateJob(JobOptions, HeldOutPerplexityOptions):
     layer_score: str = DEFAULT_LAYER_SCORE
     analysis: Optional[str] = None
     keep_first: int = 2
+    max_chain: Optional[int] = None
     analysis_batches: int = 2
     rank: Optional[int] = None
     align_hidden: Optional[int] = None
@@ -116,12 +118,12 @@ def _check(job: CalibrateJob) -> Optional[dict[str, Any]]:
     check_model_name(job.model)
     check_data_source(job.data)
     check_calibration_data(job.calibration_data, job.calibration_sequences)
-    if job.share_layers is not None and job.share_fraction is not None:
-        raise JobInputError("give --share-layers or --share-fraction, not both")
-    if job.share_layers is not None:
-        check_share_layers(job.share_layers)
-    if job.adapter and (job.share_layers or job.share_fraction is not None or job.analysis or job.rank):
-        raise JobInputError("--adapter brings its own layers: drop --share-layers/--share-fraction/--analysis/--rank")
+    check_layer_choice(job.share_layers, job.share_fraction, job.max_chain)
+    chooses = job.share_layers or job.share_fraction is not None or job.analysis or job.max_chain is not None
+    if job.adapter and (chooses or job.rank):
+        raise JobInputError(
+            "--adapter brings its own layers: drop --share-layers/--share-fraction/--analysis/--rank/--max-chain"
+        )
     if job.calibration_sequences < 1 or job.calibration_steps < 0 or job.calibration_lr <= 0:
         raise JobInputError("--calibration-sequences must be >= 1, --calibration-steps >= 0, --calibration-lr > 0")
     return job.perplexity_settings() if job.evaluate else None

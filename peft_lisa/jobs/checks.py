@@ -124,6 +124,21 @@ def check_share_layers(layers: Any, num_layers: Optional[int] = None, option: st
         raise JobInputError(str(error).replace("LiSAConfig.share_layers", option, 1)) from None
 
 
+def check_layer_choice(share_layers: Any, share_fraction: Optional[float], max_chain: Optional[int]) -> None:
+    """The layer options of a new adapter (``train``, ``calibrate``): ``--share-layers`` (checked by
+    :func:`check_share_layers`) or ``--share-fraction``, and ``--max-chain`` only for a choice from an analysis."""
+    if share_layers is not None and share_fraction is not None:
+        raise JobInputError("give --share-layers or --share-fraction, not both")
+    if share_layers is not None:
+        check_share_layers(share_layers)
+        if max_chain is not None:
+            raise JobInputError(
+                "--max-chain caps the layers that --share-fraction chooses: drop it with --share-layers"
+            )
+    if max_chain is not None and (isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1):
+        raise JobInputError(f"--max-chain {max_chain}: expected a positive integer")
+
+
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """The JSON object in ``path``; a :class:`JobInputError` saying it should hold ``what`` if it is not one."""
     try:

@@ -34,8 +34,8 @@ from .checks import (
     JobInputError,
     JobOptions,
     check_data_source,
+    check_layer_choice,
     check_model_name,
-    check_share_layers,
     load_analysis_file,
     load_prompts,
     model_label,
@@ -91,7 +91,8 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     Model and data (:class:`~.checks.JobOptions`): ``model``, ``load_in_4bit``; ``data``, ``text_field``, ``split``
     (what to train on; the perplexity uses the held-out part), ``held_out_fraction``; ``device``, ``progress``.
     Layers (see :func:`~.train_setup.choose_lisa_config`): ``share_layers`` or ``share_fraction``, ``layer_score``,
-    ``analysis`` (an analysis.json path), ``keep_first``, ``analysis_batches``, ``rank``, ``align_hidden``;
+    ``analysis`` (an analysis.json path), ``keep_first``, ``max_chain``, ``analysis_batches``, ``rank``,
+    ``align_hidden``;
     ``resume`` (a checkpoint directory or ``"latest"``) takes them from the checkpoint instead.
     Training: ``max_steps``, ``seq_len``, ``batch_size``, ``learning_rate``, ``packing`` (auto/yes/no),
     ``gradient_checkpointing``, ``seed``, ``logging_steps``, ``save_steps``, ``save_total_limit``;
@@ -123,6 +124,7 @@ class TrainJob(JobOptions, HeldOutPerplexityOptions):
     layer_score: str = DEFAULT_LAYER_SCORE
     analysis: Optional[str] = None
     keep_first: int = 2
+    max_chain: Optional[int] = None
     analysis_batches: int = 2
     rank: Optional[int] = None
     align_hidden: Optional[int] = None
@@ -276,12 +278,11 @@ def _check(job: TrainJob) -> Optional[dict[str, Any]]:
     check_data_source(job.data)
     if job.packing not in ("auto", "yes", "no"):
         raise JobInputError(f"--packing {job.packing}: expected auto, yes or no")
-    if job.share_layers is not None and job.share_fraction is not None:
-        raise JobInputError("give --share-layers or --share-fraction, not both")
-    if job.share_layers is not None:
-        check_share_layers(job.share_layers)
-    if job.resume and (job.share_fraction is not None or job.analysis):
-        raise JobInputError("--resume takes the shared layers from the checkpoint: drop --share-fraction/--analysis")
+    check_layer_choice(job.share_layers, job.share_fraction, job.max_chain)
+    if job.resume and (job.share_fraction is not None or job.analysis or job.max_chain is not None):
+        raise JobInputError(
+            "--resume takes the shared layers from the checkpoint: drop --share-fraction/--analysis/--max-chain"
+        )
     if job.eval_calibrated and not job.calibrate:
         raise JobInputError("--eval-calibrated needs calibration: drop --no-calibrate")
     if job.calibration_data and not job.calibrate:

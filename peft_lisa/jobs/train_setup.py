@@ -35,6 +35,7 @@ NEW_ADAPTER_OPTIONS = (
     "share_fraction",
     "layer_score",
     "keep_first",
+    "max_chain",
     "analysis_batches",
     "rank",
     "align_hidden",
@@ -149,6 +150,7 @@ def choose_lisa_config(
     analysis: Any = None,
     analysis_file: Optional[str | os.PathLike] = None,
     keep_first: int = 2,
+    max_chain: Optional[int] = None,
     analysis_batches: int = 2,
     rank: Optional[int] = None,
     align_hidden: Optional[int] = None,
@@ -161,7 +163,8 @@ def choose_lisa_config(
     * ``share_layers`` given: exactly those (checked against the model's layer count); with an ``analysis``, its
       head permutations initialise their alignment.
     * otherwise ``share_fraction`` (default 0.5) of all layers, the lowest ``layer_score`` first and the first
-      ``keep_first`` layers kept full (:meth:`LiSAConfig.from_analysis`), from ``analysis`` (loaded from
+      ``keep_first`` layers kept full, no run of adjacent shared layers longer than ``max_chain`` (when given;
+      :meth:`LiSAConfig.from_analysis`), from ``analysis`` (loaded from
       ``analysis_file``) or, without one, from a calibration analysis of ``analysis_batches`` batches of 4 x 256
       tokens of ``train_texts`` run here and saved to ``output_dir/analysis.json``. ``layer_score``
       ``sensitivity_calibrated`` (the default) makes that analysis calibrate every candidate layer alone, at rank
@@ -224,11 +227,13 @@ def choose_lisa_config(
         analysis_minutes = round((time.monotonic() - started) / 60, 2)
     try:
         config = LiSAConfig.from_analysis(
-            analysis, fraction=fraction, keep_first=keep_first, score=layer_score, **common
+            analysis, fraction=fraction, keep_first=keep_first, score=layer_score, max_chain=max_chain, **common
         )
     except ValueError as error:
         raise JobInputError(f"--share-fraction {fraction}: {error}") from None
     info = {"method": f"analysis ({layer_score})", "fraction": fraction, "keep_first": keep_first}
+    if max_chain is not None:
+        info["max_chain"] = max_chain
     if analysis_minutes is not None:
         info["analysis_minutes"] = analysis_minutes
     return config, {**info, "analysis": None if analysis_file is None else str(analysis_file)}

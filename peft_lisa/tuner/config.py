@@ -249,6 +249,7 @@ class LiSAConfig(PeftConfig):
         threshold: Optional[float] = None,
         keep_first: int = 2,
         score: str = "js_matched",
+        max_chain: Optional[int] = None,
         **kwargs: Any,
     ) -> LiSAConfig:
         """A config whose shared layers and initial head permutations come from a calibration analysis.
@@ -261,7 +262,8 @@ class LiSAConfig(PeftConfig):
 
         Args:
             analysis: a ``peft_lisa.analysis.AttentionAnalysis`` or the path of its JSON.
-            fraction, threshold, keep_first, score: see :func:`~peft_lisa.tuner.layer_choice.choose_layers`.
+            fraction, threshold, keep_first, score, max_chain: see
+                :func:`~peft_lisa.tuner.layer_choice.choose_layers`.
             **kwargs: any other ``LiSAConfig`` field (``rank``, ``align_hidden``, ...).
         """
         conflicting = sorted({"share_layers", "align_init_permutations"} & set(kwargs))
@@ -278,6 +280,7 @@ class LiSAConfig(PeftConfig):
             threshold=threshold,
             keep_first=keep_first,
             score=score,
+            max_chain=max_chain,
         )
         permutations = {layer: list(data["permutations"][layer]) for layer in layers if data["permutations"][layer]}
         return cls(share_layers=layers, align_init_permutations=permutations or None, **kwargs)

@@ -40,13 +40,17 @@ def choose_layers(
     threshold: Optional[float] = None,
     keep_first: int = 2,
     score: str = "js_matched",
+    max_chain: Optional[int] = None,
 ) -> list[int]:
     """Choose ``share_layers`` from one per-layer score (lower is better), as ``docs/method.md`` "Layer choice" says.
 
     Candidates are the layers ``>= keep_first`` (layer 0 never shares; shallow layers are fragile) that have a score.
     ``fraction`` takes the best ``round(fraction * num_layers)`` candidates (a fraction of *all* layers);
     ``threshold`` keeps those whose score is at most ``threshold``; with both, the best ``round(fraction *
-    num_layers)`` that are also under the threshold.
+    num_layers)`` that are also under the threshold. ``max_chain`` caps the runs of adjacent shared layers (a chain:
+    each link's logits derive from the one before, and without a ``T x T`` tensor held between layers a prefill
+    recomputes a link's earlier terms): candidates are taken best first, skipping any that would make a run longer
+    than ``max_chain``, so that the next best take their place.
 
     Args:
         values: the score of every layer (``None`` where not measured), indexed by layer; ``None`` if the analysis
@@ -56,6 +60,7 @@ def choose_layers(
         threshold: largest acceptable score (e.g. a JS divergence in bits, or a loss rise in nats).
         keep_first: the first ``keep_first`` layers always stay full.
         score: the name of the score, one of :data:`SCORES` (for messages and the check).
+        max_chain: longest run of adjacent shared layers (``None``: no cap).
 
     Returns:
         The chosen layer indices, ascending.
@@ -75,6 +80,8 @@ def choose_layers(
         raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
     if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
         raise ValueError(f"keep_first must be a non-negative integer, got {keep_first!r}.")
+    if max_chain is not None and (isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1):
+        raise ValueError(f"max_chain must be a positive integer (or None for no cap), got {max_chain!r}.")
 
     ranked = sorted(
         (values[layer], layer) for layer in range(max(keep_first, 1), num_layers) if values[layer] is not None
@@ -83,23 +90,40 @@ def choose_layers(
         raise ValueError(
             f"No candidate layers: the model has {num_layers} layers and keep_first={keep_first} keeps them all full."
         )
-    chosen = ranked
-    if fraction is not None:
-        count = round(fraction * num_layers)
-        if count == 0:
-            raise ValueError(f"fraction={fraction} of {num_layers} layers rounds to 0 layers; use a larger fraction.")
-        if count > len(ranked):
-            raise ValueError(
-                f"fraction={fraction} asks for {count} of {num_layers} layers, but only {len(ranked)} can share "
-                f"(layers {max(keep_first, 1)}..{num_layers - 1} with keep_first={keep_first}); lower the fraction "
-                "or keep_first."
-            )
-        chosen = ranked[:count]
     if threshold is not None:
-        chosen = [(value, layer) for value, layer in chosen if value <= threshold]
-        if not chosen:
+        below = [(value, layer) for value, layer in ranked if value <= threshold]
+        if not below:
             best_value, best_layer = ranked[0]
             raise ValueError(
                 f"No candidate layer has {score} <= {threshold}; the lowest is {best_value:.4g} (layer {best_layer})."
             )
+    chosen = ranked if max_chain is None else _cap_chains(ranked, max_chain)
+    if fraction is not None:
+        count = round(fraction * num_layers)
+        if count == 0:
+            raise ValueError(f"fraction={fraction} of {num_layers} layers rounds to 0 layers; use a larger fraction.")
+        if count > len(chosen):
+            capped = "" if max_chain is None else f" in chains of at most {max_chain}"
+            raise ValueError(
+                f"fraction={fraction} asks for {count} of {num_layers} layers, but only {len(chosen)} can share"
+                f"{capped} (layers {max(keep_first, 1)}..{num_layers - 1} with keep_first={keep_first}); lower the "
+                f"fraction or keep_first{'' if max_chain is None else ', or raise max_chain'}."
+            )
+        chosen = chosen[:count]
+    if threshold is not None:
+        chosen = [(value, layer) for value, layer in chosen if value <= threshold]
     return sorted(layer for _, layer in chosen)
+
+
+def _cap_chains(ranked: list[tuple[float, int]], max_chain: int) -> list[tuple[float, int]]:
+    """The candidates ``ranked`` (best first) that can share with no run of more than ``max_chain`` adjacent shared
+    layers, each taken if the ones before it leave room: a layer joins the runs on either side of it."""
+    taken: set[int] = set()
+    kept = []
+    for value, layer in ranked:
+        below = next(i for i in range(layer - 1, -2, -1) if i not in taken)  # the nearest layer under it not taken
+        above = next(i for i in range(layer + 1, layer + max_chain + 2) if i not in taken)
+        if above - below - 1 <= max_chain:
+            taken.add(layer)
+            kept.append((value, layer))
+    return kept
