@@ -303,7 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             share_fraction=args.share_fraction,
             analysis=analysis,
             max_chain=args.max_chain,
-            layer_score=args.layer_score or "js_matched",
+            layer_score=args.layer_score,
             rank=args.rank,
             align_hidden=args.align_hidden,
             head_mixing=args.head_mixing,

@@ -23,6 +23,7 @@ from peft_lisa.analysis import choose_share_layers
 from peft_lisa.calibration_step import LiSACalibrationConfig
 from peft_lisa.cli import main
 from peft_lisa.generated_text import GENERIC_PROMPTS
+from peft_lisa.jobs.checks import JobInputError, check_layer_choice
 from peft_lisa.jobs.metrics import LICENSE_NOTE, perplexity_table
 from peft_lisa.jobs.train_job import GENERATION_LABELS, TrainResult
 
@@ -132,6 +133,8 @@ def bad_argument_cases(work):
         (["train", "--share-layers", "2,3", "--max-chain", "1"], "train", "drop it with --share-layers"),
         (["calibrate", "--share-layers", "2,3", "--max-chain", "1"], "calibrate", "drop it with --share-layers"),
         (["train", "--max-chain", "0"], "train", "positive"),
+        (["train", "--max-chain", "2", "--resume"], "train", "drop --share-fraction/--analysis/--max-chain"),
+        (["calibrate", "--adapter", lora, "--max-chain", "2"], "calibrate", "--adapter brings its own layers"),
         (["bench", "--max-chain", "2"], "bench", "--max-chain applies to the layers chosen from --analysis"),
         (["bench", "--layer-score", "js_indexed"], "bench", "--layer-score applies to the layers chosen from"),
         (["train", "--rank", "3"], "train", "must be even"),
@@ -179,6 +182,14 @@ def test_bad_arguments_give_one_line_and_exit_code_2(capsys, work):
         assert code == 2, (argv, code, err)
         assert len(lines) == 1 and lines[0].startswith(prefix) and message in lines[0], (argv, err)
         assert "Traceback" not in err and not out
+
+
+def test_layer_choice_check_refuses_a_bad_max_chain():
+    """Python callers of the jobs (``TrainJob(max_chain=0)``) get the check that argparse gives the CLI."""
+    for bad in (0, -2, True, 2.5):
+        with pytest.raises(JobInputError, match=f"--max-chain {bad}: max_chain must be a positive integer"):
+            check_layer_choice(None, 0.5, bad)
+    check_layer_choice(None, 0.5, 2)  # fine: a cap on a chosen fraction
 
 
 def test_share_layers_beyond_the_model_is_a_usage_error(capsys, work):

@@ -272,8 +272,8 @@ def test_a_build_names_the_instructions_it_targets(kernel, request):
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils) to read a build's symbol table")
 def test_a_build_exports_its_entry_point_only(kernel):
-    """Functions of the native and the portable build have the same names; exported, one build's calls could bind
-    to the other's code when both are loaded in one process. Only the module's ``PyInit_`` may be exported."""
+    """Functions of the native and the portable build have the same names; of the functions a build defines itself
+    (``T`` in ``nm``), only the module's ``PyInit_`` may be exported."""
     listing = subprocess.run(
         ["nm", "-D", "--defined-only", kernel.__file__], capture_output=True, text=True, check=True
     ).stdout

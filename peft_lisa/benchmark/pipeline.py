@@ -75,7 +75,7 @@ def benchmark_model(
     output_dir: PathLike = "lisa-bench",
     command: Optional[str] = None,
     max_chain: Optional[int] = None,
-    layer_score: str = "js_matched",
+    layer_score: Optional[str] = None,
     **options: Any,
 ) -> BenchmarkOutputs:
     """Benchmark a base model against a merged LiSA model of it and write the results to ``output_dir``.
@@ -138,22 +138,28 @@ def untrained_merged(
     align_hidden: Optional[int],
     head_mixing: str = "full",
     max_chain: Optional[int] = None,
-    layer_score: str = "js_matched",
+    layer_score: Optional[str] = None,
 ) -> nn.Module:
     """A copy of ``base`` with an untrained LiSA adapter merged in (speed does not depend on the weights)."""
     num_layers = base.config.num_hidden_layers
-    if (max_chain is not None or layer_score != "js_matched") and analysis is None:
-        raise ValueError("max_chain and layer_score apply to layers chosen from an analysis: give the analysis too")
+    if (max_chain is not None or layer_score is not None) and (analysis is None or share_layers is not None):
+        raise ValueError(
+            "max_chain and layer_score apply to the layers chosen from an analysis: give the analysis, not "
+            "share_layers"
+        )
     if share_layers is not None:
         layers, how = list(share_layers), "given"
     elif analysis is not None:
         fraction = 0.5 if share_fraction is None else share_fraction
         try:
-            layers = choose_share_layers(analysis, fraction=fraction, score=layer_score, max_chain=max_chain)
+            score = {} if layer_score is None else {"score": layer_score}
+            layers = choose_share_layers(analysis, fraction=fraction, max_chain=max_chain, **score)
         except ValueError as error:
             raise ValueError(f"share_fraction {share_fraction}: {error}") from None
-        how = f"chosen from the analysis by {layer_score}" + (
-            "" if max_chain is None else f", chains of at most {max_chain}"
+        how = (
+            "chosen from the analysis"
+            + ("" if layer_score is None else f" by {layer_score}")
+            + ("" if max_chain is None else f", chains of at most {max_chain}")
         )
     else:
         layers = default_share_layers(num_layers, 0.5 if share_fraction is None else share_fraction)
@@ -176,7 +182,7 @@ def load_benchmark_models(
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
     max_chain: Optional[int] = None,
-    layer_score: str = "js_matched",
+    layer_score: Optional[str] = None,
 ) -> tuple[nn.Module, nn.Module, Path]:
     """The base model and the merged LiSA model of it that :func:`benchmark_model` compares (same arguments), in
     eval mode on ``device``, with the base model's resolved path."""

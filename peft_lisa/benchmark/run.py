@@ -175,7 +175,7 @@ def run_benchmark(
         "The merged model's shared layers with a linear alignment keep their logits as queries and keys on "
         "prefill (docs/method.md, 'Fused attention of a shared layer') and attend by fused sdpa calls, or by "
         "explicit blocks of queries where those calls would be at least twice as wide as the values "
-        f"(head_mixing='full' on a GQA model; on CPU the compiled kernel where it is built); on CPU, a prompt of at "
+        "(head_mixing='full' on a GQA model; on CPU the compiled kernel where it is built); on CPU, a prompt of at "
         f"most {lisa_attention.HANDED_LOGITS_MAX_KEYS} tokens (HANDED_LOGITS_MAX_KEYS) has "
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "

@@ -20,6 +20,7 @@ from ..analysis import AttentionAnalysis
 from ..evaluation import DEFAULT_PROMPTS
 from ..resources import DEFAULT_MODEL, DEFAULT_MODEL_DIRNAME, load_model_and_tokenizer
 from ..tuner.config import validate_share_layers
+from ..tuner.layer_choice import validate_max_chain
 
 logger = logging.getLogger("peft_lisa")
 
@@ -135,8 +136,10 @@ def check_layer_choice(share_layers: Any, share_fraction: Optional[float], max_c
             raise JobInputError(
                 "--max-chain caps the layers that --share-fraction chooses: drop it with --share-layers"
             )
-    if max_chain is not None and (isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1):
-        raise JobInputError(f"--max-chain {max_chain}: expected a positive integer")
+    try:
+        validate_max_chain(max_chain)
+    except ValueError as error:
+        raise JobInputError(f"--max-chain {max_chain}: {error}") from None
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:

@@ -40,8 +40,9 @@ SOURCE = Path(__file__).parent / "csrc" / "shared_attention.cpp"
 # -mprefer-vector-width=512 (x86 only): GCC's tuning for recent Intel CPUs vectorizes with 256-bit registers by
 # default; the same core on an Intel Xeon with AVX-512 and AMX, 2 threads, took 1.70x the base's sdpa time in bf16
 # and 1.02x in fp32 with 512-bit vectors against 2.11x and 1.14x without (docs/benchmark/cpu_kernel/README.md).
-# -fvisibility=hidden: a build exports its module's entry point only (pybind11's advice), so that builds for two
-# instruction sets loaded in one process (the tests load a portable one too) never bind to each other's functions.
+# -fvisibility=hidden: a build exports its module's entry point only (pybind11's advice): builds for two instruction
+# sets loaded in one process (the tests load a portable one too) define functions of the same names, which Python's
+# private (RTLD_LOCAL) loading keeps apart, and which then stay apart under any other loading too.
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fvisibility=hidden") + (
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 )

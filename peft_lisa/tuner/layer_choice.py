@@ -32,6 +32,12 @@ def score_switch(score: str) -> Optional[str]:
     return _SCORE_SWITCHES[score]
 
 
+def validate_max_chain(max_chain: Optional[int]) -> None:
+    """``max_chain`` is ``None`` (no cap) or a positive integer; else a ``ValueError`` that says so."""
+    if max_chain is not None and (isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1):
+        raise ValueError(f"max_chain must be a positive integer (or None for no cap), got {max_chain!r}.")
+
+
 def choose_layers(
     values: Optional[Sequence[Optional[float]]],
     num_layers: int,
@@ -50,7 +56,8 @@ def choose_layers(
     num_layers)`` that are also under the threshold. ``max_chain`` caps the runs of adjacent shared layers (a chain:
     each link's logits derive from the one before, and without a ``T x T`` tensor held between layers a prefill
     recomputes a link's earlier terms): candidates are taken best first, skipping any that would make a run longer
-    than ``max_chain``, so that the next best take their place.
+    than ``max_chain``, so that the next best take their place. Best first is not a search: it may stop short of
+    a count that another choice under the cap would reach, and then it says so.
 
     Args:
         values: the score of every layer (``None`` where not measured), indexed by layer; ``None`` if the analysis
@@ -80,8 +87,7 @@ def choose_layers(
         raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
     if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
         raise ValueError(f"keep_first must be a non-negative integer, got {keep_first!r}.")
-    if max_chain is not None and (isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1):
-        raise ValueError(f"max_chain must be a positive integer (or None for no cap), got {max_chain!r}.")
+    validate_max_chain(max_chain)
 
     ranked = sorted(
         (values[layer], layer) for layer in range(max(keep_first, 1), num_layers) if values[layer] is not None
@@ -90,20 +96,18 @@ def choose_layers(
         raise ValueError(
             f"No candidate layers: the model has {num_layers} layers and keep_first={keep_first} keeps them all full."
         )
-    if threshold is not None:
-        below = [(value, layer) for value, layer in ranked if value <= threshold]
-        if not below:
-            best_value, best_layer = ranked[0]
-            raise ValueError(
-                f"No candidate layer has {score} <= {threshold}; the lowest is {best_value:.4g} (layer {best_layer})."
-            )
+    if threshold is not None and ranked[0][0] > threshold:
+        best_value, best_layer = ranked[0]
+        raise ValueError(
+            f"No candidate layer has {score} <= {threshold}; the lowest is {best_value:.4g} (layer {best_layer})."
+        )
     chosen = ranked if max_chain is None else _cap_chains(ranked, max_chain)
     if fraction is not None:
         count = round(fraction * num_layers)
         if count == 0:
             raise ValueError(f"fraction={fraction} of {num_layers} layers rounds to 0 layers; use a larger fraction.")
         if count > len(chosen):
-            capped = "" if max_chain is None else f" in chains of at most {max_chain}"
+            capped = "" if max_chain is None else f" when taken best first in chains of at most {max_chain}"
             raise ValueError(
                 f"fraction={fraction} asks for {count} of {num_layers} layers, but only {len(chosen)} can share"
                 f"{capped} (layers {max(keep_first, 1)}..{num_layers - 1} with keep_first={keep_first}); lower the "
