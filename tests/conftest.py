@@ -101,6 +101,12 @@ def require_cpu_kernel(monkeypatch) -> None:
     monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "on")
 
 
+def set_handed_logits_bound(monkeypatch, keys: int) -> None:
+    """``handed_logits_max_keys()`` = ``keys`` for this test, whether or not the CPU kernel is used."""
+    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", keys)
+    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL", keys)
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")
@@ -113,7 +119,7 @@ def shared_logits_route(request, monkeypatch):
     ``HANDED_LOGITS_MAX_KEYS = 0`` here) and attended by the compiled CPU kernel (required: a build failure fails the
     test) or, with the kernel off, block by block / by the fused call."""
     if request.param != "handed":
-        monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
+        set_handed_logits_bound(monkeypatch, 0)
     if request.param == "kernel":
         require_cpu_kernel(monkeypatch)
     elif request.param == "blocks":

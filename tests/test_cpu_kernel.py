@@ -303,6 +303,23 @@ def test_off_never_builds(monkeypatch):
     assert cpu_kernel.load_cpu_kernel() is None
 
 
+def test_short_inputs_hand_logits_on_up_to_the_bound_of_the_route_longer_inputs_take(monkeypatch):
+    """``handed_logits_max_keys``: ``HANDED_LOGITS_MAX_KEYS`` where the kernel attends longer inputs (built, or not
+    yet tried), ``HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL`` under ``off`` or after a failed build; it never builds."""
+    from peft_lisa.tuner import attention
+
+    assert attention.HANDED_LOGITS_MAX_KEYS < attention.HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL
+    monkeypatch.setattr(cpu_kernel, "_build", lambda *args: pytest.fail("the bound built the kernel"))
+    monkeypatch.setattr(cpu_kernel, "_built", {})
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "auto")
+    assert attention.handed_logits_max_keys() == attention.HANDED_LOGITS_MAX_KEYS  # not yet tried
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
+    assert attention.handed_logits_max_keys() == attention.HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "auto")
+    monkeypatch.setattr(cpu_kernel, "_built", {cpu_kernel._build_name(): None})  # a build that failed
+    assert attention.handed_logits_max_keys() == attention.HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL
+
+
 def test_a_failed_build_warns_under_auto_and_raises_under_on(monkeypatch, caplog):
     """A machine without a compiler: under ``auto`` one warning that names the cause and the settings, then the torch
     route; under ``on`` an error."""

@@ -11,13 +11,12 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
-from peft_lisa.tuner import attention as attention_module
 from peft_lisa.tuner import carrier as carrier_module
 from peft_lisa.tuner import cpu_kernel
 from peft_lisa.tuner import functional as functional_module
 from peft_lisa.tuner.carrier import FoldedScores, LogitsCarrier, MaterializedLogits
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_alignment, kv_group_mask
-from tests.conftest import random_ids, randomize_adapter, require_cpu_kernel, tiny_model
+from tests.conftest import random_ids, randomize_adapter, require_cpu_kernel, set_handed_logits_bound, tiny_model
 from tests.test_method import adapter_weights, reference_logits
 
 
@@ -50,7 +49,7 @@ def test_fused_head_size(head_mixing, head_dims, monkeypatch):
     """The point of kv_group: the chain [2, 3] hands on logits of head size d_h + r, then d_h + 2r (d_h = 16, r = 4);
     the full mixing needs H_kv d_h + r, then H_kv (d_h + ... ) + r. (Folded logits: the route of every input longer
     than HANDED_LOGITS_MAX_KEYS.)"""
-    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
+    set_handed_logits_bound(monkeypatch, 0)
     handed = []
     original_put = LogitsCarrier.put
     monkeypatch.setattr(
@@ -239,7 +238,7 @@ def test_inference_routes_of_folded_logits(head_mixing, explicit, kernel, monkey
     CPU runs the dtype's products on AMX (simulated here), kv_group takes the fused call (torch's sdpa runs it on
     AMX), the full mixing the kernel; training always runs fused. All agree. (The route of every input longer than
     HANDED_LOGITS_MAX_KEYS.)"""
-    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 0)
+    set_handed_logits_bound(monkeypatch, 0)
     if kernel.startswith("on"):
         require_cpu_kernel(monkeypatch)
     else:
@@ -274,7 +273,7 @@ def test_a_short_inference_prefill_hands_whole_logits_on_and_a_longer_one_folded
     and hands them on, so that the next link mixes them instead of recomputing the chain block by block; one key
     more and it hands on folded logits (queries and keys, no T x T tensor). Both equal the training route (fused
     calls)."""
-    monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", 40)
+    set_handed_logits_bound(monkeypatch, 40)
     handed = []
     original_put = LogitsCarrier.put
     monkeypatch.setattr(

@@ -176,7 +176,7 @@ def run_benchmark(
         "prefill (docs/method.md, 'Fused attention of a shared layer') and attend by fused sdpa calls, or by "
         "explicit blocks of queries where those calls would be at least twice as wide as the values "
         "(head_mixing='full' on a GQA model; on CPU the compiled kernel where it is built); on CPU, a prompt of at "
-        f"most {lisa_attention.HANDED_LOGITS_MAX_KEYS} tokens (HANDED_LOGITS_MAX_KEYS) has "
+        f"most {lisa_attention.handed_logits_max_keys()} tokens (handed_logits_max_keys: less with the kernel) has "
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "

@@ -29,6 +29,7 @@ from .carrier import (
     SharedLayerCall,
     SourceLogits,
 )
+from .cpu_kernel import cpu_kernel_expected
 from .functional import (
     AttentionLayout,
     additive_mask_rows,
@@ -64,6 +65,16 @@ EXPLICIT_SOURCE_MAX_QUERIES = 1
 # handing on held peak tensors 42% above the base's (12.9 against 9.1 MiB).
 # Not measured on an accelerator, where the folded route's one fused call launches fewer kernels: it keeps that route.
 HANDED_LOGITS_MAX_KEYS = 96
+# The bound where the kernel is off or could not be built, so that longer inputs attend by torch operations: handing
+# on leads at 128 keys there, on the Xeon too (handed_logits.py with PEFT_LISA_CPU_KERNEL=off, 21 rounds: bf16 1 x 128
+# 0.93x against 0.81x, 8 x 128 0.94x against 0.90x; fp32 8 x 128 1.02x against 1.03x).
+HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL = 128
+
+
+def handed_logits_max_keys() -> int:
+    """The most keys for which a CPU inference shared layer computes its logits whole and hands them on: the bound
+    for the route that longer inputs take (the CPU kernel, or torch operations without it)."""
+    return HANDED_LOGITS_MAX_KEYS if cpu_kernel_expected() else HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL
 
 
 class HeadAlign(nn.Module):
@@ -255,8 +266,8 @@ class LiSASubstitute(nn.Module):
                 f"{tuple(source.shape)}, expected (batch={batch}, heads, {q_len}, >= {k_len}). The source layer must "
                 "see at least the keys the shared layer sees."
             )
-        # A short input on CPU: its logits computed whole and handed on whole (HANDED_LOGITS_MAX_KEYS).
-        handed = not torch.is_grad_enabled() and value.device.type == "cpu" and k_len <= HANDED_LOGITS_MAX_KEYS
+        # A short input on CPU: its logits computed whole and handed on whole (handed_logits_max_keys).
+        handed = not torch.is_grad_enabled() and value.device.type == "cpu" and k_len <= handed_logits_max_keys()
         if self.align.hidden == 0 and isinstance(source, FoldedScores) and not handed:
             # Steps 2-5 in one fused attention call: P S_{l-1} + Q_r K_r^T stays a product of queries and keys.
             logits = source.mixed(self.align.mixing(), self.align.group_map)

@@ -88,6 +88,15 @@ def load_cpu_kernel() -> Optional[ModuleType]:
     return module
 
 
+def cpu_kernel_expected() -> bool:
+    """Whether inference on CPU expects to attend through the kernel, without building it: False under ``off`` or
+    once a build of it has failed in this process, else True (built, or to be built at the first input that needs
+    it)."""
+    if cpu_kernel_setting() == "off":
+        return False
+    return _built.get(_build_name(), True) is not None
+
+
 def cpu_kernel_status() -> str:
     """``"used"``, ``"off"`` or ``"unavailable"`` (``auto`` and the build failed): what a CPU inference run of this
     process gets, for benchmark reports. Builds the kernel if it is not built yet."""
