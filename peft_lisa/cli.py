@@ -69,6 +69,7 @@ from .jobs import (
 from .jobs.checks import (
     DTYPE_NAMES,
     base_model_from_hint,
+    check_analysis_score,
     check_merged_dir,
     check_model_name,
     load_analysis_file,
@@ -289,6 +290,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     grid = dict(BENCH_QUICK if args.quick else BENCH_FULL)
     grid.update({name: getattr(args, name) for name in grid if getattr(args, name) is not None})
     analysis = _load_analysis(args.analysis) if args.analysis else None
+    if args.layer_score is not None:
+        check_analysis_score(analysis, args.analysis, args.layer_score)
     model = args.model
     if model is None and merged_config is not None:
         model = _base_from_hint(merged_config["lisa"].get("base_model"))

@@ -137,6 +137,13 @@ def bad_argument_cases(work):
         (["calibrate", "--adapter", lora, "--max-chain", "2"], "calibrate", "--adapter brings its own layers"),
         (["bench", "--max-chain", "2"], "bench", "--max-chain applies to the layers chosen from --analysis"),
         (["bench", "--layer-score", "js_indexed"], "bench", "--layer-score applies to the layers chosen from"),
+        (
+            ["bench", "--analysis", REPO_ROOT / "docs" / "analysis" / "smollm2_135m_analysis.json"]
+            + ["--share-fraction", "0.5", "--layer-score", "sensitivity_calibrated"],
+            "bench",
+            "has no sensitivity_calibrated to choose layers by --layer-score: run 'peft-lisa analyze' with "
+            "--calibrated-sensitivity",
+        ),
         (["train", "--rank", "3"], "train", "must be even"),
         (["train", "--model", work / "missing"], "train", "no such directory"),
         (["train", "--data", work / "missing.jsonl"], "train", "no such file"),

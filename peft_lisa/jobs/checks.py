@@ -20,7 +20,7 @@ from ..analysis import AttentionAnalysis
 from ..evaluation import DEFAULT_PROMPTS
 from ..resources import DEFAULT_MODEL, DEFAULT_MODEL_DIRNAME, load_model_and_tokenizer
 from ..tuner.config import validate_share_layers
-from ..tuner.layer_choice import validate_max_chain
+from ..tuner.layer_choice import score_switch, validate_max_chain
 
 logger = logging.getLogger("peft_lisa")
 
@@ -140,6 +140,16 @@ def check_layer_choice(share_layers: Any, share_fraction: Optional[float], max_c
         validate_max_chain(max_chain)
     except ValueError as error:
         raise JobInputError(f"--max-chain {max_chain}: {error}") from None
+
+
+def check_analysis_score(analysis: Any, analysis_file: Any, score: str) -> None:
+    """An analysis that does not hold ``score`` (``--layer-score``): a :class:`JobInputError` naming the ``peft-lisa
+    analyze`` option that measures it."""
+    if analysis is not None and getattr(analysis, score, None) is None:
+        raise JobInputError(
+            f"--analysis {analysis_file} has no {score} to choose layers by --layer-score: run 'peft-lisa analyze' "
+            f"{ANALYZE_SWITCH_OPTIONS[score_switch(score)]}, or choose another --layer-score"
+        )
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:

@@ -18,10 +18,10 @@ from ..resources import DEFAULT_MODEL
 from ..tuner.config import DEFAULT_ALIGN_HIDDEN, LiSAConfig
 from ..tuner.layer_choice import SCORES, score_switch
 from .checks import (
-    ANALYZE_SWITCH_OPTIONS,
     JobInputError,
     JobOptions,
     check_adapter_dir,
+    check_analysis_score,
     check_data_source,
     check_share_layers,
     load_base_model,
@@ -198,11 +198,7 @@ def choose_lisa_config(
         raise JobInputError(f"--layer-score {layer_score}: expected one of {', '.join(SCORES)}")
     switch = score_switch(layer_score)
     calibrated = switch == "calibrated_sensitivity"
-    if analysis is not None and getattr(analysis, layer_score) is None:
-        raise JobInputError(
-            f"--analysis {analysis_file} has no {layer_score} to choose layers by --layer-score: run 'peft-lisa "
-            f"analyze' {ANALYZE_SWITCH_OPTIONS[switch]}, or choose another --layer-score"
-        )
+    check_analysis_score(analysis, analysis_file, layer_score)
     analysis_minutes = None
     if analysis is None:
         started = time.monotonic()
