@@ -142,6 +142,7 @@ def untrained_merged(
 ) -> nn.Module:
     """A copy of ``base`` with an untrained LiSA adapter merged in (speed does not depend on the weights)."""
     num_layers = base.config.num_hidden_layers
+    fraction = 0.5 if share_fraction is None else share_fraction
     if (max_chain is not None or layer_score is not None) and (analysis is None or share_layers is not None):
         raise ValueError(
             "max_chain and layer_score apply to the layers chosen from an analysis: give the analysis, not "
@@ -150,7 +151,6 @@ def untrained_merged(
     if share_layers is not None:
         layers, how = list(share_layers), "given"
     elif analysis is not None:
-        fraction = 0.5 if share_fraction is None else share_fraction
         try:
             score = {} if layer_score is None else {"score": layer_score}
             layers = choose_share_layers(analysis, fraction=fraction, max_chain=max_chain, **score)
@@ -162,7 +162,7 @@ def untrained_merged(
             + ("" if max_chain is None else f", chains of at most {max_chain}")
         )
     else:
-        layers = default_share_layers(num_layers, 0.5 if share_fraction is None else share_fraction)
+        layers = default_share_layers(num_layers, fraction)
         how = "spread over the deeper layers (peft_lisa.benchmark.default_share_layers)"
     layers = validate_share_layers(layers, num_layers)
     logger.info(f"untrained LiSA model (speed does not depend on the weights), shared layers {layers} ({how})")

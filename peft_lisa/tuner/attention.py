@@ -59,10 +59,8 @@ EXPLICIT_SOURCE_MAX_QUERIES = 1
 # operations than the arithmetic they save at this size. Measured on SmolLM2, 50% shared, 2 threads, in-process A/B
 # (docs/benchmark/prefill_variants/handed_logits.py), on an Intel Xeon with AMX against the CPU kernel: handing on
 # is ahead at 64 and 96 keys or level (bf16 8 x 96: 0.98x of the base against 0.96x), behind from 112 (bf16 8 x 128:
-# 0.93x against 0.98x; fp32 1.03x against 1.05x). Before the kernel (AMD EPYC, explicit blocks) it led at 128 too
-# (bf16 1 x 128: 0.98x against 0.89x), so where the kernel is not built (no compiler, PEFT_LISA_CPU_KERNEL=off)
-# prompts of 97-128 tokens may prefill a few percent slower than with the bound of 128 (not re-measured). At 256 keys
-# handing on held peak tensors 42% above the base's (12.9 against 9.1 MiB).
+# 0.93x against 0.98x; fp32 1.03x against 1.05x). Without the kernel the bound is the next one. At 256 keys handing
+# on held peak tensors 42% above the base's (12.9 against 9.1 MiB; AMD EPYC, before the kernel).
 # Not measured on an accelerator, where the folded route's one fused call launches fewer kernels: it keeps that route.
 HANDED_LOGITS_MAX_KEYS = 96
 # The bound where the kernel is off or could not be built, so that longer inputs attend by torch operations: handing

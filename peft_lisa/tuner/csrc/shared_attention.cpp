@@ -89,6 +89,7 @@ struct Keys {
   const T* key;
   int64_t k_b, k_h, k_t;
   const T* key_t;
+  const T* at(int64_t b, int64_t j, int64_t t) const { return key + b * k_b + j * k_h + t * k_t; }  // key head j
 };
 
 template <typename scalar_t>
@@ -128,8 +129,8 @@ at::Tensor pack_keys(const Keys<scalar_t>& keys, int64_t batch, int64_t key_head
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (key_heads * k_blocks), j = item / k_blocks % key_heads, k0 = item % k_blocks * block_k;
       for (int64_t copy = 0; copy < copies; ++copy) {
-        pack_pairs(keys.key + b * keys.k_b + j * keys.k_h + k0 * keys.k_t, dim, std::min(block_k, k_len - k0), 1,
-                   keys.k_t, dim, block_k, out + (item * copies + copy) * dim * block_k);
+        pack_pairs(keys.at(b, j, k0), dim, std::min(block_k, k_len - k0), 1, keys.k_t, dim, block_k,
+                   out + (item * copies + copy) * dim * block_k);
       }
     }
   });
@@ -162,9 +163,8 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
           const Keys<scalar_t>& keys = parts[p].keys;
           for (int64_t j = 0; j < parts[p].key_heads; ++j, row += parts[p].dim) {  // rows j D .. (j + 1) D
             for (int64_t copy = 0; copy < 2; ++copy) {
-              pack_pairs(keys.key + b * keys.k_b + j * keys.k_h + k0 * keys.k_t, parts[p].dim,
-                         std::min(block_k, k_len - k0), 1, keys.k_t, parts[p].dim, block_k,
-                         out + (2 * item * spread_dims + copy * spread_dims + row) * block_k);
+              pack_pairs(keys.at(b, j, k0), parts[p].dim, std::min(block_k, k_len - k0), 1, keys.k_t, parts[p].dim,
+                         block_k, out + (2 * item * spread_dims + copy * spread_dims + row) * block_k);
             }
           }
         }
