@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from peft_lisa.tuner import cpu_kernel
-from peft_lisa.tuner.carrier import FoldedScores
+from peft_lisa.tuner.carrier import FoldedPart, FoldedScores
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend, kv_group_mask
 from tests.conftest import require_cpu_kernel
 
@@ -74,6 +74,29 @@ def folded_chain(
     return logits
 
 
+def float_reference(logits: FoldedScores, kernel, dtype: torch.dtype, pack: bool = True) -> FoldedScores:
+    """``logits`` in float32 as the kernel's route in ``dtype`` (the values') reads them. On the packed route
+    (:func:`cpu_kernel.packs`) the queries it mixes are rounded to ``dtype``, as it rounds them: a term's (its mixed,
+    scaled queries, :meth:`FoldedPart.kernel_term`; its keys in ``dtype`` too) and a fully mixed earlier link's that
+    is spread (no wider than the source against all its key heads: its queries mixed per key head,
+    :meth:`FoldedPart.spread_query`, against those key heads side by side). The source and wider mixed parts keep
+    their per-head scores and float32 mixing."""
+    source, *others = [replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts]
+    if not (pack and dtype != torch.float32 and kernel.packs(dtype)):
+        return FoldedScores([source, *others])
+    parts = [source]
+    for part in others:
+        if part.key_index is not None:  # a term
+            query, key = part.kernel_term(part.key.shape[2])
+            parts.append(FoldedPart(query.to(dtype).float(), key.to(dtype).float()))
+        elif part.spread_width <= source.query.shape[-1]:  # spread: one key head of H_k D for every query head
+            query = part.spread_query(slice(None)).to(dtype).float()
+            parts.append(FoldedPart(query, part.spread_key(part.key.shape[2])[:, None]))
+        else:
+            parts.append(part)
+    return FoldedScores(parts)
+
+
 def dense_attention(logits: FoldedScores, allowed: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``softmax(S + M) V`` from the whole T_q x T_k logits, in float32."""
     q_len, k_len = allowed.shape[-2:]
@@ -116,7 +139,7 @@ def test_kernel_where_later_keys_raise_the_row_maximum(kernel, dtype):
     logits = FoldedScores.from_query_key(query.to(dtype), key.to(dtype), 8**-0.5).mixed(torch.eye(heads), None)
     logits = logits.with_lowrank(torch.randn(1, heads, q_len, 2), torch.randn(1, 2, q_len, 2), 0.5)
     value = torch.randn(1, 2, q_len, 8).to(dtype)
-    reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
+    reference = float_reference(logits, kernel, dtype)
     allowed = causal_allowed(slice(None), q_len, q_len, value.device)
     with torch.no_grad():
         got = logits.attend_by_kernel(kernel, None, value)
@@ -147,7 +170,7 @@ def test_kernel_equals_dense_attention_with_padding(kernel, mask_kind, dtype):
     assert supported
     with torch.no_grad():
         got = logits.attend_by_kernel(kernel, kernel_mask, value)
-    reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
+    reference = float_reference(logits, kernel, dtype)
     expected = dense_attention(reference, allowed, value)
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
@@ -240,7 +263,7 @@ def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(
     logits = folded_chain(2, q_len, k_len, 4, 2, links, kv_group, seed=2, rank=rank)
     logits = FoldedScores([replace(part, query=part.query.to(dtype), key=part.key.to(dtype)) for part in logits.parts])
     value = torch.randn(2, 2, k_len, 8).to(dtype)
-    reference = FoldedScores([replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts])
+    reference = float_reference(logits, kernel, dtype, pack)
     allowed = causal_allowed(slice(None), q_len, k_len, value.device)
     with torch.no_grad():
         got = logits.attend_by_kernel(kernel, None, value, pack=pack)

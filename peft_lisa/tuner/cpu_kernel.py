@@ -200,8 +200,8 @@ def shared_attention(
     Sums, the head mixing and the softmax are float32. In bf16/fp16, where the CPU runs torch's own flash attention
     on packed operands (:func:`packs`: bf16 with AMX, for one), ``pack`` is true and every part's and term's size is
     even, the products ``q k^T`` and ``A V`` run in that dtype as torch's sdpa does (the probabilities rounded to it
-    for ``A V``); the terms' queries, mixed in float32, are split in the kernel into two halves of that dtype whose
-    sum keeps about twice its precision, against the keys twice. Otherwise the products are computed in float32 (and
+    for ``A V``); queries the kernel gets in float32 or mixes itself (the terms', the spread parts') are rounded to
+    that dtype, as a bf16 model's projections round theirs. Otherwise the products are computed in float32 (and
     so for a term or part of odd size: LiSA's rank is even).
     """
     dtype = value_dtype = value.dtype

@@ -12,9 +12,9 @@
 // torch's own small-GEMM kernel (at::native::cpublas::brgemm). bf16/fp16 inputs: where torch packs them for its own
 // flash attention (cpublas::could_pack, e.g. a CPU with AMX) and the caller asks (pack), q k^T (parts and terms) and
 // A V run in that precision on keys and values packed once per call, with float32 sums and the probabilities rounded
-// to the values' dtype for A V, as torch's sdpa does; queries mixed in float32 (a spread part's, a term's) are split
-// into two halves of that dtype against the keys twice (split_row). Elsewhere they are converted to float32 one tile
-// at a time. The head mixing and the softmax are float32.
+// to the values' dtype for A V, as torch's sdpa does; queries mixed in float32 (a spread part's, a term's) are rounded
+// to that dtype, as a bf16 model's own projections round theirs (round_row). Elsewhere they are converted to float32
+// one tile at a time. The head mixing and the softmax are float32.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/extension.h>
@@ -110,28 +110,25 @@ struct Extra {  // one term q_e k_e^T: queries B x H x T_q x W, float32, contigu
 };
 
 // Keys and values packed for the reduced-precision brgemm, once per call: per part and per term, its transposed keys
-// by blocks of block_k keys (B x H_i x key blocks x D x block_k, packed; a term's twice, see attend), and the values
+// by blocks of block_k keys (B x H_i x key blocks x D x block_k, packed), and the values
 // likewise (B x H_kv x key blocks x block_k x D_v, packed); zeros beyond the last key.
 struct PackedOperands {
   std::vector<at::Tensor> keys, term_keys;
-  at::Tensor spread_keys, values;  // spread_keys: the spread parts' keys side by side, B x key blocks x (2 W block_k)
+  at::Tensor spread_keys, values;  // spread_keys: the spread parts' keys side by side, B x key blocks x (W block_k)
 };
 
-// Keys B x H_i x T_k x D (D even) transposed and packed by blocks of block_k keys, `copies` times one after another:
-// B x H_i x key blocks x (copies D block_k).
+// Keys B x H_i x T_k x D (D even) transposed and packed by blocks of block_k keys: B x H_i x key blocks x (D block_k).
 template <typename scalar_t>
 at::Tensor pack_keys(const Keys<scalar_t>& keys, int64_t batch, int64_t key_heads, int64_t dim, int64_t k_len,
-                     int64_t block_k, const at::TensorOptions& options, int64_t copies = 1) {
+                     int64_t block_k, const at::TensorOptions& options) {
   const int64_t k_blocks = (k_len + block_k - 1) / block_k;
-  at::Tensor packed = at::empty({batch, key_heads, k_blocks, copies * dim * block_k}, options);
+  at::Tensor packed = at::empty({batch, key_heads, k_blocks, dim * block_k}, options);
   scalar_t* out = packed.data_ptr<scalar_t>();
   at::parallel_for(0, batch * key_heads * k_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (key_heads * k_blocks), j = item / k_blocks % key_heads, k0 = item % k_blocks * block_k;
-      for (int64_t copy = 0; copy < copies; ++copy) {
-        pack_pairs(keys.at(b, j, k0), dim, std::min(block_k, k_len - k0), 1, keys.k_t, dim, block_k,
-                   out + (item * copies + copy) * dim * block_k);
-      }
+      pack_pairs(keys.at(b, j, k0), dim, std::min(block_k, k_len - k0), 1, keys.k_t, dim, block_k,
+                 out + item * dim * block_k);
     }
   });
   return packed;
@@ -152,7 +149,7 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
   // The spread parts' keys (spread_dims rows in all), each all its key heads side by side, one after another (each
   // part's size is even, so a part's rows are whole packed pairs).
   if (spread_dims > 0) {
-    packed.spread_keys = at::empty({batch, k_blocks, 2 * spread_dims * block_k}, options);  // twice: see attend
+    packed.spread_keys = at::empty({batch, k_blocks, spread_dims * block_k}, options);
     scalar_t* out = packed.spread_keys.data_ptr<scalar_t>();
     at::parallel_for(0, batch * k_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
@@ -162,18 +159,16 @@ PackedOperands pack_operands(const std::vector<Part<scalar_t>>& parts, const std
           if (!spread[p]) continue;
           const Keys<scalar_t>& keys = parts[p].keys;
           for (int64_t j = 0; j < parts[p].key_heads; ++j, row += parts[p].dim) {  // rows j D .. (j + 1) D
-            for (int64_t copy = 0; copy < 2; ++copy) {
-              pack_pairs(keys.at(b, j, k0), parts[p].dim, std::min(block_k, k_len - k0), 1, keys.k_t, parts[p].dim,
-                         block_k, out + (2 * item * spread_dims + copy * spread_dims + row) * block_k);
-            }
+            pack_pairs(keys.at(b, j, k0), parts[p].dim, std::min(block_k, k_len - k0), 1, keys.k_t, parts[p].dim,
+                       block_k, out + (item * spread_dims + row) * block_k);
           }
         }
       }
     });
   }
-  for (const Extra& e : extras) {  // twice: against a query row's high and low halves
+  for (const Extra& e : extras) {
     const Keys<scalar_t> keys{static_cast<const scalar_t*>(e.keys.key), e.keys.k_b, e.keys.k_h, e.keys.k_t, nullptr};
-    packed.term_keys.push_back(pack_keys(keys, batch, e.heads, e.width, k_len, block_k, options, 2));
+    packed.term_keys.push_back(pack_keys(keys, batch, e.heads, e.width, k_len, block_k, options));
   }
   packed.values = at::empty({batch, kv_heads, k_blocks, block_k * value_dim}, options);
   const scalar_t* v_ptr = value.data_ptr<scalar_t>();
@@ -209,27 +204,24 @@ void block_queries(const Part<scalar_t>& part, int64_t b, int64_t q0, int64_t bq
   }
 }
 
-// n float32 values x as high + low in scalar_t (high + low = x to about twice scalar_t's precision: 16 significant
-// bits in bf16): high (x rounded) at row[0, n), the remainder x - high at row[low_column, low_column + n), so that a
-// product in scalar_t against the keys twice keeps x's precision (mixed queries rounded to bf16 alone moved the output
-// of a 4-link chain of random mixings by up to 0.074, against 0.008 for the rest of the kernel's rounding).
+// n float32 values x rounded to scalar_t (to nearest even) at row[0, n). A query mixed in float32 is rounded once, as
+// a bf16 model rounds its projections' outputs: on SmolLM2 the merged model's next-token KL to its float32 self stayed
+// that of the bf16 base (docs/method.md, "Rounding the mixed queries").
 template <typename scalar_t>
-void split_row(const float* x, int64_t n, int64_t low_column, scalar_t* row) {
+void round_row(const float* x, int64_t n, scalar_t* row) {
   for (int64_t c = 0; c < n; c += kLanes) {
     const int64_t m = std::min(kLanes, n - c);
-    const Floats x_c = m == kLanes ? load_lanes(x + c) : load_partial(x + c, m, 0.f);
-    store_lanes(row + low_column + c, x_c - store_lanes(row + c, x_c, m), m);
+    store_lanes(row + c, m == kLanes ? load_lanes(x + c) : load_partial(x + c, m, 0.f), m);
   }
 }
 
-// A block's queries of one spread part, mixed and split: row h block_q + r of out (leading dimension ld) holds
-// x[j] = sum_{g of key head j} mix[h, g] q[g, r] for each key head j (H_i D values), rounded to the dtype at columns
-// [0, H_i D) and the remainder x - high at [low_column, low_column + H_i D) (split_row). block: the part's queries of
-// the block in float32 (H x block_q x D, zeros beyond the block's queries: block_queries); x: a scratch row of H_i D
-// floats.
+// A block's queries of one spread part, mixed and rounded: row h block_q + r of out (leading dimension ld) holds
+// x[j] = sum_{g of key head j} mix[h, g] q[g, r] for each key head j (H_i D values, round_row). block: the part's
+// queries of the block in float32 (H x block_q x D, zeros beyond the block's queries: block_queries); x: a scratch row
+// of H_i D floats.
 template <typename scalar_t>
 void spread_block_queries(const Part<scalar_t>& part, const float* block, int64_t block_q, int64_t heads, int64_t ld,
-                          int64_t low_column, float* x, scalar_t* out) {
+                          float* x, scalar_t* out) {
   const int64_t size = heads / part.key_heads, width = part.key_heads * part.dim;  // size: query heads per key head
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t r = 0; r < block_q; ++r) {
@@ -241,7 +233,7 @@ void spread_block_queries(const Part<scalar_t>& part, const float* block, int64_
           for (int64_t d = 0; d < part.dim; ++d) x[j * part.dim + d] += c * q[d];
         }
       }
-      split_row(x, width, low_column, out + (h * block_q + r) * ld);
+      round_row(x, width, out + (h * block_q + r) * ld);
     }
   }
 }
@@ -303,13 +295,13 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     part_dims += part.dim;
     max_key_width = std::max(max_key_width, part.key_heads * part.dim);
   }
-  for (const Extra& e : extras) term_dims += packed ? 2 * e.width : e.width;  // packed: [high, low]
+  for (const Extra& e : extras) term_dims += e.width;
 
   at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
     // Per thread (scratch): a part's per-head scores and the mixed logits of one tile (H x block_q x block_k each),
     // the running output, maximum and sum of every query row, the block's queries (float32, or the values' dtype if
     // packed), float32 copies of a converted tile's keys and values, the tile's probabilities (in the values' dtype
-    // for a packed A V), the terms' and spread parts' split queries and a spread part's float32 block and row. Their
+    // for a packed A V), the terms' and spread parts' rounded queries and a spread part's float32 block and row. Their
     // contents are left from earlier calls: every value a result depends on is written first (a short key tile's
     // columns beyond bk in scores and logits are mixed, column by column, but never read by the softmax).
     const auto scores = scratch<float>(0, heads * tile), logits = scratch<float>(1, heads * tile);
@@ -322,7 +314,7 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
     const auto p_tile = scratch<scalar_t>(9, packed ? heads * tile : 0);
     const auto p_float = scratch<float>(10, packed ? 0 : heads * tile);
     const auto term_q = scratch<scalar_t>(11, packed ? heads * block_q * term_dims : 0);
-    const auto spread_q = scratch<scalar_t>(12, heads * block_q * 2 * spread_dims);
+    const auto spread_q = scratch<scalar_t>(12, heads * block_q * spread_dims);
     const auto spread_block = scratch<float>(13, spread_dims > 0 ? heads * block_q * parts[0].dim : 0);
     const auto spread_row = scratch<float>(14, parts[0].dim);
     std::vector<const float*> values(kv_heads);
@@ -346,14 +338,14 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       // The block's queries of every part, all heads' rows one after another (block_q rows of D per head, zeros
       // beyond bq), so that the query heads reading one key head are one product: in the values' dtype if packed,
-      // else float32; a spread part's mixed and split, at its columns of spread_q (H block_q x 2 spread_dims).
+      // else float32; a spread part's mixed and rounded, at its columns of spread_q (H block_q x spread_dims).
       int64_t spread_column = 0;
       for (size_t p = 0, offset = 0; p < parts.size(); offset += heads * block_q * parts[p].dim, ++p) {
         const Part<scalar_t>& part = parts[p];
         if (spread[p]) {
           block_queries(part, b, q0, bq, block_q, heads, spread_block.data());
-          spread_block_queries(part, spread_block.data(), block_q, heads, 2 * spread_dims, spread_dims,
-                               spread_row.data(), spread_q.data() + spread_column);
+          spread_block_queries(part, spread_block.data(), block_q, heads, spread_dims, spread_row.data(),
+                               spread_q.data() + spread_column);
           spread_column += part.key_heads * part.dim;
         } else if (packed) {
           block_queries(part, b, q0, bq, block_q, heads, q_packed.data() + offset);
@@ -361,13 +353,13 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           block_queries(part, b, q0, bq, block_q, heads, q_tile.data() + offset);
         }
       }
-      if (packed) {  // likewise the terms' queries, split: rows [high, low] of 2 W (split_row), zeros beyond bq
+      if (packed) {  // likewise the terms' queries, rounded (round_row), zeros beyond bq
         scalar_t* dst = term_q.data();
         for (const Extra& e : extras) {
-          for (int64_t h = 0; h < heads; ++h, dst += block_q * 2 * e.width) {
+          for (int64_t h = 0; h < heads; ++h, dst += block_q * e.width) {
             const float* q = e.query + ((b * heads + h) * q_len + q0) * e.width;
-            for (int64_t r = 0; r < bq; ++r) split_row(q + r * e.width, e.width, e.width, dst + r * 2 * e.width);
-            std::fill(dst + bq * 2 * e.width, dst + block_q * 2 * e.width, scalar_t(0));
+            round_row(q, bq * e.width, dst);
+            std::fill(dst + bq * e.width, dst + block_q * e.width, scalar_t(0));
           }
         }
       }
@@ -402,8 +394,8 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
         if constexpr (is_reduced) {
           if (spread_dims > 0) {  // logits (all heads' rows, block_q each) += spread_q (H block_q x W) @ k^T (W x bk)
             const scalar_t* key_t = operands.spread_keys.data_ptr<scalar_t>() +
-                                    (b * k_blocks + kb) * 2 * spread_dims * block_k;
-            brgemm(heads * block_q, bk, 2 * spread_dims, 2 * spread_dims, block_k, block_k, true, spread_q.data(),
+                                    (b * k_blocks + kb) * spread_dims * block_k;
+            brgemm(heads * block_q, bk, spread_dims, spread_dims, block_k, block_k, true, spread_q.data(),
                    key_t, logits.data(), true);
           }
         }
@@ -412,8 +404,8 @@ void attend(const std::vector<Part<scalar_t>>& parts, const std::vector<Extra>& 
           const Extra& e = extras[t];
           const int64_t e_group = heads / e.heads;
           if constexpr (is_reduced) {
-            if (packed) {  // one product for the e_group query heads of key head j, [high, low] against the keys twice
-              const int64_t size = 2 * e.width;
+            if (packed) {  // one product for the e_group query heads of key head j
+              const int64_t size = e.width;
               for (int64_t j = 0; j < e.heads; ++j) {
                 const scalar_t* key_t = operands.term_keys[t].data_ptr<scalar_t>() +
                                         ((b * e.heads + j) * k_blocks + kb) * size * block_k;
@@ -500,7 +492,7 @@ bool packs(at::ScalarType dtype) {
 // term_keys[e] B x H_e x T_k x W_e (last dim contiguous), float32 or with pack in the values' dtype; value
 // B x H_kv x T_k x D_v (last dim contiguous); mask: none (causal: the queries are the last T_q of the T_k positions) or
 // B_m x T_q x T_k (B_m 1 or B, any strides), bool (true: attend) or float32 (additive); pack: run the products q k^T
-// (parts and terms, the terms' queries split in two halves of that dtype) and A V in the values' dtype on packed
+// (parts and terms, the terms' queries rounded to that dtype) and A V in the values' dtype on packed
 // operands, which needs packs(dtype) and every D_i and W_e even; else they are float32. Returns B x T_q x H x D_v in
 // the values' dtype.
 at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const std::vector<at::Tensor>& mixed_keys,
