@@ -1,11 +1,13 @@
-"""Evaluation of a (LiSA) causal LM: sliding-window perplexity on held-out text, and greedy sample generations.
+"""Evaluation of a (LiSA) causal LM: sliding-window perplexity on held-out text, agreement of a lower precision with
+float32, and greedy sample generations.
 
-Both functions take any causal LM that ``transformers`` can run: a plain model, a ``PeftModel`` with a LiSA adapter
+They take any causal LM that ``transformers`` can run: a plain model, a ``PeftModel`` with a LiSA adapter
 (active or inside ``disable_adapter()``), a merged LiSA model, or a 4-bit quantized one.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Sequence
@@ -94,6 +96,103 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
         if end == num_tokens:
             break
     return windows
+
+
+@dataclass
+class PrecisionAgreement:
+    """Result of :func:`precision_agreement`: a model run in a lower precision against itself in float32.
+
+    Attributes:
+        dtype: The lower precision (``"bfloat16"``, ``"float16"``).
+        kl_mean: Mean over scored positions of ``KL(p_float32 || p_dtype)`` of the next-token distributions (nats).
+        kl_max: Its largest value at one position.
+        ppl_float32: Perplexity of the float32 model on the scored tokens.
+        ppl: Perplexity of the model in ``dtype`` on the same tokens.
+        num_tokens: Number of scored tokens.
+        window: Tokens per window (disjoint windows; every token but a window's first is scored).
+    """
+
+    dtype: str
+    kl_mean: float
+    kl_max: float
+    ppl_float32: float
+    ppl: float
+    num_tokens: int
+    window: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def precision_agreement(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    window: int = 1024,
+    num_windows: int = 8,
+    batch_size: int = 2,
+    progress: bool = True,
+) -> PrecisionAgreement:
+    """How far ``model`` (float32) moves when run in ``dtype``: its next-token distributions on the first
+    ``num_windows`` disjoint windows of ``window`` tokens of ``texts`` (joined and tokenised as :func:`perplexity`
+    does), against a copy of it in ``dtype``. The same measurement of the base model gives the scale of ``dtype``'s own
+    rounding, against which a merged LiSA model's is read (``docs/method.md``, "Rounding the mixed queries").
+
+    Holds a second copy of the model in ``dtype`` while it runs; ``model`` itself is left as it was.
+
+    Raises:
+        ValueError: ``model`` is not float32, or the texts give fewer than ``window`` tokens.
+    """
+    if any(param.dtype != torch.float32 for param in model.parameters()):
+        raise ValueError("precision_agreement() compares a float32 model with its copy in dtype: pass it in float32.")
+    if window < 2 or num_windows < 1 or batch_size < 1:
+        raise ValueError(
+            f"window must be >= 2, num_windows and batch_size >= 1; got {window}, {num_windows}, {batch_size}"
+        )
+    ids = _stream_ids(tokenizer, texts)
+    num_windows = min(num_windows, len(ids) // window)
+    if num_windows < 1:
+        raise ValueError(
+            f"The texts give {len(ids)} tokens, fewer than one window of {window}: pass a smaller window."
+        )
+    windows = torch.tensor(ids[: num_windows * window], dtype=torch.long).view(num_windows, window)
+    device = _model_device(model)
+    lowered = copy.deepcopy(model).to(dtype)
+    was_training = model.training
+    model.eval()
+    lowered.eval()
+    kl_sum, kl_max, nll_sum, nll_low_sum = 0.0, 0.0, 0.0, 0.0
+    try:
+        starts = range(0, num_windows, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"float32 against {str(dtype).removeprefix('torch.')}", unit="batch")
+        for start in starts:
+            input_ids = windows[start : start + batch_size].to(device)
+            reference = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            lowered_lp = lowered(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            kl = (reference.exp() * (reference - lowered_lp)).sum(-1)  # B x (T - 1)
+            kl_sum += kl.sum().item()
+            kl_max = max(kl_max, kl.max().item())
+            targets = input_ids[:, 1:, None]
+            nll_sum -= reference.gather(-1, targets).sum().item()
+            nll_low_sum -= lowered_lp.gather(-1, targets).sum().item()
+    finally:
+        model.train(was_training)
+    count = num_windows * (window - 1)
+    return PrecisionAgreement(
+        dtype=str(dtype).removeprefix("torch."),
+        kl_mean=kl_sum / count,
+        kl_max=kl_max,
+        ppl_float32=math.exp(nll_sum / count),
+        ppl=math.exp(nll_low_sum / count),
+        num_tokens=count,
+        window=window,
+    )
 
 
 @torch.no_grad()

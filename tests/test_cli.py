@@ -388,6 +388,10 @@ def test_train_saves_adapter_checkpoints_and_model_card(run_dir, analysis_dir):
     counts = ", ".join(f"{label} {sum(map(bool, check['loops'][key]))}/2" for key, label in GENERATION_LABELS.items())
     summary = TrainResult(results, adapter, run_dir / "results.json").summary()
     assert f"looping on 2 more everyday prompts: {counts}" in summary
+    assert "capped" not in summary  # the layer choice's cap on chains, when it had one
+    capped = {**results, "layer_choice": {**results["layer_choice"], "max_chain": 2}}
+    capped_summary = TrainResult(capped, adapter, run_dir / "results.json").summary()
+    assert f"rank {RANK}; runs of adjacent shared layers capped at 2" in capped_summary
     # The perplexity table: both texts side by side, with the note on what the license text's gap means.
     heading, note, columns = summary.split("perplexity on the held-out part of", 1)[1].splitlines()[:3]
     assert "and on the license text" in heading and note == LICENSE_NOTE

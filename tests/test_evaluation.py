@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from peft_lisa.evaluation import (
     copying_nll,
     generate_samples,
     perplexity,
+    precision_agreement,
     repeated_ngram,
     sliding_windows,
 )
@@ -133,6 +135,40 @@ def test_perplexity_of_peft_merged_and_disabled_models():
     assert perplexity(merged, tokenizer, texts, window=32, stride=16, progress=False).ppl == pytest.approx(
         peft_ppl, rel=1e-4
     )
+
+
+def test_precision_agreement_against_a_hand_computation():
+    """The KL and perplexities of a merged LiSA model in bf16 against itself in float32, on disjoint windows of the
+    stream, recomputed here from the two models' logits; float32 against float32 agrees exactly; the model passed in
+    is left in float32, and a model not in float32 is refused."""
+    tokenizer, texts = tiny_tokenizer(), random_texts(6, seed=3)
+    peft_model = get_peft_model(tiny_model(), LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    merged = peft_model.merge_and_unload().eval()
+    window, windows = 24, 3
+    ids = stream(tokenizer, texts)[: window * windows].view(windows, window)
+    with torch.no_grad():
+        reference = merged(ids).logits[:, :-1].float().log_softmax(-1)
+        lowered = copy.deepcopy(merged).bfloat16()(ids).logits[:, :-1].float().log_softmax(-1)
+    kl = (reference.exp() * (reference - lowered)).sum(-1)
+    got = precision_agreement(
+        merged, tokenizer, texts, window=window, num_windows=windows, batch_size=2, progress=False
+    )
+    assert got.num_tokens == windows * (window - 1) and got.dtype == "bfloat16"
+    assert got.kl_mean == pytest.approx(kl.mean().item(), rel=1e-5) and got.kl_max == pytest.approx(kl.max().item())
+    assert got.kl_mean > 0
+    targets = ids[:, 1:, None]
+    assert got.ppl_float32 == pytest.approx(math.exp(-reference.gather(-1, targets).mean().item()), rel=1e-6)
+    assert got.ppl == pytest.approx(math.exp(-lowered.gather(-1, targets).mean().item()), rel=1e-6)
+    assert all(param.dtype == torch.float32 for param in merged.parameters())
+    same = precision_agreement(
+        merged, tokenizer, texts, torch.float32, window=window, num_windows=windows, progress=False
+    )
+    assert same.kl_mean == pytest.approx(0.0, abs=1e-7) and same.ppl == pytest.approx(same.ppl_float32, rel=1e-6)
+    with pytest.raises(ValueError, match="pass it in float32"):
+        precision_agreement(merged.bfloat16(), tokenizer, texts, window=window, progress=False)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        precision_agreement(tiny_model(), tokenizer, texts[:1], window=100_000, progress=False)
 
 
 def test_perplexity_errors():

@@ -216,14 +216,15 @@ class TrainResult:
         if "training" not in self.results:  # a non-main process of a multi-process run
             return f"process {self.results.get('rank')}: trained; the main process measures, saves and reports"
         results, training = self.results, self.results["training"]
+        choice = results.get("layer_choice") or {}
+        cap = f"; runs of adjacent shared layers capped at {choice['max_chain']}" if choice.get("max_chain") else ""
         lines = [
-            f"shared layers: {results['share_layers']}; rank {results['rank']}",
+            f"shared layers: {results['share_layers']}; rank {results['rank']}{cap}",
             f"Q/K compression of the shared layers: {results['qk_compression']['ratio']:.2f}x",
             f"trained to step {training['global_step']} ({training['wall_minutes']:.1f} min, loss "
             f"{training['train_loss']:.4f}, {training['tokens_seen']:,} tokens seen); total {results['total_minutes']}"
             " min",
         ]
-        choice = results.get("layer_choice") or {}
         if choice.get("analysis_minutes") is not None:
             lines.append(f"layers chosen by {choice['method']} ({choice['analysis_minutes']:.1f} min)")
         if results.get("self_generated"):
