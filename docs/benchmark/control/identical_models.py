@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, _ = load_model_and_tokenizer(None)
@@ -49,6 +50,8 @@ def main() -> None:
         "base, deep copy": copy.deepcopy(base).eval(),
         "merged": untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval(),
     }
+    dtype = getattr(torch, args.dtype)
+    subjects = {name: model.to(dtype) for name, model in subjects.items()}  # converted after the merge
     cpu = torch.device("cpu")
     ids = random_ids(args.batch, args.tokens, base.config.vocab_size, cpu, seed=0)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in subjects}  # prefill s, decode s per step
@@ -61,7 +64,7 @@ def main() -> None:
                 prefill, decode, _ = prefill_then_decode(subjects[name], ids, args.decode_tokens, cpu)
                 times[name].append((prefill, decode / args.decode_tokens))
     print(
-        f"{args.batch} x {args.tokens} tokens, then {args.decode_tokens} decode steps, float32, "
+        f"{args.batch} x {args.tokens} tokens, then {args.decode_tokens} decode steps, {args.dtype}, "
         f"{torch.get_num_threads()} thread(s), {args.repeats} rounds"
     )
     print("| subject | prefill ms | base / subject: median (range) | decode ms/step | base / subject |")
