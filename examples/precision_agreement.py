@@ -3,9 +3,9 @@
 For the base model and the adapter merged into it, :func:`peft_lisa.evaluation.precision_agreement` runs the float32
 model and a bf16 copy on the same held-out windows and prints the mean and largest per-token KL of their next-token
 distributions, and both perplexities. The base's figures are the scale of bf16's own rounding; the merged model's
-include the shared layers' (on CPU, the kernel's rounding of the queries it mixes: ``docs/method.md``, "Rounding the
-mixed queries"). Prefills longer than the handed-logits bound take the CPU kernel, so use windows of several hundred
-tokens.
+include the shared layers' (on a CPU where the kernel runs bf16 products on packed operands, e.g. with AMX, its
+rounding of the queries it mixes: ``docs/method.md``, "Rounding the mixed queries"). Prefills longer than the
+handed-logits bound take the CPU kernel, so use windows of several hundred tokens.
 
     peft-lisa calibrate --threads 2 --share-fraction 0.5 --no-eval --output-dir runs/cal50
     python examples/precision_agreement.py --threads 2 --adapter runs/cal50/adapter
@@ -51,7 +51,8 @@ def main() -> None:
             model, tokenizer, texts, dtype, window=args.window, num_windows=args.windows
         ).to_dict()
     count = results["base"]["num_tokens"]
-    print(f"\n{args.dtype} against float32, {count} held-out {args.data} tokens ({args.windows} x {args.window}):\n")
+    windows = count // (args.window - 1)
+    print(f"\n{args.dtype} against float32, {count} held-out {args.data} tokens ({windows} x {args.window}):\n")
     print(f"| model | KL mean | KL max | perplexity, float32 | perplexity, {args.dtype} |")
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():

@@ -2,7 +2,8 @@
 float32, and greedy sample generations.
 
 They take any causal LM that ``transformers`` can run: a plain model, a ``PeftModel`` with a LiSA adapter
-(active or inside ``disable_adapter()``), a merged LiSA model, or a 4-bit quantized one.
+(active or inside ``disable_adapter()``), a merged LiSA model, or a 4-bit quantized one (but
+:func:`precision_agreement`, which needs a float32 model).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _stream_ids(tokenizer: Any, texts: Sequence[str]) -> list[int]:
         texts = [texts]
     texts = [text for text in texts if text and text.strip()]
     if not texts:
-        raise ValueError("perplexity() got no non-empty texts to evaluate on.")
+        raise ValueError("Got no non-empty texts to evaluate on.")
     return list(tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"])
 
 
@@ -141,7 +142,8 @@ def precision_agreement(
     does), against a copy of it in ``dtype``. The same measurement of the base model gives the scale of ``dtype``'s own
     rounding, against which a merged LiSA model's is read (``docs/method.md``, "Rounding the mixed queries").
 
-    Holds a second copy of the model in ``dtype`` while it runs; ``model`` itself is left as it was.
+    Holds a second copy of the model in ``dtype`` while it runs, and both models' float32 log-probabilities of one
+    batch (``batch_size x window x vocabulary`` each); ``model`` itself is left as it was.
 
     Raises:
         ValueError: ``model`` is not float32, or the texts give fewer than ``window`` tokens.

@@ -80,7 +80,8 @@ def float_reference(logits: FoldedScores, kernel, dtype: torch.dtype, pack: bool
     scaled queries, :meth:`FoldedPart.kernel_term`; its keys in ``dtype`` too) and a fully mixed earlier link's that
     is spread (no wider than the source against all its key heads: its queries mixed per key head,
     :meth:`FoldedPart.spread_query`, against those key heads side by side). The source and wider mixed parts keep
-    their per-head scores and float32 mixing."""
+    their per-head scores and float32 mixing. (Callers pass parts in the values' dtype and even sizes: the kernel
+    reads everything in float32 otherwise, which this does not model.)"""
     source, *others = [replace(part, query=part.query.float(), key=part.key.float()) for part in logits.parts]
     if not (pack and dtype != torch.float32 and kernel.packs(dtype)):
         return FoldedScores([source, *others])
@@ -254,10 +255,11 @@ def test_kernel_in_reduced_precision_equals_dense_attention_of_the_same_tensors(
     and values, the probabilities rounded to it for ``A V`` as torch's sdpa does; each probability's rounding moves
     the output by at most half an epsilon of the largest value. Odd key counts and tiles cut by the causal mask
     exercise the packing's padding. Packed, a chain's earlier links (1 or 3 of them) are spread when fully
-    mixed: their queries mixed per block, one product against all their key heads side by side; under kv_group they
-    are terms, their queries mixed in float32 (by products of up to four random mixings) and split into two halves of
-    the dtype (with the low halves dropped, the 4-link chain's output moved by up to 0.054, 3x the tolerance). Rank 18
-    gives split rows of whole and partial vectors (18 and 36 values against 16 lanes)."""
+    mixed and no wider than the source (rank 4): their queries mixed per block, rounded to the dtype, one product
+    against all their key heads side by side; under kv_group they are terms, their queries mixed in float32 (by
+    products of up to four random mixings) and rounded to the dtype. The reference rounds them the same way
+    (:func:`float_reference`; left unrounded there, the 4-link chains miss the tolerance by 2-3x). Rank 18 gives
+    rounded rows of whole and partial vectors (18 values against 16 lanes)."""
     if pack and not kernel.packs(dtype):
         pytest.skip(f"this CPU does not pack {dtype} for brgemm (torch's own sdpa does not either)")
     logits = folded_chain(2, q_len, k_len, 4, 2, links, kv_group, seed=2, rank=rank)

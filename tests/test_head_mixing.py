@@ -231,20 +231,17 @@ def test_fused_call_with_one_key_head_equals_dense_attention(group_map):
 
 
 @pytest.mark.parametrize("head_mixing, explicit", [("full", True), ("kv_group", False)])
-@pytest.mark.parametrize("kernel", ["on", "off", "on, products on AMX"])
+@pytest.mark.parametrize("kernel", ["on", "off"])
 def test_inference_routes_of_folded_logits(head_mixing, explicit, kernel, monkeypatch):
-    """On CPU, inference attends through the compiled kernel; with it off, the full mixing of a GQA model (a fused
-    call of head size H_kv d_h + r >= 2 d_h) runs as explicit blocks and kv_group (d_h + r) stays fused; where the
-    CPU runs the dtype's products on AMX (simulated here), kv_group takes the fused call (torch's sdpa runs it on
-    AMX), the full mixing the kernel; training always runs fused. All agree. (The route of every input longer than
-    HANDED_LOGITS_MAX_KEYS.)"""
+    """On CPU, inference attends through the compiled kernel, under both head mixings (on AMX too: the route does not
+    depend on the CPU); with it off, the full mixing of a GQA model (a fused call of head size H_kv d_h + r >= 2 d_h)
+    runs as explicit blocks and kv_group (d_h + r) stays fused; training always runs fused. All agree. (The route of
+    every input longer than HANDED_LOGITS_MAX_KEYS.)"""
     set_handed_logits_bound(monkeypatch, 0)
-    if kernel.startswith("on"):
+    if kernel == "on":
         require_cpu_kernel(monkeypatch)
     else:
         monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
-    if kernel == "on, products on AMX":
-        monkeypatch.setattr(carrier_module, "packs", lambda kernel, dtype: True)
     calls = []
 
     def counted(route):
@@ -258,13 +255,12 @@ def test_inference_routes_of_folded_logits(head_mixing, explicit, kernel, monkey
     ids = random_ids(2, 30)
     with torch.no_grad():
         inference = peft_model(ids).logits
-    kernel_route = kernel == "on" or (kernel == "on, products on AMX" and explicit)
-    if kernel_route:
+    if kernel == "on":
         assert calls == ["attend_by_kernel"] * 2
     else:
-        assert calls == (["attend_by_blocks"] * 2 if explicit and kernel == "off" else [])
+        assert calls == (["attend_by_blocks"] * 2 if explicit else [])
     training = peft_model(ids).logits
-    assert len(calls) == (2 if kernel_route or (explicit and kernel == "off") else 0)
+    assert len(calls) == (2 if kernel == "on" or explicit else 0)
     torch.testing.assert_close(inference, training.detach(), atol=1e-5, rtol=1e-5)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .cpu_kernel import kernel_mask, load_cpu_kernel, packs, shared_attention
+from .cpu_kernel import kernel_mask, load_cpu_kernel, shared_attention
 from .functional import (
     additive_mask_rows,
     batched_matmul,
@@ -420,12 +420,8 @@ class FoldedScores(SourceLogits):
         """``softmax(S + M) V`` -> B x T_q x (H d_v), for values B x H_kv x T_k x d_v.
 
         With autograd: :meth:`attend_fused`. In inference on CPU, :meth:`attend_by_kernel` (the compiled kernel,
-        ``cpu_kernel.py``), except where the CPU runs the dtype's products on AMX (:func:`~.cpu_kernel.packs`) and the
-        fused head size is below ``EXPLICIT_MIN_WIDENING`` times ``d_v`` (kv_group): there torch's own sdpa, which
-        runs those products on AMX too, takes the fused call faster (SmolLM2 shapes, bf16, 1 x 2048, an Intel Xeon
-        with AMX: 1.24x the base's sdpa time against the kernel's 1.66x at link 1, 1.48x against 2.82x at link 6;
-        at 8 x 512 the two are equal, 1.57x and 1.53x; ``docs/benchmark/cpu_kernel/README.md``). Where the kernel
-        is off or cannot be built, :meth:`attend_by_blocks` when the fused head size is at least
+        ``cpu_kernel.py``), kv_group included (``docs/method.md``, "The CPU kernel of a shared layer"). Where the
+        kernel is off or cannot be built, :meth:`attend_by_blocks` when the fused head size is at least
         ``EXPLICIT_MIN_WIDENING`` times ``d_v`` (a widely mixed source), in blocks sized for a CPU's cache.
         On an accelerator the fused call, unless its head size is above ``FUSED_MAX_HEAD_DIM`` (no flash kernel
         takes it): then explicit blocks of about ``EXPLICIT_BLOCK_BYTES_ACCELERATOR`` each; the CPU's small blocks
@@ -436,11 +432,9 @@ class FoldedScores(SourceLogits):
         if value.device.type == "cpu":
             kernel = load_cpu_kernel()
             supported, mask = kernel_mask(attention_mask, value.shape[2])
-            narrow = self.head_dim < EXPLICIT_MIN_WIDENING * value.shape[-1]
             if kernel is not None and supported:
-                if not (narrow and packs(kernel, value.dtype)):
-                    return self.attend_by_kernel(kernel, mask, value)
-            elif not narrow:
+                return self.attend_by_kernel(kernel, mask, value)
+            if self.head_dim >= EXPLICIT_MIN_WIDENING * value.shape[-1]:
                 return self.attend_by_blocks(attention_mask, value)
         elif self.head_dim > FUSED_MAX_HEAD_DIM:
             return self.attend_by_blocks(attention_mask, value, block_bytes=EXPLICIT_BLOCK_BYTES_ACCELERATOR)
