@@ -139,8 +139,8 @@ def test_perplexity_of_peft_merged_and_disabled_models():
 
 def test_precision_agreement_against_a_hand_computation():
     """The KL and perplexities of a merged LiSA model in bf16 against itself in float32, on disjoint windows of the
-    stream, recomputed here from the two models' logits; float32 against float32 agrees (within 1e-7); the model passed in
-    is left in float32, and a model not in float32 is refused."""
+    stream, recomputed here from the two models' logits; float32 against float32 agrees (within 1e-7); the model
+    passed in is left in float32, and a model not in float32 is refused."""
     tokenizer, texts = tiny_tokenizer(), random_texts(6, seed=3)
     peft_model = get_peft_model(tiny_model(), LiSAConfig(share_layers=[2, 3], rank=4))
     randomize_adapter(peft_model)
