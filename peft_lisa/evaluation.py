@@ -161,6 +161,7 @@ def precision_agreement(
             f"The texts give {len(ids)} tokens, fewer than one window of {window}: pass a smaller window."
         )
     windows = torch.tensor(ids[: num_windows * window], dtype=torch.long).view(num_windows, window)
+    dtype_name = str(dtype).removeprefix("torch.")
     device = _model_device(model)
     lowered = copy.deepcopy(model).to(dtype)
     was_training = model.training
@@ -172,7 +173,7 @@ def precision_agreement(
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"float32 against {str(dtype).removeprefix('torch.')}", unit="batch")
+            starts = tqdm(starts, desc=f"float32 against {dtype_name}", unit="batch")
         for start in starts:
             input_ids = windows[start : start + batch_size].to(device)
             reference = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
@@ -187,7 +188,7 @@ def precision_agreement(
         model.train(was_training)
     count = num_windows * (window - 1)
     return PrecisionAgreement(
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name,
         kl_mean=kl_sum / count,
         kl_max=kl_max,
         ppl_float32=math.exp(nll_sum / count),
