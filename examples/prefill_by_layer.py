@@ -13,10 +13,13 @@ on long inputs. Writes ``layer_times.json`` and ``layer_times.md`` to ``--output
 
 With ``--geometry`` (``llama-2-7b``, ``llama-3-8b``, ``mistral-7b``) the models are a random-weight, depth-truncated
 model of that layer geometry (``--layers``, ``--dtype``, bf16 by default) and its merged copy sharing every odd layer
-(:func:`peft_lisa.benchmark.geometry.geometry_models`), as ``examples/geometry_benchmark.py`` times decoding:
+or ``--share-layers`` (:func:`peft_lisa.benchmark.geometry.geometry_models`), as ``examples/geometry_benchmark.py``
+times decoding. Consecutive shared layers form a chain, so the second command prices links 1 to 7 of one:
 
     python examples/prefill_by_layer.py --threads 2 --geometry llama-2-7b --context 2048 --repeats 3 \\
         --output-dir docs/benchmark/geometry_prefill/llama-2-7b
+    python examples/prefill_by_layer.py --threads 2 --geometry llama-2-7b --layers 8 --share-layers 1,2,3,4,5,6,7 \\
+        --output-dir docs/benchmark/geometry_prefill/llama-2-7b_chain7
 
 With ``--decode-steps N`` it times decode steps instead: in each repetition an untimed prefill of ``--batch`` x
 ``--context`` tokens, then N greedy steps on its cache, each layer's time per step
@@ -67,16 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="prefill-by-layer")
     args = parser.parse_args(argv)
     if args.geometry:
-        given = [f"--{name}" for name in ("model", "analysis", "share_layers") if getattr(args, name) is not None]
+        given = [f"--{name}" for name in ("model", "analysis") if getattr(args, name) is not None]
         if given:
-            parser.error(f"--geometry builds its own models and shares every odd layer: drop {', '.join(given)}")
+            parser.error(f"--geometry builds its own random-weight models: drop {', '.join(given)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.geometry else "float32"))
     if args.geometry:
-        base, merged = geometry_models(args.geometry, args.layers, dtype, args.rank, args.head_mixing)
-        subject = f"{args.geometry} geometry, {args.layers} random-weight layers, every odd layer shared"
+        base, merged = geometry_models(
+            args.geometry, args.layers, dtype, args.rank, args.head_mixing, share_layers=args.share_layers
+        )
+        shared = "every odd layer" if args.share_layers is None else f"layers {args.share_layers}"
+        subject = f"{args.geometry} geometry, {args.layers} random-weight layers, {shared} shared"
     else:
         analysis = load_analysis_file(args.analysis) if args.analysis else None
         base, merged, path = load_benchmark_models(

@@ -32,7 +32,7 @@ from peft_lisa.benchmark import (
     synthetic_cache,
 )
 from peft_lisa.benchmark.cost_model import chain_depths, earlier_link_pair_flops
-from peft_lisa.benchmark.layer_clock import decode_layer_times, prefill_layer_times
+from peft_lisa.benchmark.layer_clock import _alternating_layer_times, decode_layer_times, prefill_layer_times
 
 from .conftest import REPO_ROOT, tiny_model
 
@@ -463,8 +463,30 @@ def test_prefill_by_layer_example_on_a_geometry(monkeypatch, tmp_path):
     assert data["kinds"] == ["source", "shared", "source", "shared"] and data["depths"] == [0, 1, 0, 1]
     assert data["models"].startswith("tiny geometry, 4 random-weight layers") and data["models"].endswith("bfloat16")
     assert "--geometry tiny" in data["command"] and "--geometry tiny" in (out / "layer_times.md").read_text()
+    chain = tmp_path / "chain"
+    assert example.main([*argv[:-1], str(chain), "--share-layers", "1,2,3"]) == 0
+    data = json.loads((chain / "layer_times.json").read_text())
+    assert data["kinds"] == ["source", "shared", "shared", "shared"] and data["depths"] == [0, 1, 2, 3]
+    assert "layers [1, 2, 3] shared" in data["models"]
     with pytest.raises(SystemExit):
-        example.main(["--geometry", "tiny", "--share-layers", "1"])
+        example.main(["--geometry", "tiny", "--analysis", "analysis.json"])
+
+
+def test_time_outside_the_layers_is_a_median_of_repetitions(models):
+    """A spike in a different layer in each repetition moves the median whole forward but no layer's median; the time
+    outside the layers (here 0.5 s in every repetition) is taken per repetition, not as the difference of the medians
+    (which would read 4.5 s)."""
+    base, merged = models
+    spikes = iter([[1.0] * 5, [5.0, 1, 1, 1, 1], [1, 5.0, 1, 1, 1], [1.0] * 5])  # warm-up, then three repetitions
+
+    def timed(model, clock):
+        clock.spent = list(next(spikes)) if model is base else [1.0] * 5
+        return sum(clock.spent) + 0.5
+
+    times = _alternating_layer_times(base, merged, timed, repeats=3, batch=1, context=16)
+    assert times.base_total == 9.5 and times.base_seconds == [1.0] * 5
+    assert times.base_outside == pytest.approx(0.5) and times.merged_outside == pytest.approx(0.5)
+    assert "| outside the layers (embeddings, norm, LM head) | | | | +0.0 ms |" in times.to_markdown()
 
 
 def test_prefill_layer_times_name_each_layer_and_its_chain_depth(models):
@@ -476,6 +498,7 @@ def test_prefill_layer_times_name_each_layer_and_its_chain_depth(models):
     assert times.depths == [0, 0, 1, 2, 0]
     for seconds, total in ((times.base_seconds, times.base_total), (times.merged_seconds, times.merged_total)):
         assert len(seconds) == 5 and all(s > 0 for s in seconds) and sum(seconds) < total
+    assert 0 < times.base_outside < times.base_total and 0 < times.merged_outside < times.merged_total
     rows = {row["layers"]: row["indices"] for row in times.by_depth()}
     assert rows == {"full": [0, 4], "source": [1], "shared, depth 1": [2], "shared, depth 2": [3]}
     assert "| shared, depth 2 (3) | 1 |" in times.to_markdown()

@@ -79,12 +79,20 @@ def truncated_model(geometry: str, num_layers: int, dtype: torch.dtype, seed: in
 
 
 def geometry_models(
-    geometry: str, num_layers: int, dtype: torch.dtype, rank: int = 8, head_mixing: str = "full"
+    geometry: str,
+    num_layers: int,
+    dtype: torch.dtype,
+    rank: int = 8,
+    head_mixing: str = "full",
+    share_layers: Optional[list[int]] = None,
 ) -> tuple[nn.Module, nn.Module]:
     """The truncated base model of ``geometry`` (:func:`truncated_model`) and a merged copy with an untrained
-    adapter that shares every odd layer, so that every shared layer has a source layer before it."""
+    adapter that shares ``share_layers``; by default every odd layer, so that every shared layer has a source layer
+    before it (chains of one link). Consecutive shared layers (e.g. ``[1, 2, 3]``) form a chain, whose later links
+    cost more in a prefill ("The cost of a chain" in ``docs/method.md``)."""
     base = truncated_model(geometry, num_layers, dtype)
-    config = LiSAConfig(share_layers=list(range(1, num_layers, 2)), rank=rank, head_mixing=head_mixing)
+    layers = list(range(1, num_layers, 2)) if share_layers is None else list(share_layers)
+    config = LiSAConfig(share_layers=layers, rank=rank, head_mixing=head_mixing)
     merged = get_peft_model(copy.deepcopy(base), config).merge_and_unload().to(dtype).eval()
     return base, merged
 

@@ -86,6 +86,8 @@ class LayerTimes:
     merged_seconds: list[float] = field(default_factory=list)
     base_total: float = 0.0  # median seconds of the whole forward
     merged_total: float = 0.0
+    base_outside: float = 0.0  # median over the repetitions of the seconds outside the layers (embeddings, norm, head)
+    merged_outside: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)  # measure.machine_info
     phase: str = "prefill"
     decode_steps: int = 0
@@ -139,7 +141,7 @@ class LayerTimes:
                 f"| {row['base_ms']:.{digits}f} | {row['merged_ms']:.{digits}f} "
                 f"| {row['difference_ms']:+.{digits}f} ms |"
             )
-        outside = (self.merged_total - sum(self.merged_seconds)) - (self.base_total - sum(self.base_seconds))
+        outside = self.merged_outside - self.base_outside
         lines.append(f"| outside the layers (embeddings, norm, LM head) | | | | {outside * 1e3:+.{digits}f} ms |")
         return "\n".join(lines) + "\n"
 
@@ -243,5 +245,10 @@ def _alternating_layer_times(
         merged_seconds=[statistics.median(times) for times in zip(*per_layer["merged"], strict=True)],
         base_total=statistics.median(totals["base"]),
         merged_total=statistics.median(totals["merged"]),
+        # per repetition, then the median: the medians of the layers and of the whole need not add up
+        base_outside=statistics.median(t - sum(s) for t, s in zip(totals["base"], per_layer["base"], strict=True)),
+        merged_outside=statistics.median(
+            t - sum(s) for t, s in zip(totals["merged"], per_layer["merged"], strict=True)
+        ),
         machine=machine_info(device),
     )
