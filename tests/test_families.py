@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 from peft_lisa import LiSAConfig, UnsupportedModelError
 from peft_lisa.tuner.merged import LiSASharedAttention
@@ -226,6 +226,29 @@ def test_a_prefill_continuing_the_cache_equals_an_uncached_forward(family):
         second = peft_model(input_ids=ids[:, 9:], past_key_values=first.past_key_values, use_cache=True).logits
         uncached = peft_model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(second, uncached[:, 9:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.usefixtures("shared_logits_route")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_static_cache_equals_an_uncached_forward(family):
+    """A static cache (``StaticCache``, what ``cache_implementation="static"`` and compiled decoding use): its first
+    prefill hands the layers no mask although its keys run past the prompt (empty slots, which the base layers'
+    top-left causal mask never reads), then a continued prefill and a decode step come with masks over all its slots.
+    Every step, the adapter and the merged model, gives the logits of one uncached forward, on every route of a
+    shared layer's logits; the shared layers' slots hold rank-r keys (4 here), as their dynamic cache does."""
+    peft_model = get_peft_model(family_model(family), lisa_config(family))
+    randomize_adapter(peft_model)
+    peft_model.eval()
+    ids = random_ids(2, 14, seed=4)
+    with torch.no_grad():
+        for model in (peft_model, peft_model.merge_and_unload()):
+            uncached = model(input_ids=ids, use_cache=False).logits
+            cache = StaticCache(config=model.config, max_cache_len=24)
+            logits = [model(input_ids=ids[:, :9], cache=cache, use_cache=True).logits]
+            for chunk in (slice(9, 13), slice(13, 14)):  # a continued prefill, then a decode step
+                logits.append(model(input_ids=ids[:, chunk], cache=cache, use_cache=True).logits)
+            torch.testing.assert_close(torch.cat(logits, 1), uncached, atol=1e-4, rtol=1e-4)
+            assert [cache.layers[i].keys.shape[-1] for i in FAMILIES[family][1]] == [4] * len(FAMILIES[family][1])
 
 
 @pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])

@@ -96,6 +96,20 @@ def test_merged_generation_cache_equals_no_cache():
     assert_cached_generation_equals_uncached(merged, *left_padded_batch(), new=8)
 
 
+@pytest.mark.parametrize("align_hidden", [0, None])
+def test_static_cache_generation_equals_the_dynamic_cache(align_hidden):
+    """``generate(cache_implementation="static")`` on a left-padded batch, adapter and merged model, linear and FFN
+    alignment: the tokens the default (dynamic) cache gives."""
+    peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=SHARE, rank=4, align_hidden=align_hidden))
+    randomize_adapter(peft_model)
+    ids, mask = left_padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        for model in (peft_model.eval(), peft_model.merge_and_unload()):
+            dynamic = model.generate(**kwargs)
+            assert torch.equal(model.generate(cache_implementation="static", **kwargs), dynamic)
+
+
 def test_merged_model_without_import_fails_naming_model_type(tmp_path):
     trained_lisa("llama").merge_and_unload().save_pretrained(tmp_path / "merged")
     result = run_python(

@@ -503,6 +503,22 @@ def update_cache(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: 
     return cache.update(key, value, layer_idx, kwargs=kwargs)
 
 
+def keys_held(
+    cache: Any, layer_idx: int, key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The keys and values a layer's cache returned (B x H_kv x T_k x D), and its mask, cut to the tokens the cache
+    holds: a static cache (``StaticCache``, ``cache_implementation="static"``) returns all its slots, the empty ones
+    after the tokens (which the base layer never attends to: its mask, or, on the first prefill where transformers
+    hands it none, ``scaled_dot_product_attention``'s top-left causal mask, leaves them out). Cut, slot t holds
+    position t, so the keys a sliding-window layer holds (the last of them) line up with the last keys of a full
+    source layer's logits, as they do with a dynamic cache, which returns only what it holds."""
+    held = key.shape[-2] if cache is None else int(cache.get_seq_length(layer_idx))
+    if held >= key.shape[-2]:
+        return key, value, attention_mask
+    mask = None if attention_mask is None else attention_mask[..., :held]
+    return key[:, :, :held], value[:, :, :held], mask
+
+
 def sliding_window_of(attn: nn.Module) -> Optional[int]:
     """The sliding window the base attention passes its kernel: a per-layer attribute (Qwen2, Gemma...) or the
     config's (Mistral, Mixtral, Phi-3)."""
