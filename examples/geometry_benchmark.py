@@ -7,6 +7,10 @@ table and writes ``geometry.md`` / ``geometry.json`` to ``--output-dir``
 (:mod:`peft_lisa.benchmark.geometry`).
 
     python examples/geometry_benchmark.py --threads 2 --output-dir docs/benchmark
+
+``--cache static`` decodes on a static cache (``StaticCache``, written in place, as ``generate(
+cache_implementation="static")`` and compiled decoding use it) instead of transformers' default dynamic cache, which
+copies every layer's keys and values at every step.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ def main() -> None:
     parser.add_argument("--share-fraction", type=float, default=0.5, help="for the full-depth estimate")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--cache",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="the KV cache decoded on: transformers' default (dynamic) or a static one (written in place)",
+    )
     parser.add_argument("--output-dir", default="geometry-bench")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[peft-lisa] %(message)s")
@@ -45,14 +55,16 @@ def main() -> None:
     for name in args.geometries.split(","):
         times = layer_decode_times(
             name, batch=args.batch, context=args.context, num_layers=args.layers,
-            decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device,
+            decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device, cache=args.cache,
         )  # fmt: skip
         rows.append((times, full_depth_estimate(times, args.share_fraction)))
     machine = machine_label(machine_info(torch.device(args.device)))
     table = geometry_markdown(rows)
+    defaults = (("device", "cpu"), ("cache", "dynamic"))  # left out of the command, as the default
     command = "python examples/geometry_benchmark.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and (k, v) != ("device", "cpu")
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and (k, v) not in defaults
     )
+
     markdown = f"**Machine:** {machine}  \n**Command:** `{command}`\n\n{table}"
     print(markdown)
     out = Path(args.output_dir)

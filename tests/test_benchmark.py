@@ -196,6 +196,30 @@ def test_synthetic_cache_has_the_prefill_shapes(models):
     assert cache_bytes(fake) == cache_bytes(real) == ModelShape.of(merged).cache_bytes_per_token * 2 * 7
 
 
+def test_static_synthetic_cache_decodes_as_the_dynamic_one(models):
+    """``static_slots``: a StaticCache whose first ``context`` slots hold the dynamic synthetic cache's random keys
+    and values (the same seed), rank-r keys in shared layers; a decode step on it gives the logits the dynamic one
+    gives, and writes its token in place. Too few slots, or sliding-window layers, are refused."""
+    _, merged = models
+    device = torch.device("cpu")
+    next_ids = torch.tensor([[5], [9]])
+    with torch.inference_mode():
+        dynamic = synthetic_cache(merged, 2, 7, device, seed=3)
+        static = synthetic_cache(merged, 2, 7, device, seed=3, static_slots=10)
+        for fake, real in zip(static.layers, dynamic.layers, strict=True):
+            assert fake.keys.shape[-2:] == (10, real.keys.shape[-1]) and fake.get_seq_length() == 7
+            assert torch.equal(fake.keys[:, :, :7], real.keys) and torch.equal(fake.values[:, :, :7], real.values)
+        keys = static.layers[2].keys
+        assert keys.shape[-1] == RANK
+        expected = merged(input_ids=next_ids, cache=dynamic, use_cache=True).logits
+        torch.testing.assert_close(merged(input_ids=next_ids, cache=static, use_cache=True).logits, expected)
+        assert static.layers[2].keys is keys and static.get_seq_length() == 8
+    with pytest.raises(ValueError, match="no slot to decode into"):
+        synthetic_cache(merged, 2, 7, device, static_slots=7)
+    with torch.inference_mode(), pytest.raises(ValueError, match="sliding-window layers"):
+        synthetic_cache(tiny_model("mistral", sliding_window=4), 2, 7, device, static_slots=10)
+
+
 def test_analytic_breakdown(models):
     _, merged = models
     shape = ModelShape.of(merged)
@@ -425,13 +449,26 @@ TINY_GEOMETRY = dict(
 )  # fmt: skip
 
 
-def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
-    """The per-layer decode clock on a tiny stand-in geometry: every layer kind is timed, cache bytes per kind are
-    the model's, and the full-depth estimate adds them up as documented."""
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_geometry_layer_times_and_full_depth_estimate(monkeypatch, cache):
+    """The per-layer decode clock on a tiny stand-in geometry, on either cache: every layer kind is timed, cache
+    bytes per kind are the model's, and the full-depth estimate adds them up as documented."""
     from peft_lisa.benchmark import geometry
 
     monkeypatch.setitem(geometry.GEOMETRIES, "tiny", TINY_GEOMETRY)
-    times = geometry.layer_decode_times("tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32)
+    built = []  # the caches the clock decoded on
+
+    def recorded_cache(*args, **kwargs):
+        built.append(synthetic_cache(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(geometry, "synthetic_cache", recorded_cache)
+    times = geometry.layer_decode_times(
+        "tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32, cache=cache
+    )
+    assert times.cache == cache and len(built) == 4  # a warm-up and one repetition, two models
+    expected = "StaticCache" if cache == "static" else "DynamicCache"
+    assert {type(kv).__name__ for kv in built} == {expected}
     assert set(times.seconds) == {"full", "source", "shared"} and all(s > 0 for s in times.seconds.values())
     full, shared = 2 * 2 * 16 * 4, 2 * (8 + 16) * 4  # fp32: K and V of 2 KV heads x 16; rank-8 keys and V
     assert times.cache_bytes_per_token == {"full": full, "source": full, "shared": shared}
@@ -441,7 +478,9 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch):
     step = times.outside_layers["merged"] + 4 * times.seconds["source"] + 4 * times.seconds["shared"]
     assert merged["decode_step_seconds"] == pytest.approx(step)
     assert estimate["models"]["base"]["budget_max_batch"] == 2 and merged["budget_max_batch"] >= 2
-    assert "tiny" in geometry.geometry_markdown([(times, estimate)])
+    assert f"| tiny | 2 x 32, {cache} cache |" in geometry.geometry_markdown([(times, estimate)])
+    with pytest.raises(ValueError, match="cache must be 'dynamic' or 'static'"):
+        geometry.layer_decode_times("tiny", cache="paged")
 
 
 def test_prefill_by_layer_example_on_a_geometry(monkeypatch, tmp_path):

@@ -56,6 +56,7 @@ class LayerTimes:
     batch: int
     context: int
     dtype: str
+    cache: str = "dynamic"  # the KV cache decoded on: "dynamic" (transformers' default) or "static"
     seconds: dict[str, float] = field(default_factory=dict)  # layer kind -> seconds per decode step
     outside_layers: dict[str, float] = field(default_factory=dict)  # model -> embeddings, norm, LM head
     cache_bytes_per_token: dict[str, int] = field(default_factory=dict)  # layer kind -> bytes
@@ -109,14 +110,20 @@ def layer_decode_times(
     head_mixing: str = "full",
     dtype: torch.dtype = torch.bfloat16,
     device: Union[str, torch.device] = "cpu",
+    cache: str = "dynamic",
 ) -> LayerTimes:
     """Per-layer decode-step time of a full, a source and a shared layer of ``geometry`` at ``batch`` x ``context``.
 
     The base model has ``num_layers`` full layers; the merged model shares every odd layer (so every shared layer
     has a source layer before it). Both decode ``decode_tokens`` steps on a synthetic cache of ``context`` tokens,
     alternating, ``repeats`` times; a layer kind's time is the median per step, averaged over its layers. Both models
-    are built on CPU and then moved to ``device``.
+    are built on CPU and then moved to ``device``. ``cache="static"`` decodes on a static cache of ``context +
+    decode_tokens`` slots (:func:`~peft_lisa.benchmark.measure.synthetic_cache`), where a step writes its token in
+    place; the default dynamic cache copies every layer's keys and values at every step (``torch.cat``).
     """
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    static_slots = context + decode_tokens if cache == "static" else None
     base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     device = torch.device(device)
     base, merged = base.to(device), merged.to(device)
@@ -128,11 +135,11 @@ def layer_decode_times(
         for repetition in range(repeats + 1):  # the first is a warm-up
             for key in alternating(models, repetition):
                 model, clock = models[key], clocks[key]
-                cache = synthetic_cache(model, batch, context, device, seed=repetition)
+                kv_cache = synthetic_cache(model, batch, context, device, seed=repetition, static_slots=static_slots)
                 next_ids = random_ids(batch, 1, model.config.vocab_size, device, repetition)
                 clock.reset()
-                total = timed_decode(model, cache, next_ids, decode_tokens, device) / decode_tokens
-                del cache
+                total = timed_decode(model, kv_cache, next_ids, decode_tokens, device) / decode_tokens
+                del kv_cache
                 gc.collect()
                 if repetition == 0:
                     continue
@@ -147,7 +154,7 @@ def layer_decode_times(
         logger.info(f"{geometry} B={batch} T={context}: per-layer decode times measured")
     shape = ModelShape.of(merged)
     layers = decoder_layers(merged)
-    result = LayerTimes(geometry, batch, context, str(dtype).replace("torch.", ""))
+    result = LayerTimes(geometry, batch, context, str(dtype).replace("torch.", ""), cache)
     result.seconds = {kind: statistics.median(values) for kind, values in per_kind.items() if values}
     result.outside_layers = {key: statistics.median(values) for key, values in outside.items()}
     result.cache_bytes_per_token = {
@@ -231,7 +238,8 @@ def geometry_markdown(rows: list[tuple[LayerTimes, dict[str, Any]]]) -> str:
         s = times.seconds
         b, m = est["models"]["base"], est["models"]["merged"]
         lines.append(
-            f"| {times.geometry} | {times.batch} x {times.context} | {s['full'] * 1e3:.1f} | {s['source'] * 1e3:.1f} "
+            f"| {times.geometry} | {times.batch} x {times.context}, {times.cache} cache | {s['full'] * 1e3:.1f} "
+            f"| {s['source'] * 1e3:.1f} "
             f"| {s['shared'] * 1e3:.1f} | {s['shared'] / s['full']:.2f} | {times.cache_bytes_per_token['full']:,} "
             f"| {times.cache_bytes_per_token['shared']:,} | {est['decode_speedup']:.2f}x "
             f"| {est['decode_ceiling']:.2f}x "

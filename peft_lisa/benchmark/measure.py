@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from transformers import StaticCache
 
 from ..tuner.cpu_kernel import cpu_kernel_status
 
@@ -298,27 +299,56 @@ def prefill_then_decode(
     return prefill, decode, kv_bytes
 
 
-def synthetic_cache(model: nn.Module, batch: int, context: int, device: torch.device, seed: int = 0) -> Any:
+def synthetic_cache(
+    model: nn.Module,
+    batch: int,
+    context: int,
+    device: torch.device,
+    seed: int = 0,
+    static_slots: Optional[int] = None,
+) -> Any:
     """A cache of ``context`` random tokens shaped exactly like the one a prefill of ``[batch, context]`` leaves.
 
     The model builds its own cache for one token (so every layer gets its own key shape: rank-r keys in shared
     layers), then every layer's keys and values are replaced by random tensors of the full length. The cost of a
     decode step does not depend on the cached values, so this measures decoding at sizes whose prefill does not fit.
+
+    With ``static_slots``, a ``StaticCache`` of that many slots (what ``generate(cache_implementation="static")``
+    and compiled decoding use): the first ``context`` slots get the same random keys and values, the rest stay
+    empty, and a decode step writes its token in place instead of growing every layer's tensors (the dynamic
+    cache's ``torch.cat``, which copies the whole cache at every step and layer). Sliding-window layers are refused.
     """
     vocab = model.config.vocab_size
-    out = model(input_ids=random_ids(batch, 1, vocab, device, seed), use_cache=True, logits_to_keep=1)
-    cache = out.cache
+    first = random_ids(batch, 1, vocab, device, seed)
+    if static_slots is None:
+        cache = model(input_ids=first, use_cache=True, logits_to_keep=1).cache
+    else:
+        if static_slots <= context:
+            raise ValueError(f"static_slots={static_slots} leaves no slot to decode into after {context} tokens.")
+        cache = StaticCache(config=model.config, max_cache_len=static_slots)
+        model(input_ids=first, cache=cache, use_cache=True, logits_to_keep=1)
     generator = torch.Generator(device=device).manual_seed(seed)
     for layer in cache.layers:
         # A sliding-window layer keeps only its last ``sliding_window - 1`` tokens and counts the ones it has seen.
         window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        if static_slots is not None and getattr(layer, "is_sliding", False):
+            raise ValueError(
+                "a static synthetic cache is built for full-attention layers only; this model has sliding-window "
+                "layers: time it on the dynamic cache (static_slots=None)."
+            )
         length = context if window is None else min(context, window - 1)
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
-            shape = (*tensor.shape[:-2], length, tensor.shape[-1])
-            setattr(layer, name, torch.randn(shape, dtype=tensor.dtype, device=device, generator=generator))
+            random = torch.randn((*tensor.shape[:-2], length, tensor.shape[-1]), dtype=tensor.dtype, device=device,
+                                 generator=generator)  # fmt: skip
+            if static_slots is None:
+                setattr(layer, name, random)
+            else:
+                tensor[:, :, :length].copy_(random)  # in place: a static cache keeps its tensors
         if window is not None:
             layer.cumulative_length = context
+        elif static_slots is not None:
+            layer.cumulative_length.fill_(context)
     return cache
 
 
