@@ -20,6 +20,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 from peft_lisa import LiSAConfig, UnsupportedModelError
+from peft_lisa.tuner.functional import keys_held
 from peft_lisa.tuner.merged import LiSASharedAttention
 
 from .conftest import TINY_COMMON, random_ids, randomize_adapter, run_python
@@ -249,6 +250,29 @@ def test_a_static_cache_equals_an_uncached_forward(family):
                 logits.append(model(input_ids=ids[:, chunk], cache=cache, use_cache=True).logits)
             torch.testing.assert_close(torch.cat(logits, 1), uncached, atol=1e-4, rtol=1e-4)
             assert [cache.layers[i].keys.shape[-1] for i in FAMILIES[family][1]] == [4] * len(FAMILIES[family][1])
+
+
+def test_static_slots_are_cut_only_where_a_shared_layer_needs_it():
+    """:func:`keys_held` on real static caches after a 9-token prefill into 24 slots: with a mask and only full
+    layers, the cache's own tensors, uncut (a cut view would be copied by every product of a decode step); without a
+    mask (the first prefill), or in a cache with sliding-window layers, the first 9 slots and the mask's first 9
+    columns."""
+    ids = random_ids(2, 9)
+    for family, cut_with_mask in (("llama", False), ("qwen2", True)):
+        model = family_model(family)
+        cache = StaticCache(config=model.config, max_cache_len=24)
+        with torch.no_grad():
+            model(input_ids=ids, cache=cache, use_cache=True)
+        layer = cache.layers[1]
+        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+        key, value, held_mask = keys_held(cache, 1, layer.keys, layer.values, mask)
+        if cut_with_mask:
+            assert key.shape[-2] == value.shape[-2] == held_mask.shape[-1] == 9
+        else:
+            assert key is layer.keys and value is layer.values and held_mask is mask
+        key, value, held_mask = keys_held(cache, 1, layer.keys, layer.values, None)
+        assert torch.equal(key, layer.keys[:, :, :9]) and torch.equal(value, layer.values[:, :, :9])
+        assert held_mask is None
 
 
 @pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])

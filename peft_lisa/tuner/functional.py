@@ -507,13 +507,24 @@ def keys_held(
     cache: Any, layer_idx: int, key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The keys and values a layer's cache returned (B x H_kv x T_k x D), and its mask, cut to the tokens the cache
-    holds: a static cache (``StaticCache``, ``cache_implementation="static"``) returns all its slots, the empty ones
-    after the tokens (which the base layer never attends to: its mask, or, on the first prefill where transformers
-    hands it none, ``scaled_dot_product_attention``'s top-left causal mask, leaves them out). Cut, slot t holds
-    position t, so the keys a sliding-window layer holds (the last of them) line up with the last keys of a full
-    source layer's logits, as they do with a dynamic cache, which returns only what it holds."""
-    held = key.shape[-2] if cache is None else int(cache.get_seq_length(layer_idx))
+    holds where a shared layer needs it. A static cache (``StaticCache``, ``cache_implementation="static"``) returns
+    all its slots, the empty ones after the tokens included, which the base layer never attends to: its mask leaves
+    them out, and on the first prefill, where transformers hands it no mask, ``scaled_dot_product_attention``'s causal
+    mask, aligned top-left, does. Cut:
+
+    * without a mask (that first prefill): a shared layer's causal mask is aligned bottom-right, as a dynamic
+      cache's prefill continuing needs it;
+    * where the cache has sliding-window layers: slot t then holds position t, so the keys a sliding-window layer
+      holds (the last of them) line up with the last keys of a full source layer's logits, as with a dynamic cache.
+
+    Elsewhere the mask covers every slot, all layers return as many, and the slots stay whole: a cut view of them
+    would be copied by every product of a decode step (8 x 4096 tokens, 32 heads: 8x the base's step)."""
+    if cache is None:
+        return key, value, attention_mask
+    held = int(cache.get_seq_length(layer_idx))
     if held >= key.shape[-2]:
+        return key, value, attention_mask
+    if attention_mask is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         return key, value, attention_mask
     mask = None if attention_mask is None else attention_mask[..., :held]
     return key[:, :, :held], value[:, :, :held], mask
