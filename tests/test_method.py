@@ -233,11 +233,12 @@ def test_source_layer_attends_with_the_models_own_kernel_and_hands_no_logits_ten
 @pytest.mark.parametrize(("heads", "kv_heads", "q_len", "dtype", "key_major"), [
     (4, 4, 1, torch.bfloat16, True),  # a decode step without GQA
     (8, 2, 1, torch.bfloat16, True),  # 4 query rows per KV head
-    (8, 2, 2, torch.float16, False),  # 8 rows
+    (8, 2, 2, torch.bfloat16, False),  # 8 rows
+    (8, 2, 1, torch.float16, False),
     (4, 4, 1, torch.float32, False),
 ])  # fmt: skip
 def test_grouped_product_per_head_on_either_layout(heads, kv_heads, q_len, dtype, key_major):
-    """``q k^T`` per head, GQA aware, whichever layout runs it (a few rows per KV head in bf16/fp16: ``(k q^T)^T``):
+    """``q k^T`` per head, GQA aware, whichever layout runs it (a few rows per KV head in bf16: ``(k q^T)^T``):
     each head's scores against its KV head's keys, in the inputs' dtype."""
     from peft_lisa.tuner.functional import grouped_product
     from peft_lisa.tuner.functional import key_major as takes_key_major

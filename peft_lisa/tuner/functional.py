@@ -213,11 +213,11 @@ def softcap_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tens
 # loop's overhead.
 MM_LOOP_MAX_BATCH_PER_THREAD = 4
 MM_LOOP_MIN_WORK = 2**22
-# A decode step's q k^T on CPU in bf16/fp16, with at most this many query rows per KV head (1 without GQA), runs as
-# k q^T: keys in the row-major layout that torch's reduced-precision products read fastest. Measured (Intel Xeon with
-# AMX, torch 2.13, 2 threads, B x H_kv = 256 KV heads of 128 against 4,104 keys, one query row each: a LLaMA-2-7B
-# decode step at 8 x 4096): 13.3 against 23.3 ms; 4 rows (Llama-3-8B's 64 KV heads) 2.5 against 3.1 ms; 3 rows of
-# SmolLM2 even, 12 rows 0.77x, and float32 0.43-0.79x (so float32 keeps q k^T).
+# A decode step's q k^T on CPU in bf16, with at most this many query rows per KV head (1 without GQA), runs as
+# k q^T: keys in the row-major layout that torch's bf16 product reads fastest. Measured (Intel Xeon with AMX, torch
+# 2.13, 2 threads, B x H_kv = 256 KV heads of 128 against 4,104 keys, one query row each: a LLaMA-2-7B decode step at
+# 8 x 4096): 13.3 against 23.3 ms; 4 rows (Llama-3-8B's 64 KV heads) 2.5 against 3.1 ms; 3 rows of SmolLM2 even,
+# 12 rows 0.77x; float16 0.63-0.88x and float32 0.43-0.79x (so both keep q k^T).
 KEY_MAJOR_MAX_QUERY_ROWS = 4
 
 
@@ -261,10 +261,10 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
 
 def key_major(query_grouped: torch.Tensor) -> bool:
     """Whether ``grouped_product`` computes ``q k^T`` as ``(k q^T)^T`` (``KEY_MAJOR_MAX_QUERY_ROWS``): a few query rows
-    per KV head (``query_grouped``: (B H_kv) x rows x D) in bf16/fp16 on CPU, without autograd."""
+    per KV head (``query_grouped``: (B H_kv) x rows x D) in bf16 on CPU, without autograd."""
     return (
         query_grouped.shape[1] <= KEY_MAJOR_MAX_QUERY_ROWS
-        and query_grouped.dtype in (torch.bfloat16, torch.float16)
+        and query_grouped.dtype == torch.bfloat16
         and query_grouped.device.type == "cpu"
         and not torch.is_grad_enabled()
     )
