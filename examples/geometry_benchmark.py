@@ -64,7 +64,6 @@ def main() -> None:
     command = "python examples/geometry_benchmark.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and (k, v) not in defaults
     )
-
     markdown = f"**Machine:** {machine}  \n**Command:** `{command}`\n\n{table}"
     print(markdown)
     out = Path(args.output_dir)

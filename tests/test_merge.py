@@ -98,16 +98,19 @@ def test_merged_generation_cache_equals_no_cache():
 
 @pytest.mark.parametrize("align_hidden", [0, None])
 def test_static_cache_generation_equals_the_dynamic_cache(align_hidden):
-    """``generate(cache_implementation="static")`` on a left-padded batch, adapter and merged model, linear and FFN
-    alignment: the tokens the default (dynamic) cache gives."""
+    """``generate(cache_implementation="static")``, adapter and merged model, linear and FFN alignment, on a batch
+    without padding (whose first prefill gets no mask) and a left-padded one: the tokens the default (dynamic) cache
+    gives."""
     peft_model = get_peft_model(tiny_model("llama"), LiSAConfig(share_layers=SHARE, rank=4, align_hidden=align_hidden))
     randomize_adapter(peft_model)
     ids, mask = left_padded_batch()
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    batches = [dict(input_ids=random_ids(2, 9)), dict(input_ids=ids, attention_mask=mask)]
     with torch.no_grad():
         for model in (peft_model.eval(), peft_model.merge_and_unload()):
-            dynamic = model.generate(**kwargs)
-            assert torch.equal(model.generate(cache_implementation="static", **kwargs), dynamic)
+            for batch in batches:
+                kwargs = dict(batch, max_new_tokens=10, do_sample=False, pad_token_id=0)
+                dynamic = model.generate(**kwargs)
+                assert torch.equal(model.generate(cache_implementation="static", **kwargs), dynamic)
 
 
 def test_merged_model_without_import_fails_naming_model_type(tmp_path):

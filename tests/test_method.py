@@ -230,26 +230,27 @@ def test_source_layer_attends_with_the_models_own_kernel_and_hands_no_logits_ten
     assert isinstance(handed[0][1], FoldedScores) and handed[0][1].shape == (2, 4, 20, 20)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "q_len", "dtype", "key_major"), [
-    (4, 4, 1, torch.bfloat16, True),  # a decode step without GQA
-    (8, 2, 1, torch.bfloat16, True),  # 4 query rows per KV head
-    (8, 2, 2, torch.bfloat16, False),  # 8 rows
-    (8, 2, 1, torch.float16, False),
-    (4, 4, 1, torch.float32, False),
+@pytest.mark.parametrize(("heads", "kv_heads", "q_len", "dim", "dtype", "key_major"), [
+    (4, 4, 1, 128, torch.bfloat16, True),  # a decode step without GQA
+    (8, 2, 1, 128, torch.bfloat16, True),  # 4 query heads per KV head
+    (4, 1, 1, 128, torch.bfloat16, True),  # one KV head for all: a (k q^T)^T with several columns
+    (4, 4, 3, 128, torch.bfloat16, False),  # a prefill's rows
+    (10, 2, 1, 128, torch.bfloat16, False),  # 5 query heads per KV head
+    (4, 4, 1, 8, torch.bfloat16, False),  # a rank-8 term
+    (4, 4, 1, 128, torch.float16, False),
+    (4, 4, 1, 128, torch.float32, False),
 ])  # fmt: skip
-def test_grouped_product_per_head_on_either_layout(heads, kv_heads, q_len, dtype, key_major):
-    """``q k^T`` per head, GQA aware, whichever layout runs it (a few rows per KV head in bf16: ``(k q^T)^T``):
-    each head's scores against its KV head's keys, in the inputs' dtype."""
-    from peft_lisa.tuner.functional import grouped_product
-    from peft_lisa.tuner.functional import key_major as takes_key_major
+def test_grouped_product_per_head_on_either_layout(heads, kv_heads, q_len, dim, dtype, key_major):
+    """``q k^T`` per head, GQA aware, whichever layout runs it (a bf16 decode step with few query heads per KV head:
+    ``(k q^T)^T``): each head's scores against its KV head's keys, in the inputs' dtype, contiguous (callers view
+    them flat)."""
+    from peft_lisa.tuner.functional import grouped_product, uses_key_major
 
     generator = torch.Generator().manual_seed(0)
-    query = torch.randn(2, heads, q_len, 16, generator=generator).to(dtype)
-    key = torch.randn(2, kv_heads, 37, 16, generator=generator).to(dtype)
-    rows = (heads // kv_heads) * q_len
-    with torch.no_grad():
-        assert takes_key_major(query.reshape(2 * kv_heads, rows, 16)) is key_major
-        scores = grouped_product(query, key)
+    query = torch.randn(2, heads, q_len, dim, generator=generator).to(dtype)
+    key = torch.randn(2, kv_heads, 37, dim, generator=generator).to(dtype)
+    assert uses_key_major(query, kv_heads) is key_major
+    scores = grouped_product(query, key)
     expected = query.double() @ key.double().repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2)
-    assert scores.shape == (2, heads, q_len, 37) and scores.dtype == dtype
+    assert scores.shape == (2, heads, q_len, 37) and scores.dtype == dtype and scores.is_contiguous()
     torch.testing.assert_close(scores.double(), expected, atol=0.0, rtol=2**-7)

@@ -230,8 +230,9 @@ def full_depth_estimate(
 def geometry_markdown(rows: list[tuple[LayerTimes, dict[str, Any]]]) -> str:
     """A markdown table of per-layer times and their full-depth implications."""
     lines = [
-        "| geometry | batch x context | full layer ms | source ms | shared ms | shared / full | cache B/token full "
-        "| shared | full-depth decode speedup | ceiling (bytes) | max batch base -> LiSA | budgeted throughput |",
+        "| geometry | batch x context, cache | full layer ms | source ms | shared ms | shared / full "
+        "| cache B/token full | shared | full-depth decode speedup | ceiling (bytes) | max batch base -> LiSA "
+        "| budgeted throughput |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for times, est in rows:

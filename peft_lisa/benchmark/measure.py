@@ -326,25 +326,25 @@ def synthetic_cache(
         if static_slots <= context:
             raise ValueError(f"static_slots={static_slots} leaves no slot to decode into after {context} tokens.")
         cache = StaticCache(config=model.config, max_cache_len=static_slots)
+        if any(cache.is_sliding):
+            raise ValueError(
+                "a static synthetic cache is built for full-attention layers only; this model has sliding-window "
+                "layers: time it on the dynamic cache (static_slots=None)."
+            )
         model(input_ids=first, cache=cache, use_cache=True, logits_to_keep=1)
     generator = torch.Generator(device=device).manual_seed(seed)
     for layer in cache.layers:
         # A sliding-window layer keeps only its last ``sliding_window - 1`` tokens and counts the ones it has seen.
         window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-        if static_slots is not None and getattr(layer, "is_sliding", False):
-            raise ValueError(
-                "a static synthetic cache is built for full-attention layers only; this model has sliding-window "
-                "layers: time it on the dynamic cache (static_slots=None)."
-            )
         length = context if window is None else min(context, window - 1)
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
-            random = torch.randn((*tensor.shape[:-2], length, tensor.shape[-1]), dtype=tensor.dtype, device=device,
-                                 generator=generator)  # fmt: skip
+            shape = (*tensor.shape[:-2], length, tensor.shape[-1])
+            filled = torch.randn(shape, dtype=tensor.dtype, device=device, generator=generator)
             if static_slots is None:
-                setattr(layer, name, random)
+                setattr(layer, name, filled)
             else:
-                tensor[:, :, :length].copy_(random)  # in place: a static cache keeps its tensors
+                tensor[:, :, :length].copy_(filled)  # in place: a static cache keeps its tensors
         if window is not None:
             layer.cumulative_length = context
         elif static_slots is not None:

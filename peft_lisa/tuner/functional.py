@@ -213,12 +213,14 @@ def softcap_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tens
 # loop's overhead.
 MM_LOOP_MAX_BATCH_PER_THREAD = 4
 MM_LOOP_MIN_WORK = 2**22
-# A decode step's q k^T on CPU in bf16, with at most this many query rows per KV head (1 without GQA), runs as
-# k q^T: keys in the row-major layout that torch's bf16 product reads fastest. Measured (Intel Xeon with AMX, torch
-# 2.13, 2 threads, B x H_kv = 256 KV heads of 128 against 4,104 keys, one query row each: a LLaMA-2-7B decode step at
-# 8 x 4096): 13.3 against 23.3 ms; 4 rows (Llama-3-8B's 64 KV heads) 2.5 against 3.1 ms; 3 rows of SmolLM2 even,
-# 12 rows 0.77x; float16 0.63-0.88x and float32 0.43-0.79x (so both keep q k^T).
+# A decode step's q k^T on CPU in bf16 (one query per sequence), with at most this many query heads per KV head (1
+# without GQA) and head size at least KEY_MAJOR_MIN_HEAD_DIM, runs as k q^T: keys in the row-major layout that
+# torch's bf16 product reads fastest. Measured (Intel Xeon with AMX, torch 2.13, 2 threads, against 4,104 keys): 256
+# KV heads of 128 with one query row each (a LLaMA-2-7B decode step at 8 x 4096) 13.3 against 23.3 ms; 64 KV heads of
+# 128 with 4 rows (Llama-3-8B) 2.5 against 3.1 ms; SmolLM2's 3 rows of 64 even; 12 rows 0.77x; the rank-8 term
+# 0.53-0.99x; float16 0.63-0.88x and float32 0.43-0.79x (all of those keep q k^T).
 KEY_MAJOR_MAX_QUERY_ROWS = 4
+KEY_MAJOR_MIN_HEAD_DIM = 128
 
 
 def batched_matmul(
@@ -259,14 +261,17 @@ def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
     return grouped_product(query * scaling, key).float()
 
 
-def key_major(query_grouped: torch.Tensor) -> bool:
-    """Whether ``grouped_product`` computes ``q k^T`` as ``(k q^T)^T`` (``KEY_MAJOR_MAX_QUERY_ROWS``): a few query rows
-    per KV head (``query_grouped``: (B H_kv) x rows x D) in bf16 on CPU, without autograd."""
+def uses_key_major(query: torch.Tensor, num_kv_heads: int) -> bool:
+    """Whether :func:`grouped_product` computes ``q k^T`` as ``(k q^T)^T`` for ``query`` (B x H x T_q x D): a decode
+    step's query (``T_q = 1``) in bf16 on CPU, at most ``KEY_MAJOR_MAX_QUERY_ROWS`` query heads per KV head, head size
+    at least ``KEY_MAJOR_MIN_HEAD_DIM``."""
+    batch, num_heads, q_len, dim = query.shape
     return (
-        query_grouped.shape[1] <= KEY_MAJOR_MAX_QUERY_ROWS
-        and query_grouped.dtype == torch.bfloat16
-        and query_grouped.device.type == "cpu"
-        and not torch.is_grad_enabled()
+        q_len == 1
+        and num_heads // num_kv_heads <= KEY_MAJOR_MAX_QUERY_ROWS
+        and dim >= KEY_MAJOR_MIN_HEAD_DIM
+        and query.dtype == torch.bfloat16
+        and query.device.type == "cpu"
     )
 
 
@@ -283,9 +288,9 @@ def grouped_product(
     batch, num_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     query_grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, dim)
-    if accumulate is None and out is None and key_major(query_grouped):  # (k q^T)^T, a decode step's row of logits
+    if accumulate is None and out is None and uses_key_major(query, num_kv_heads):  # a decode step's row: (k q^T)^T
         scores = torch.bmm(key.reshape(batch * num_kv_heads, k_len, dim), query_grouped.transpose(1, 2))
-        return scores.transpose(1, 2).reshape(batch, num_heads, q_len, k_len)
+        return scores.transpose(1, 2).contiguous().view(batch, num_heads, q_len, k_len)
     key_flat = key.reshape(batch * num_kv_heads, k_len, dim).transpose(1, 2)
     grouped_shape = (batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, k_len)
     accumulate = None if accumulate is None else accumulate.view(grouped_shape)
@@ -532,19 +537,18 @@ def keys_held(
     them out, and on the first prefill, where transformers hands it no mask, ``scaled_dot_product_attention``'s causal
     mask, aligned top-left, does. Cut:
 
-    * without a mask (that first prefill): a shared layer's causal mask is aligned bottom-right, as a dynamic
-      cache's prefill continuing needs it;
+    * without a mask (that first prefill, under sdpa without padding): a shared layer's causal mask is aligned
+      bottom-right, as a dynamic cache's prefill continuing needs it;
     * where the cache has sliding-window layers: slot t then holds position t, so the keys a sliding-window layer
       holds (the last of them) line up with the last keys of a full source layer's logits, as with a dynamic cache.
 
     Elsewhere the mask covers every slot, all layers return as many, and the slots stay whole: a cut view of them
-    would be copied by every product of a decode step (8 x 4096 tokens, 32 heads: 8x the base's step)."""
-    if cache is None:
-        return key, value, attention_mask
+    would be copied by every product of a decode step (LLaMA-2-7B's geometry at 8 x 4096: 408 against the base
+    layer's 52 ms, a scratch run)."""
+    if cache is None or (attention_mask is not None and not any(cache.is_sliding)):
+        return key, value, attention_mask  # checked first: a static cache's length is a tensor (a device sync)
     held = int(cache.get_seq_length(layer_idx))
     if held >= key.shape[-2]:
-        return key, value, attention_mask
-    if attention_mask is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         return key, value, attention_mask
     mask = None if attention_mask is None else attention_mask[..., :held]
     return key[:, :, :held], value[:, :, :held], mask
