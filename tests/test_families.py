@@ -234,21 +234,28 @@ def test_a_prefill_continuing_the_cache_equals_an_uncached_forward(family):
 def test_a_static_cache_equals_an_uncached_forward(family):
     """A static cache (``StaticCache``, what ``cache_implementation="static"`` and compiled decoding use): its first
     prefill hands the layers no mask although its keys run past the prompt (empty slots, which the base layers'
-    top-left causal mask never reads), then a continued prefill and a decode step come with masks over all its slots.
-    Every step, the adapter and the merged model, gives the logits of one uncached forward, on every route of a
-    shared layer's logits; the shared layers' slots hold rank-r keys (4 here), as their dynamic cache does."""
+    top-left causal mask never reads), then a continued prefill and a decode step come with masks over all its slots;
+    a left-padded batch has masks at every step. Every step, the adapter and the merged model, gives the logits of one
+    uncached forward, on every route of a shared layer's logits; the shared layers' slots hold rank-r keys (4 here),
+    as their dynamic cache does."""
     peft_model = get_peft_model(family_model(family), lisa_config(family))
     randomize_adapter(peft_model)
     peft_model.eval()
     ids = random_ids(2, 14, seed=4)
+    padding = torch.ones_like(ids)
+    padding[1, :3] = 0  # a left-padded batch: every step comes with a mask
     with torch.no_grad():
         for model in (peft_model, peft_model.merge_and_unload()):
-            uncached = model(input_ids=ids, use_cache=False).logits
-            cache = StaticCache(config=model.config, max_cache_len=24)
-            logits = [model(input_ids=ids[:, :9], cache=cache, use_cache=True).logits]
-            for chunk in (slice(9, 13), slice(13, 14)):  # a continued prefill, then a decode step
-                logits.append(model(input_ids=ids[:, chunk], cache=cache, use_cache=True).logits)
-            torch.testing.assert_close(torch.cat(logits, 1), uncached, atol=1e-4, rtol=1e-4)
+            for mask in (None, padding):
+                masked = {} if mask is None else {"attention_mask": mask}
+                uncached = model(input_ids=ids, use_cache=False, **masked).logits
+                cache = StaticCache(config=model.config, max_cache_len=24)
+                logits = []
+                for chunk in (slice(0, 9), slice(9, 13), slice(13, 14)):  # prefill, continued prefill, decode step
+                    masked = {} if mask is None else {"attention_mask": mask[:, : chunk.stop]}
+                    logits.append(model(input_ids=ids[:, chunk], cache=cache, use_cache=True, **masked).logits)
+                real = slice(None) if mask is None else mask.bool()  # the padded positions' logits are not compared
+                torch.testing.assert_close(torch.cat(logits, 1)[real], uncached[real], atol=1e-4, rtol=1e-4)
             assert [cache.layers[i].keys.shape[-1] for i in FAMILIES[family][1]] == [4] * len(FAMILIES[family][1])
 
 
