@@ -259,6 +259,26 @@ def test_a_static_cache_equals_an_uncached_forward(family):
             assert [cache.layers[i].keys.shape[-1] for i in FAMILIES[family][1]] == [4] * len(FAMILIES[family][1])
 
 
+@pytest.mark.usefixtures("shared_logits_route")
+def test_a_static_cache_through_a_full_link_into_a_sliding_one():
+    """Qwen2 with layers full, full, full, sliding, sliding and layers 2-3 shared: a full shared layer between a full
+    source and a sliding-window reader. On a static cache all three must read their keys by position (the reader's
+    last keys are the source's and the middle link's last held ones, not their last slots): a continued prefill and
+    a decode step give the logits of one uncached forward."""
+    model = family_model("qwen2", max_window_layers=3)
+    assert model.config.layer_types[1:4] == ["full_attention", "full_attention", "sliding_attention"]
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    ids = random_ids(2, 14, seed=5)
+    with torch.no_grad():
+        for model in (peft_model.eval(), peft_model.merge_and_unload()):
+            uncached = model(input_ids=ids, use_cache=False).logits
+            cache = StaticCache(config=model.config, max_cache_len=24)
+            logits = [model(input_ids=ids[:, chunk], cache=cache, use_cache=True).logits
+                      for chunk in (slice(0, 9), slice(9, 13), slice(13, 14))]  # fmt: skip
+            torch.testing.assert_close(torch.cat(logits, 1), uncached, atol=1e-4, rtol=1e-4)
+
+
 def test_static_slots_are_cut_only_where_a_shared_layer_needs_it():
     """:func:`keys_held` on real static caches after a 9-token prefill into 24 slots: with a mask and only full
     layers, the cache's own tensors, uncut (a cut view would be copied by every product of a decode step); without a
