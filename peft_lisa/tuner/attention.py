@@ -37,7 +37,6 @@ from .functional import (
     attend_from_logits,
     grouped_product,
     grouped_scores,
-    keys_held,
     kv_group_alignment,
     kv_group_mask,
     lowrank_frequency_index,
@@ -252,8 +251,9 @@ class LiSASubstitute(nn.Module):
         cache_kwargs = {k: v for k, v in (cache_kwargs or {}).items() if k not in ("position_ids", "use_cache")}
         batch, q_len, _ = hidden_states.shape
         q_small, k_small, value = self.project(hidden_states, position_embeddings, value_proj)
-        k_small, value = update_cache(cache, k_small, value, self.layer_idx, cache_kwargs)
-        k_small, value, attention_mask = keys_held(cache, self.layer_idx, k_small, value, attention_mask)
+        k_small, value, attention_mask = update_cache(
+            cache, k_small, value, self.layer_idx, cache_kwargs, attention_mask
+        )
 
         # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too).
         source = self.carrier.take(self.layer_idx - 1)  # B x H x T_q x T_k
@@ -351,8 +351,7 @@ def source_attention(
     layout = AttentionLayout.from_attention(attn)
     batch, q_len, _ = hidden_states.shape
     query, key, value = project_full_qkv(attn, hidden_states, position_embeddings, layout)
-    key, value = update_cache(cache, key, value, attn.layer_idx, kwargs)
-    key, value, attention_mask = keys_held(cache, attn.layer_idx, key, value, attention_mask)
+    key, value, attention_mask = update_cache(cache, key, value, attn.layer_idx, kwargs, attention_mask)
     dropout = getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0
     if q_len <= EXPLICIT_SOURCE_MAX_QUERIES:
         # Decoding: a single row of logits is cheaper to compute once, use here and hand on, than to have the shared

@@ -521,11 +521,20 @@ def cache_argument(cache: Any, kwargs: dict) -> Any:
     return cache
 
 
-def update_cache(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict) -> tuple:
-    """Append this step's key/value to the layer's cache and return all cached ones (as the base layers do)."""
+def update_cache(
+    cache: Any,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer_idx: int,
+    kwargs: dict,
+    attention_mask: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Append this step's key/value to the layer's cache and return all cached ones (as the base layers do), with
+    the layer's mask, as :func:`keys_held` cuts them (a static cache's empty slots)."""
     if cache is None:
-        return key, value
-    return cache.update(key, value, layer_idx, kwargs=kwargs)
+        return key, value, attention_mask
+    key, value = cache.update(key, value, layer_idx, kwargs=kwargs)
+    return keys_held(cache, layer_idx, key, value, attention_mask)
 
 
 def keys_held(
@@ -545,7 +554,7 @@ def keys_held(
     Elsewhere the mask covers every slot, all layers return as many, and the slots stay whole: a cut view of them
     would be copied by every product of a decode step (LLaMA-2-7B's geometry at 8 x 4096: 408 against the base
     layer's 52 ms, a scratch run)."""
-    if cache is None or (attention_mask is not None and not any(cache.is_sliding)):
+    if attention_mask is not None and not any(cache.is_sliding):
         return key, value, attention_mask  # checked first: a static cache's length is a tensor (a device sync)
     held = int(cache.get_seq_length(layer_idx))
     if held >= key.shape[-2]:
