@@ -265,7 +265,7 @@ def uses_key_major(query: torch.Tensor, num_kv_heads: int) -> bool:
     """Whether :func:`grouped_product` computes ``q k^T`` as ``(k q^T)^T`` for ``query`` (B x H x T_q x D): a decode
     step's query (``T_q = 1``) in bf16 on CPU, at most ``KEY_MAJOR_MAX_QUERY_ROWS`` query heads per KV head, head size
     at least ``KEY_MAJOR_MIN_HEAD_DIM``."""
-    batch, num_heads, q_len, dim = query.shape
+    _, num_heads, q_len, dim = query.shape
     return (
         q_len == 1
         and num_heads // num_kv_heads <= KEY_MAJOR_MAX_QUERY_ROWS
@@ -288,10 +288,11 @@ def grouped_product(
     batch, num_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     query_grouped = query.reshape(batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, dim)
+    key_rows = key.reshape(batch * num_kv_heads, k_len, dim)
     if accumulate is None and out is None and uses_key_major(query, num_kv_heads):  # a decode step's row: (k q^T)^T
-        scores = torch.bmm(key.reshape(batch * num_kv_heads, k_len, dim), query_grouped.transpose(1, 2))
+        scores = torch.bmm(key_rows, query_grouped.transpose(1, 2))
         return scores.transpose(1, 2).contiguous().view(batch, num_heads, q_len, k_len)
-    key_flat = key.reshape(batch * num_kv_heads, k_len, dim).transpose(1, 2)
+    key_flat = key_rows.transpose(1, 2)
     grouped_shape = (batch * num_kv_heads, (num_heads // num_kv_heads) * q_len, k_len)
     accumulate = None if accumulate is None else accumulate.view(grouped_shape)
     out = None if out is None else out.view(grouped_shape)
