@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
+from .benchmark.measure import CACHE_KINDS
 from .cli_options import (
     add_analyze_parser,
     add_calibrate_parser,
@@ -210,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-context", type=positive_int, default=None, help="context of the max-throughput run")
     group.add_argument("--no-max-throughput", action="store_true", help="skip the max-throughput measure")
     group.add_argument(
+        "--cache",
+        choices=CACHE_KINDS,
+        default="dynamic",
+        help="KV cache decoded on: dynamic (transformers' default, grown by torch.cat every step) or static "
+        "(StaticCache, written in place, as generate(cache_implementation='static') does); default: dynamic",
+    )
+    group.add_argument(
         "--memory-limit-gib", type=positive_float, default=None, help="skip runs estimated to need more memory"
     )
     group.add_argument(
@@ -324,6 +332,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             max_throughput=not args.no_max_throughput,
             memory_limit_bytes=int(args.memory_limit_gib * gib) if args.memory_limit_gib else None,
             max_prefill_tokens=args.max_prefill_tokens,
+            cache=args.cache,
             progress=not args.no_progress,
         )
     except OSError as error:  # a model that does not load

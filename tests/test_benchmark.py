@@ -170,6 +170,36 @@ def test_skip_logic(models):
     assert "### Skipped" in nothing.to_markdown()
 
 
+def test_static_cache_run(models, monkeypatch):
+    """``cache="static"``: every timed decode (after a prefill, on a synthetic cache, and the max-throughput measure)
+    runs on a ``StaticCache``, the cache bytes count the prompt's tokens (not the slots kept free for decoding), and
+    the settings and the report say which cache."""
+    import peft_lisa.benchmark.measure as measure_module
+
+    base, merged = models
+    decoded_on, real_timed_decode = [], measure_module.timed_decode
+
+    def recording(model, kv_cache, *args):
+        decoded_on.append((type(kv_cache).__name__, int(kv_cache.get_seq_length())))
+        return real_timed_decode(model, kv_cache, *args)
+
+    monkeypatch.setattr(measure_module, "timed_decode", recording)
+    # The merged prefill at (2, 16) does not fit the limit: its decode runs on a synthetic static cache.
+    limit = estimate_working_bytes(ModelShape.of(merged), 2, 16, 2, "prefill") - 1
+    result = run_benchmark(base, merged, device="cpu", cache="static", memory_limit_bytes=limit, **SMALL)
+    assert result.run("merged", 2, 16).decode_cache == "synthetic"
+    assert {name for name, _ in decoded_on} == {"StaticCache"}
+    assert {length for _, length in decoded_on} >= {8, 16}  # decoding starts after the prompt, not at the slots' end
+    expected = {key: analytic_bytes_per_token(model.config, SHARE if key == "merged" else [], RANK) for key, model in
+                (("base", base), ("merged", merged))}  # fmt: skip
+    for run in result.runs:
+        assert run.kv_cache_bytes == expected[run.model] * run.batch * run.context
+    assert all(p.method.endswith("16-token static cache)") for p in result.max_throughput.points.values())
+    assert result.settings["cache"] == "static" and "decode steps on a static cache" in result.to_markdown()
+    with pytest.raises(ValueError, match="cache must be 'dynamic' or 'static', got 'paged'"):
+        run_benchmark(base, merged, device="cpu", cache="paged", **SMALL)
+
+
 def test_max_throughput_extrapolates_when_too_big(models):
     base, merged = models
     shape = ModelShape.of(merged)
@@ -590,9 +620,9 @@ def test_tensor_counting_pass_decodes_at_most_its_cap(models, monkeypatch):
             counting.pop()
             return super().__exit__(*exc)
 
-    def recording(model, ids, steps, device):
+    def recording(model, ids, steps, *args):
         calls.append((bool(counting), steps))
-        return real_decode(model, ids, steps, device)
+        return real_decode(model, ids, steps, *args)
 
     monkeypatch.setattr(run_module, "prefill_then_decode", recording)
     monkeypatch.setattr(run_module, "TensorPeak", RecordingPeak)

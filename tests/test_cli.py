@@ -642,11 +642,13 @@ def test_merge_with_eval_and_bench_quick(capsys, work, run_dir, merged_dir):
     results = json.loads((bench / "results.json").read_text())
     assert {run["model"] for run in results["runs"]} == {"base", "merged"}
     assert results["settings"]["command"].startswith("peft-lisa bench --merged")
+    assert results["settings"]["cache"] == "dynamic"
     assert (bench / "results.md").is_file()
 
     bench2 = work / "bench-untrained"
     untrained = ["--model", work / "tiny", "--share-layers", "3,4", "--rank", 4]
-    grid = ["--quick", "--batch-sizes", 1, "--contexts", 16, "--no-max-throughput"]
+    grid = ["--quick", "--batch-sizes", 1, "--contexts", 16, "--no-max-throughput", "--cache", "static"]
     ok(capsys, "bench", *untrained, *grid, "--output-dir", bench2)
     results = json.loads((bench2 / "results.json").read_text())
+    assert results["settings"]["cache"] == "static"
     assert results["models"]["merged"]["share_layers"] == [3, 4]

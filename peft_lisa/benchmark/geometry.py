@@ -26,7 +26,7 @@ from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
 from .cost_model import ModelShape
 from .layer_clock import LayerClock
-from .measure import alternating, random_ids, synthetic_cache, timed_decode
+from .measure import alternating, check_cache_kind, random_ids, synthetic_cache, timed_decode
 
 logger = logging.getLogger("peft_lisa")
 
@@ -121,8 +121,7 @@ def layer_decode_times(
     decode_tokens`` slots (:func:`~peft_lisa.benchmark.measure.synthetic_cache`), where a step writes its token in
     place; the default dynamic cache copies every layer's keys and values at every step (``torch.cat``).
     """
-    if cache not in ("dynamic", "static"):
-        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    check_cache_kind(cache)
     static_slots = context + decode_tokens if cache == "static" else None
     base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     device = torch.device(device)

@@ -6,7 +6,8 @@
   on CPU too), and :func:`default_memory_limit` is what a run may use;
 * :func:`cache_bytes` reads the size of a transformers cache off its tensors;
 * :func:`prefill_then_decode` times a prefill and greedy decode steps after it; :func:`synthetic_cache` and
-  :func:`synthetic_decode` time decoding on a random cache of a size whose prefill does not fit.
+  :func:`synthetic_decode` time decoding on a random cache of a size whose prefill does not fit; both decode on
+  transformers' default dynamic cache or, with ``cache="static"``, on a ``StaticCache`` (``CACHE_KINDS``).
 """
 
 from __future__ import annotations
@@ -236,13 +237,19 @@ def _malloc_trim() -> None:
             pass
 
 
-def cache_bytes(cache: Any) -> int:
-    """Bytes of a transformers cache: keys and values of every layer (``numel * element_size``)."""
+def cache_bytes(cache: Any, tokens: Optional[int] = None) -> int:
+    """Bytes of a transformers cache: keys and values of every layer (``numel * element_size``).
+
+    With ``tokens``, each layer counts at most that many positions: a static cache allocates its slots up front, and
+    this is the part of them the first ``tokens`` tokens fill (a dynamic cache holds exactly its tokens already).
+    """
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
+                positions = tensor.shape[-2] if tensor.dim() >= 2 else 1
+                held = positions if tokens is None else min(positions, tokens)
+                total += tensor.numel() // max(positions, 1) * held * tensor.element_size()
     return total
 
 
@@ -269,6 +276,24 @@ def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: 
     return torch.randint(0, vocab, (batch, length), generator=generator).to(device)
 
 
+CACHE_KINDS = ("dynamic", "static")
+
+
+def check_cache_kind(cache: str) -> None:
+    """Refuse a KV-cache kind other than ``"dynamic"`` (transformers' default, grown by ``torch.cat`` at every step)
+    or ``"static"`` (``StaticCache``, slots allocated up front and written in place)."""
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+
+
+def empty_cache(model: nn.Module, cache: str, slots: int) -> Optional[StaticCache]:
+    """The cache a prefill starts from: ``None`` for ``"dynamic"`` (the model builds its own), or a ``StaticCache``
+    of ``slots`` positions for ``"static"`` (its layers take their key shape from their first write, so a merged
+    model's shared layers get rank-r key slots)."""
+    check_cache_kind(cache)
+    return StaticCache(config=model.config, max_cache_len=slots) if cache == "static" else None
+
+
 def timed_decode(model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: int, device: torch.device) -> float:
     """Seconds of ``steps`` greedy single-token steps feeding ``cache``, starting from ``next_ids``."""
     synchronize(device)
@@ -282,20 +307,26 @@ def timed_decode(model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: in
 
 
 def prefill_then_decode(
-    model: nn.Module, ids: torch.Tensor, decode_tokens: int, device: torch.device
+    model: nn.Module, ids: torch.Tensor, decode_tokens: int, device: torch.device, cache: str = "dynamic"
 ) -> tuple[float, float, int]:
     """Time the prefill of ``ids`` and ``decode_tokens`` greedy steps after it; return (prefill s, decode s, cache
-    bytes after the prefill)."""
+    bytes the prompt's tokens take after the prefill).
+
+    ``cache="static"`` prefills into a ``StaticCache`` of ``T + decode_tokens`` slots (allocated before the clock
+    starts, as ``generate(cache_implementation="static")`` does) and decodes in place.
+    """
+    context = ids.shape[-1]
+    kv_cache = empty_cache(model, cache, context + decode_tokens)
     synchronize(device)
     started = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, cache=kv_cache, use_cache=True, logits_to_keep=1)
     synchronize(device)
     prefill = time.perf_counter() - started
-    cache = out.cache
-    kv_bytes = cache_bytes(cache)
+    kv_cache = out.cache
+    kv_bytes = cache_bytes(kv_cache, context)
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     del out
-    decode = timed_decode(model, cache, next_ids, decode_tokens, device) if decode_tokens else 0.0
+    decode = timed_decode(model, kv_cache, next_ids, decode_tokens, device) if decode_tokens else 0.0
     return prefill, decode, kv_bytes
 
 
@@ -353,10 +384,19 @@ def synthetic_cache(
 
 
 def synthetic_decode(
-    model: nn.Module, batch: int, context: int, decode_tokens: int, device: torch.device, seed: int
+    model: nn.Module,
+    batch: int,
+    context: int,
+    decode_tokens: int,
+    device: torch.device,
+    seed: int,
+    cache: str = "dynamic",
 ) -> tuple[float, int]:
-    """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache`; return (decode s, cache bytes)."""
-    cache = synthetic_cache(model, batch, context, device, seed)
-    kv_bytes = cache_bytes(cache)
+    """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache` (``cache="static"``: of ``context +
+    decode_tokens`` static slots); return (decode s, cache bytes of the ``context`` tokens)."""
+    check_cache_kind(cache)
+    static_slots = context + decode_tokens if cache == "static" else None
+    kv_cache = synthetic_cache(model, batch, context, device, seed, static_slots=static_slots)
+    kv_bytes = cache_bytes(kv_cache, context)
     next_ids = random_ids(batch, 1, model.config.vocab_size, device, seed + 1)
-    return timed_decode(model, cache, next_ids, decode_tokens, device), kv_bytes
+    return timed_decode(model, kv_cache, next_ids, decode_tokens, device), kv_bytes

@@ -98,7 +98,7 @@ def benchmark_model(
         command: the command line to record in the results' settings (and the markdown report).
         **options: passed to :func:`~.run.run_benchmark` (``batch_sizes``, ``contexts``, ``decode_tokens``,
             ``repeats``, ``warmup``, ``memory_budget_bytes``, ``budget_context``, ``max_throughput``,
-            ``memory_limit_bytes``, ``max_prefill_tokens``, ``seed``, ``progress``).
+            ``memory_limit_bytes``, ``max_prefill_tokens``, ``cache``, ``seed``, ``progress``).
 
     Raises:
         OSError: a model could not be loaded.

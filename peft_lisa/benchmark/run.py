@@ -26,6 +26,7 @@ import logging
 import os
 import resource
 import statistics
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -40,6 +41,7 @@ from .measure import (
     PeakMemory,
     TensorPeak,
     alternating,
+    check_cache_kind,
     default_memory_limit,
     machine_info,
     prefill_then_decode,
@@ -77,6 +79,7 @@ def run_benchmark(
     max_throughput: bool = True,
     memory_limit_bytes: Optional[int] = None,
     max_prefill_tokens: Optional[int] = None,
+    cache: str = "dynamic",
     device: Union[str, torch.device, None] = None,
     seed: int = 0,
     progress: bool = True,
@@ -100,11 +103,16 @@ def run_benchmark(
             are skipped and listed. Default :func:`default_memory_limit`.
         max_prefill_tokens: skip (and list) configurations with ``batch * context`` above this, to bound the run
             time on slow devices. Default: no cap.
+        cache: the KV cache decoded on: ``"dynamic"`` (transformers' default, which grows every layer's keys and
+            values by ``torch.cat`` at every step) or ``"static"`` (a ``StaticCache`` of ``context + decode_tokens``
+            slots, allocated before the prefill's clock starts and written in place, as
+            ``generate(cache_implementation="static")`` does). The maximum-throughput measure uses it too.
         device: where to run; the models are moved there. Default: the device of ``base_model``'s parameters.
         seed: seed of the random token ids.
         progress: log progress to the ``peft_lisa`` logger at INFO (else at DEBUG) and show a tqdm bar over the
             grid.
     """
+    check_cache_kind(cache)
     device = torch.device(device) if device is not None else next(base_model.parameters()).device
     level = logging.INFO if progress else logging.DEBUG
     models = {"base": base_model.to(device).eval(), "merged": merged_model.to(device).eval()}
@@ -121,10 +129,9 @@ def run_benchmark(
         f"machine: {machine_label(machine)}; working-memory limit {fmt_bytes(limit)}; peak memory: {peak_method}",
     )
 
-    runs: list[Run] = []
-    skipped: list[Skipped] = []
+    session = _Session(models, shapes, device, decode_tokens, repeats, warmup, limit, cache, seed, level)
+    runs, skipped = session.runs, session.skipped
     notes: list[str] = []
-    vocab = shapes["base"].vocab
 
     # Objects alive now (modules, weights, imported libraries) are never garbage; freezing them keeps the
     # gc.collect() between runs fast (it otherwise walks every object of torch and transformers each time).
@@ -132,7 +139,7 @@ def run_benchmark(
     gc.freeze()
     try:
         with torch.inference_mode():
-            _warm_start(models, device, vocab, seed)
+            session.warm_start()
             grid = [(context, batch) for context in contexts for batch in batch_sizes]
             with logging_redirect_tqdm(loggers=[logging.root, logger]):
                 for context, batch in tqdm(grid, desc="benchmark", unit="config", disable=not progress):
@@ -146,16 +153,12 @@ def run_benchmark(
                         )
                         if not decode_tokens:
                             continue
-                    _run_config(
-                        models, shapes, batch, context, decode_tokens, repeats, warmup, limit, device, seed, runs,
-                        skipped, level, prefill_allowed,
-                    )  # fmt: skip
+                    session.measure_point(batch, context, prefill_allowed)
             throughput = None
-            if max_throughput:
-                throughput = _max_throughput(
-                    models, shapes, runs, skipped, batch_sizes, contexts, decode_tokens, repeats, warmup,
-                    memory_budget_bytes, budget_context, limit, device, seed, level,
-                )  # fmt: skip
+            if max_throughput and decode_tokens > 0:
+                throughput = session.max_throughput(
+                    max(batch_sizes), budget_context or max(contexts), memory_budget_bytes
+                )
     finally:
         gc.unfreeze()
 
@@ -198,12 +201,13 @@ def run_benchmark(
         "warmup": warmup,
         "memory_limit_bytes": limit,
         "max_prefill_tokens": max_prefill_tokens,
+        "cache": cache,
         "peak_memory_method": peak_method,
         "tensor_peak_decode_steps": tensor_peak_decode_steps(decode_tokens),
         "seed": seed,
         "statistic": "median over repetitions",
         "prefill": "one forward over [B, T] random ids, use_cache=True, logits_to_keep=1 (includes cache build)",
-        "decode": "greedy single-token steps feeding the cache; tokens/s = B * N / time",
+        "decode": f"greedy single-token steps feeding the {cache} cache; tokens/s = B * N / time",
     }
     return BenchmarkResult(
         machine=machine,
@@ -218,111 +222,180 @@ def run_benchmark(
     )
 
 
-def _warm_start(models: dict[str, nn.Module], device: torch.device, vocab: int, seed: int) -> None:
-    """One small untimed run per model (first-call allocations, kernel selection)."""
-    ids = random_ids(1, 16, vocab, device, seed)
-    for model in models.values():
-        prefill_then_decode(model, ids, 2, device)
+@dataclass
+class _Session:
+    """What every measurement of one :func:`run_benchmark` call shares: the two models and their shapes, the settings,
+    and the runs and skips it collects."""
 
+    models: dict[str, nn.Module]
+    shapes: dict[str, ModelShape]
+    device: torch.device
+    decode_tokens: int
+    repeats: int
+    warmup: int
+    limit: int  # working memory a run may use (bytes)
+    cache: str  # "dynamic" or "static"
+    seed: int
+    level: int  # the logging level of progress messages
+    runs: list[Run] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
-def _run_config(
-    models: dict[str, nn.Module],
-    shapes: dict[str, ModelShape],
-    batch: int,
-    context: int,
-    decode_tokens: int,
-    repeats: int,
-    warmup: int,
-    limit: int,
-    device: torch.device,
-    seed: int,
-    runs: list[Run],
-    skipped: list[Skipped],
-    level: int,
-    prefill_allowed: bool = True,
-) -> None:
-    """Measure both models at one (batch, context), alternating; skip what is estimated not to fit.
+    def warm_start(self) -> None:
+        """One small untimed run per model (first-call allocations, kernel selection)."""
+        ids = random_ids(1, 16, self.shapes["base"].vocab, self.device, self.seed)
+        for model in self.models.values():
+            prefill_then_decode(model, ids, 2, self.device, self.cache)
 
-    Without ``prefill_allowed`` (the run-time cap), or when the prefill would not fit, decoding is timed on a
-    synthetic cache of the same size.
-    """
-    mode: dict[str, str] = {}
-    estimates: dict[str, int] = {}
-    for key, shape in shapes.items():
-        prefill_estimate = estimate_working_bytes(shape, batch, context, decode_tokens, "prefill")
-        decode_estimate = estimate_working_bytes(shape, batch, context, decode_tokens, "decode")
-        if prefill_allowed and prefill_estimate <= limit:
-            mode[key], estimates[key] = "prefill", max(prefill_estimate, decode_estimate)
-            continue
-        if prefill_allowed:
-            skipped.append(
-                Skipped(
-                    key, batch, context, "prefill", _too_big("prefill", prefill_estimate, limit), prefill_estimate,
-                    limit,
-                )
-            )  # fmt: skip
-        if decode_tokens and decode_estimate <= limit:
-            mode[key], estimates[key] = "synthetic", decode_estimate
-        else:
-            skipped.append(
-                Skipped(
-                    key, batch, context, "decode", _too_big("decode", decode_estimate, limit), decode_estimate, limit
-                )
+    def measure_point(self, batch: int, context: int, prefill_allowed: bool = True) -> None:
+        """Measure both models at one (batch, context), alternating; skip what is estimated not to fit.
+
+        Without ``prefill_allowed`` (the run-time cap), or when the prefill would not fit, decoding is timed on a
+        synthetic cache of the same size.
+        """
+        mode = self._modes(batch, context, prefill_allowed)
+        if not mode:
+            logger.log(self.level, f"B={batch} T={context}: skipped (estimated memory above the limit)")
+            return
+        ids = random_ids(batch, context, self.shapes["base"].vocab, self.device, self.seed)
+        results = {
+            key: Run(key, batch, context, self.decode_tokens, estimated_working_bytes=estimate, decode_cache=how)
+            for key, (how, estimate) in mode.items()
+        }
+
+        def one_run(key: str, steps: int = self.decode_tokens) -> tuple[Optional[float], float, int]:
+            if mode[key][0] == "prefill":
+                return prefill_then_decode(self.models[key], ids, steps, self.device, self.cache)
+            decode, kv_bytes = synthetic_decode(
+                self.models[key], batch, context, steps, self.device, self.seed, self.cache
             )
-    if not mode:
-        logger.log(level, f"B={batch} T={context}: skipped (estimated memory above the limit)")
-        return
-    ids = random_ids(batch, context, shapes["base"].vocab, device, seed)
-    results = {
-        key: Run(key, batch, context, decode_tokens, estimated_working_bytes=estimates[key], decode_cache=mode[key])
-        for key in mode
-    }
+            return None, decode, kv_bytes
 
-    def one_run(key: str, steps: int = decode_tokens) -> tuple[Optional[float], float, int]:
-        if mode[key] == "prefill":
-            return prefill_then_decode(models[key], ids, steps, device)
-        decode, _ = synthetic_decode(models[key], batch, context, steps, device, seed)
-        return None, decode, shapes[key].cache_bytes_per_token * batch * context
+        for repetition in range(self.warmup + self.repeats):
+            timed = repetition >= self.warmup
+            for key in alternating(MODEL_KEYS, repetition):
+                if key not in mode:
+                    continue
+                run = results[key]
+                kernel_before = _kernel_seconds()
+                with PeakMemory(self.device) as peak:
+                    prefill, decode, kv_bytes = one_run(key)
+                kernel = _kernel_seconds() - kernel_before
+                if not timed:
+                    continue
+                run.kernel_seconds.append(kernel)
+                if prefill is not None:
+                    run.prefill_seconds.append(prefill)
+                if self.decode_tokens:
+                    run.decode_seconds.append(decode)
+                run.kv_cache_bytes = kv_bytes
+                run.peak_working_bytes = max(run.peak_working_bytes, peak.peak)
+                run.peak_memory_bytes = self.shapes[key].weight_bytes + run.peak_working_bytes
+            gc.collect()
+        for key in mode:  # one more, untimed pass: the profiler that counts the tensors slows the run down
+            with TensorPeak(self.device) as tensors:
+                one_run(key, tensor_peak_decode_steps(self.decode_tokens))
+            results[key].peak_tensor_bytes = tensors.peak
+            gc.collect()
+        bounds = ceilings(self.shapes["base"], self.shapes["merged"], batch, context)
+        for key in MODEL_KEYS:
+            if key in results:
+                results[key].ceilings = bounds
+                self.runs.append(results[key])
+        logger.log(
+            self.level,
+            f"B={batch} T={context}: "
+            + "; ".join(
+                f"{key} prefill {fmt_rate(r.prefill_tokens_per_s)} decode {fmt_rate(r.decode_tokens_per_s)} tok/s"
+                for key, r in results.items()
+            ),
+        )
 
-    for repetition in range(warmup + repeats):
-        timed = repetition >= warmup
-        for key in alternating(MODEL_KEYS, repetition):
-            if key not in mode:
+    def _modes(self, batch: int, context: int, prefill_allowed: bool) -> dict[str, tuple[str, int]]:
+        """How each model runs at (batch, context): ``("prefill" | "synthetic", estimated working bytes)``; a model
+        that fits neither way is left out, and every skip is listed."""
+        mode: dict[str, tuple[str, int]] = {}
+        for key, shape in self.shapes.items():
+            prefill_estimate = estimate_working_bytes(shape, batch, context, self.decode_tokens, "prefill")
+            decode_estimate = estimate_working_bytes(shape, batch, context, self.decode_tokens, "decode")
+            if prefill_allowed and prefill_estimate <= self.limit:
+                mode[key] = ("prefill", max(prefill_estimate, decode_estimate))
                 continue
-            run = results[key]
-            kernel_before = _kernel_seconds()
-            with PeakMemory(device) as peak:
-                prefill, decode, kv_bytes = one_run(key)
-            kernel = _kernel_seconds() - kernel_before
-            if not timed:
+            if prefill_allowed:
+                reason = _too_big("prefill", prefill_estimate, self.limit)
+                self.skipped.append(Skipped(key, batch, context, "prefill", reason, prefill_estimate, self.limit))
+            if self.decode_tokens and decode_estimate <= self.limit:
+                mode[key] = ("synthetic", decode_estimate)
+            else:
+                reason = _too_big("decode", decode_estimate, self.limit)
+                self.skipped.append(Skipped(key, batch, context, "decode", reason, decode_estimate, self.limit))
+        return mode
+
+    def max_throughput(self, batch: int, context: int, budget: Optional[int]) -> MaxThroughput:
+        """Largest batch whose weights + KV cache fit the budget, for each model, and its measured decode throughput.
+
+        The default budget is the base model's weights + KV cache at ``batch`` and ``context``.
+        """
+        decode_tokens, shapes = self.decode_tokens, self.shapes
+        steps = context + decode_tokens
+        if budget is None:
+            budget = shapes["base"].weight_bytes + _per_token(shapes["base"], self.runs, context) * batch * steps
+            source = f"base model's weights + KV cache at batch {batch}, context {context} + {decode_tokens} decoded"
+        else:
+            source = "given"
+        result = MaxThroughput(
+            budget_bytes=int(budget), budget_source=source, context=context, decode_tokens=decode_tokens
+        )
+        batches: dict[str, int] = {}
+        for key, shape in shapes.items():
+            per_sequence = _per_token(shape, self.runs, context) * steps
+            batches[key] = max(int((budget - shape.weight_bytes) // per_sequence), 0)
+            result.points[key] = ThroughputPoint(
+                model=key,
+                max_batch=batches[key],
+                weight_bytes=shape.weight_bytes,
+                kv_cache_bytes=int(per_sequence * batches[key]),
+                step_bytes=int(shape.weight_bytes + per_sequence * batches[key]),
+                decode_tokens_per_s=None,
+                method="not available (the weights alone exceed the budget)",
+            )
+        runnable = []
+        for key, shape in shapes.items():
+            if batches[key] == 0:
                 continue
-            run.kernel_seconds.append(kernel)
-            if prefill is not None:
-                run.prefill_seconds.append(prefill)
-            if decode_tokens:
-                run.decode_seconds.append(decode)
-            run.kv_cache_bytes = kv_bytes
-            run.peak_working_bytes = max(run.peak_working_bytes, peak.peak)
-            run.peak_memory_bytes = shapes[key].weight_bytes + run.peak_working_bytes
-        gc.collect()
-    for key in mode:  # one more, untimed pass: the profiler that counts the tensors slows the run down
-        with TensorPeak(device) as tensors:
-            one_run(key, tensor_peak_decode_steps(decode_tokens))
-        results[key].peak_tensor_bytes = tensors.peak
-        gc.collect()
-    bounds = ceilings(shapes["base"], shapes["merged"], batch, context)
-    for key in MODEL_KEYS:
-        if key in results:
-            results[key].ceilings = bounds
-            runs.append(results[key])
-    logger.log(
-        level,
-        f"B={batch} T={context}: "
-        + "; ".join(
-            f"{key} prefill {fmt_rate(r.prefill_tokens_per_s)} decode {fmt_rate(r.decode_tokens_per_s)} tok/s"
-            for key, r in results.items()
-        ),
-    )
+            estimate = estimate_working_bytes(shape, batches[key], context, decode_tokens, "decode")
+            if estimate <= self.limit:
+                runnable.append(key)
+                continue
+            reason = _too_big("max-throughput decode", estimate, self.limit)
+            self.skipped.append(
+                Skipped(key, batches[key], context, "max-throughput decode", reason, estimate, self.limit)
+            )
+            rate, how = _extrapolate(self.runs, key, context, batches[key])
+            result.points[key].decode_tokens_per_s = rate
+            result.points[key].method = how
+        logger.log(self.level, f"max throughput: budget {fmt_bytes(budget)} at context {context}: max batch {batches}")
+        for repetition in range(self.warmup + self.repeats):
+            for key in alternating(MODEL_KEYS, repetition):
+                if key not in runnable:
+                    continue
+                seconds, _ = synthetic_decode(
+                    self.models[key], batches[key], context, decode_tokens, self.device, self.seed, self.cache
+                )
+                if repetition >= self.warmup:
+                    result.points[key].decode_seconds.append(seconds)
+                gc.collect()
+        for key in runnable:
+            point = result.points[key]
+            point.decode_tokens_per_s = point.max_batch * decode_tokens / statistics.median(point.decode_seconds)
+            point.method = (
+                f"measured (decode at batch {point.max_batch} on a synthetic {context}-token {self.cache} cache)"
+            )
+        logger.log(
+            self.level,
+            "max throughput: "
+            + "; ".join(f"{k} {fmt_rate(p.decode_tokens_per_s)} tok/s ({p.method})" for k, p in result.points.items()),
+        )
+        return result
 
 
 def _kernel_seconds() -> float:
@@ -332,84 +405,6 @@ def _kernel_seconds() -> float:
 
 def _too_big(phase: str, estimate: int, limit: int) -> str:
     return f"{phase}: estimated working memory {fmt_bytes(estimate)} exceeds the limit {fmt_bytes(limit)}"
-
-
-def _max_throughput(
-    models: dict[str, nn.Module],
-    shapes: dict[str, ModelShape],
-    runs: list[Run],
-    skipped: list[Skipped],
-    batch_sizes: tuple[int, ...],
-    contexts: tuple[int, ...],
-    decode_tokens: int,
-    repeats: int,
-    warmup: int,
-    budget: Optional[int],
-    context: Optional[int],
-    limit: int,
-    device: torch.device,
-    seed: int,
-    level: int,
-) -> Optional[MaxThroughput]:
-    """Largest batch whose weights + KV cache fit the budget, for each model, and its measured decode throughput."""
-    if decode_tokens <= 0:
-        return None
-    context = context or max(contexts)
-    steps = context + decode_tokens
-    if budget is None:
-        batch = max(batch_sizes)
-        budget = shapes["base"].weight_bytes + _per_token(shapes["base"], runs, context) * batch * steps
-        source = f"base model's weights + KV cache at batch {batch}, context {context} + {decode_tokens} decoded"
-    else:
-        source = "given"
-    result = MaxThroughput(
-        budget_bytes=int(budget), budget_source=source, context=context, decode_tokens=decode_tokens
-    )
-    batches: dict[str, int] = {}
-    for key, shape in shapes.items():
-        per_sequence = _per_token(shape, runs, context) * steps
-        batches[key] = max(int((budget - shape.weight_bytes) // per_sequence), 0)
-        result.points[key] = ThroughputPoint(
-            model=key,
-            max_batch=batches[key],
-            weight_bytes=shape.weight_bytes,
-            kv_cache_bytes=int(per_sequence * batches[key]),
-            step_bytes=int(shape.weight_bytes + per_sequence * batches[key]),
-            decode_tokens_per_s=None,
-            method="not available (the weights alone exceed the budget)",
-        )
-    runnable = []
-    for key, shape in shapes.items():
-        if batches[key] == 0:
-            continue
-        estimate = estimate_working_bytes(shape, batches[key], context, decode_tokens, "decode")
-        if estimate <= limit:
-            runnable.append(key)
-            continue
-        reason = _too_big("max-throughput decode", estimate, limit)
-        skipped.append(Skipped(key, batches[key], context, "max-throughput decode", reason, estimate, limit))
-        rate, how = _extrapolate(runs, key, context, batches[key])
-        result.points[key].decode_tokens_per_s = rate
-        result.points[key].method = how
-    logger.log(level, f"max throughput: budget {fmt_bytes(budget)} at context {context}: max batch {batches}")
-    for repetition in range(warmup + repeats):
-        for key in alternating(MODEL_KEYS, repetition):
-            if key not in runnable:
-                continue
-            seconds, _ = synthetic_decode(models[key], batches[key], context, decode_tokens, device, seed)
-            if repetition >= warmup:
-                result.points[key].decode_seconds.append(seconds)
-            gc.collect()
-    for key in runnable:
-        point = result.points[key]
-        point.decode_tokens_per_s = point.max_batch * decode_tokens / statistics.median(point.decode_seconds)
-        point.method = f"measured (decode at batch {point.max_batch} on a synthetic {context}-token cache)"
-    logger.log(
-        level,
-        "max throughput: "
-        + "; ".join(f"{k} {fmt_rate(p.decode_tokens_per_s)} tok/s ({p.method})" for k, p in result.points.items()),
-    )
-    return result
 
 
 def _per_token(shape: ModelShape, runs: list[Run], context: int) -> float:
