@@ -234,7 +234,8 @@ def test_a_prefill_continuing_the_cache_equals_an_uncached_forward(family):
 def test_a_static_cache_equals_an_uncached_forward(family):
     """A static cache (``StaticCache``, what ``cache_implementation="static"`` and compiled decoding use): its first
     prefill hands the layers no mask although its keys run past the prompt (empty slots, which the base layers'
-    top-left causal mask never reads), then a continued prefill and a decode step come with masks over all its slots;
+    top-left causal mask never reads; shorter than the sliding windows, whose slots then run past it too), then decode
+    steps and continued prefills come with masks over all its slots;
     a left-padded batch has masks at every step. Every step, the adapter and the merged model, gives the logits of one
     uncached forward, on every route of a shared layer's logits; the shared layers' slots hold rank-r keys (4 here),
     as their dynamic cache does."""
@@ -251,7 +252,9 @@ def test_a_static_cache_equals_an_uncached_forward(family):
                 uncached = model(input_ids=ids, use_cache=False, **masked).logits
                 cache = StaticCache(config=model.config, max_cache_len=24)
                 logits = []
-                for chunk in (slice(0, 9), slice(9, 13), slice(13, 14)):  # prefill, continued prefill, decode step
+                # A prefill within the sliding windows (4-6 tokens), a decode step, continued prefills past them, one
+                # more decode step.
+                for chunk in (slice(0, 3), slice(3, 4), slice(4, 9), slice(9, 13), slice(13, 14)):
                     masked = {} if mask is None else {"attention_mask": mask[:, : chunk.stop]}
                     logits.append(model(input_ids=ids[:, chunk], cache=cache, use_cache=True, **masked).logits)
                 real = slice(None) if mask is None else mask.bool()  # the padded positions' logits are not compared
@@ -280,26 +283,29 @@ def test_a_static_cache_through_a_full_link_into_a_sliding_one():
 
 
 def test_static_slots_are_cut_only_where_a_shared_layer_needs_it():
-    """:func:`keys_held` on real static caches after a 9-token prefill into 24 slots: with a mask and only full
-    layers, the cache's own tensors, uncut (a cut view would be copied by every product of a decode step); without a
-    mask (the first prefill), or in a cache with sliding-window layers, the first 9 slots and the mask's first 9
-    columns."""
-    ids = random_ids(2, 9)
-    for family, cut_with_mask in (("llama", False), ("qwen2", True)):
-        model = family_model(family)
-        cache = StaticCache(config=model.config, max_cache_len=24)
-        with torch.no_grad():
-            model(input_ids=ids, cache=cache, use_cache=True)
-        layer = cache.layers[1]
-        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
-        key, value, held_mask = keys_held(cache, 1, layer.keys, layer.values, mask)
-        if cut_with_mask:
-            assert key.shape[-2] == value.shape[-2] == held_mask.shape[-1] == 9
-        else:
-            assert key is layer.keys and value is layer.values and held_mask is mask
-        key, value, held_mask = keys_held(cache, 1, layer.keys, layer.values, None)
-        assert torch.equal(key, layer.keys[:, :, :9]) and torch.equal(value, layer.values[:, :, :9])
-        assert held_mask is None
+    """:func:`keys_held` on real static caches of 24 slots: a full layer given a mask returns the cache's own tensors,
+    uncut, in a model with sliding-window layers too (a cut view would be copied by every product of a decode step);
+    without a mask (the first prefill) it returns the first slots held and the mask's first columns. A sliding-window
+    layer (window 4) is cut while its window is not full (3 tokens held), and whole once it is (9)."""
+    sliding = family_model("qwen2")
+    assert sliding.config.layer_types[1:3] == ["full_attention", "sliding_attention"]
+    for model in (family_model("llama"), sliding):
+        for tokens in (3, 9):
+            cache = StaticCache(config=model.config, max_cache_len=24)
+            with torch.no_grad():
+                model(input_ids=random_ids(2, tokens), cache=cache, use_cache=True)
+            for layer_idx, layer in enumerate(cache.layers[1:3], start=1):
+                slots = layer.keys.shape[-2]
+                mask = torch.ones(2, 1, 1, slots, dtype=torch.bool)
+                key, value, held_mask = keys_held(cache, layer_idx, layer.keys, layer.values, mask)
+                if layer.is_sliding and tokens < slots:
+                    assert key.shape[-2] == value.shape[-2] == held_mask.shape[-1] == tokens
+                    assert torch.equal(key, layer.keys[:, :, :tokens])
+                else:
+                    assert key is layer.keys and value is layer.values and held_mask is mask
+                key, value, held_mask = keys_held(cache, layer_idx, layer.keys, layer.values, None)
+                assert torch.equal(key, layer.keys[:, :, : min(tokens, slots)]) and held_mask is None
+                assert torch.equal(value, layer.values[:, :, : min(tokens, slots)])
 
 
 @pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])

@@ -7,6 +7,8 @@ import torch
 from peft import get_peft_model
 
 from peft_lisa import LiSAConfig
+from peft_lisa.tuner.carrier import ChainedLogits, FoldedScores, MaterializedLogits, ScoresFromQueryKey
+from peft_lisa.tuner.functional import grouped_product
 
 from .conftest import random_ids, randomize_adapter, tiny_model
 
@@ -254,3 +256,33 @@ def test_grouped_product_per_head_on_either_layout(heads, kv_heads, q_len, dim, 
     expected = query.double() @ key.double().repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2)
     assert scores.shape == (2, heads, q_len, 37) and scores.dtype == dtype and scores.is_contiguous()
     torch.testing.assert_close(scores.double(), expected, atol=0.0, rtol=2**-7)
+
+
+def test_source_logits_against_their_first_keys():
+    """``first_keys(n)`` of every kind of handed logits (what a sliding-window shared layer reads of a full source on
+    a static cache, whose slots run past the tokens held) gives the first ``n`` columns of the logits, and its rows
+    against the last ``m`` keys the last ``m`` of those; compared with the uncut logits, computed whole."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, q_len, k_len, dim, rank = 2, 4, 2, 3, 11, 8, 4
+    query, key = torch.randn(batch, heads, q_len, dim), torch.randn(batch, kv_heads, k_len, dim)
+    q_small, k_small = torch.randn(batch, heads, q_len, rank), torch.randn(batch, kv_heads, k_len, rank)
+    mixing = torch.randn(heads, heads)
+    folded = FoldedScores.from_query_key(query, key, 0.3).mixed(mixing).with_lowrank(q_small, k_small, 0.5)
+    softcapped = ScoresFromQueryKey(query, key, 0.3, softcap=2.0)
+
+    def lowrank_link(source_rows, q_rows, k_rows):
+        return source_rows * 0.7 + grouped_product(q_rows, k_rows)
+
+    kinds = {
+        "materialized": MaterializedLogits(torch.randn(batch, heads, q_len, k_len)),
+        "query and key": softcapped,
+        "folded": folded,
+        "chained": ChainedLogits(lowrank_link, softcapped, q_small, k_small),
+    }
+    held, last = 7, 5
+    for name, logits in kinds.items():
+        whole = logits.rows(slice(None))  # B x H x T_q x k_len
+        cut = logits.first_keys(held)
+        assert cut.shape == (batch, heads, q_len, held), name
+        torch.testing.assert_close(cut.rows(slice(None)), whole[..., :held], msg=name)
+        torch.testing.assert_close(cut.rows(slice(1, 3), last), whole[:, :, 1:3, held - last : held], msg=name)

@@ -75,6 +75,17 @@ def handed_logits_max_keys() -> int:
     return HANDED_LOGITS_MAX_KEYS if cpu_kernel_expected() else HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL
 
 
+def first_keys_held(source: SourceLogits, cache: Any, layer_idx: int) -> SourceLogits:
+    """``source`` against the keys the cache holds, where shared layer ``layer_idx`` needs it cut: a static cache's
+    full layers return all their slots (slot t holds position t), and a sliding-window layer reading their logits
+    takes the last keys held, not the last slots. With a dynamic cache (or none) ``source`` has those keys alone
+    already."""
+    if cache is None or not cache.is_sliding[layer_idx]:
+        return source
+    held = cache.get_seq_length(layer_idx)  # a Python int for a sliding-window layer: no device sync
+    return source.first_keys(held) if source.shape[-1] > held else source
+
+
 class HeadAlign(nn.Module):
     """Head alignment along the head axis (step 2): ``P s`` (linear, ``hidden == 0``) or ``P s + W2 act(W1 s + b1)
     + b2``.
@@ -259,7 +270,8 @@ class LiSASubstitute(nn.Module):
         source = self.carrier.take(self.layer_idx - 1)  # B x H x T_q x T_k
         k_len = k_small.shape[-2]
         # A sliding-window layer caches the last keys of its window; its source (a full layer) all of them: it reads
-        # the source's logits of its own keys, the last k_len.
+        # the source's logits of its own keys, the last k_len of those the cache holds.
+        source = first_keys_held(source, cache, self.layer_idx)
         if source.shape[-2] != q_len or source.shape[-1] < k_len or source.shape[0] != batch:
             raise RuntimeError(
                 f"LiSA layer {self.layer_idx}: logits of layer {self.layer_idx - 1} have shape "

@@ -122,6 +122,11 @@ class SourceLogits:
     def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def first_keys(self, keys: int) -> SourceLogits:
+        """These logits against their first ``keys`` keys alone (views, no copy): a static cache's full layers return
+        all their slots, the empty ones after the tokens held included."""
+        raise NotImplementedError
+
 
 class MaterializedLogits(SourceLogits):
     """Logits held as one tensor: those a shared layer reconstructed and hands on to the next shared layer."""
@@ -132,6 +137,9 @@ class MaterializedLogits(SourceLogits):
     def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
         logits = self.logits[:, :, rows]
         return logits if keys is None or keys == logits.shape[-1] else logits[..., -keys:]
+
+    def first_keys(self, keys: int) -> MaterializedLogits:
+        return MaterializedLogits(self.logits[..., :keys])
 
 
 class ScoresFromQueryKey(SourceLogits):
@@ -152,6 +160,9 @@ class ScoresFromQueryKey(SourceLogits):
     def rows(self, rows: slice, keys: Optional[int] = None) -> torch.Tensor:
         key = self.key if keys is None or keys == self.key.shape[2] else self.key[:, :, -keys:]
         return softcap_logits(grouped_scores(self.query[:, :, rows], key, self.scaling), self.softcap)
+
+    def first_keys(self, keys: int) -> ScoresFromQueryKey:
+        return ScoresFromQueryKey(self.query, self.key[:, :, :keys], self.scaling, self.softcap)
 
 
 class BlockBuffers:
@@ -509,6 +520,9 @@ class FoldedScores(SourceLogits):
             return EXPLICIT_QUERY_BLOCK
         return max(EXPLICIT_QUERY_BLOCK, -(-EXPLICIT_MIN_BLOCK_ROWS // sequences))
 
+    def first_keys(self, keys: int) -> FoldedScores:
+        return FoldedScores([replace(part, key=part.key[:, :, :keys]) for part in self.parts])
+
     def sequences(self, sequences: slice) -> FoldedScores:
         """These logits for ``sequences`` of the batch alone (views, no copy)."""
         return FoldedScores(
@@ -570,6 +584,9 @@ class ChainedLogits(SourceLogits):
         keys = self.k_small.shape[2] if keys is None else keys
         k_small = self.k_small if keys == self.k_small.shape[2] else self.k_small[:, :, -keys:]
         return self.logits(self.source.rows(rows, keys), self.q_small[:, :, rows], k_small)
+
+    def first_keys(self, keys: int) -> ChainedLogits:
+        return ChainedLogits(self.logits, self.source.first_keys(keys), self.q_small, self.k_small[:, :, :keys])
 
 
 @dataclass

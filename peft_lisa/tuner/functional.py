@@ -549,13 +549,13 @@ def keys_held(
 
     * without a mask (that first prefill, under sdpa without padding): a shared layer's causal mask is aligned
       bottom-right, as a dynamic cache's prefill continuing needs it;
-    * where the cache has sliding-window layers: slot t then holds position t, so the keys a sliding-window layer
-      holds (the last of them) line up with the last keys of a full source layer's logits, as with a dynamic cache.
+    * in a sliding-window layer whose window is not full yet: its slots then run past the tokens it holds, and a
+      sliding-window shared layer reads the last of its source's keys held (``attention.first_keys_held``).
 
-    Elsewhere the mask covers every slot, all layers return as many, and the slots stay whole: a cut view of them
-    would be copied by every product of a decode step (LLaMA-2-7B's geometry at 8 x 4096: 408 against the base
-    layer's 52 ms, a scratch run)."""
-    if attention_mask is not None and not any(cache.is_sliding):
+    Elsewhere the mask covers every slot, a full layer's slots line up with its source's, and the slots stay whole: a
+    cut view of them would be copied by every product of a decode step (LLaMA-2-7B's geometry at 8 x 4096: 408
+    against the base layer's 52 ms, a scratch run)."""
+    if attention_mask is not None and not cache.is_sliding[layer_idx]:
         return key, value, attention_mask  # checked first: a static cache's length is a tensor (a device sync)
     held = int(cache.get_seq_length(layer_idx))
     if held >= key.shape[-2]:
