@@ -67,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decode-steps", type=int, default=0, help="time this many decode steps after the prefill instead of it"
     )
+    parser.add_argument(
+        "--cache", choices=("dynamic", "static"), default="dynamic", help="the KV cache of --decode-steps"
+    )
     parser.add_argument("--output-dir", default="prefill-by-layer")
     args = parser.parse_args(argv)
+    if args.cache != "dynamic" and not args.decode_steps:
+        parser.error("--cache applies to decode steps: give --decode-steps")
     if args.geometry:
         given = [f"--{name}" for name in ("model", "analysis") if getattr(args, name) is not None]
         if given:
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         subject = f"{Path(path).name}, layers {merged.config.lisa['share_layers']} shared (untrained adapter)"
     shape = dict(batch=args.batch, context=args.context, repeats=args.repeats)
     if args.decode_steps:
-        times = decode_layer_times(base, merged, steps=args.decode_steps, **shape)
+        times = decode_layer_times(base, merged, steps=args.decode_steps, cache=args.cache, **shape)
     else:
         times = prefill_layer_times(base, merged, **shape)
     command = shlex.join(["python", "examples/prefill_by_layer.py", *(sys.argv[1:] if argv is None else argv)])

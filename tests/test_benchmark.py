@@ -578,29 +578,42 @@ def test_prefill_layer_times_name_each_layer_and_its_chain_depth(models):
         prefill_layer_times(base, merged, repeats=0)
 
 
-def test_decode_layer_times_clock_each_layer_per_decode_step(models):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decode_layer_times_clock_each_layer_per_decode_step(models, cache, monkeypatch):
     """The per-layer decode clock: ``steps`` single-token steps a repetition after an untimed prefill, each layer's
     time per step (the layers' sum below the step's own time, which fails when the prefill is counted or the steps
-    are not divided out), and the report says so."""
+    are not divided out), on the cache asked for, and the report says so."""
+    from peft_lisa.benchmark import layer_clock
+
     base, merged = models
     calls: list[list[int]] = [[], []]  # the query length of each forward, base and merged
+    decoded_on, real_timed_decode = [], layer_clock.timed_decode
+
+    def recording(model, kv_cache, *args):
+        decoded_on.append(type(kv_cache).__name__)
+        return real_timed_decode(model, kv_cache, *args)
+
+    monkeypatch.setattr(layer_clock, "timed_decode", recording)
     hooks = [
         model.model.layers[0].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].shape[1]))
         for model, seen in zip(models, calls, strict=True)
     ]
     try:
-        times = decode_layer_times(base, merged, batch=2, context=16, steps=3, repeats=2)
+        times = decode_layer_times(base, merged, batch=2, context=16, steps=3, repeats=2, cache=cache)
     finally:
         for hook in hooks:
             hook.remove()
     assert calls == [[16, 1, 1, 1] * 3] * 2  # warm-up + 2 repetitions, each a prefill of 16 tokens and 3 steps of one
-    assert (times.phase, times.decode_steps, times.batch, times.context) == ("decode", 3, 2, 16)
+    assert decoded_on == ["StaticCache" if cache == "static" else "DynamicCache"] * 6
+    assert (times.phase, times.decode_steps, times.batch, times.context, times.cache) == ("decode", 3, 2, 16, cache)
     assert times.kinds == ["full", "source", "shared", "shared", "full"]
     for seconds, total in ((times.base_seconds, times.base_total), (times.merged_seconds, times.merged_total)):
         assert len(seconds) == 5 and all(s > 0 for s in seconds) and sum(seconds) < total
-    assert "A decode step after a prefill of 2 x 16 tokens (3 steps)" in times.to_markdown()
+    assert f"A decode step on a {cache} cache after a prefill of 2 x 16 tokens (3 steps)" in times.to_markdown()
     with pytest.raises(ValueError, match="steps must be at least 1"):
         decode_layer_times(base, merged, steps=0)
+    with pytest.raises(ValueError, match="cache must be 'dynamic' or 'static'"):
+        decode_layer_times(base, merged, cache="paged")
 
 
 def test_tensor_counting_pass_decodes_at_most_its_cap(models, monkeypatch):

@@ -23,7 +23,15 @@ from torch import nn
 from ..tuner.architectures import decoder_layers
 from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import chain_depths
-from .measure import alternating, machine_info, random_ids, synchronize, timed_decode
+from .measure import (
+    alternating,
+    check_cache_kind,
+    empty_cache,
+    machine_info,
+    random_ids,
+    synchronize,
+    timed_decode,
+)
 from .report import machine_label
 
 
@@ -91,6 +99,7 @@ class LayerTimes:
     machine: dict[str, Any] = field(default_factory=dict)  # measure.machine_info
     phase: str = "prefill"
     decode_steps: int = 0
+    cache: str = "dynamic"  # the KV cache the decode steps ran on: "dynamic" or "static"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +132,10 @@ class LayerTimes:
         :meth:`by_depth`."""
         what = f"Prefill of {self.batch} x {self.context} tokens"
         if self.phase == "decode":
-            what = f"A decode step after a prefill of {self.batch} x {self.context} tokens ({self.decode_steps} steps)"
+            what = (
+                f"A decode step on a {self.cache} cache after a prefill of {self.batch} x {self.context} tokens "
+                f"({self.decode_steps} steps)"
+            )
         lines = [
             f"Machine: {machine_label(self.machine)}",
             "",
@@ -181,18 +193,20 @@ def decode_layer_times(
     steps: int = 16,
     repeats: int = 5,
     seed: int = 0,
+    cache: str = "dynamic",
 ) -> LayerTimes:
     """Per-layer times of a decode step of ``base`` and ``merged``: in each repetition an untimed prefill of
     ``batch`` x ``context`` random ids, then ``steps`` timed greedy steps on the cache it built, as ``peft-lisa
-    bench`` times them; each layer's time and the step's are per step. The two models alternating, one warm-up
-    each, medians of ``repeats``."""
+    bench`` times them (``cache="static"``: a ``StaticCache`` of ``context + steps`` slots); each layer's time and
+    the step's are per step. The two models alternating, one warm-up each, medians of ``repeats``."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    check_cache_kind(cache)
     device = next(base.parameters()).device
     ids = random_ids(batch, context, base.config.vocab_size, device, seed)
 
     def decode(model: nn.Module, clock: LayerClock) -> float:
-        out = model(ids, use_cache=True, logits_to_keep=1)
+        out = model(ids, cache=empty_cache(model, cache, context + steps), use_cache=True, logits_to_keep=1)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         clock.reset()
         seconds = timed_decode(model, out.cache, next_ids, steps, device)
@@ -200,7 +214,7 @@ def decode_layer_times(
         return seconds / steps
 
     return _alternating_layer_times(
-        base, merged, decode, repeats, batch=batch, context=context, phase="decode", decode_steps=steps
+        base, merged, decode, repeats, batch=batch, context=context, phase="decode", decode_steps=steps, cache=cache
     )
 
 
