@@ -22,8 +22,8 @@ times decoding. Consecutive shared layers form a chain, so the second command pr
         --output-dir docs/benchmark/geometry_prefill/llama-2-7b_chain7
 
 With ``--decode-steps N`` it times decode steps instead: in each repetition an untimed prefill of ``--batch`` x
-``--context`` tokens, then N greedy steps on its cache, each layer's time per step
-(:func:`peft_lisa.benchmark.layer_clock.decode_layer_times`):
+``--context`` tokens, then N greedy steps on its cache (``--cache static``: a ``StaticCache``), each layer's time per
+step (:func:`peft_lisa.benchmark.layer_clock.decode_layer_times`):
 
     python examples/prefill_by_layer.py --threads 2 --analysis docs/analysis/smollm2_135m_analysis.json \\
         --context 128 --decode-steps 32 --repeats 9 --output-dir docs/benchmark/decode_by_layer/fp32_1x128_threads2
@@ -42,6 +42,7 @@ import torch
 
 from peft_lisa.benchmark.geometry import GEOMETRIES, geometry_models
 from peft_lisa.benchmark.layer_clock import decode_layer_times, prefill_layer_times
+from peft_lisa.benchmark.measure import CACHE_KINDS
 from peft_lisa.benchmark.pipeline import load_benchmark_models
 from peft_lisa.cli_options import even_rank, layer_list
 from peft_lisa.jobs.checks import load_analysis_file
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-steps", type=int, default=0, help="time this many decode steps after the prefill instead of it"
     )
     parser.add_argument(
-        "--cache", choices=("dynamic", "static"), default="dynamic", help="the KV cache of --decode-steps"
+        "--cache", choices=CACHE_KINDS, default="dynamic", help="the KV cache of --decode-steps (default: dynamic)"
     )
     parser.add_argument("--output-dir", default="prefill-by-layer")
     args = parser.parse_args(argv)

@@ -229,7 +229,7 @@ def test_synthetic_cache_has_the_prefill_shapes(models):
 def test_static_synthetic_cache_decodes_as_the_dynamic_one(models):
     """``static_slots``: a StaticCache whose first ``context`` slots hold the dynamic synthetic cache's random keys
     and values (the same seed), rank-r keys in shared layers; a decode step on it gives the logits the dynamic one
-    gives, and writes its token in place. Too few slots, or sliding-window layers, are refused."""
+    gives, and writes its token in place. Too few slots are refused."""
     _, merged = models
     device = torch.device("cpu")
     next_ids = torch.tensor([[5], [9]])
@@ -246,8 +246,37 @@ def test_static_synthetic_cache_decodes_as_the_dynamic_one(models):
         assert static.layers[2].keys is keys and static.get_seq_length() == 8
     with pytest.raises(ValueError, match="no slot to decode into"):
         synthetic_cache(merged, 2, 7, device, static_slots=7)
-    with torch.inference_mode(), pytest.raises(ValueError, match="sliding-window layers"):
-        synthetic_cache(tiny_model("mistral", sliding_window=4), 2, 7, device, static_slots=10)
+
+
+def test_static_cache_run_with_sliding_window_layers():
+    """``cache="static"`` on a model whose layers have sliding windows (4 tokens, shorter than the contexts): the
+    decodes on a synthetic cache (above ``max_prefill_tokens``) and the max-throughput measure run there too."""
+    base = tiny_model("mistral", sliding_window=4)
+    merged = get_peft_model(copy.deepcopy(base), LiSAConfig(share_layers=SHARE, rank=RANK)).merge_and_unload()
+    result = run_benchmark(base, merged.eval(), device="cpu", cache="static", max_prefill_tokens=8, **SMALL)
+    assert {r.decode_cache for r in result.runs if r.batch * r.context > 8} == {"synthetic"}
+    assert all(r.decode_tokens_per_s > 0 for r in result.runs)
+    assert all(p.method.startswith("measured") for p in result.max_throughput.points.values())
+
+
+@pytest.mark.parametrize("window", [16, 4])
+def test_static_synthetic_cache_of_sliding_window_layers(window):
+    """Sliding-window layers in a static synthetic cache: ``min(window, slots)`` slots, the tokens seen counted. With
+    the window beyond the context a decode step gives the logits of the dynamic synthetic cache (the same random
+    keys); with the window full it writes its token in place too."""
+    base = tiny_model("mistral", sliding_window=window)
+    merged = get_peft_model(base, LiSAConfig(share_layers=SHARE, rank=RANK)).merge_and_unload().eval()
+    device, next_ids = torch.device("cpu"), torch.tensor([[5], [9]])
+    with torch.inference_mode():
+        static = synthetic_cache(merged, 2, 7, device, seed=3, static_slots=10)
+        assert [layer.keys.shape[-2] for layer in static.layers] == [min(window, 10)] * 5
+        assert static.get_seq_length() == 7
+        keys = static.layers[2].keys
+        logits = merged(input_ids=next_ids, cache=static, use_cache=True).logits
+        assert static.layers[2].keys is keys and static.get_seq_length() == 8
+        if window > 7:
+            dynamic = synthetic_cache(merged, 2, 7, device, seed=3)
+            torch.testing.assert_close(logits, merged(input_ids=next_ids, cache=dynamic, use_cache=True).logits)
 
 
 def test_analytic_breakdown(models):

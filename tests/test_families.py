@@ -229,13 +229,22 @@ def test_a_prefill_continuing_the_cache_equals_an_uncached_forward(family):
     torch.testing.assert_close(second, uncached[:, 9:], atol=1e-4, rtol=1e-4)
 
 
+# A first prefill past the sliding windows (4-6 tokens), a continued prefill, a decode step; or a first prefill within
+# them, a decode step, continued prefills past them, one more decode step.
+CHUNKS = {
+    "long first": (slice(0, 9), slice(9, 13), slice(13, 14)),
+    "short first": (slice(0, 3), slice(3, 4), slice(4, 9), slice(9, 13), slice(13, 14)),
+}
+
+
 @pytest.mark.usefixtures("shared_logits_route")
+@pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_static_cache_equals_an_uncached_forward(family):
+def test_a_static_cache_equals_an_uncached_forward(family, chunks):
     """A static cache (``StaticCache``, what ``cache_implementation="static"`` and compiled decoding use): its first
     prefill hands the layers no mask although its keys run past the prompt (empty slots, which the base layers'
-    top-left causal mask never reads; shorter than the sliding windows, whose slots then run past it too), then decode
-    steps and continued prefills come with masks over all its slots;
+    top-left causal mask never reads; longer or shorter than the sliding windows, whose slots then run past it too),
+    then decode steps and continued prefills come with masks over all its slots;
     a left-padded batch has masks at every step. Every step, the adapter and the merged model, gives the logits of one
     uncached forward, on every route of a shared layer's logits; the shared layers' slots hold rank-r keys (4 here),
     as their dynamic cache does."""
@@ -252,9 +261,7 @@ def test_a_static_cache_equals_an_uncached_forward(family):
                 uncached = model(input_ids=ids, use_cache=False, **masked).logits
                 cache = StaticCache(config=model.config, max_cache_len=24)
                 logits = []
-                # A prefill within the sliding windows (4-6 tokens), a decode step, continued prefills past them, one
-                # more decode step.
-                for chunk in (slice(0, 3), slice(3, 4), slice(4, 9), slice(9, 13), slice(13, 14)):
+                for chunk in CHUNKS[chunks]:
                     masked = {} if mask is None else {"attention_mask": mask[:, : chunk.stop]}
                     logits.append(model(input_ids=ids[:, chunk], cache=cache, use_cache=True, **masked).logits)
                 real = slice(None) if mask is None else mask.bool()  # the padded positions' logits are not compared
@@ -263,12 +270,15 @@ def test_a_static_cache_equals_an_uncached_forward(family):
 
 
 @pytest.mark.usefixtures("shared_logits_route")
-def test_a_static_cache_through_a_full_link_into_a_sliding_one():
+@pytest.mark.parametrize("window", [4, 32])
+@pytest.mark.parametrize("chunks", list(CHUNKS))
+def test_a_static_cache_through_a_full_link_into_a_sliding_one(window, chunks):
     """Qwen2 with layers full, full, full, sliding, sliding and layers 2-3 shared: a full shared layer between a full
-    source and a sliding-window reader. On a static cache all three must read their keys by position (the reader's
-    last keys are the source's and the middle link's last held ones, not their last slots): a continued prefill and
-    a decode step give the logits of one uncached forward."""
-    model = family_model("qwen2", max_window_layers=3)
+    source and a sliding-window reader, the window within the cache's 24 slots (4) or beyond them (32: the reader's
+    slots never fill). On a static cache all three must read their keys by position (the reader's last keys are the
+    source's and the middle link's last held ones, not their last slots): every chunk gives the logits of one
+    uncached forward."""
+    model = family_model("qwen2", max_window_layers=3, sliding_window=window)
     assert model.config.layer_types[1:4] == ["full_attention", "full_attention", "sliding_attention"]
     peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4))
     randomize_adapter(peft_model)
@@ -277,20 +287,18 @@ def test_a_static_cache_through_a_full_link_into_a_sliding_one():
         for model in (peft_model.eval(), peft_model.merge_and_unload()):
             uncached = model(input_ids=ids, use_cache=False).logits
             cache = StaticCache(config=model.config, max_cache_len=24)
-            logits = [model(input_ids=ids[:, chunk], cache=cache, use_cache=True).logits
-                      for chunk in (slice(0, 9), slice(9, 13), slice(13, 14))]  # fmt: skip
+            logits = [model(input_ids=ids[:, chunk], cache=cache, use_cache=True).logits for chunk in CHUNKS[chunks]]
             torch.testing.assert_close(torch.cat(logits, 1), uncached, atol=1e-4, rtol=1e-4)
 
 
 def test_static_slots_are_cut_only_where_a_shared_layer_needs_it():
-    """:func:`keys_held` on real static caches of 24 slots: a full layer given a mask returns the cache's own tensors,
-    uncut, in a model with sliding-window layers too (a cut view would be copied by every product of a decode step);
-    without a mask (the first prefill) it returns the first slots held and the mask's first columns. A sliding-window
-    layer (window 4) is cut while its window is not full (3 tokens held), and whole once it is (9)."""
+    """:func:`keys_held` on real static caches of 24 slots: a layer given a mask returns the cache's own tensors,
+    uncut, full and sliding-window layers alike, filled or not (a cut view would be copied by every product of a
+    decode step); without a mask (the first prefill) it returns the slots of the tokens held."""
     sliding = family_model("qwen2")
     assert sliding.config.layer_types[1:3] == ["full_attention", "sliding_attention"]
     for model in (family_model("llama"), sliding):
-        for tokens in (3, 9):
+        for tokens in (3, 9):  # within and past the sliding window (4)
             cache = StaticCache(config=model.config, max_cache_len=24)
             with torch.no_grad():
                 model(input_ids=random_ids(2, tokens), cache=cache, use_cache=True)
@@ -298,11 +306,7 @@ def test_static_slots_are_cut_only_where_a_shared_layer_needs_it():
                 slots = layer.keys.shape[-2]
                 mask = torch.ones(2, 1, 1, slots, dtype=torch.bool)
                 key, value, held_mask = keys_held(cache, layer_idx, layer.keys, layer.values, mask)
-                if layer.is_sliding and tokens < slots:
-                    assert key.shape[-2] == value.shape[-2] == held_mask.shape[-1] == tokens
-                    assert torch.equal(key, layer.keys[:, :, :tokens])
-                else:
-                    assert key is layer.keys and value is layer.values and held_mask is mask
+                assert key is layer.keys and value is layer.values and held_mask is mask
                 key, value, held_mask = keys_held(cache, layer_idx, layer.keys, layer.values, None)
                 assert torch.equal(key, layer.keys[:, :, : min(tokens, slots)]) and held_mask is None
                 assert torch.equal(value, layer.values[:, :, : min(tokens, slots)])

@@ -312,8 +312,9 @@ def prefill_then_decode(
     """Time the prefill of ``ids`` and ``decode_tokens`` greedy steps after it; return (prefill s, decode s, cache
     bytes the prompt's tokens take after the prefill).
 
-    ``cache="static"`` prefills into a ``StaticCache`` of ``T + decode_tokens`` slots (allocated before the clock
-    starts, as ``generate(cache_implementation="static")`` does) and decodes in place.
+    ``cache="static"`` prefills into a ``StaticCache`` of ``T + decode_tokens`` slots and decodes in place; its layers
+    allocate their slots on their first write, within the timed prefill, as under
+    ``generate(cache_implementation="static")``.
     """
     context = ids.shape[-1]
     kv_cache = empty_cache(model, cache, context + decode_tokens)
@@ -345,29 +346,24 @@ def synthetic_cache(
     decode step does not depend on the cached values, so this measures decoding at sizes whose prefill does not fit.
 
     With ``static_slots``, a ``StaticCache`` of that many slots (what ``generate(cache_implementation="static")``
-    and compiled decoding use): the first ``context`` slots get the same random keys and values, the rest stay
-    empty, and a decode step writes its token in place instead of growing every layer's tensors (the dynamic
-    cache's ``torch.cat``, which copies the whole cache at every step and layer). Sliding-window layers are refused.
+    and compiled decoding use): the first ``context`` slots get the same random keys and values (a sliding-window
+    layer has ``min(window, static_slots)`` slots, all filled when ``context`` reaches them), the rest stay empty, and
+    a decode step writes its token in place instead of growing every layer's tensors (the dynamic cache's
+    ``torch.cat``, which copies the whole cache at every step and layer).
     """
     vocab = model.config.vocab_size
     first = random_ids(batch, 1, vocab, device, seed)
-    if static_slots is None:
-        cache = model(input_ids=first, use_cache=True, logits_to_keep=1).cache
-    else:
-        if static_slots <= context:
-            raise ValueError(f"static_slots={static_slots} leaves no slot to decode into after {context} tokens.")
-        cache = StaticCache(config=model.config, max_cache_len=static_slots)
-        if any(cache.is_sliding):
-            raise ValueError(
-                "a static synthetic cache is built for full-attention layers only; this model has sliding-window "
-                "layers: time it on the dynamic cache (static_slots=None)."
-            )
-        model(input_ids=first, cache=cache, use_cache=True, logits_to_keep=1)
+    if static_slots is not None and static_slots <= context:
+        raise ValueError(f"static_slots={static_slots} leaves no slot to decode into after {context} tokens.")
+    cache = None if static_slots is None else StaticCache(config=model.config, max_cache_len=static_slots)
+    cache = model(input_ids=first, cache=cache, use_cache=True, logits_to_keep=1).cache
     generator = torch.Generator(device=device).manual_seed(seed)
     for layer in cache.layers:
-        # A sliding-window layer keeps only its last ``sliding_window - 1`` tokens and counts the ones it has seen.
-        window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-        length = context if window is None else min(context, window - 1)
+        sliding = getattr(layer, "is_sliding", False)
+        if static_slots is not None:
+            length = min(context, layer.keys.shape[-2])  # a sliding-window layer has min(window, static_slots) slots
+        else:  # a dynamic sliding-window layer keeps only its last ``sliding_window - 1`` tokens
+            length = min(context, layer.sliding_window - 1) if sliding else context
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
             shape = (*tensor.shape[:-2], length, tensor.shape[-1])
@@ -376,10 +372,13 @@ def synthetic_cache(
                 setattr(layer, name, filled)
             else:
                 tensor[:, :, :length].copy_(filled)  # in place: a static cache keeps its tensors
-        if window is not None:
-            layer.cumulative_length = context
-        elif static_slots is not None:
-            layer.cumulative_length.fill_(context)
+        if static_slots is None:
+            if sliding:
+                layer.cumulative_length = context  # the tokens it has seen
+        else:
+            layer.cumulative_length.fill_(length)  # where the next token goes while the slots are not full
+            if sliding:
+                layer.cumulative_length_int = context
     return cache
 
 

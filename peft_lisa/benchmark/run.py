@@ -105,8 +105,8 @@ def run_benchmark(
             time on slow devices. Default: no cap.
         cache: the KV cache decoded on: ``"dynamic"`` (transformers' default, which grows every layer's keys and
             values by ``torch.cat`` at every step) or ``"static"`` (a ``StaticCache`` of ``context + decode_tokens``
-            slots, allocated before the prefill's clock starts and written in place, as
-            ``generate(cache_implementation="static")`` does). The maximum-throughput measure uses it too.
+            slots, allocated by the prefill's first write and written in place, as under
+            ``generate(cache_implementation="static")``). The maximum-throughput measure uses it too.
         device: where to run; the models are moved there. Default: the device of ``base_model``'s parameters.
         seed: seed of the random token ids.
         progress: log progress to the ``peft_lisa`` logger at INFO (else at DEBUG) and show a tqdm bar over the

@@ -75,15 +75,30 @@ def handed_logits_max_keys() -> int:
     return HANDED_LOGITS_MAX_KEYS if cpu_kernel_expected() else HANDED_LOGITS_MAX_KEYS_WITHOUT_KERNEL
 
 
-def first_keys_held(source: SourceLogits, cache: Any, layer_idx: int) -> SourceLogits:
-    """``source`` against the keys the cache holds, where shared layer ``layer_idx`` needs it cut: a static cache's
-    full layers return all their slots (slot t holds position t), and a sliding-window layer reading their logits
-    takes the last keys held, not the last slots. With a dynamic cache (or none) ``source`` has those keys alone
-    already."""
+def keys_by_position(
+    source: SourceLogits,
+    cache: Any,
+    layer_idx: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+) -> tuple[SourceLogits, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """A sliding-window shared layer's source logits and its own keys (B x H_kv x T_k x r), values and mask, lined up
+    by position on a static cache; unchanged elsewhere (a dynamic cache holds the tokens alone).
+
+    A static cache's full layer returns all its slots, slot t holding position t, and so does a sliding-window layer
+    until its window is full; once full, its slots hold the last positions. The layer reads its source's logits of
+    the last ``max(held, T_k)`` keys, as views (:meth:`SourceLogits.first_keys`). Where the source was cut to the
+    tokens held (a first prefill without a mask, :func:`keys_held`) and this layer got a mask, it cuts its own empty
+    slots too."""
     if cache is None or not cache.is_sliding[layer_idx]:
-        return source
+        return source, key, value, attention_mask
     held = cache.get_seq_length(layer_idx)  # a Python int for a sliding-window layer: no device sync
-    return source.first_keys(held) if source.shape[-1] > held else source
+    if source.shape[-1] < key.shape[-2]:  # the source holds fewer keys than this layer's slots: cut the empty ones
+        key, value = key[:, :, :held], value[:, :, :held]
+        attention_mask = None if attention_mask is None else attention_mask[..., :held]
+    keys = max(held, key.shape[-2])
+    return (source.first_keys(keys) if source.shape[-1] > keys else source), key, value, attention_mask
 
 
 class HeadAlign(nn.Module):
@@ -268,10 +283,12 @@ class LiSASubstitute(nn.Module):
 
         # Step 1: the logits layer l-1 actually used (reconstructed ones if it is shared too).
         source = self.carrier.take(self.layer_idx - 1)  # B x H x T_q x T_k
-        k_len = k_small.shape[-2]
         # A sliding-window layer caches the last keys of its window; its source (a full layer) all of them: it reads
         # the source's logits of its own keys, the last k_len of those the cache holds.
-        source = first_keys_held(source, cache, self.layer_idx)
+        source, k_small, value, attention_mask = keys_by_position(
+            source, cache, self.layer_idx, k_small, value, attention_mask
+        )
+        k_len = k_small.shape[-2]
         if source.shape[-2] != q_len or source.shape[-1] < k_len or source.shape[0] != batch:
             raise RuntimeError(
                 f"LiSA layer {self.layer_idx}: logits of layer {self.layer_idx - 1} have shape "

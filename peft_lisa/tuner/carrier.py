@@ -172,12 +172,9 @@ class BlockBuffers:
     every block, the allocator hands them back to the system and the next block pays page faults and zero-filling
     for them again (about 4,400 page faults and 10 ms of kernel time per shared layer at 1 x 2048 with 2 threads).
     Two slots of ``numel`` float32 elements each, written again by every block, hold a block's tensors in turn:
-
-    * ``"scores"``: a source's float32 scores before their mixing, then the probabilities for ``A V`` (in the values'
-      dtype);
-    * ``"logits"``: the product ``q k^T`` in the model's dtype when that is not float32 (copied into ``"scores"``),
-      then the mixed float32 logits, masked and soft-maxed in place.
-    """
+    ``"scores"``, a source's float32 scores before their mixing, then the probabilities for ``A V`` (in the values'
+    dtype); ``"logits"``, the product ``q k^T`` in the model's dtype when that is not float32 (copied into
+    ``"scores"``), then the mixed float32 logits, masked and soft-maxed in place."""
 
     def __init__(self, device: torch.device, numel: int) -> None:
         self.device, self.numel = device, numel

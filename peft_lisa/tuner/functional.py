@@ -545,23 +545,20 @@ def keys_held(
     holds where a shared layer needs it. A static cache (``StaticCache``, ``cache_implementation="static"``) returns
     all its slots, the empty ones after the tokens included, which the base layer never attends to: its mask leaves
     them out, and on the first prefill, where transformers hands it no mask, ``scaled_dot_product_attention``'s causal
-    mask, aligned top-left, does. Cut:
+    mask, aligned top-left, does. They are cut there only, without a mask: a shared layer's causal mask is aligned
+    bottom-right, as a dynamic cache's prefill continuing needs it.
 
-    * without a mask (that first prefill, under sdpa without padding): a shared layer's causal mask is aligned
-      bottom-right, as a dynamic cache's prefill continuing needs it;
-    * in a sliding-window layer whose window is not full yet: its slots then run past the tokens it holds, and a
-      sliding-window shared layer reads the last of its source's keys held (``attention.first_keys_held``).
-
-    Elsewhere the mask covers every slot, a full layer's slots line up with its source's, and the slots stay whole: a
-    cut view of them would be copied by every product of a decode step (LLaMA-2-7B's geometry at 8 x 4096: 408
-    against the base layer's 52 ms, a scratch run)."""
-    if attention_mask is not None and not cache.is_sliding[layer_idx]:
+    Given a mask, the mask covers every slot, a full layer's slot t holds position t (and so does a sliding-window
+    layer's until its window is full), and the slots stay whole: a cut view of them would be copied by every product
+    of a decode step (LLaMA-2-7B's geometry at 8 x 4096: 408 against the base layer's 52 ms, a scratch run). A
+    sliding-window shared layer lines its source's keys up with its own by position
+    (:func:`peft_lisa.tuner.attention.keys_by_position`)."""
+    if attention_mask is not None:
         return key, value, attention_mask  # checked first: a static cache's length is a tensor (a device sync)
     held = int(cache.get_seq_length(layer_idx))
     if held >= key.shape[-2]:
         return key, value, attention_mask
-    mask = None if attention_mask is None else attention_mask[..., :held]
-    return key[:, :, :held], value[:, :, :held], mask
+    return key[:, :, :held], value[:, :, :held], None
 
 
 def sliding_window_of(attn: nn.Module) -> Optional[int]:
