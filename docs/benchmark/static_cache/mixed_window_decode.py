@@ -1,10 +1,10 @@
 """Decode steps on a static cache in a model that mixes full and sliding-window layers, layer by layer.
 
 A random-weight Qwen2 model with LLaMA-3-8B's layer geometry (32 query heads, 8 KV heads of 128, MLP 14,336), bf16,
-4 layers: full, full, sliding, sliding (window 1,024); the merged LiSA model shares layers 1 (full, from a full
-source) and 3 (sliding, from a sliding source). Both prefill ``--batch`` x ``--context`` random tokens into a
-``StaticCache`` (``generate(cache_implementation="static")``'s cache), then decode ``--steps`` greedy steps per
-repetition, alternating; every decoder layer is timed by forward hooks, medians over the repetitions.
+4 layers: full, full, sliding, sliding (window ``--window``, 1,024 by default); the merged LiSA model shares layers
+1 (full, from a full source) and 3 (sliding, from a sliding source). Both prefill ``--batch`` x ``--context`` random
+tokens into a ``StaticCache`` (``generate(cache_implementation="static")``'s cache), then decode ``--steps`` greedy
+steps per repetition, alternating; every decoder layer is timed by forward hooks, medians over the repetitions.
 
     python docs/benchmark/static_cache/mixed_window_decode.py --threads 2
 """
@@ -34,12 +34,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="decode steps per repetition")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--window", type=int, default=1024, help="the sliding window (default 1,024)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = Qwen2Config(
         hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
-        num_hidden_layers=4, vocab_size=32000, use_sliding_window=True, sliding_window=1024,
+        num_hidden_layers=4, vocab_size=32000, use_sliding_window=True, sliding_window=args.window,
         layer_types=LAYER_TYPES, attn_implementation="sdpa",
     )  # fmt: skip
     torch.manual_seed(0)
@@ -65,7 +66,10 @@ def main() -> None:
                 if repetition:
                     times[key].append([seconds * 1000 / args.steps for seconds in clocks[key].spent])
     print(f"Machine: {machine_label(machine_info(torch.device('cpu')))}")
-    print(f"Decode step per layer (ms, median of {args.repeats}), {args.batch} x {args.context}, static cache\n")
+    print(
+        f"Decode step per layer (ms, median of {args.repeats}), {args.batch} x {args.context}, static cache, "
+        f"sliding window {args.window}\n"
+    )
     print("| model | " + " | ".join(f"layer {i} ({kind.split('_')[0]})" for i, kind in enumerate(LAYER_TYPES)) + " |")
     print("|---|" + "---:|" * len(LAYER_TYPES))
     for key in models:
