@@ -87,10 +87,10 @@ def keys_by_position(
     by position on a static cache; unchanged elsewhere (a dynamic cache holds the tokens alone).
 
     A static cache's full layer returns all its slots, slot t holding position t, and so does a sliding-window layer
-    until its window is full; once full, its slots hold the last positions. The layer reads its source's logits of
-    the last ``max(held, T_k)`` keys, as views (:meth:`SourceLogits.first_keys`). Where the source was cut to the
-    tokens held (a first prefill without a mask, :func:`keys_held`) and this layer got a mask, it cuts its own empty
-    slots too."""
+    until its window is full; once full, its slots hold the last positions. The layer reads the last ``T_k`` of its
+    source's logits of the first ``max(held, T_k)`` keys, as views (:meth:`SourceLogits.first_keys`). Where the
+    source was cut to the tokens held (a first prefill without a mask, :func:`keys_held`) and this layer got a mask,
+    it cuts its own empty slots too."""
     if cache is None or not cache.is_sliding[layer_idx]:
         return source, key, value, attention_mask
     held = cache.get_seq_length(layer_idx)  # a Python int for a sliding-window layer: no device sync
