@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -125,3 +127,26 @@ def shared_logits_route(request, monkeypatch):
     elif request.param == "blocks":
         monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
     return request.param
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+PORTABLE_FLAGS = (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f")  # the portable build's: no AVX-512
+
+
+@functools.cache
+def portable_kernel():
+    """The kernel built without AVX-512 (``-mno-avx512f``): the softmax's portable vector code (``softmax_lanes.h``),
+    what CPUs without AVX-512 run."""
+    return cpu_kernel._build(cpu_kernel._build_name() + "_portable", required=True, flags=PORTABLE_FLAGS)
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernel(request, monkeypatch):
+    """The kernel as this machine builds it (``-march=native``: with AVX-512 and AVX512-BF16 where the CPU has them)
+    and, on x86, built without AVX-512 too."""
+    require_cpu_kernel(monkeypatch)
+    if request.param == "native":
+        return cpu_kernel.load_cpu_kernel()
+    if not X86:
+        pytest.skip("off x86 the native build is the portable one")
+    return portable_kernel()

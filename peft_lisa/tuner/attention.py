@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, Optional
 
 import torch
@@ -29,7 +30,7 @@ from .carrier import (
     SharedLayerCall,
     SourceLogits,
 )
-from .cpu_kernel import cpu_kernel_expected
+from .cpu_kernel import cpu_kernel_expected, decode_rows, inference_kernel, kernel_mask
 from .functional import (
     AttentionLayout,
     additive_mask_rows,
@@ -297,7 +298,23 @@ class LiSASubstitute(nn.Module):
             )
         # A short input on CPU: its logits computed whole and handed on whole (handed_logits_max_keys).
         handed = not torch.is_grad_enabled() and value.device.type == "cpu" and k_len <= handed_logits_max_keys()
-        if self.align.hidden == 0 and isinstance(source, FoldedScores) and not handed:
+        row_kernel = self._row_kernel(source, value, dropout)
+        supported, kernel_mask_rows = kernel_mask(attention_mask, k_len) if row_kernel is not None else (False, None)
+        if supported:
+            # Materialized source rows (decode steps) on CPU: steps 2-5 in one call (docs/method.md, "Decode steps on
+            # CPU"); the mixed logits come back only where they are handed on.
+            attn_output, rows = decode_rows(
+                row_kernel,
+                q_small * self.rank**-0.5,
+                k_small,
+                value,
+                kernel_mask_rows,
+                handed=source.rows(slice(None), k_len),
+                mix=self.align.mixing(),
+                hand_on=self.hands_on,
+            )
+            logits = MaterializedLogits(rows) if self.hands_on else None
+        elif self.align.hidden == 0 and isinstance(source, FoldedScores) and not handed:
             # Steps 2-5 in one fused attention call: P S_{l-1} + Q_r K_r^T stays a product of queries and keys.
             logits = source.mixed(self.align.mixing(), self.align.group_map)
             del source  # the previous layer's queries are no longer needed: free them before attending
@@ -318,6 +335,14 @@ class LiSASubstitute(nn.Module):
                 )
             )
         return output_proj(attn_output.to(hidden_states.dtype))
+
+    def _row_kernel(self, source: SourceLogits, value: torch.Tensor, dropout: float) -> Optional[ModuleType]:
+        """The CPU kernel where this call may attend through its decode rows: materialized source logits (a decode
+        step, or a later link of a short prompt), the linear alignment, inference on CPU, nobody observing; else
+        None."""
+        if not isinstance(source, MaterializedLogits) or self.align.hidden != 0 or dropout > 0.0:
+            return None
+        return None if self.carrier.observers else inference_kernel(value)
 
     @staticmethod
     def _attend_by_blocks(
@@ -385,10 +410,18 @@ def source_attention(
     if q_len <= EXPLICIT_SOURCE_MAX_QUERIES:
         # Decoding: a single row of logits is cheaper to compute once, use here and hand on, than to have the shared
         # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
-        logits = softcap_logits(grouped_scores(query, key, layout.scaling), layout.softcap)  # B x H x T_q x T_k
+        kernel = inference_kernel(value) if dropout == 0.0 else None
+        supported, kernel_mask_rows = kernel_mask(attention_mask, key.shape[-2])
+        if kernel is not None and supported:  # on CPU: one call (docs/method.md, "Decode steps on CPU")
+            attn_output, logits = decode_rows(
+                kernel, query * layout.scaling, key, value, kernel_mask_rows, softcap=layout.softcap
+            )
+        else:
+            logits = softcap_logits(grouped_scores(query, key, layout.scaling), layout.softcap)  # B x H x T_q x T_k
+            mask = additive_mask_rows(attention_mask, slice(None), q_len, logits.shape[-1], logits.device)
+            attn_output = attend_from_logits(logits, mask, value, dropout, attn.training)
         carrier.put(attn.layer_idx, MaterializedLogits(logits))
-        mask = additive_mask_rows(attention_mask, slice(None), q_len, logits.shape[-1], logits.device)
-        return attn.o_proj(attend_from_logits(logits, mask, value, dropout, attn.training)), None
+        return attn.o_proj(attn_output.to(hidden_states.dtype)), None
     if layout.softcap is None:
         carrier.put(attn.layer_idx, FoldedScores.from_query_key(query, key, layout.scaling))
     else:

@@ -3,9 +3,10 @@ kernel of a shared layer").
 
 On CPU, in inference, a shared layer whose source is folded (:class:`~peft_lisa.tuner.carrier.FoldedScores`) attends
 through this kernel: the source's per-head ``q k^T``, the head mixing ``P``, the rank-r terms, the mask, an online
-softmax and ``A V``, one tile of queries x keys at a time in the core's cache. It is compiled for the machine with
-torch's C++ extension builder the first time it is needed (about 30 s; a C++ compiler and ``ninja`` are needed) and
-cached by torch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+softmax and ``A V``, one tile of queries x keys at a time in the core's cache; on decode steps source and shared
+layers attend through its decode rows (:func:`decode_rows`, ``csrc/decode_rows.h``). It is compiled for the machine
+with torch's C++ extension builder the first time it is needed (about 40 s; a C++ compiler and ``ninja`` are needed)
+and cached by torch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 
 The environment variable ``PEFT_LISA_CPU_KERNEL`` chooses:
 
@@ -135,7 +136,7 @@ def _build(name: str, required: bool, flags: tuple[str, ...] = COMPILE_FLAGS) ->
     softmax's portable code, ``csrc/softmax_lanes.h``)."""
     from torch.utils import cpp_extension
 
-    logger.info("Building the LiSA CPU attention kernel (once per machine, about 30 s)...")
+    logger.info("Building the LiSA CPU attention kernel (once per machine, about 40 s)...")
     try:
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(flags), verbose=False)
     except Exception as error:  # a missing compiler or ninja, a failed compile: all say the same to the user
@@ -220,3 +221,40 @@ def shared_attention(
         queries, keys, mixes, term_queries, term_keys, value, mask, BLOCK_QUERIES, BLOCK_KEYS, pack
     )  # B x T_q x H x d_v
     return output.flatten(2).to(value_dtype)
+
+
+def inference_kernel(value: torch.Tensor) -> Optional[ModuleType]:
+    """The kernel where an attention of ``value`` (B x H_kv x T_k x d_v) may run through it: inference (no autograd)
+    on CPU, the kernel built (:func:`load_cpu_kernel`); else None."""
+    if torch.is_grad_enabled() or value.device.type != "cpu":
+        return None
+    return load_cpu_kernel()
+
+
+def decode_rows(
+    kernel: ModuleType,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    handed: Optional[torch.Tensor] = None,
+    mix: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    hand_on: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A few query rows (decode steps) of ``softmax(S + M) V`` in one kernel call (``csrc/decode_rows.h``), for per
+    query head h ``S[h] = sum_g mix[h, g] handed[g] + query[h] key[kv(h)]^T``, softcapped where ``softcap`` is given.
+
+    query: B x H x T_q x W, scaled (a source layer's rotary query, a shared layer's rank-r one); key: B x H_e x T_k x W
+    (the cache, read as it lies); value: B x H_kv x T_k x d_v; mask from :func:`kernel_mask` (None: causal, the
+    queries are the last T_q positions); handed: B x H_s x T_q x T_k float32 logits of the layer before, with mix:
+    H x H_s. Returns the output B x T_q x (H d_v) in the values' dtype and S before the mask, B x H x T_q x T_k
+    float32 (None unless ``hand_on``). Sums, the mixing and the softmax are float32.
+    """
+    key = last_dim_contiguous(key if key.dtype in (torch.float32, value.dtype) else key.to(value.dtype))
+    if handed is not None:
+        handed, mix = last_dim_contiguous(handed.float()), mix.float().contiguous()
+    output, logits = kernel.decode_rows(
+        handed, mix, query.float().contiguous(), key, last_dim_contiguous(value), mask, softcap or 0.0, hand_on
+    )  # B x T_q x H x d_v, B x H x T_q x T_k
+    return output.flatten(2), logits if hand_on else None

@@ -28,11 +28,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "decode_rows.h"
+#include "kernel_common.h"
 #include "softmax_lanes.h"
 
 namespace {
 
 using at::native::cpublas::brgemm;
+using lisa_kernel::add_mask_row;
+using lisa_kernel::scratch;
 using lisa_softmax::Floats;
 using lisa_softmax::kLanes;
 using lisa_softmax::kNegInf;
@@ -64,20 +68,6 @@ void pack_pairs(const scalar_t* in, int64_t rows, int64_t cols, int64_t row_stri
     for (int64_t j = 0; j < out_cols; ++j) {
       dst[2 * j] = (i < rows && j < cols) ? in[i * row_stride + j * col_stride] : scalar_t(0);
       dst[2 * j + 1] = (i + 1 < rows && j < cols) ? in[(i + 1) * row_stride + j * col_stride] : scalar_t(0);
-    }
-  }
-}
-
-// The mask of one tile row (n keys) added to s: a float mask as is, a boolean one as 0 where true and the lowest float
-// where false, as an additive mask made from it (functional.additive_mask): a row with no key allowed attends evenly.
-template <typename mask_t>
-void add_mask_row(float* s, const mask_t* mask, int64_t stride_k, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    const mask_t value = mask[c * stride_k];
-    if constexpr (std::is_same_v<mask_t, bool>) {
-      if (!value) s[c] = std::numeric_limits<float>::lowest();
-    } else {
-      s[c] += static_cast<float>(value);
     }
   }
 }
@@ -236,29 +226,6 @@ void spread_block_queries(const Part<scalar_t>& part, const float* block, int64_
       round_row(x, width, out + (h * block_q + r) * ld);
     }
   }
-}
-
-// n values of T in one of a thread's scratch buffers (slot: which one), kept across calls: no allocation, page faults
-// or zeroing once the thread has held a buffer of that size (a call at 128 tokens took 1.75x the base's sdpa time
-// with them, 2.2x with buffers allocated per call). Holds whatever was there before.
-template <typename T>
-struct Scratch {
-  T* ptr;
-  int64_t n;
-  T* data() const { return ptr; }
-  T* begin() const { return ptr; }
-  T* end() const { return ptr + n; }
-  T& operator[](int64_t i) const { return ptr[i]; }
-};
-
-constexpr int kScratchSlots = 16;
-
-template <typename T>
-Scratch<T> scratch(int slot, int64_t n) {
-  thread_local std::vector<char> slots[kScratchSlots];
-  std::vector<char>& bytes = slots[slot];
-  if (bytes.size() < n * sizeof(T)) bytes.resize(n * sizeof(T));
-  return {reinterpret_cast<T*>(bytes.data()), n};
 }
 
 template <typename scalar_t, typename mask_t>
@@ -569,6 +536,7 @@ std::string vector_instructions() { return lisa_softmax::kInstructions; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shared_attention", &shared_attention, "A LiSA shared layer's attention on CPU (inference)");
+  m.def("decode_rows", &lisa_decode::decode_rows, "A few query rows of a LiSA layer's attention on CPU (inference)");
   m.def("packs", &packs, "Whether bf16/fp16 products run on packed operands on this CPU");
   m.def("vector_instructions", &vector_instructions, "The instructions of this build's softmax");
 }

@@ -1,0 +1,142 @@
+"""The CPU kernel's decode rows (``csrc/decode_rows.h``, :func:`peft_lisa.tuner.cpu_kernel.decode_rows`) against
+``softmax(S + M) V`` computed densely in float32 from the same tensors, and the layers that take them on decode steps.
+
+Whole models decoding through them are checked against the independent reference (the base model, an uncached
+forward) by the family and cache tests, whose ``handed`` and ``kernel`` routes build and use the kernel."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_lisa import LiSAConfig
+from peft_lisa.tuner import attention as attention_module
+from peft_lisa.tuner import cpu_kernel
+from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend
+from tests.conftest import require_cpu_kernel
+
+
+def rand(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator)
+
+
+def dense_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    handed: Optional[torch.Tensor],
+    mix: Optional[torch.Tensor],
+    softcap: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B x T_q x (H d_v), S before the mask) in float32, each key head repeated for its query heads."""
+    heads = query.shape[1]
+    logits = query.float() @ key.float().repeat_interleave(heads // key.shape[1], 1).transpose(-1, -2)
+    if handed is not None:
+        logits = logits + torch.einsum("hg,bgqt->bhqt", mix, handed)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    q_len, k_len = logits.shape[-2:]
+    probs = torch.softmax(logits + additive_mask(allowed, q_len, k_len, None), dim=-1)
+    return grouped_attend(probs, value.float()), logits
+
+
+# batch, heads, kv_heads, width (the term's: a rank-r one below a vector, a source's q k^T above), value size, keys
+SHAPES = {
+    "rank-term": (2, 4, 2, 8, 16, 37),
+    "one-task-per-head": (1, 6, 2, 6, 32, 50),  # fewer groups than twice the threads: a task per query head
+    "source-wide": (4, 4, 2, 64, 80, 70),  # a value size beyond one chunk of 64 and not a multiple of it
+    "mha-head-128": (2, 3, 3, 24, 128, 19),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "float-shared"])
+@pytest.mark.parametrize("handed_on", [True, False], ids=["handed", "source"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_equal_dense_attention(kernel, shape, q_len, mask_kind, handed_on, dtype):
+    """Every route through the kernel's decode rows (handed logits mixed or none, a narrow or a wide term, GQA and
+    MHA, tasks per head group or per head) equals dense attention of the same tensors, and hands on S before the
+    mask. The cache is read as it lies: keys and values are views of a longer cache, the handed logits the last
+    T_k keys of longer rows."""
+    batch, heads, kv_heads, width, value_dim, k_len = shape
+    generator = torch.Generator().manual_seed(sum(shape) + q_len)
+    query = rand(generator, batch, heads, q_len, width) * width**-0.5
+    key = rand(generator, batch, kv_heads, k_len + 5, width).to(dtype)[:, :, :k_len]
+    value = rand(generator, batch, kv_heads, k_len + 5, value_dim).to(dtype)[:, :, :k_len]
+    handed = (rand(generator, batch, heads, q_len, k_len + 3) * 3)[..., 3:] if handed_on else None
+    mix = rand(generator, heads, heads) if handed_on else None
+    allowed = causal_allowed(slice(None), q_len, k_len, None).expand(batch, q_len, k_len)
+    mask = None
+    if mask_kind == "bool":  # padding on the left of some sequences, as a batch of prompts has
+        allowed = allowed & (torch.arange(k_len) >= torch.arange(batch)[:, None, None] * 3)
+        mask = allowed
+    elif mask_kind == "float-shared":
+        allowed = allowed[:1]
+        mask = additive_mask(allowed, q_len, k_len, None)
+    output, logits = cpu_kernel.decode_rows(kernel, query, key, value, mask, handed=handed, mix=mix)
+    expected, expected_logits = dense_rows(query, key, value, allowed[:, None], handed, mix, None)
+    assert output.dtype == dtype and output.shape == (batch, q_len, heads * value_dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output rounded to it
+    torch.testing.assert_close(output.float(), expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rows_softcap_and_no_logits_unless_handed_on(kernel):
+    """A softcapped source (Gemma 2) caps S before the mask; without ``hand_on`` no logits come back."""
+    generator = torch.Generator().manual_seed(1)
+    query, key, value = rand(generator, 2, 4, 1, 16) * 2, rand(generator, 2, 2, 30, 16), rand(generator, 2, 2, 30, 16)
+    allowed = causal_allowed(slice(None), 1, 30, None)
+    output, logits = cpu_kernel.decode_rows(kernel, query, key, value, None, softcap=5.0)
+    expected, expected_logits = dense_rows(query, key, value, allowed, None, None, 5.0)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert logits.abs().max() <= 5.0
+    unseen = cpu_kernel.decode_rows(kernel, query, key, value, None, softcap=5.0, hand_on=False)
+    assert unseen[1] is None
+    torch.testing.assert_close(unseen[0], output)
+
+
+def test_decode_rows_refuse_handed_logits_of_other_keys(kernel):
+    """Handed logits must cover exactly the keys attended: the layer lines them up (keys_by_position), the kernel
+    does not guess."""
+    generator = torch.Generator().manual_seed(2)
+    query, key, value = rand(generator, 1, 2, 1, 8), rand(generator, 1, 1, 10, 8), rand(generator, 1, 1, 10, 8)
+    with pytest.raises(RuntimeError, match="handed: B x H_s x T_q x T_k"):
+        cpu_kernel.decode_rows(kernel, query, key, value, None, handed=torch.zeros(1, 2, 1, 12), mix=torch.eye(2))
+
+
+def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(monkeypatch, llama):
+    """In inference on CPU a decode step's source and shared layers each attend by one decode-rows call, as does a
+    short prompt's later link (its source's logits materialized); autograd does not; the greedy continuation equals
+    the torch route's (kernel off)."""
+    require_cpu_kernel(monkeypatch)
+    merged = get_peft_model(copy.deepcopy(llama), LiSAConfig(share_layers=[2, 3], rank=4)).merge_and_unload().eval()
+    calls = []
+    original = cpu_kernel.decode_rows
+
+    def counting(kernel, query, *args, **kwargs):
+        calls.append((query.shape[2], kwargs.get("handed") is not None))
+        return original(kernel, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "decode_rows", counting)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        through_rows = merged.generate(ids, max_new_tokens=4, do_sample=False)
+    # the prompt's second link (layer 3 takes layer 2's logits, materialized: a short prompt), then at each of the 3
+    # decode steps layer 1 (the source) and layers 2 and 3 (shared; layer 3 takes layer 2's mixed rows)
+    assert calls == [(40, True)] + [(1, False), (1, True), (1, True)] * 3
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
+    with torch.inference_mode():
+        by_torch = merged.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(through_rows, by_torch)
+    calls.clear()
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "on")
+    prefill = merged(ids[:, :9], use_cache=True)  # with autograd: torch operations
+    merged(ids[:, 9:10], cache=prefill.cache, use_cache=True)
+    assert calls == []
