@@ -20,6 +20,8 @@ from peft_lisa.tuner import cpu_kernel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+PORTABLE_FLAGS = (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f")  # the portable build's: no AVX-512
 
 
 # The geometry every tiny test model shares: 5 layers, 4 query heads, 2 KV heads, head size 16, 128 tokens.
@@ -116,21 +118,18 @@ def llama():
 
 @pytest.fixture(params=["handed", "kernel", "blocks"])
 def shared_logits_route(request, monkeypatch):
-    """The three inference routes of a shared layer's logits: computed whole and handed on to the next link (inputs of
-    at most ``HANDED_LOGITS_MAX_KEYS`` keys, as the tiny tests' are), or kept folded (every longer input;
-    ``HANDED_LOGITS_MAX_KEYS = 0`` here) and attended by the compiled CPU kernel (required: a build failure fails the
-    test) or, with the kernel off, block by block / by the fused call."""
+    """The three inference routes of a shared layer's logits: computed whole by torch operations and handed on to the
+    next link (inputs of at most ``HANDED_LOGITS_MAX_KEYS`` keys, as the tiny tests' are; the kernel off), or kept
+    folded (every longer input; ``HANDED_LOGITS_MAX_KEYS = 0`` here) and attended by the compiled CPU kernel
+    (required: a build failure fails the test; decode steps through its decode rows) or, with the kernel off, block
+    by block / by the fused call."""
     if request.param != "handed":
         set_handed_logits_bound(monkeypatch, 0)
     if request.param == "kernel":
         require_cpu_kernel(monkeypatch)
-    elif request.param == "blocks":
+    else:
         monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
     return request.param
-
-
-X86 = platform.machine().lower() in ("x86_64", "amd64")
-PORTABLE_FLAGS = (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f")  # the portable build's: no AVX-512
 
 
 @functools.cache

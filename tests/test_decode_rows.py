@@ -21,6 +21,7 @@ from tests.conftest import require_cpu_kernel
 
 
 def rand(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    """Standard normal values of ``shape`` from ``generator``."""
     return torch.randn(*shape, generator=generator)
 
 
@@ -47,7 +48,7 @@ def dense_rows(
 
 # batch, heads, kv_heads, width (the term's: a rank-r one below a vector, a source's q k^T above), value size, keys
 SHAPES = {
-    "rank-term": (2, 4, 2, 8, 16, 37),
+    "rank-term": (2, 4, 2, 8, 40, 37),  # a value size not a multiple of sixteen: partial vectors
     "one-task-per-head": (1, 6, 2, 6, 32, 50),  # fewer groups than twice the threads: a task per query head
     "source-wide": (4, 4, 2, 64, 80, 70),  # a value size beyond one chunk of 64 and not a multiple of it
     "mha-head-128": (2, 3, 3, 24, 128, 19),
@@ -140,3 +141,54 @@ def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(monkeypat
     prefill = merged(ids[:, :9], use_cache=True)  # with autograd: torch operations
     merged(ids[:, 9:10], cache=prefill.cache, use_cache=True)
     assert calls == []
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_decode_rows_split_tasks_by_group_or_by_head(kernel, threads):
+    """Tasks are a value head's group of query heads where there are at least twice as many groups as threads, single
+    query heads otherwise: both splits give dense attention's result."""
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = rand(generator, 3, 6, 1, 8), rand(generator, 3, 2, 45, 8), rand(generator, 3, 2, 45, 64)
+    handed, mix = rand(generator, 3, 6, 1, 45), rand(generator, 6, 6)
+    allowed = causal_allowed(slice(None), 1, 45, None)
+    expected, _ = dense_rows(query, key, value, allowed, handed, mix, None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)  # 6 groups: by group with 1 thread, by head with 8
+        output, _ = cpu_kernel.decode_rows(kernel, query, key, value, None, handed=handed, mix=mix)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rows_with_float32_keys_and_bf16_values(kernel):
+    """An fp32 adapter on a bf16 base: float32 rank-r keys, bf16 values."""
+    generator = torch.Generator().manual_seed(5)
+    query, key = rand(generator, 2, 4, 1, 8), rand(generator, 2, 2, 33, 8)
+    value = rand(generator, 2, 2, 33, 32).bfloat16()
+    allowed = causal_allowed(slice(None), 1, 33, None)
+    output, _ = cpu_kernel.decode_rows(kernel, query, key, value, None)
+    expected, _ = dense_rows(query, key, value, allowed, None, None, None)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_a_row_masked_out_by_minus_infinity_attends_evenly(kernel):
+    """A float mask of -inf over a whole row reads as the lowest float, as the torch route's additive mask clamps it:
+    the row attends evenly instead of giving NaN."""
+    generator = torch.Generator().manual_seed(6)
+    query, key, value = rand(generator, 1, 2, 1, 16), rand(generator, 1, 1, 20, 16), rand(generator, 1, 1, 20, 16)
+    mask = torch.full((1, 1, 20), float("-inf"))
+    output, _ = cpu_kernel.decode_rows(kernel, query, key, value, mask)
+    torch.testing.assert_close(output, value.mean(dim=2).expand(1, 2, 16).reshape(1, 1, 32), atol=1e-5, rtol=1e-5)
+
+
+def test_masks_of_other_dtypes_and_float16_values_keep_torch_operations(monkeypatch):
+    """An integer mask is not read as an additive one (the torch route names what it takes), and float16 values,
+    which the kernel would convert one at a time, keep torch's operations."""
+    require_cpu_kernel(monkeypatch)
+    assert cpu_kernel.kernel_mask(torch.ones(1, 1, 1, 5, dtype=torch.int64), 5) == (False, None)
+    with torch.inference_mode():
+        assert cpu_kernel.decode_rows_kernel(torch.zeros(1, 1, 4, 8)) is not None
+        assert cpu_kernel.decode_rows_kernel(torch.zeros(1, 1, 4, 8, dtype=torch.float16)) is None
+    assert cpu_kernel.decode_rows_kernel(torch.zeros(1, 1, 4, 8)) is None  # autograd on

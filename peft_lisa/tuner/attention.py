@@ -30,7 +30,7 @@ from .carrier import (
     SharedLayerCall,
     SourceLogits,
 )
-from .cpu_kernel import cpu_kernel_expected, decode_rows, inference_kernel, kernel_mask
+from .cpu_kernel import cpu_kernel_expected, decode_rows, decode_rows_kernel, kernel_mask
 from .functional import (
     AttentionLayout,
     additive_mask_rows,
@@ -298,8 +298,8 @@ class LiSASubstitute(nn.Module):
             )
         # A short input on CPU: its logits computed whole and handed on whole (handed_logits_max_keys).
         handed = not torch.is_grad_enabled() and value.device.type == "cpu" and k_len <= handed_logits_max_keys()
-        row_kernel = self._row_kernel(source, value, dropout)
-        supported, kernel_mask_rows = kernel_mask(attention_mask, k_len) if row_kernel is not None else (False, None)
+        row_kernel = self._row_kernel(source, value, dropout, handed)
+        supported, kernel_mask_rows = kernel_mask(attention_mask, k_len) if row_kernel else (False, None)
         if supported:
             # Materialized source rows (decode steps) on CPU: steps 2-5 in one call (docs/method.md, "Decode steps on
             # CPU"); the mixed logits come back only where they are handed on.
@@ -336,13 +336,19 @@ class LiSASubstitute(nn.Module):
             )
         return output_proj(attn_output.to(hidden_states.dtype))
 
-    def _row_kernel(self, source: SourceLogits, value: torch.Tensor, dropout: float) -> Optional[ModuleType]:
-        """The CPU kernel where this call may attend through its decode rows: materialized source logits (a decode
-        step, or a later link of a short prompt), the linear alignment, inference on CPU, nobody observing; else
-        None."""
-        if not isinstance(source, MaterializedLogits) or self.align.hidden != 0 or dropout > 0.0:
+    def _row_kernel(
+        self, source: SourceLogits, value: torch.Tensor, dropout: float, short_input: bool
+    ) -> Optional[ModuleType]:
+        """The CPU kernel where this call may attend through its decode rows: materialized source logits of a decode
+        step or of a short input (``short_input``: at most ``handed_logits_max_keys()`` keys), the linear alignment,
+        nobody observing, and :func:`~peft_lisa.tuner.cpu_kernel.decode_rows_kernel`; else None. (Longer inputs
+        with materialized logits, after a softcapped source or an FFN-aligned link, keep torch's batched products.)"""
+        decoding = source.shape[-2] <= EXPLICIT_SOURCE_MAX_QUERIES
+        if not isinstance(source, MaterializedLogits) or not (decoding or short_input):
             return None
-        return None if self.carrier.observers else inference_kernel(value)
+        if self.align.hidden != 0 or dropout > 0.0 or self.carrier.observers:
+            return None
+        return decode_rows_kernel(value)
 
     @staticmethod
     def _attend_by_blocks(
@@ -410,9 +416,9 @@ def source_attention(
     if q_len <= EXPLICIT_SOURCE_MAX_QUERIES:
         # Decoding: a single row of logits is cheaper to compute once, use here and hand on, than to have the shared
         # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
-        kernel = inference_kernel(value) if dropout == 0.0 else None
-        supported, kernel_mask_rows = kernel_mask(attention_mask, key.shape[-2])
-        if kernel is not None and supported:  # on CPU: one call (docs/method.md, "Decode steps on CPU")
+        kernel = decode_rows_kernel(value) if dropout == 0.0 else None
+        supported, kernel_mask_rows = kernel_mask(attention_mask, key.shape[-2]) if kernel else (False, None)
+        if supported:  # on CPU: one call (docs/method.md, "Decode steps on CPU")
             attn_output, logits = decode_rows(
                 kernel, query * layout.scaling, key, value, kernel_mask_rows, softcap=layout.softcap
             )

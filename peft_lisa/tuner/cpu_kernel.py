@@ -147,8 +147,8 @@ def _build(name: str, required: bool, flags: tuple[str, ...] = COMPILE_FLAGS) ->
         if required:
             raise CPUKernelUnavailable(f"{SETTING_VARIABLE}=on but {message}") from error
         logger.warning(
-            "%s Shared layers attend with torch operations instead: same results, slower prefill. Set %s=off to "
-            "skip the build, or =on to make this an error.",
+            "%s LiSA layers attend with torch operations instead: same results, slower prefill and decode. Set %s=off "
+            "to skip the build, or =on to make this an error.",
             message[0].upper() + message[1:],
             SETTING_VARIABLE,
         )
@@ -158,13 +158,15 @@ def _build(name: str, required: bool, flags: tuple[str, ...] = COMPILE_FLAGS) ->
 def kernel_mask(attention_mask: Optional[torch.Tensor], k_len: int) -> tuple[bool, Optional[torch.Tensor]]:
     """The mask as the kernel reads it: ``(True, None)`` for causal without padding, ``(True, mask)`` with mask
     B_m x T_q x T_k (bool, True where allowed, or float32 additive; a view where possible), ``(False, None)`` for a
-    mask with a head axis the kernel does not take."""
+    mask with a head axis, or of a dtype neither bool nor floating, which the kernel does not take."""
     if attention_mask is None:
         return True, None
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
         return False, None
     mask = attention_mask[:, 0, :, :k_len]
     if mask.dtype not in (torch.bool, torch.float32):
+        if not mask.is_floating_point():
+            return False, None  # the torch route names what it takes
         mask = mask.float()  # an additive mask in the model's dtype (eager, bf16)
     return True, mask
 
@@ -223,12 +225,18 @@ def shared_attention(
     return output.flatten(2).to(value_dtype)
 
 
-def inference_kernel(value: torch.Tensor) -> Optional[ModuleType]:
-    """The kernel where an attention of ``value`` (B x H_kv x T_k x d_v) may run through it: inference (no autograd)
-    on CPU, the kernel built (:func:`load_cpu_kernel`); else None."""
-    if torch.is_grad_enabled() or value.device.type != "cpu":
+def decode_rows_kernel(value: torch.Tensor) -> Optional[ModuleType]:
+    """The kernel where an attention of ``value`` (B x H_kv x T_k x d_v) may run through its decode rows: inference
+    (no autograd) on CPU, the kernel built (:func:`load_cpu_kernel`), values in float32, or in bf16 where the build
+    widens them by AVX-512 instructions (its portable vector code read bf16 values at about a third of that speed on
+    an Intel Xeon, slower than torch's operations); else None. float16 values are converted one at a time: they keep
+    torch's operations."""
+    if torch.is_grad_enabled() or value.device.type != "cpu" or value.dtype not in (torch.float32, torch.bfloat16):
         return None
-    return load_cpu_kernel()
+    kernel = load_cpu_kernel()
+    if kernel is None or (value.dtype == torch.bfloat16 and kernel.vector_instructions() == "portable"):
+        return None
+    return kernel
 
 
 def decode_rows(

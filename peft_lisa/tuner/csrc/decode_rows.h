@@ -102,14 +102,14 @@ inline void accumulate_chunk(const float* p, const scalar_t* v, int64_t ld, int6
 }
 
 // The operands of one call, with their strides (elements); see decode_rows below for their shapes.
-template <typename scalar_t, typename key_t, typename mask_t>
+template <typename scalar_t, typename key_type, typename mask_t>
 struct Rows {
   const float* handed;  // null: no handed logits
   int64_t handed_heads, handed_b, handed_h, handed_q;
   const float* mix;
   const float* query;
   int64_t width;
-  const key_t* key;
+  const key_type* key;
   int64_t key_heads, key_stride_b, key_stride_h, key_stride_t;
   const scalar_t* value;
   int64_t value_heads, value_b, value_h, value_t, value_dim;
@@ -122,7 +122,7 @@ struct Rows {
 
   // s[r, t] += q_r . k[t] for n rows reading the keys k (T_k x W, row stride key_stride_t): per key row where W fills
   // a vector, else (a rank-r term) sixteen keys at a time, transposed, by vector lanes over the keys.
-  void add_term(float* s, const float* const* q, int64_t n, const key_t* k) const {
+  void add_term(float* s, const float* const* q, int64_t n, const key_type* k) const {
     if (width >= kLanes) {
       for (int64_t t = 0; t < k_len; ++t) {
         for (int64_t r = 0; r < n; ++r) s[r * k_len + t] += dot(q[r], k + t * key_stride_t, width);
@@ -278,9 +278,9 @@ inline std::vector<at::Tensor> decode_rows(const c10::optional<at::Tensor>& hand
   auto logits = want_logits ? at::empty({batch, heads, q_len, k_len}, value.options().dtype(at::kFloat)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "lisa_decode_rows", [&] {
     auto launch = [&](auto key_zero, auto mask_zero) {
-      using key_t = decltype(key_zero);
+      using key_type = decltype(key_zero);
       using mask_t = decltype(mask_zero);
-      Rows<scalar_t, key_t, mask_t> rows{};
+      Rows<scalar_t, key_type, mask_t> rows{};
       if (handed.has_value()) {
         rows.handed = handed->data_ptr<float>();
         rows.handed_heads = handed->size(1);
@@ -291,7 +291,7 @@ inline std::vector<at::Tensor> decode_rows(const c10::optional<at::Tensor>& hand
       }
       rows.query = query.data_ptr<float>();
       rows.width = query.size(3);
-      rows.key = key.data_ptr<key_t>();
+      rows.key = key.data_ptr<key_type>();
       rows.key_heads = key.size(1);
       rows.key_stride_b = key.stride(0);
       rows.key_stride_h = key.stride(1);

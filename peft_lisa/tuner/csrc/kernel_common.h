@@ -2,6 +2,7 @@
 // buffers and the mask of one row of logits.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -32,9 +33,9 @@ Scratch<T> scratch(int slot, int64_t n) {
   return {reinterpret_cast<T*>(bytes.data()), n};
 }
 
-// The mask of one row of logits (n keys) added to s: a float mask as is, a boolean one as 0 where true and the lowest
-// float where false, as an additive mask made from it (functional.additive_mask): a row with no key allowed attends
-// evenly.
+// The mask of one row of logits (n keys) added to s: a float mask as is, clamped to the lowest float, a boolean one as
+// 0 where true and the lowest float where false, as the additive mask functional.additive_mask makes: a row with no
+// key allowed attends evenly.
 template <typename mask_t>
 void add_mask_row(float* s, const mask_t* mask, int64_t stride_k, int64_t n) {
   for (int64_t c = 0; c < n; ++c) {
@@ -42,7 +43,7 @@ void add_mask_row(float* s, const mask_t* mask, int64_t stride_k, int64_t n) {
     if constexpr (std::is_same_v<mask_t, bool>) {
       if (!value) s[c] = std::numeric_limits<float>::lowest();
     } else {
-      s[c] += static_cast<float>(value);
+      s[c] = std::max(s[c] + static_cast<float>(value), std::numeric_limits<float>::lowest());  // -inf: lowest
     }
   }
 }
