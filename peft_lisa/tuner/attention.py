@@ -301,8 +301,8 @@ class LiSASubstitute(nn.Module):
         row_kernel = self._row_kernel(source, value, dropout, handed)
         supported, kernel_mask_rows = kernel_mask(attention_mask, k_len) if row_kernel else (False, None)
         if supported:
-            # Materialized source rows (decode steps) on CPU: steps 2-5 in one call (docs/method.md, "Decode steps on
-            # CPU"); the mixed logits come back only where they are handed on.
+            # Materialized source rows (decode steps) on CPU: steps 2-5 in one call of the kernel's decode rows
+            # (docs/method.md, "Decoding"); the mixed logits come back only where they are handed on.
             attn_output, rows = decode_rows(
                 row_kernel,
                 q_small * self.rank**-0.5,
@@ -418,7 +418,7 @@ def source_attention(
         # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
         kernel = decode_rows_kernel(value) if dropout == 0.0 else None
         supported, kernel_mask_rows = kernel_mask(attention_mask, key.shape[-2]) if kernel else (False, None)
-        if supported:  # on CPU: one call (docs/method.md, "Decode steps on CPU")
+        if supported:  # on CPU: one call of the kernel's decode rows (docs/method.md, "Decoding")
             attn_output, logits = decode_rows(
                 kernel, query * layout.scaling, key, value, kernel_mask_rows, softcap=layout.softcap
             )

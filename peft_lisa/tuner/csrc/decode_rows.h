@@ -1,5 +1,5 @@
-// A few query rows of a LiSA layer's attention on CPU (decode steps), inference only (docs/method.md, "Decode steps
-// on CPU"). For query head h of sequence b and query row i:
+// A few query rows of a LiSA layer's attention on CPU (decode steps), inference only (docs/method.md, "Decoding").
+// For query head h of sequence b and query row i:
 //   S[h, i] = sum_g mix[h, g] handed[b, g, i] + q[b, h, i] k[b, h / (H / H_e)]^T      (softcapped where asked)
 //   out[b, i, h] = softmax(S[h, i] + M) v[b, h / (H / H_kv)]
 // A source layer has no handed logits: its term is its own q k^T, scaled. A shared layer mixes the row its source
