@@ -189,6 +189,6 @@ def test_masks_of_other_dtypes_and_float16_values_keep_torch_operations(monkeypa
     require_cpu_kernel(monkeypatch)
     assert cpu_kernel.kernel_mask(torch.ones(1, 1, 1, 5, dtype=torch.int64), 5) == (False, None)
     with torch.inference_mode():
-        assert cpu_kernel.decode_rows_kernel(torch.zeros(1, 1, 4, 8)) is not None
-        assert cpu_kernel.decode_rows_kernel(torch.zeros(1, 1, 4, 8, dtype=torch.float16)) is None
-    assert cpu_kernel.decode_rows_kernel(torch.zeros(1, 1, 4, 8)) is None  # autograd on
+        assert cpu_kernel.decode_rows_route(torch.zeros(1, 1, 4, 8), None) is not None
+        assert cpu_kernel.decode_rows_route(torch.zeros(1, 1, 4, 8, dtype=torch.float16), None) is None
+    assert cpu_kernel.decode_rows_route(torch.zeros(1, 1, 4, 8), None) is None  # autograd on

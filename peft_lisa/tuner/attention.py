@@ -30,7 +30,7 @@ from .carrier import (
     SharedLayerCall,
     SourceLogits,
 )
-from .cpu_kernel import cpu_kernel_expected, decode_rows, decode_rows_kernel, kernel_mask
+from .cpu_kernel import cpu_kernel_expected, decode_rows, decode_rows_route
 from .functional import (
     AttentionLayout,
     additive_mask_rows,
@@ -298,13 +298,13 @@ class LiSASubstitute(nn.Module):
             )
         # A short input on CPU: its logits computed whole and handed on whole (handed_logits_max_keys).
         handed = not torch.is_grad_enabled() and value.device.type == "cpu" and k_len <= handed_logits_max_keys()
-        row_kernel = self._row_kernel(source, value, dropout, handed)
-        supported, kernel_mask_rows = kernel_mask(attention_mask, k_len) if row_kernel else (False, None)
-        if supported:
+        route = self._decode_rows_route(source, value, attention_mask, dropout, handed)
+        if route is not None:
             # Materialized source rows (decode steps) on CPU: steps 2-5 in one call of the kernel's decode rows
             # (docs/method.md, "Decoding"); the mixed logits come back only where they are handed on.
+            kernel, kernel_mask_rows = route
             attn_output, rows = decode_rows(
-                row_kernel,
+                kernel,
                 q_small * self.rank**-0.5,
                 k_small,
                 value,
@@ -336,19 +336,25 @@ class LiSASubstitute(nn.Module):
             )
         return output_proj(attn_output.to(hidden_states.dtype))
 
-    def _row_kernel(
-        self, source: SourceLogits, value: torch.Tensor, dropout: float, short_input: bool
-    ) -> Optional[ModuleType]:
-        """The CPU kernel where this call may attend through its decode rows: materialized source logits of a decode
-        step or of a short input (``short_input``: at most ``handed_logits_max_keys()`` keys), the linear alignment,
-        nobody observing, and :func:`~peft_lisa.tuner.cpu_kernel.decode_rows_kernel`; else None. (Longer inputs
-        with materialized logits, after a softcapped source or an FFN-aligned link, keep torch's batched products.)"""
+    def _decode_rows_route(
+        self,
+        source: SourceLogits,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        dropout: float,
+        short_input: bool,
+    ) -> Optional[tuple[ModuleType, Optional[torch.Tensor]]]:
+        """The CPU kernel and its mask where this call may attend through its decode rows: materialized source logits
+        of a decode step or of a short input (``short_input``: at most ``handed_logits_max_keys()`` keys), the linear
+        alignment, nobody observing, and :func:`~peft_lisa.tuner.cpu_kernel.decode_rows_route`; else None. (Longer
+        inputs with materialized logits, after a softcapped source or an FFN-aligned link, keep torch's batched
+        products.)"""
         decoding = source.shape[-2] <= EXPLICIT_SOURCE_MAX_QUERIES
         if not isinstance(source, MaterializedLogits) or not (decoding or short_input):
             return None
         if self.align.hidden != 0 or dropout > 0.0 or self.carrier.observers:
             return None
-        return decode_rows_kernel(value)
+        return decode_rows_route(value, attention_mask)
 
     @staticmethod
     def _attend_by_blocks(
@@ -416,9 +422,9 @@ def source_attention(
     if q_len <= EXPLICIT_SOURCE_MAX_QUERIES:
         # Decoding: a single row of logits is cheaper to compute once, use here and hand on, than to have the shared
         # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
-        kernel = decode_rows_kernel(value) if dropout == 0.0 else None
-        supported, kernel_mask_rows = kernel_mask(attention_mask, key.shape[-2]) if kernel else (False, None)
-        if supported:  # on CPU: one call of the kernel's decode rows (docs/method.md, "Decoding")
+        route = decode_rows_route(value, attention_mask) if dropout == 0.0 else None
+        if route is not None:  # on CPU: one call of the kernel's decode rows (docs/method.md, "Decoding")
+            kernel, kernel_mask_rows = route
             attn_output, logits = decode_rows(
                 kernel, query * layout.scaling, key, value, kernel_mask_rows, softcap=layout.softcap
             )

@@ -225,18 +225,22 @@ def shared_attention(
     return output.flatten(2).to(value_dtype)
 
 
-def decode_rows_kernel(value: torch.Tensor) -> Optional[ModuleType]:
-    """The kernel where an attention of ``value`` (B x H_kv x T_k x d_v) may run through its decode rows: inference
-    (no autograd) on CPU, the kernel built (:func:`load_cpu_kernel`), values in float32, or in bf16 where the build
-    widens them by AVX-512 instructions (its portable vector code read bf16 values at about a third of that speed on
-    an Intel Xeon, slower than torch's operations); else None. float16 values are converted one at a time: they keep
-    torch's operations."""
+def decode_rows_route(
+    value: torch.Tensor, attention_mask: Optional[torch.Tensor]
+) -> Optional[tuple[ModuleType, Optional[torch.Tensor]]]:
+    """The kernel and the mask as it reads it (:func:`kernel_mask`) where an attention of ``value``
+    (B x H_kv x T_k x d_v) under ``attention_mask`` may run through the kernel's decode rows: inference (no autograd)
+    on CPU, the kernel built (:func:`load_cpu_kernel`), values in float32, or in bf16 where the build widens them by
+    AVX-512 instructions (its portable vector code read bf16 values at about a third of that speed on an Intel Xeon,
+    slower than torch's operations), a mask the kernel takes; else None. float16 values are converted one at a time:
+    they keep torch's operations."""
     if torch.is_grad_enabled() or value.device.type != "cpu" or value.dtype not in (torch.float32, torch.bfloat16):
         return None
     kernel = load_cpu_kernel()
     if kernel is None or (value.dtype == torch.bfloat16 and kernel.vector_instructions() == "portable"):
         return None
-    return kernel
+    supported, mask = kernel_mask(attention_mask, value.shape[-2])
+    return (kernel, mask) if supported else None
 
 
 def decode_rows(
