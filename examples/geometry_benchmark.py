@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from peft_lisa.benchmark.geometry import GEOMETRIES, full_depth_estimate, geometry_markdown, layer_decode_times
-from peft_lisa.benchmark.measure import CACHE_KINDS, machine_info
+from peft_lisa.benchmark.measure import HOOKED_CACHE_KINDS, machine_info
 from peft_lisa.benchmark.report import machine_label
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--cache",
-        choices=CACHE_KINDS,
+        choices=HOOKED_CACHE_KINDS,
         default="dynamic",
         help="the KV cache decoded on: transformers' default (dynamic) or a static one (written in place)",
     )

@@ -42,7 +42,7 @@ import torch
 
 from peft_lisa.benchmark.geometry import GEOMETRIES, geometry_models
 from peft_lisa.benchmark.layer_clock import decode_layer_times, prefill_layer_times
-from peft_lisa.benchmark.measure import CACHE_KINDS
+from peft_lisa.benchmark.measure import HOOKED_CACHE_KINDS
 from peft_lisa.benchmark.pipeline import load_benchmark_models
 from peft_lisa.cli_options import even_rank, layer_list
 from peft_lisa.jobs.checks import load_analysis_file
@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-steps", type=int, default=0, help="time this many decode steps after the prefill instead of it"
     )
     parser.add_argument(
-        "--cache", choices=CACHE_KINDS, default="dynamic", help="the KV cache of --decode-steps (default: dynamic)"
+        "--cache",
+        choices=HOOKED_CACHE_KINDS,
+        default="dynamic",
+        help="the KV cache of --decode-steps (default: dynamic)",
     )
     parser.add_argument("--output-dir", default="prefill-by-layer")
     args = parser.parse_args(argv)

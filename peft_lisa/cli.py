@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache",
         choices=CACHE_KINDS,
         default="dynamic",
-        help="KV cache decoded on: dynamic (transformers' default, grown by torch.cat every step) or static "
-        "(StaticCache, written in place, as generate(cache_implementation='static') does); default: dynamic",
+        help="KV cache decoded on: dynamic (transformers' default, grown by torch.cat every step), static "
+        "(StaticCache, written in place, as generate(cache_implementation='static') does) or compiled (static, the "
+        "decode steps compiled by torch.compile as generate compiles them: one graph per shape); default: dynamic",
     )
     group.add_argument(
         "--memory-limit-gib", type=positive_float, default=None, help="skip runs estimated to need more memory"

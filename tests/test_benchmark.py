@@ -15,6 +15,8 @@ import logging
 import pytest
 import torch
 from peft import get_peft_model
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
 
 from peft_lisa import AttentionAnalysis, LiSAConfig
 from peft_lisa.benchmark import (
@@ -196,8 +198,40 @@ def test_static_cache_run(models, monkeypatch):
         assert run.kv_cache_bytes == expected[run.model] * run.batch * run.context
     assert all(p.method.endswith("16-token static cache)") for p in result.max_throughput.points.values())
     assert result.settings["cache"] == "static" and "decode steps on a static cache" in result.to_markdown()
-    with pytest.raises(ValueError, match="cache must be 'dynamic' or 'static', got 'paged'"):
+    with pytest.raises(ValueError, match="cache must be one of 'dynamic', 'static', 'compiled', got 'paged'"):
         run_benchmark(base, merged, device="cpu", cache="paged", **SMALL)
+
+
+def test_compiled_decode_run(models, monkeypatch):
+    """``cache="compiled"``: the decode steps of both models run as ``generate`` compiles them (their
+    ``get_compiled_call``), one whole graph per shape with no break, on a static cache; prefills stay eager; the report
+    says so. (The eager backend here: ``tests/test_compile.py`` runs the inductor one.)"""
+    import peft_lisa.benchmark.measure as measure_module
+
+    base, merged = models
+    monkeypatch.setattr(
+        measure_module, "COMPILED_DECODING", CompileConfig(backend="eager", fullgraph=True, dynamic=False)
+    )
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_calls = []
+    for model in (base, merged):
+        real = model.get_compiled_call
+
+        def recording(config, model=model, real=real):
+            compiled_calls.append((model, config.backend))
+            return real(config)
+
+        monkeypatch.setattr(model, "get_compiled_call", recording)
+    small = {**SMALL, "batch_sizes": (2,), "contexts": (8,)}
+    result = run_benchmark(base, merged, device="cpu", cache="compiled", max_throughput=False, **small)
+    assert {id(model) for model, _ in compiled_calls} == {id(base), id(merged)}
+    assert {backend for _, backend in compiled_calls} == {"eager"}
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
+    assert all(run.decode_tokens_per_s > 0 and run.prefill_tokens_per_s > 0 for run in result.runs)
+    assert "decode steps on a static cache, compiled (torch.compile)" in result.to_markdown()
+    with pytest.raises(ValueError, match="cache must be one of 'dynamic', 'static', got 'compiled'"):
+        decode_layer_times(base, merged, batch=1, context=8, steps=1, repeats=1, cache="compiled")
 
 
 def test_max_throughput_extrapolates_when_too_big(models):
@@ -538,7 +572,7 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch, cache):
     assert merged["decode_step_seconds"] == pytest.approx(step)
     assert estimate["models"]["base"]["budget_max_batch"] == 2 and merged["budget_max_batch"] >= 2
     assert f"| tiny | 2 x 32, {cache} cache |" in geometry.geometry_markdown([(times, estimate)])
-    with pytest.raises(ValueError, match="cache must be 'dynamic' or 'static'"):
+    with pytest.raises(ValueError, match="cache must be one of 'dynamic', 'static', got 'paged'"):
         geometry.layer_decode_times("tiny", cache="paged")
 
 
@@ -641,7 +675,7 @@ def test_decode_layer_times_clock_each_layer_per_decode_step(models, cache, monk
     assert f"A decode step on a {cache} cache after a prefill of 2 x 16 tokens (3 steps)" in times.to_markdown()
     with pytest.raises(ValueError, match="steps must be at least 1"):
         decode_layer_times(base, merged, steps=0)
-    with pytest.raises(ValueError, match="cache must be 'dynamic' or 'static'"):
+    with pytest.raises(ValueError, match="cache must be one of 'dynamic', 'static', got 'paged'"):
         decode_layer_times(base, merged, cache="paged")
 
 

@@ -294,7 +294,8 @@ def test_a_static_cache_through_a_full_link_into_a_sliding_one(window, chunks):
 def test_static_slots_are_cut_only_where_a_shared_layer_needs_it():
     """:func:`keys_held` on real static caches of 24 slots: a layer given a mask returns the cache's own tensors,
     uncut, full and sliding-window layers alike, filled or not (a cut view would be copied by every product of a
-    decode step); without a mask (the first prefill) it returns the slots of the tokens held."""
+    decode step); without a mask, several queries (the first prefill, into an empty cache) get the slots of the
+    tokens held, and one query gets every slot, as the base layer attends to them."""
     sliding = family_model("qwen2")
     assert sliding.config.layer_types[1:3] == ["full_attention", "sliding_attention"]
     for model in (family_model("llama"), sliding):
@@ -302,14 +303,17 @@ def test_static_slots_are_cut_only_where_a_shared_layer_needs_it():
             cache = StaticCache(config=model.config, max_cache_len=24)
             with torch.no_grad():
                 model(input_ids=random_ids(2, tokens), cache=cache, use_cache=True)
-            for layer_idx, layer in enumerate(cache.layers[1:3], start=1):
+            for layer in cache.layers[1:3]:
                 slots = layer.keys.shape[-2]
                 mask = torch.ones(2, 1, 1, slots, dtype=torch.bool)
-                key, value, held_mask = keys_held(cache, layer_idx, layer.keys, layer.values, mask)
-                assert key is layer.keys and value is layer.values and held_mask is mask
-                key, value, held_mask = keys_held(cache, layer_idx, layer.keys, layer.values, None)
+                for q_len in (1, tokens):
+                    key, value, held_mask = keys_held(layer.keys, layer.values, mask, q_len)
+                    assert key is layer.keys and value is layer.values and held_mask is mask
+                key, value, held_mask = keys_held(layer.keys, layer.values, None, tokens)
                 assert torch.equal(key, layer.keys[:, :, : min(tokens, slots)]) and held_mask is None
                 assert torch.equal(value, layer.values[:, :, : min(tokens, slots)])
+                key, value, held_mask = keys_held(layer.keys, layer.values, None, 1)
+                assert key is layer.keys and value is layer.values and held_mask is None
 
 
 @pytest.mark.parametrize("family", ["phi3", "qwen3_moe"])

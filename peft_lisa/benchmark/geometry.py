@@ -26,7 +26,15 @@ from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
 from .cost_model import ModelShape
 from .layer_clock import LayerClock
-from .measure import alternating, check_cache_kind, random_ids, synthetic_cache, timed_decode
+from .measure import (
+    HOOKED_CACHE_KINDS,
+    alternating,
+    check_cache_kind,
+    random_ids,
+    static_slots,
+    synthetic_cache,
+    timed_decode,
+)
 
 logger = logging.getLogger("peft_lisa")
 
@@ -121,8 +129,8 @@ def layer_decode_times(
     decode_tokens`` slots (:func:`~peft_lisa.benchmark.measure.synthetic_cache`), where a step writes its token in
     place; the default dynamic cache copies every layer's keys and values at every step (``torch.cat``).
     """
-    check_cache_kind(cache)
-    static_slots = context + decode_tokens if cache == "static" else None
+    check_cache_kind(cache, HOOKED_CACHE_KINDS)
+    slots = static_slots(cache, context, decode_tokens)
     base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     device = torch.device(device)
     base, merged = base.to(device), merged.to(device)
@@ -134,7 +142,7 @@ def layer_decode_times(
         for repetition in range(repeats + 1):  # the first is a warm-up
             for key in alternating(models, repetition):
                 model, clock = models[key], clocks[key]
-                kv_cache = synthetic_cache(model, batch, context, device, seed=repetition, static_slots=static_slots)
+                kv_cache = synthetic_cache(model, batch, context, device, seed=repetition, static_slots=slots)
                 next_ids = random_ids(batch, 1, model.config.vocab_size, device, repetition)
                 clock.reset()
                 total = timed_decode(model, kv_cache, next_ids, decode_tokens, device) / decode_tokens

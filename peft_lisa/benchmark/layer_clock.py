@@ -24,6 +24,7 @@ from ..tuner.architectures import decoder_layers
 from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import chain_depths
 from .measure import (
+    HOOKED_CACHE_KINDS,
     alternating,
     check_cache_kind,
     empty_cache,
@@ -201,7 +202,7 @@ def decode_layer_times(
     the step's are per step. The two models alternating, one warm-up each, medians of ``repeats``."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    check_cache_kind(cache)
+    check_cache_kind(cache, HOOKED_CACHE_KINDS)
     device = next(base.parameters()).device
     ids = random_ids(batch, context, base.config.vocab_size, device, seed)
 

@@ -7,7 +7,8 @@
 * :func:`cache_bytes` reads the size of a transformers cache off its tensors;
 * :func:`prefill_then_decode` times a prefill and greedy decode steps after it; :func:`synthetic_cache` and
   :func:`synthetic_decode` time decoding on a random cache of a size whose prefill does not fit; both decode on
-  transformers' default dynamic cache or, with ``cache="static"``, on a ``StaticCache`` (``CACHE_KINDS``).
+  transformers' default dynamic cache or, with ``cache="static"``, on a ``StaticCache``, or with ``cache="compiled"``
+  on one with the decode steps compiled as ``generate`` compiles them (``CACHE_KINDS``, :func:`decode_call`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-from transformers import StaticCache
+from transformers import CompileConfig, StaticCache
 
 from ..tuner.cpu_kernel import cpu_kernel_status
 
@@ -276,30 +277,71 @@ def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: 
     return torch.randint(0, vocab, (batch, length), generator=generator).to(device)
 
 
-CACHE_KINDS = ("dynamic", "static")
+CACHE_KINDS = ("dynamic", "static", "compiled")
+# The decode steps of the "compiled" kind: what generate() compiles for them on a static cache (its get_compiled_call),
+# one whole graph (a graph break raises), static shapes, inductor's default mode (reduce-overhead's CUDA graphs do not
+# apply on CPU). A grid compiles a graph per model and shape: the limit on a function's recompilations is raised for
+# the decode steps to COMPILED_MAX_SHAPES, so that no later point falls back to eager decoding unseen.
+COMPILED_DECODING = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+COMPILED_MAX_SHAPES = 64
+# How reports name them: "16 decode steps on a {label}".
+CACHE_LABELS = {
+    "dynamic": "dynamic cache",
+    "static": "static cache",
+    "compiled": "static cache, compiled (torch.compile)",
+}
+# What the per-layer clocks time: forward hooks on every layer, which a compiled graph does not run one by one.
+HOOKED_CACHE_KINDS = ("dynamic", "static")
 
 
-def check_cache_kind(cache: str) -> None:
-    """Refuse a KV-cache kind other than ``"dynamic"`` (transformers' default, grown by ``torch.cat`` at every step)
-    or ``"static"`` (``StaticCache``, slots allocated up front and written in place)."""
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+def check_cache_kind(cache: str, kinds: Sequence[str] = CACHE_KINDS) -> None:
+    """Refuse a KV-cache kind other than ``kinds``: of ``"dynamic"`` (transformers' default, grown by ``torch.cat``
+    at every step), ``"static"`` (``StaticCache``, slots allocated up front and written in place) and ``"compiled"``
+    (a static cache whose decode steps run compiled, :data:`COMPILED_DECODING`)."""
+    if cache not in kinds:
+        raise ValueError(f"cache must be one of {', '.join(map(repr, kinds))}, got {cache!r}")
+
+
+def static_slots(cache: str, context: int, decode_tokens: int) -> Optional[int]:
+    """The slots of the static cache a ``context``-token prompt and ``decode_tokens`` steps decode on, None for a
+    dynamic cache."""
+    check_cache_kind(cache)
+    return None if cache == "dynamic" else context + decode_tokens
 
 
 def empty_cache(model: nn.Module, cache: str, slots: int) -> Optional[StaticCache]:
     """The cache a prefill starts from: ``None`` for ``"dynamic"`` (the model builds its own), or a ``StaticCache``
-    of ``slots`` positions for ``"static"`` (its layers take their key shape from their first write, so a merged
-    model's shared layers get rank-r key slots)."""
+    of ``slots`` positions (its layers take their key shape from their first write, so a merged model's shared layers
+    get rank-r key slots)."""
     check_cache_kind(cache)
-    return StaticCache(config=model.config, max_cache_len=slots) if cache == "static" else None
+    return None if cache == "dynamic" else StaticCache(config=model.config, max_cache_len=slots)
 
 
-def timed_decode(model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Seconds of ``steps`` greedy single-token steps feeding ``cache``, starting from ``next_ids``."""
+def decode_call(model: nn.Module, cache: str) -> Callable[..., Any]:
+    """What a decode step calls: the model itself, or for ``"compiled"`` transformers' compiled call of it
+    (:data:`COMPILED_DECODING`), compiled at its first call for each shape."""
+    check_cache_kind(cache)
+    if cache != "compiled":
+        return model
+    compiled = model.get_compiled_call(COMPILED_DECODING)
+
+    def step(**inputs: Any) -> Any:
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_MAX_SHAPES):
+            return compiled(**inputs)
+
+    return step
+
+
+def timed_decode(
+    model: nn.Module, cache: Any, next_ids: torch.Tensor, steps: int, device: torch.device, kind: str = "dynamic"
+) -> float:
+    """Seconds of ``steps`` greedy single-token steps feeding ``cache``, starting from ``next_ids``; ``kind`` the
+    cache's kind (``"compiled"``: the steps run compiled, :func:`decode_call`)."""
+    forward = decode_call(model, kind)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=next_ids, cache=cache, use_cache=True)
+        out = forward(input_ids=next_ids, cache=cache, use_cache=True)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         cache = out.cache
     synchronize(device)
@@ -327,7 +369,7 @@ def prefill_then_decode(
     kv_bytes = cache_bytes(kv_cache, context)
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     del out
-    decode = timed_decode(model, kv_cache, next_ids, decode_tokens, device) if decode_tokens else 0.0
+    decode = timed_decode(model, kv_cache, next_ids, decode_tokens, device, cache) if decode_tokens else 0.0
     return prefill, decode, kv_bytes
 
 
@@ -393,9 +435,8 @@ def synthetic_decode(
 ) -> tuple[float, int]:
     """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache` (``cache="static"``: of ``context +
     decode_tokens`` static slots); return (decode s, cache bytes of the ``context`` tokens)."""
-    check_cache_kind(cache)
-    static_slots = context + decode_tokens if cache == "static" else None
-    kv_cache = synthetic_cache(model, batch, context, device, seed, static_slots=static_slots)
+    slots = static_slots(cache, context, decode_tokens)
+    kv_cache = synthetic_cache(model, batch, context, device, seed, static_slots=slots)
     kv_bytes = cache_bytes(kv_cache, context)
     next_ids = random_ids(batch, 1, model.config.vocab_size, device, seed + 1)
-    return timed_decode(model, kv_cache, next_ids, decode_tokens, device), kv_bytes
+    return timed_decode(model, kv_cache, next_ids, decode_tokens, device, cache), kv_bytes

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .measure import CACHE_LABELS
 from .results import MODEL_KEYS, BenchmarkData, PathLike, Run, paired_speedups
 
 
@@ -129,7 +130,8 @@ def render_markdown(result: BenchmarkData) -> str:
         f"{len(merged_info.share_layers)} shared layers {merged_info.share_layers}, rank {merged_info.rank}, "
         f"align hidden {merged_info.align_hidden}; source layers {merged_info.source_layers})  ",
         f"**Settings:** {settings['repeats']} repetition(s) (median), {settings['warmup']} warm-up, models "
-        f"alternating; {settings['decode_tokens']} decode steps on a {settings.get('cache', 'dynamic')} cache; "
+        f"alternating; {settings['decode_tokens']} decode steps on a "
+        f"{CACHE_LABELS[settings.get('cache', 'dynamic')]}; "
         f"peak memory via {settings['peak_memory_method']}; "
         f"working-memory limit {fmt_bytes(settings['memory_limit_bytes'])}",
         "",

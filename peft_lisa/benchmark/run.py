@@ -38,6 +38,7 @@ from ..tuner import attention as lisa_attention
 from ..tuner.compression import qk_compression_report
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import (
+    CACHE_LABELS,
     PeakMemory,
     TensorPeak,
     alternating,
@@ -106,7 +107,9 @@ def run_benchmark(
         cache: the KV cache decoded on: ``"dynamic"`` (transformers' default, which grows every layer's keys and
             values by ``torch.cat`` at every step) or ``"static"`` (a ``StaticCache`` of ``context + decode_tokens``
             slots, allocated by the prefill's first write and written in place, as under
-            ``generate(cache_implementation="static")``). The maximum-throughput measure uses it too.
+            ``generate(cache_implementation="static")``), or ``"compiled"`` (that static cache, the decode steps
+            compiled by ``torch.compile`` as ``generate`` compiles them, a graph per model and shape, compiled in the
+            warm-up repetitions; ``measure.COMPILED_DECODING``). The maximum-throughput measure uses it too.
         device: where to run; the models are moved there. Default: the device of ``base_model``'s parameters.
         seed: seed of the random token ids.
         progress: log progress to the ``peft_lisa`` logger at INFO (else at DEBUG) and show a tqdm bar over the
@@ -234,7 +237,7 @@ class _Session:
     repeats: int
     warmup: int
     limit: int  # working memory a run may use (bytes)
-    cache: str  # "dynamic" or "static"
+    cache: str  # measure.CACHE_KINDS
     seed: int
     level: int  # the logging level of progress messages
     runs: list[Run] = field(default_factory=list)
@@ -387,9 +390,8 @@ class _Session:
         for key in runnable:
             point = result.points[key]
             point.decode_tokens_per_s = point.max_batch * decode_tokens / statistics.median(point.decode_seconds)
-            point.method = (
-                f"measured (decode at batch {point.max_batch} on a synthetic {context}-token {self.cache} cache)"
-            )
+            cache = CACHE_LABELS[self.cache]
+            point.method = f"measured (decode at batch {point.max_batch} on a synthetic {context}-token {cache})"
         logger.log(
             self.level,
             "max throughput: "

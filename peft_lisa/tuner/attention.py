@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any, Optional
 
 import torch
@@ -30,7 +29,7 @@ from .carrier import (
     SharedLayerCall,
     SourceLogits,
 )
-from .cpu_kernel import cpu_kernel_expected, decode_rows, decode_rows_route
+from .cpu_kernel import CPUKernel, cpu_kernel_expected, decode_rows, decode_rows_route
 from .functional import (
     AttentionLayout,
     additive_mask_rows,
@@ -343,7 +342,7 @@ class LiSASubstitute(nn.Module):
         attention_mask: Optional[torch.Tensor],
         dropout: float,
         short_input: bool,
-    ) -> Optional[tuple[ModuleType, Optional[torch.Tensor]]]:
+    ) -> Optional[tuple[CPUKernel, Optional[torch.Tensor]]]:
         """The CPU kernel and its mask where this call may attend through its decode rows: materialized source logits
         of a decode step or of a short input (``short_input``: at most ``handed_logits_max_keys()`` keys), the linear
         alignment, nobody observing, and :func:`~peft_lisa.tuner.cpu_kernel.decode_rows_route`; else None. (Longer

@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import ModuleType
 from typing import Optional
 
 import torch
 
-from .cpu_kernel import kernel_mask, load_cpu_kernel, shared_attention
+from .cpu_kernel import CPUKernel, kernel_mask, process_kernel, shared_attention
 from .functional import (
     additive_mask_rows,
     batched_matmul,
@@ -438,7 +437,7 @@ class FoldedScores(SourceLogits):
         if torch.is_grad_enabled() or dropout > 0.0:
             return self.attend_fused(attention_mask, value, dropout)
         if value.device.type == "cpu":
-            kernel = load_cpu_kernel()
+            kernel = process_kernel()
             supported, mask = kernel_mask(attention_mask, value.shape[2])
             if kernel is not None and supported:
                 return self.attend_by_kernel(kernel, mask, value)
@@ -449,7 +448,7 @@ class FoldedScores(SourceLogits):
         return self.attend_fused(attention_mask, value, dropout)
 
     def attend_by_kernel(
-        self, kernel: ModuleType, mask: Optional[torch.Tensor], value: torch.Tensor, pack: bool = True
+        self, kernel: CPUKernel, mask: Optional[torch.Tensor], value: torch.Tensor, pack: bool = True
     ) -> torch.Tensor:
         """``softmax(S + M) V`` -> B x T_q x (H d_v), in the values' dtype, by the compiled CPU kernel
         (``cpu_kernel.py``): the source and a chain's fully mixed earlier links as per-head scores mixed by their

@@ -14,6 +14,10 @@ The environment variable ``PEFT_LISA_CPU_KERNEL`` chooses:
   and attend with torch operations (explicit blocks), which give the same result more slowly;
 * ``on``: the kernel is required; a failed build raises :class:`CPUKernelUnavailable`;
 * ``off``: never build it; torch operations only.
+
+Under ``torch.compile`` (``generate``'s compiled decoding with a static cache, for one) the kernel's entry points are
+the torch operators ``peft_lisa::shared_attention`` and ``peft_lisa::decode_rows``, so that a compiled graph calls
+the kernel without a break; the route is chosen once, when the graph is compiled (:func:`process_kernel`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import platform
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -89,6 +93,7 @@ def load_cpu_kernel() -> Optional[ModuleType]:
     return module
 
 
+@torch.compiler.assume_constant_result  # read once when a graph is compiled
 def cpu_kernel_expected() -> bool:
     """Whether inference on CPU expects to attend through the kernel, without building it: False under ``off`` or
     once a build of it has failed in this process, else True (built, or to be built at the first input that needs
@@ -96,6 +101,67 @@ def cpu_kernel_expected() -> bool:
     if cpu_kernel_setting() == "off":
         return False
     return _built.get(_build_name(), True) is not None
+
+
+class KernelOperators:
+    """The kernel as a graph compiled by ``torch.compile`` calls it: its entry points as the torch operators
+    ``peft_lisa::shared_attention`` and ``peft_lisa::decode_rows`` (a pybind function is opaque to the compiler and
+    would break the graph at every LiSA layer), its build's answers read once, when the graph is compiled. Eager calls
+    go to the extension module itself, without the dispatcher's overhead on a decode step."""
+
+    @staticmethod
+    def shared_attention(*args: object) -> torch.Tensor:
+        return torch.ops.peft_lisa.shared_attention(*args)
+
+    @staticmethod
+    def decode_rows(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.peft_lisa.decode_rows(*args)
+
+    @staticmethod
+    def packs(dtype: torch.dtype) -> bool:
+        return _built_kernel_packs(dtype)
+
+    @staticmethod
+    def vector_instructions() -> str:
+        return _built_kernel_instructions()
+
+
+KERNEL_OPERATORS = KernelOperators()
+CPUKernel = Union[ModuleType, KernelOperators]  # what the functions below call
+
+
+def process_kernel() -> Optional[CPUKernel]:
+    """The kernel that inference in this process attends through: :func:`load_cpu_kernel` in eager mode; while
+    ``torch.compile`` traces, :data:`KERNEL_OPERATORS` where the kernel is built (decided once, at compile time),
+    else None."""
+    if torch.compiler.is_compiling():
+        return KERNEL_OPERATORS if _kernel_is_built() else None
+    return load_cpu_kernel()
+
+
+@torch.compiler.assume_constant_result
+def _kernel_is_built() -> bool:
+    return load_cpu_kernel() is not None
+
+
+@torch.compiler.assume_constant_result
+def _built_kernel_packs(dtype: torch.dtype) -> bool:
+    return bool(_required_kernel().packs(dtype))
+
+
+@torch.compiler.assume_constant_result
+def _built_kernel_instructions() -> str:
+    return _required_kernel().vector_instructions()
+
+
+def _required_kernel() -> ModuleType:
+    kernel = load_cpu_kernel()
+    if kernel is None:
+        raise CPUKernelUnavailable(
+            f"a LiSA kernel operator was called but the CPU kernel is not built ({SETTING_VARIABLE}=off, or its build "
+            "failed): LiSA layers choose their route by load_cpu_kernel(); call them rather than the operator."
+        )
+    return kernel
 
 
 def cpu_kernel_status() -> str:
@@ -171,7 +237,7 @@ def kernel_mask(attention_mask: Optional[torch.Tensor], k_len: int) -> tuple[boo
     return True, mask
 
 
-def packs(kernel: ModuleType, dtype: torch.dtype) -> bool:
+def packs(kernel: CPUKernel, dtype: torch.dtype) -> bool:
     """Whether the kernel runs ``dtype``'s products on packed operands on this CPU (bf16/fp16 where torch packs them
     for its own flash attention: bf16 on a CPU with AMX, for one)."""
     return dtype in (torch.bfloat16, torch.float16) and bool(kernel.packs(dtype))
@@ -183,7 +249,7 @@ def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def shared_attention(
-    kernel: ModuleType,
+    kernel: CPUKernel,
     mixed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     terms: list[tuple[torch.Tensor, torch.Tensor]],
     value: torch.Tensor,
@@ -227,16 +293,16 @@ def shared_attention(
 
 def decode_rows_route(
     value: torch.Tensor, attention_mask: Optional[torch.Tensor]
-) -> Optional[tuple[ModuleType, Optional[torch.Tensor]]]:
+) -> Optional[tuple[CPUKernel, Optional[torch.Tensor]]]:
     """The kernel and the mask as it reads it (:func:`kernel_mask`) where an attention of ``value``
     (B x H_kv x T_k x d_v) under ``attention_mask`` may run through the kernel's decode rows: inference (no autograd)
-    on CPU, the kernel built (:func:`load_cpu_kernel`), values in float32, or in bf16 where the build widens them by
+    on CPU, the kernel built (:func:`process_kernel`), values in float32, or in bf16 where the build widens them by
     AVX-512 instructions (its portable vector code read bf16 values at about a third of that speed on an Intel Xeon,
     slower than torch's operations), a mask the kernel takes; else None. float16 values are converted one at a time:
     they keep torch's operations."""
     if torch.is_grad_enabled() or value.device.type != "cpu" or value.dtype not in (torch.float32, torch.bfloat16):
         return None
-    kernel = load_cpu_kernel()
+    kernel = process_kernel()
     if kernel is None or (value.dtype == torch.bfloat16 and kernel.vector_instructions() == "portable"):
         return None
     supported, mask = kernel_mask(attention_mask, value.shape[-2])
@@ -244,7 +310,7 @@ def decode_rows_route(
 
 
 def decode_rows(
-    kernel: ModuleType,
+    kernel: CPUKernel,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -270,3 +336,51 @@ def decode_rows(
         handed, mix, query.float().contiguous(), key, last_dim_contiguous(value), mask, softcap or 0.0, hand_on
     )  # B x T_q x H x d_v, B x H x T_q x T_k
     return output.flatten(2), logits if hand_on else None
+
+
+# The kernel's entry points as torch operators, for compiled graphs (:class:`KernelOperators`): same arguments and
+# results as the extension's functions, except that decode_rows' logits are an empty tensor when not asked for.
+@torch.library.custom_op("peft_lisa::shared_attention", mutates_args=(), device_types="cpu")
+def _shared_attention_operator(
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    mixes: list[torch.Tensor],
+    term_queries: list[torch.Tensor],
+    term_keys: list[torch.Tensor],
+    value: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    block_queries: int,
+    block_keys: int,
+    pack: bool,
+) -> torch.Tensor:
+    return _required_kernel().shared_attention(
+        queries, keys, mixes, term_queries, term_keys, value, mask, block_queries, block_keys, pack
+    )
+
+
+@_shared_attention_operator.register_fake
+def _(queries, keys, mixes, term_queries, term_keys, value, mask, block_queries, block_keys, pack):
+    batch, heads, q_len, _ = queries[0].shape
+    return value.new_empty(batch, q_len, heads, value.shape[-1])  # B x T_q x H x d_v
+
+
+@torch.library.custom_op("peft_lisa::decode_rows", mutates_args=(), device_types="cpu")
+def _decode_rows_operator(
+    handed: Optional[torch.Tensor],
+    mix: Optional[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    softcap: float,
+    want_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    output, logits = _required_kernel().decode_rows(handed, mix, query, key, value, mask, softcap, want_logits)
+    return output, logits if logits is not None else query.new_empty(0)
+
+
+@_decode_rows_operator.register_fake
+def _(handed, mix, query, key, value, mask, softcap, want_logits):
+    batch, heads, q_len, _ = query.shape
+    logits_shape = (batch, heads, q_len, key.shape[-2]) if want_logits else (0,)
+    return value.new_empty(batch, q_len, heads, value.shape[-1]), query.new_empty(logits_shape)  # query: float32

@@ -234,10 +234,11 @@ def batched_matmul(
     ``baddbmm_``, or one ``mm`` per matrix for a small batch of large products on CPU without autograd
     (``MM_LOOP_MAX_BATCH_PER_THREAD``, ``MM_LOOP_MIN_WORK``)."""
     batch, rows, inner, columns = left.shape[0], left.shape[1], left.shape[2], right.shape[2]
-    few = batch < MM_LOOP_MAX_BATCH_PER_THREAD * torch.get_num_threads()
-    loop = few and rows * inner * columns >= MM_LOOP_MIN_WORK
     autograd = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
-    if not loop or left.device.type != "cpu" or autograd:
+    # (an eager choice: a compiled graph leaves the products to its compiler)
+    loop = left.device.type == "cpu" and not autograd and not torch.compiler.is_compiling()
+    loop = loop and batch < MM_LOOP_MAX_BATCH_PER_THREAD * torch.get_num_threads()
+    if not (loop and rows * inner * columns >= MM_LOOP_MIN_WORK):
         if accumulate is not None:
             return accumulate.baddbmm_(left, right)
         return torch.bmm(left, right) if out is None else torch.bmm(left, right, out=out)
@@ -534,31 +535,32 @@ def update_cache(
     the layer's mask, as :func:`keys_held` cuts them (a static cache's empty slots)."""
     if cache is None:
         return key, value, attention_mask
+    q_len = key.shape[-2]
     key, value = cache.update(key, value, layer_idx, kwargs=kwargs)
-    return keys_held(cache, layer_idx, key, value, attention_mask)
+    return keys_held(key, value, attention_mask, q_len)
 
 
 def keys_held(
-    cache: Any, layer_idx: int, key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor], q_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """The keys and values a layer's cache returned (B x H_kv x T_k x D), and its mask, cut to the tokens the cache
-    holds where a shared layer needs it. A static cache (``StaticCache``, ``cache_implementation="static"``) returns
-    all its slots, the empty ones after the tokens included, which the base layer never attends to: its mask leaves
-    them out, and on the first prefill, where transformers hands it no mask, ``scaled_dot_product_attention``'s causal
-    mask, aligned top-left, does. They are cut there only, without a mask: a shared layer's causal mask is aligned
-    bottom-right, as a dynamic cache's prefill continuing needs it.
+    """The keys and values a layer's cache returned (B x H_kv x T_k x D) for ``q_len`` queries, and its mask, cut to
+    the keys the base layer attends to where a shared layer needs it. A static cache (``StaticCache``,
+    ``cache_implementation="static"``) returns all its slots, the empty ones after the tokens included. Given a mask,
+    the mask leaves them out. Without one, several queries are a prefill into an empty cache: transformers drops the
+    mask only there, and the base layer's ``scaled_dot_product_attention(is_causal=True)`` aligns its causal mask
+    top-left, so that query i (slot i) attends to slots 0..i and never beyond slot ``q_len - 1``. They are cut there,
+    without a mask: a shared layer's causal mask is aligned bottom-right, which is the same on ``q_len`` keys. One
+    query without a mask attends to every key, as the base layer's does (a dynamic cache holds no empty slot). The cut
+    reads shapes only: no device sync, and nothing for ``torch.compile`` to break a graph on.
 
     Given a mask, the mask covers every slot, a full layer's slot t holds position t (and so does a sliding-window
     layer's until its window is full), and the slots stay whole: a cut view of them would be copied by every product
     of a decode step (LLaMA-2-7B's geometry at 8 x 4096: 408 against the base layer's 52 ms, a scratch run). A
     sliding-window shared layer lines its source's keys up with its own by position
     (:func:`peft_lisa.tuner.attention.keys_by_position`)."""
-    if attention_mask is not None:
-        return key, value, attention_mask  # checked first: a static cache's length is a tensor (a device sync)
-    held = int(cache.get_seq_length(layer_idx))
-    if held >= key.shape[-2]:
+    if attention_mask is not None or q_len == 1 or key.shape[-2] <= q_len:
         return key, value, attention_mask
-    return key[:, :, :held], value[:, :, :held], None
+    return key[:, :, :q_len], value[:, :, :q_len], None
 
 
 def sliding_window_of(attn: nn.Module) -> Optional[int]:

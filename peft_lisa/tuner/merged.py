@@ -143,8 +143,11 @@ class LiSASharedAttention(LiSASubstitute):
 
     def _lowrank_weight(self) -> torch.Tensor:
         """``[Wq_r; Wk_r]`` ((H + H_kv) r x hidden, a copy of the two small factors), built once and rebuilt whenever
-        either is replaced or changed in place (its storage or version counter)."""
+        either is replaced or changed in place (its storage or version counter). A graph that ``torch.compile``
+        traces concatenates them itself (it cannot compare storages)."""
         tensors = (self.q_lowrank.weight, self.k_lowrank.weight)
+        if torch.compiler.is_compiling():
+            return torch.cat(tensors)
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, torch.cat(tensors).detach())

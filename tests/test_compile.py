@@ -1,0 +1,116 @@
+"""A merged model under ``torch.compile``: whole graphs (``fullgraph=True``, no break at a LiSA layer) for a prefill
+into a static cache and its decode steps, on every inference route of a shared layer, with the eager model's logits;
+the CPU kernel's entry points as torch operators (``peft_lisa::shared_attention``, ``peft_lisa::decode_rows``) inside
+the graph; and ``generate``'s own compiled decoding (``CompileConfig``) with the inductor backend, token for token."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import CompileConfig, StaticCache
+
+from peft_lisa import LiSAConfig
+from peft_lisa.tuner import cpu_kernel
+from tests.conftest import random_ids, randomize_adapter, require_cpu_kernel, tiny_model
+
+# A prompt within HANDED_LOGITS_MAX_KEYS (logits handed on whole, decode rows on CPU) and one beyond it (the kernel's
+# tiles, or torch's blocks with the kernel off).
+PROMPTS = {"short": 40, "long": 120}
+DECODE_STEPS = 3
+
+
+def merged_model(model_type: str = "llama") -> torch.nn.Module:
+    """A tiny model with a chain of two shared layers (source 1, links 2 and 3), its adapter randomized, merged."""
+    peft_model = get_peft_model(tiny_model(model_type), LiSAConfig(share_layers=[2, 3], rank=4))
+    randomize_adapter(peft_model)
+    return peft_model.eval().merge_and_unload()
+
+
+def prefill_then_decode(model, forward, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The logits of ``forward`` on a prefill of ``ids`` into a static cache, then of DECODE_STEPS greedy steps."""
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + DECODE_STEPS + 1)
+    out = forward(input_ids=ids, cache=cache, use_cache=True)
+    logits = [out.logits]
+    for _ in range(DECODE_STEPS):
+        out = forward(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+        logits.append(out.logits)
+    return logits
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("route", ["kernel", "off"])
+def test_merged_model_compiles_whole_and_matches_eager(model_type, prompt, route, monkeypatch):
+    """``torch.compile(fullgraph=True)`` traces the merged model's prefill into a static cache and its decode steps
+    without a graph break (a break raises), on the CPU kernel's routes and on torch's (kernel off), and gives the eager
+    model's logits; on the kernel route the graph calls the kernel's operators."""
+    if route == "kernel":
+        require_cpu_kernel(monkeypatch)
+    else:
+        monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
+    merged = merged_model(model_type)
+    ids = random_ids(2, PROMPTS[prompt])
+    calls = []
+    if route == "kernel":  # count the operators' calls, which reach the extension through _required_kernel
+        built = cpu_kernel.load_cpu_kernel()
+
+        class Counting:
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(built, name)
+
+        monkeypatch.setattr(cpu_kernel, "_required_kernel", Counting)
+    torch._dynamo.reset()
+    compiled = torch.compile(merged, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        expected = prefill_then_decode(merged, merged, ids)
+        calls.clear()
+        got = prefill_then_decode(merged, compiled, ids)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    if route == "kernel":
+        prefill = ["decode_rows"] if prompt == "short" else ["shared_attention"] * 2
+        # a short prompt: layer 3 takes layer 2's logits as rows; each decode step: source 1 and links 2, 3 as rows
+        assert calls == prefill + ["decode_rows"] * 3 * DECODE_STEPS
+    else:
+        assert calls == []
+
+
+def test_generate_compiles_its_decoding_with_inductor(monkeypatch):
+    """``generate`` with a static cache and a ``CompileConfig`` compiles the merged model's decode steps with the
+    inductor backend, in one graph, through the CPU kernel's operators: the same tokens as eager decoding."""
+    require_cpu_kernel(monkeypatch)
+    merged = merged_model()
+    ids = random_ids(2, PROMPTS["short"])
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager = merged.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        config = CompileConfig(fullgraph=True, mode="default", dynamic=False)
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless asked
+        compiled = merged.generate(
+            ids, max_new_tokens=6, do_sample=False, cache_implementation="static", compile_config=config
+        )
+    assert hasattr(merged, "_compiled_call"), "generate did not compile the decode steps"
+    assert torch.equal(compiled, eager)
+
+
+def test_kernel_operators_need_the_built_kernel(monkeypatch):
+    """Calling an operator where the kernel is off names the problem instead of crashing in the extension."""
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
+    value = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(cpu_kernel.CPUKernelUnavailable, match="not built"):
+        torch.ops.peft_lisa.decode_rows(None, None, torch.zeros(1, 1, 1, 8), value, value, None, 0.0, False)
+
+
+def test_copy_of_merged_model_is_unchanged_by_compiling():
+    """Compiling wraps the model; its parameters stay the eager model's (a deep copy compares equal)."""
+    merged = merged_model()
+    before = copy.deepcopy(merged.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(merged, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        compiled(input_ids=random_ids(2, 12))
+    assert all(torch.equal(before[name], tensor) for name, tensor in merged.state_dict().items())
