@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from peft_lisa.benchmark.geometry import GEOMETRIES, full_depth_estimate, geometry_markdown, layer_decode_times
-from peft_lisa.benchmark.measure import HOOKED_CACHE_KINDS, machine_info
+from peft_lisa.benchmark.measure import machine_info
 from peft_lisa.benchmark.report import machine_label
+from peft_lisa.benchmark.results import HOOKED_CACHE_KINDS
 
 
 def main() -> None:

@@ -42,8 +42,8 @@ import torch
 
 from peft_lisa.benchmark.geometry import GEOMETRIES, geometry_models
 from peft_lisa.benchmark.layer_clock import decode_layer_times, prefill_layer_times
-from peft_lisa.benchmark.measure import HOOKED_CACHE_KINDS
 from peft_lisa.benchmark.pipeline import load_benchmark_models
+from peft_lisa.benchmark.results import HOOKED_CACHE_KINDS
 from peft_lisa.cli_options import even_rank, layer_list
 from peft_lisa.jobs.checks import load_analysis_file
 

@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
-from .benchmark.measure import CACHE_KINDS
+from .benchmark.results import CACHE_KINDS
 from .cli_options import (
     add_analyze_parser,
     add_calibrate_parser,

@@ -27,14 +27,13 @@ from ..tuner.config import LiSAConfig
 from .cost_model import ModelShape
 from .layer_clock import LayerClock
 from .measure import (
-    HOOKED_CACHE_KINDS,
     alternating,
-    check_cache_kind,
+    cache_slots,
     random_ids,
-    static_slots,
     synthetic_cache,
     timed_decode,
 )
+from .results import HOOKED_CACHE_KINDS, check_cache_kind
 
 logger = logging.getLogger("peft_lisa")
 
@@ -130,7 +129,7 @@ def layer_decode_times(
     place; the default dynamic cache copies every layer's keys and values at every step (``torch.cat``).
     """
     check_cache_kind(cache, HOOKED_CACHE_KINDS)
-    slots = static_slots(cache, context, decode_tokens)
+    slots = cache_slots(cache, context, decode_tokens)
     base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     device = torch.device(device)
     base, merged = base.to(device), merged.to(device)

@@ -24,9 +24,7 @@ from ..tuner.architectures import decoder_layers
 from ..tuner.merged import LiSASharedAttention, LiSASourceAttention
 from .cost_model import chain_depths
 from .measure import (
-    HOOKED_CACHE_KINDS,
     alternating,
-    check_cache_kind,
     empty_cache,
     machine_info,
     random_ids,
@@ -34,6 +32,7 @@ from .measure import (
     timed_decode,
 )
 from .report import machine_label
+from .results import HOOKED_CACHE_KINDS, check_cache_kind
 
 
 def layer_kind(attn: nn.Module) -> str:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -29,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import CompileConfig, StaticCache
 
 from ..tuner.cpu_kernel import cpu_kernel_status
+from .results import check_cache_kind
 
 # --------------------------------------------------------------------------------------------------------------
 # Machine
@@ -277,32 +279,16 @@ def random_ids(batch: int, length: int, vocab: int, device: torch.device, seed: 
     return torch.randint(0, vocab, (batch, length), generator=generator).to(device)
 
 
-CACHE_KINDS = ("dynamic", "static", "compiled")
-# The decode steps of the "compiled" kind: what generate() compiles for them on a static cache (its get_compiled_call),
-# one whole graph (a graph break raises), static shapes, inductor's default mode (reduce-overhead's CUDA graphs do not
-# apply on CPU). A grid compiles a graph per model and shape: the limit on a function's recompilations is raised for
-# the decode steps to COMPILED_MAX_SHAPES, so that no later point falls back to eager decoding unseen.
+# The decode steps of the "compiled" kind: what generate() compiles for them on a static cache on CPU (its
+# get_compiled_call; its default mode, reduce-overhead, adds CUDA graphs on a GPU), one whole graph (a graph break
+# raises), static shapes. A grid compiles a graph per model and shape, and every model's graphs count against one
+# limit (they compile the same nn.Module.__call__): the decode steps may recompile up to COMPILED_MAX_SHAPES times,
+# beyond which torch raises FailOnRecompileLimitHit rather than decode uncompiled.
 COMPILED_DECODING = CompileConfig(fullgraph=True, dynamic=False, mode="default")
 COMPILED_MAX_SHAPES = 64
-# How reports name them: "16 decode steps on a {label}".
-CACHE_LABELS = {
-    "dynamic": "dynamic cache",
-    "static": "static cache",
-    "compiled": "static cache, compiled (torch.compile)",
-}
-# What the per-layer clocks time: forward hooks on every layer, which a compiled graph does not run one by one.
-HOOKED_CACHE_KINDS = ("dynamic", "static")
 
 
-def check_cache_kind(cache: str, kinds: Sequence[str] = CACHE_KINDS) -> None:
-    """Refuse a KV-cache kind other than ``kinds``: of ``"dynamic"`` (transformers' default, grown by ``torch.cat``
-    at every step), ``"static"`` (``StaticCache``, slots allocated up front and written in place) and ``"compiled"``
-    (a static cache whose decode steps run compiled, :data:`COMPILED_DECODING`)."""
-    if cache not in kinds:
-        raise ValueError(f"cache must be one of {', '.join(map(repr, kinds))}, got {cache!r}")
-
-
-def static_slots(cache: str, context: int, decode_tokens: int) -> Optional[int]:
+def cache_slots(cache: str, context: int, decode_tokens: int) -> Optional[int]:
     """The slots of the static cache a ``context``-token prompt and ``decode_tokens`` steps decode on, None for a
     dynamic cache."""
     check_cache_kind(cache)
@@ -321,15 +307,7 @@ def decode_call(model: nn.Module, cache: str) -> Callable[..., Any]:
     """What a decode step calls: the model itself, or for ``"compiled"`` transformers' compiled call of it
     (:data:`COMPILED_DECODING`), compiled at its first call for each shape."""
     check_cache_kind(cache)
-    if cache != "compiled":
-        return model
-    compiled = model.get_compiled_call(COMPILED_DECODING)
-
-    def step(**inputs: Any) -> Any:
-        with torch._dynamo.config.patch(recompile_limit=COMPILED_MAX_SHAPES):
-            return compiled(**inputs)
-
-    return step
+    return model.get_compiled_call(COMPILED_DECODING) if cache == "compiled" else model
 
 
 def timed_decode(
@@ -338,28 +316,36 @@ def timed_decode(
     """Seconds of ``steps`` greedy single-token steps feeding ``cache``, starting from ``next_ids``; ``kind`` the
     cache's kind (``"compiled"``: the steps run compiled, :func:`decode_call`)."""
     forward = decode_call(model, kind)
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        out = forward(input_ids=next_ids, cache=cache, use_cache=True)
-        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        cache = out.cache
-    synchronize(device)
+    limits = torch._dynamo.config.patch(recompile_limit=COMPILED_MAX_SHAPES) if kind == "compiled" else nullcontext()
+    with limits:
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = forward(input_ids=next_ids, cache=cache, use_cache=True)
+            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            cache = out.cache
+        synchronize(device)
     return time.perf_counter() - started
 
 
 def prefill_then_decode(
-    model: nn.Module, ids: torch.Tensor, decode_tokens: int, device: torch.device, cache: str = "dynamic"
+    model: nn.Module,
+    ids: torch.Tensor,
+    decode_tokens: int,
+    device: torch.device,
+    cache: str = "dynamic",
+    slots: Optional[int] = None,
 ) -> tuple[float, float, int]:
     """Time the prefill of ``ids`` and ``decode_tokens`` greedy steps after it; return (prefill s, decode s, cache
     bytes the prompt's tokens take after the prefill).
 
     ``cache="static"`` prefills into a ``StaticCache`` of ``T + decode_tokens`` slots and decodes in place; its layers
     allocate their slots on their first write, within the timed prefill, as under
-    ``generate(cache_implementation="static")``.
+    ``generate(cache_implementation="static")``. ``slots``: that many instead (a pass of fewer steps on the cache
+    shape of the timed ones, which a compiled graph was compiled for).
     """
     context = ids.shape[-1]
-    kv_cache = empty_cache(model, cache, context + decode_tokens)
+    kv_cache = empty_cache(model, cache, slots or context + decode_tokens)
     synchronize(device)
     started = time.perf_counter()
     out = model(input_ids=ids, cache=kv_cache, use_cache=True, logits_to_keep=1)
@@ -432,10 +418,11 @@ def synthetic_decode(
     device: torch.device,
     seed: int,
     cache: str = "dynamic",
+    slots: Optional[int] = None,
 ) -> tuple[float, int]:
-    """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache` (``cache="static"``: of ``context +
-    decode_tokens`` static slots); return (decode s, cache bytes of the ``context`` tokens)."""
-    slots = static_slots(cache, context, decode_tokens)
+    """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache` (a static one: of ``context +
+    decode_tokens`` slots, or ``slots``); return (decode s, cache bytes of the ``context`` tokens)."""
+    slots = slots if cache != "dynamic" and slots else cache_slots(cache, context, decode_tokens)
     kv_cache = synthetic_cache(model, batch, context, device, seed, static_slots=slots)
     kv_bytes = cache_bytes(kv_cache, context)
     next_ids = random_ids(batch, 1, model.config.vocab_size, device, seed + 1)

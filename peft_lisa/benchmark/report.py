@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .measure import CACHE_LABELS
-from .results import MODEL_KEYS, BenchmarkData, PathLike, Run, paired_speedups
+from .results import CACHE_LABELS, MODEL_KEYS, BenchmarkData, PathLike, Run, paired_speedups
 
 
 @dataclass

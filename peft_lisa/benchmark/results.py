@@ -14,6 +14,25 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 MODEL_KEYS = ("base", "merged")
+# The KV caches decode steps are timed on: transformers' default dynamic cache (grown by torch.cat at every step), a
+# StaticCache (slots allocated up front and written in place) and that static cache with the decode steps compiled
+# by torch.compile (measure.COMPILED_DECODING); the per-layer clocks (forward hooks on every layer, which a compiled
+# graph does not run one by one) take the first two.
+CACHE_KINDS = ("dynamic", "static", "compiled")
+HOOKED_CACHE_KINDS = ("dynamic", "static")
+CACHE_LABELS = {  # how reports name them: "16 decode steps on a {label}"
+    "dynamic": "dynamic cache",
+    "static": "static cache",
+    "compiled": "static cache, compiled (torch.compile)",
+}
+
+
+def check_cache_kind(cache: str, kinds: tuple[str, ...] = CACHE_KINDS) -> None:
+    """Refuse a KV-cache kind other than ``kinds`` (of :data:`CACHE_KINDS`)."""
+    if cache not in kinds:
+        raise ValueError(f"cache must be one of {', '.join(map(repr, kinds))}, got {cache!r}")
+
+
 PathLike = Union[str, os.PathLike]
 
 

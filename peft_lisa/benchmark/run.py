@@ -38,11 +38,9 @@ from ..tuner import attention as lisa_attention
 from ..tuner.compression import qk_compression_report
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import (
-    CACHE_LABELS,
     PeakMemory,
     TensorPeak,
     alternating,
-    check_cache_kind,
     default_memory_limit,
     machine_info,
     prefill_then_decode,
@@ -50,7 +48,16 @@ from .measure import (
     synthetic_decode,
 )
 from .report import BenchmarkResult, fmt_bytes, fmt_rate, machine_label
-from .results import MODEL_KEYS, MaxThroughput, ModelInfo, Run, Skipped, ThroughputPoint
+from .results import (
+    CACHE_LABELS,
+    MODEL_KEYS,
+    MaxThroughput,
+    ModelInfo,
+    Run,
+    Skipped,
+    ThroughputPoint,
+    check_cache_kind,
+)
 
 logger = logging.getLogger("peft_lisa")
 
@@ -109,7 +116,8 @@ def run_benchmark(
             slots, allocated by the prefill's first write and written in place, as under
             ``generate(cache_implementation="static")``), or ``"compiled"`` (that static cache, the decode steps
             compiled by ``torch.compile`` as ``generate`` compiles them, a graph per model and shape, compiled in the
-            warm-up repetitions; ``measure.COMPILED_DECODING``). The maximum-throughput measure uses it too.
+            warm-up repetitions, at least one; ``measure.COMPILED_DECODING``). The maximum-throughput measure uses
+            it too.
         device: where to run; the models are moved there. Default: the device of ``base_model``'s parameters.
         seed: seed of the random token ids.
         progress: log progress to the ``peft_lisa`` logger at INFO (else at DEBUG) and show a tqdm bar over the
@@ -125,6 +133,8 @@ def run_benchmark(
     if shapes["base"].share_layers:
         raise ValueError("base_model has merged LiSA layers; pass the original model as base_model.")
     limit = int(memory_limit_bytes) if memory_limit_bytes is not None else default_memory_limit(device)
+    if cache == "compiled":  # the graphs compile in an untimed repetition of each point, never in a timed one
+        warmup = max(warmup, 1)
     peak_method = PeakMemory(device).method
     machine = machine_info(device)
     logger.log(
@@ -265,11 +275,13 @@ class _Session:
             for key, (how, estimate) in mode.items()
         }
 
+        slots = context + self.decode_tokens  # every pass on the timed passes' cache shape (one compiled graph)
+
         def one_run(key: str, steps: int = self.decode_tokens) -> tuple[Optional[float], float, int]:
             if mode[key][0] == "prefill":
-                return prefill_then_decode(self.models[key], ids, steps, self.device, self.cache)
+                return prefill_then_decode(self.models[key], ids, steps, self.device, self.cache, slots)
             decode, kv_bytes = synthetic_decode(
-                self.models[key], batch, context, steps, self.device, self.seed, self.cache
+                self.models[key], batch, context, steps, self.device, self.seed, self.cache, slots
             )
             return None, decode, kv_bytes
 

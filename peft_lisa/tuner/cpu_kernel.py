@@ -111,18 +111,22 @@ class KernelOperators:
 
     @staticmethod
     def shared_attention(*args: object) -> torch.Tensor:
+        """The extension's ``shared_attention``, as the operator ``peft_lisa::shared_attention``."""
         return torch.ops.peft_lisa.shared_attention(*args)
 
     @staticmethod
     def decode_rows(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """The extension's ``decode_rows``, as the operator ``peft_lisa::decode_rows`` (logits empty unless asked)."""
         return torch.ops.peft_lisa.decode_rows(*args)
 
     @staticmethod
     def packs(dtype: torch.dtype) -> bool:
+        """The extension's ``packs(dtype)``, read when the graph is compiled."""
         return _built_kernel_packs(dtype)
 
     @staticmethod
     def vector_instructions() -> str:
+        """The extension's ``vector_instructions()``, read when the graph is compiled."""
         return _built_kernel_instructions()
 
 
@@ -141,25 +145,31 @@ def process_kernel() -> Optional[CPUKernel]:
 
 @torch.compiler.assume_constant_result
 def _kernel_is_built() -> bool:
+    """Whether :func:`load_cpu_kernel` finds the kernel (read once per compiled graph)."""
     return load_cpu_kernel() is not None
 
 
 @torch.compiler.assume_constant_result
 def _built_kernel_packs(dtype: torch.dtype) -> bool:
+    """The built kernel's ``packs(dtype)`` (read once per compiled graph)."""
     return bool(_required_kernel().packs(dtype))
 
 
 @torch.compiler.assume_constant_result
 def _built_kernel_instructions() -> str:
+    """The built kernel's ``vector_instructions()`` (read once per compiled graph)."""
     return _required_kernel().vector_instructions()
 
 
 def _required_kernel() -> ModuleType:
+    """The built kernel, which the operators call; a clear error where there is none."""
     kernel = load_cpu_kernel()
     if kernel is None:
         raise CPUKernelUnavailable(
-            f"a LiSA kernel operator was called but the CPU kernel is not built ({SETTING_VARIABLE}=off, or its build "
-            "failed): LiSA layers choose their route by load_cpu_kernel(); call them rather than the operator."
+            f"a peft_lisa kernel operator was called, but the CPU kernel is not built ({SETTING_VARIABLE}=off, or its "
+            "build failed). LiSA layers call these operators only where process_kernel() finds the kernel; a graph "
+            f"compiled while it was there needs it still: recompile (torch._dynamo.reset()) after changing "
+            f"{SETTING_VARIABLE}."
         )
     return kernel
 
@@ -340,7 +350,13 @@ def decode_rows(
 
 # The kernel's entry points as torch operators, for compiled graphs (:class:`KernelOperators`): same arguments and
 # results as the extension's functions, except that decode_rows' logits are an empty tensor when not asked for.
-@torch.library.custom_op("peft_lisa::shared_attention", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(
+    "peft_lisa::shared_attention",
+    mutates_args=(),
+    device_types="cpu",
+    schema="(Tensor[] queries, Tensor[] keys, Tensor[] mixes, Tensor[] term_queries, Tensor[] term_keys, "
+    "Tensor value, Tensor? mask, int block_queries, int block_keys, bool pack) -> Tensor",
+)
 def _shared_attention_operator(
     queries: list[torch.Tensor],
     keys: list[torch.Tensor],
@@ -364,7 +380,13 @@ def _(queries, keys, mixes, term_queries, term_keys, value, mask, block_queries,
     return value.new_empty(batch, q_len, heads, value.shape[-1])  # B x T_q x H x d_v
 
 
-@torch.library.custom_op("peft_lisa::decode_rows", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(
+    "peft_lisa::decode_rows",
+    mutates_args=(),
+    device_types="cpu",
+    schema="(Tensor? handed, Tensor? mix, Tensor query, Tensor key, Tensor value, Tensor? mask, float softcap, "
+    "bool want_logits) -> (Tensor, Tensor)",
+)
 def _decode_rows_operator(
     handed: Optional[torch.Tensor],
     mix: Optional[torch.Tensor],
@@ -382,5 +404,6 @@ def _decode_rows_operator(
 @_decode_rows_operator.register_fake
 def _(handed, mix, query, key, value, mask, softcap, want_logits):
     batch, heads, q_len, _ = query.shape
-    logits_shape = (batch, heads, q_len, key.shape[-2]) if want_logits else (0,)
-    return value.new_empty(batch, q_len, heads, value.shape[-1]), query.new_empty(logits_shape)  # query: float32
+    logits_shape = (batch, heads, q_len, value.shape[-2]) if want_logits else (0,)
+    output = value.new_empty(batch, q_len, heads, value.shape[-1])  # B x T_q x H x d_v
+    return output, query.new_empty(logits_shape, dtype=torch.float32)  # B x H x T_q x T_k
