@@ -422,7 +422,8 @@ def synthetic_decode(
 ) -> tuple[float, int]:
     """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache` (a static one: of ``context +
     decode_tokens`` slots, or ``slots``); return (decode s, cache bytes of the ``context`` tokens)."""
-    slots = slots if cache != "dynamic" and slots else cache_slots(cache, context, decode_tokens)
+    if slots is None or cache == "dynamic":
+        slots = cache_slots(cache, context, decode_tokens)
     kv_cache = synthetic_cache(model, batch, context, device, seed, static_slots=slots)
     kv_bytes = cache_bytes(kv_cache, context)
     next_ids = random_ids(batch, 1, model.config.vocab_size, device, seed + 1)
