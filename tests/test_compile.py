@@ -84,6 +84,24 @@ def test_merged_model_compiles_whole_and_matches_eager(family, prompt, route, mo
         assert calls == []
 
 
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_bf16_merged_model_compiles_whole_and_matches_eager(prompt, monkeypatch):
+    """In bf16 the kernel's route facts read at compile time include whether it packs bf16 products (AMX): the
+    compiled graph, whole, gives the eager bf16 model's logits."""
+    require_cpu_kernel(monkeypatch)
+    merged = merged_model().to(torch.bfloat16)
+    ids = random_ids(2, PROMPTS[prompt])
+    torch._dynamo.reset()
+    compiled = torch.compile(merged, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        expected = prefill_then_decode(merged, merged, ids)
+        counters.clear()
+        got = prefill_then_decode(merged, compiled, ids)
+    assert counters["stats"]["unique_graphs"] == 2
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, atol=1e-2, rtol=1e-2)
+
+
 def test_generate_compiles_its_decoding_with_inductor(monkeypatch):
     """``generate`` with a static cache and a ``CompileConfig`` compiles the merged model's decode steps with the
     inductor backend, in one graph, through the CPU kernel's operators: eager decoding's logits, step by step."""
