@@ -105,6 +105,12 @@ def require_cpu_kernel(monkeypatch) -> None:
     monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "on")
 
 
+def decode_rows_taken() -> bool:
+    """Whether this machine's kernel build takes the decode rows (AVX-512: ``cpu_kernel.decode_rows_route``); call
+    after :func:`require_cpu_kernel`."""
+    return cpu_kernel.load_cpu_kernel().vector_instructions() != "portable"
+
+
 def set_handed_logits_bound(monkeypatch, keys: int) -> None:
     """``handed_logits_max_keys()`` = ``keys`` for this test, whether or not the CPU kernel is used."""
     monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", keys)
