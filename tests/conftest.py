@@ -106,9 +106,9 @@ def require_cpu_kernel(monkeypatch) -> None:
 
 
 def decode_rows_taken() -> bool:
-    """Whether this machine's kernel build takes the decode rows (AVX-512: ``cpu_kernel.decode_rows_route``); call
+    """Whether this machine's kernel build takes the decode rows (AVX-512: ``cpu_kernel.runs_decode_rows``); call
     after :func:`require_cpu_kernel`."""
-    return cpu_kernel.load_cpu_kernel().vector_instructions() != "portable"
+    return cpu_kernel.runs_decode_rows(cpu_kernel.load_cpu_kernel())
 
 
 def set_handed_logits_bound(monkeypatch, keys: int) -> None:
@@ -127,7 +127,8 @@ def shared_logits_route(request, monkeypatch):
     """The three inference routes of a shared layer's logits: computed whole by torch operations and handed on to the
     next link (inputs of at most ``HANDED_LOGITS_MAX_KEYS`` keys, as the tiny tests' are; the kernel off), or kept
     folded (every longer input; ``HANDED_LOGITS_MAX_KEYS = 0`` here) and attended by the compiled CPU kernel
-    (required: a build failure fails the test; decode steps through its decode rows) or, with the kernel off, block
+    (required: a build failure fails the test; decode steps through its decode rows where it has AVX-512) or, with
+    the kernel off, block
     by block / by the fused call."""
     if request.param != "handed":
         set_handed_logits_bound(monkeypatch, 0)

@@ -295,7 +295,7 @@ def cache_slots(cache: str, context: int, decode_tokens: int) -> Optional[int]:
     return None if cache == "dynamic" else context + decode_tokens
 
 
-def empty_cache(model: nn.Module, cache: str, slots: int) -> Optional[StaticCache]:
+def empty_cache(model: nn.Module, cache: str, slots: Optional[int]) -> Optional[StaticCache]:
     """The cache a prefill starts from: ``None`` for ``"dynamic"`` (the model builds its own), or a ``StaticCache``
     of ``slots`` positions (its layers take their key shape from their first write, so a merged model's shared layers
     get rank-r key slots)."""
@@ -341,11 +341,11 @@ def prefill_then_decode(
 
     ``cache="static"`` prefills into a ``StaticCache`` of ``T + decode_tokens`` slots and decodes in place; its layers
     allocate their slots on their first write, within the timed prefill, as under
-    ``generate(cache_implementation="static")``. ``slots``: that many instead (a pass of fewer steps on the cache
-    shape of the timed ones, which a compiled graph was compiled for).
+    ``generate(cache_implementation="static")``. ``slots``: that many instead, from :func:`cache_slots` (a pass of
+    fewer steps on the cache shape of the timed ones, which a compiled graph was compiled for).
     """
     context = ids.shape[-1]
-    kv_cache = empty_cache(model, cache, slots or context + decode_tokens)
+    kv_cache = empty_cache(model, cache, slots or cache_slots(cache, context, decode_tokens))
     synchronize(device)
     started = time.perf_counter()
     out = model(input_ids=ids, cache=kv_cache, use_cache=True, logits_to_keep=1)
@@ -420,10 +420,9 @@ def synthetic_decode(
     cache: str = "dynamic",
     slots: Optional[int] = None,
 ) -> tuple[float, int]:
-    """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache` (a static one: of ``context +
-    decode_tokens`` slots, or ``slots``); return (decode s, cache bytes of the ``context`` tokens)."""
-    if slots is None or cache == "dynamic":
-        slots = cache_slots(cache, context, decode_tokens)
+    """Time ``decode_tokens`` greedy steps on a :func:`synthetic_cache` (a static one: of ``slots``, by default
+    :func:`cache_slots`); return (decode s, cache bytes of the ``context`` tokens)."""
+    slots = slots or cache_slots(cache, context, decode_tokens)
     kv_cache = synthetic_cache(model, batch, context, device, seed, static_slots=slots)
     kv_bytes = cache_bytes(kv_cache, context)
     next_ids = random_ids(batch, 1, model.config.vocab_size, device, seed + 1)

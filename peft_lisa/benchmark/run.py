@@ -41,6 +41,7 @@ from .measure import (
     PeakMemory,
     TensorPeak,
     alternating,
+    cache_slots,
     default_memory_limit,
     machine_info,
     prefill_then_decode,
@@ -247,7 +248,7 @@ class _Session:
     repeats: int
     warmup: int
     limit: int  # working memory a run may use (bytes)
-    cache: str  # measure.CACHE_KINDS
+    cache: str  # results.CACHE_KINDS
     seed: int
     level: int  # the logging level of progress messages
     runs: list[Run] = field(default_factory=list)
@@ -275,7 +276,7 @@ class _Session:
             for key, (how, estimate) in mode.items()
         }
 
-        slots = context + self.decode_tokens  # every pass on the timed passes' cache shape (one compiled graph)
+        slots = cache_slots(self.cache, context, self.decode_tokens)  # every pass on the timed passes' cache shape
 
         def one_run(key: str, steps: int = self.decode_tokens) -> tuple[Optional[float], float, int]:
             if mode[key][0] == "prefill":

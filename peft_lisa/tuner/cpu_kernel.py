@@ -301,21 +301,26 @@ def shared_attention(
     return output.flatten(2).to(value_dtype)
 
 
+def runs_decode_rows(kernel: CPUKernel) -> bool:
+    """Whether decode steps attend through ``kernel``'s decode rows: a build with AVX-512. A build without it keeps
+    torch's operations: its portable vector code ran the rows slower than those at most sizes (an AVX2 build on the
+    Intel Xeon, fp32, one layer's attention on cold caches: 1.05-1.9x torch's time from 8 x 128 and 1 x 2048 up,
+    faster only at 1 x 128, even at 1 x 512; bf16 values read at about a third of the AVX-512 build's speed)."""
+    return kernel.vector_instructions() != "portable"
+
+
 def decode_rows_route(
     value: torch.Tensor, attention_mask: Optional[torch.Tensor]
 ) -> Optional[tuple[CPUKernel, Optional[torch.Tensor]]]:
     """The kernel and the mask as it reads it (:func:`kernel_mask`) where an attention of ``value``
     (B x H_kv x T_k x d_v) under ``attention_mask`` may run through the kernel's decode rows: inference (no autograd)
-    on CPU, the kernel built (:func:`process_kernel`) with AVX-512 instructions, values in float32 or bf16, a mask the
-    kernel takes; else None. A build without AVX-512 keeps torch's operations: its portable vector code ran the decode
-    rows slower than they are at most points (an AVX2 build on the Intel Xeon, fp32, one layer's attention on cold
-    caches: 1.05-1.9x torch's time from 8 x 128 and 1 x 2048 up, faster only at 1 x 128 and even at 1 x 512; bf16
-    values read at about a third of the AVX-512 build's speed). float16 values are converted one at a time: they keep
+    on CPU, the kernel built (:func:`process_kernel`) with AVX-512 instructions (:func:`runs_decode_rows`), values in
+    float32 or bf16, a mask the kernel takes; else None. float16 values are converted one at a time: they keep
     torch's operations."""
     if torch.is_grad_enabled() or value.device.type != "cpu" or value.dtype not in (torch.float32, torch.bfloat16):
         return None
     kernel = process_kernel()
-    if kernel is None or kernel.vector_instructions() == "portable":
+    if kernel is None or not runs_decode_rows(kernel):
         return None
     supported, mask = kernel_mask(attention_mask, value.shape[-2])
     return (kernel, mask) if supported else None
