@@ -21,7 +21,13 @@ from peft_lisa.tuner import cpu_kernel
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-PORTABLE_FLAGS = (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f")  # the portable build's: no AVX-512
+# The flags of each kernel build the tests run (on x86): the machine's own; without AVX-512 (the portable vector code
+# on 32-byte AVX2 vectors); without AVX (16-byte vectors, as SSE-only and ARM NEON builds have).
+BUILD_FLAGS = {
+    "native": cpu_kernel.COMPILE_FLAGS,
+    "portable": (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f"),
+    "narrow": (*cpu_kernel.COMPILE_FLAGS, "-mno-avx"),
+}
 
 
 # The geometry every tiny test model shares: 5 layers, 4 query heads, 2 KV heads, head size 16, 128 tokens.
@@ -105,12 +111,6 @@ def require_cpu_kernel(monkeypatch) -> None:
     monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "on")
 
 
-def decode_rows_taken() -> bool:
-    """Whether this machine's kernel build takes the decode rows (AVX-512: ``cpu_kernel.runs_decode_rows``); call
-    after :func:`require_cpu_kernel`."""
-    return cpu_kernel.runs_decode_rows(cpu_kernel.load_cpu_kernel())
-
-
 def set_handed_logits_bound(monkeypatch, keys: int) -> None:
     """``handed_logits_max_keys()`` = ``keys`` for this test, whether or not the CPU kernel is used."""
     monkeypatch.setattr(attention_module, "HANDED_LOGITS_MAX_KEYS", keys)
@@ -127,8 +127,7 @@ def shared_logits_route(request, monkeypatch):
     """The three inference routes of a shared layer's logits: computed whole by torch operations and handed on to the
     next link (inputs of at most ``HANDED_LOGITS_MAX_KEYS`` keys, as the tiny tests' are; the kernel off), or kept
     folded (every longer input; ``HANDED_LOGITS_MAX_KEYS = 0`` here) and attended by the compiled CPU kernel
-    (required: a build failure fails the test; decode steps through its decode rows where it has AVX-512) or, with
-    the kernel off, block
+    (required: a build failure fails the test; decode steps through its decode rows) or, with the kernel off, block
     by block / by the fused call."""
     if request.param != "handed":
         set_handed_logits_bound(monkeypatch, 0)
@@ -140,19 +139,19 @@ def shared_logits_route(request, monkeypatch):
 
 
 @functools.cache
-def portable_kernel():
-    """The kernel built without AVX-512 (``-mno-avx512f``): the softmax's portable vector code (``softmax_lanes.h``),
-    what CPUs without AVX-512 run."""
-    return cpu_kernel._build(cpu_kernel._build_name() + "_portable", required=True, flags=PORTABLE_FLAGS)
+def kernel_build(build: str):
+    """The kernel built with ``BUILD_FLAGS[build]`` ("portable": the softmax's portable vector code,
+    ``softmax_lanes.h``, what CPUs without AVX-512 run)."""
+    return cpu_kernel._build(f"{cpu_kernel._build_name()}_{build}", required=True, flags=BUILD_FLAGS[build])
 
 
-@pytest.fixture(params=["native", "portable"])
+@pytest.fixture(params=list(BUILD_FLAGS))
 def kernel(request, monkeypatch):
     """The kernel as this machine builds it (``-march=native``: with AVX-512 and AVX512-BF16 where the CPU has them)
-    and, on x86, built without AVX-512 too."""
+    and, on x86, built without AVX-512 and without AVX too: every vector width the kernel has."""
     require_cpu_kernel(monkeypatch)
     if request.param == "native":
         return cpu_kernel.load_cpu_kernel()
     if not X86:
-        pytest.skip("off x86 the native build is the portable one")
-    return portable_kernel()
+        pytest.skip("off x86 the native build is the only one the tests make")
+    return kernel_build(request.param)

@@ -124,11 +124,6 @@ class KernelOperators:
         """The extension's ``packs(dtype)``, read when the graph is compiled."""
         return _built_kernel_packs(dtype)
 
-    @staticmethod
-    def vector_instructions() -> str:
-        """The extension's ``vector_instructions()``, read when the graph is compiled."""
-        return _built_kernel_instructions()
-
 
 KERNEL_OPERATORS = KernelOperators()
 CPUKernel = Union[ModuleType, KernelOperators]  # what the functions below call
@@ -153,12 +148,6 @@ def _kernel_is_built() -> bool:
 def _built_kernel_packs(dtype: torch.dtype) -> bool:
     """The built kernel's ``packs(dtype)`` (read once per compiled graph)."""
     return bool(_required_kernel().packs(dtype))
-
-
-@torch.compiler.assume_constant_result
-def _built_kernel_instructions() -> str:
-    """The built kernel's ``vector_instructions()`` (read once per compiled graph)."""
-    return _required_kernel().vector_instructions()
 
 
 def _required_kernel() -> ModuleType:
@@ -301,26 +290,20 @@ def shared_attention(
     return output.flatten(2).to(value_dtype)
 
 
-def runs_decode_rows(kernel: CPUKernel) -> bool:
-    """Whether decode steps attend through ``kernel``'s decode rows: a build with AVX-512. A build without it keeps
-    torch's operations: its portable vector code ran the rows slower than those at most sizes (an AVX2 build on the
-    Intel Xeon, fp32, one layer's attention on cold caches: 1.05-1.9x torch's time from 8 x 128 and 1 x 2048 up,
-    faster only at 1 x 128, even at 1 x 512; bf16 values read at about a third of the AVX-512 build's speed)."""
-    return kernel.vector_instructions() != "portable"
-
-
 def decode_rows_route(
     value: torch.Tensor, attention_mask: Optional[torch.Tensor]
 ) -> Optional[tuple[CPUKernel, Optional[torch.Tensor]]]:
     """The kernel and the mask as it reads it (:func:`kernel_mask`) where an attention of ``value``
     (B x H_kv x T_k x d_v) under ``attention_mask`` may run through the kernel's decode rows: inference (no autograd)
-    on CPU, the kernel built (:func:`process_kernel`) with AVX-512 instructions (:func:`runs_decode_rows`), values in
-    float32 or bf16, a mask the kernel takes; else None. float16 values are converted one at a time: they keep
-    torch's operations."""
+    on CPU, the kernel built (:func:`process_kernel`), values in float32 or bf16, a mask the kernel takes; else None.
+    float16 values are converted one at a time: they keep torch's operations. Every build takes the rows: on the
+    Intel Xeon with torch restricted to AVX2 (or SSE) and the kernel built for it, one layer's decode attention took
+    0.3-0.8x torch's time from 1 x 128 to 8 x 2048, in float32 and bf16 (``docs/benchmark/cpu_kernel/README.md``,
+    "Without AVX-512")."""
     if torch.is_grad_enabled() or value.device.type != "cpu" or value.dtype not in (torch.float32, torch.bfloat16):
         return None
     kernel = process_kernel()
-    if kernel is None or not runs_decode_rows(kernel):
+    if kernel is None:
         return None
     supported, mask = kernel_mask(attention_mask, value.shape[-2])
     return (kernel, mask) if supported else None

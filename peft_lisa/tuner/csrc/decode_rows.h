@@ -31,13 +31,13 @@ using lisa_softmax::load_lanes;
 using lisa_softmax::load_partial;
 using lisa_softmax::reduce_lanes;
 
-typedef uint16_t Halves __attribute__((vector_size(32)));  // sixteen 16-bit lanes
-typedef uint32_t Words __attribute__((vector_size(64)));
+typedef uint16_t Halves __attribute__((vector_size(LISA_VECTOR_BYTES / 2)));  // kLanes 16-bit lanes
+typedef uint32_t Words __attribute__((vector_size(LISA_VECTOR_BYTES)));
 
 // Keys per tile of the A V pass: a tile of values (64 keys x 128 bf16 or float32 values: 16-32 KB) stays in the
 // core's L1 cache while every row of the task reads it.
 constexpr int64_t kValueTile = 64;
-// Output values per pass over a tile: four vectors of sixteen float32 lanes, held in registers.
+// Output values per pass over a tile: four vectors of float32 lanes, held in registers.
 constexpr int64_t kChunk = 4 * kLanes;
 
 // n <= kLanes values at p as float32 lanes, zeros beyond n: float32 as is, bf16 by a shift of its bits, any other
@@ -121,7 +121,7 @@ struct Rows {
   scalar_t* out;
 
   // s[r, t] += q_r . k[t] for n rows reading the keys k (T_k x W, row stride key_stride_t): per key row where W fills
-  // a vector, else (a rank-r term) sixteen keys at a time, transposed, by vector lanes over the keys.
+  // a vector, else (a rank-r term) kLanes keys at a time, transposed, by vector lanes over the keys.
   void add_term(float* s, const float* const* q, int64_t n, const key_type* k) const {
     if (width >= kLanes) {
       for (int64_t t = 0; t < k_len; ++t) {
@@ -129,7 +129,7 @@ struct Rows {
       }
       return;
     }
-    float keys_t[kLanes * kLanes];  // W x 16 keys
+    float keys_t[kLanes * kLanes];  // W x kLanes keys
     for (int64_t t0 = 0; t0 < k_len; t0 += kLanes) {
       const int64_t keys = std::min(kLanes, k_len - t0);
       for (int64_t c = 0; c < width; ++c) {

@@ -534,9 +534,13 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
 // The instructions of this build's softmax: "avx512-bf16", "avx512" or "portable" (softmax_lanes.h).
 std::string vector_instructions() { return lisa_softmax::kInstructions; }
 
+// The width of this build's vectors in bytes: 64 (AVX-512), 32 (AVX/AVX2) or 16 (softmax_lanes.h).
+int64_t vector_bytes() { return LISA_VECTOR_BYTES; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shared_attention", &shared_attention, "A LiSA shared layer's attention on CPU (inference)");
   m.def("decode_rows", &lisa_decode::decode_rows, "A few query rows of a LiSA layer's attention on CPU (inference)");
   m.def("packs", &packs, "Whether bf16/fp16 products run on packed operands on this CPU");
   m.def("vector_instructions", &vector_instructions, "The instructions of this build's softmax");
+  m.def("vector_bytes", &vector_bytes, "The width of this build's vectors in bytes");
 }

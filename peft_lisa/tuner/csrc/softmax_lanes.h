@@ -21,14 +21,23 @@ namespace lisa_softmax {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Sixteen float32 lanes (GCC/Clang vector extensions): one SIMD instruction per operation on any target, so that the
-// softmax's loops, including their sums and maxima, do not depend on what the compiler auto-vectorizes (an OpenMP
-// simd reduction left each row's sum and maximum to a chain of sixteen scalar instructions).
-typedef float Floats __attribute__((vector_size(64)));
-typedef int32_t Ints __attribute__((vector_size(64)));
-typedef uint32_t Bits __attribute__((vector_size(64)));
-typedef int16_t Shorts __attribute__((vector_size(32)));
-typedef float HalfFloats __attribute__((vector_size(32)));
+// The widest vectors the build targets (GCC/Clang vector extensions): sixteen float32 lanes with AVX-512, eight with
+// AVX/AVX2, four elsewhere (SSE, NEON), so that every operation is one SIMD instruction, and the softmax's loops,
+// including their sums and maxima, do not depend on what the compiler auto-vectorizes (an OpenMP simd reduction left
+// each row's sum and maximum to a chain of sixteen scalar instructions). Vectors wider than the target's registers
+// are split by the compiler through the stack: sixteen lanes on AVX2 took one layer's attention core at 1 x 2048
+// 1.8x the base's sdpa time instead of 1.0x (docs/benchmark/cpu_kernel/README.md, "Without AVX-512").
+#if defined(__AVX512F__)
+#define LISA_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define LISA_VECTOR_BYTES 32
+#else
+#define LISA_VECTOR_BYTES 16
+#endif
+typedef float Floats __attribute__((vector_size(LISA_VECTOR_BYTES)));
+typedef int32_t Ints __attribute__((vector_size(LISA_VECTOR_BYTES)));
+typedef uint32_t Bits __attribute__((vector_size(LISA_VECTOR_BYTES)));
+typedef int16_t Shorts __attribute__((vector_size(LISA_VECTOR_BYTES / 2)));
 typedef float QuarterFloats __attribute__((vector_size(16)));
 constexpr int64_t kLanes = sizeof(Floats) / sizeof(float);
 
@@ -54,16 +63,18 @@ inline Floats load_partial(const float* p, int64_t n, float fill) {
   return load_lanes(lanes);
 }
 
-// The maximum or the sum of a vector's lanes, by halves (four steps rather than a chain of fifteen).
-template <bool maximum>
-inline float reduce_lanes(Floats x) {
-  const HalfFloats a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
-  const HalfFloats b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const HalfFloats ab = maximum ? (a > b ? a : b) : a + b;
-  const QuarterFloats c = __builtin_shufflevector(ab, ab, 0, 1, 2, 3);
-  const QuarterFloats d = __builtin_shufflevector(ab, ab, 4, 5, 6, 7);
-  const QuarterFloats cd = maximum ? (c > d ? c : d) : c + d;
-  return maximum ? std::max(std::max(cd[0], cd[2]), std::max(cd[1], cd[3])) : (cd[0] + cd[2]) + (cd[1] + cd[3]);
+// The maximum or the sum of a vector's lanes, by halves (four steps for sixteen lanes rather than a chain of fifteen).
+template <bool maximum, typename Vector>
+inline float reduce_lanes(Vector x) {
+  if constexpr (sizeof(Vector) == sizeof(QuarterFloats)) {
+    return maximum ? std::max(std::max(x[0], x[2]), std::max(x[1], x[3])) : (x[0] + x[2]) + (x[1] + x[3]);
+  } else {
+    typedef float Half __attribute__((vector_size(sizeof(Vector) / 2)));
+    Half a, b;
+    std::memcpy(&a, &x, sizeof(Half));
+    std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(Half), sizeof(Half));
+    return reduce_lanes<maximum>(maximum ? (a > b ? a : b) : a + b);
+  }
 }
 
 // A softmax row's running maximum stays until a logit exceeds it by more than kSlack: probabilities up to
