@@ -17,10 +17,12 @@ Times, on random tensors (speed does not depend on the values), the causal atten
     taskset -c 0 python examples/attention_core.py --threads 1
 
 With ``--decode``, one decode step instead: one query per sequence against a cache of ``--tokens`` keys, the base's
-sdpa against the explicit row of logits, softmax and ``A V`` that a merged model's source layer runs
-(:func:`peft_lisa.tuner.functional.grouped_scores`, :func:`~peft_lisa.tuner.functional.attend_from_logits`); a
-shared layer mixes that row and adds its rank-r term instead of computing ``Q K^T``.
-``--dtype bfloat16`` runs either mode in bf16.
+sdpa against a merged model's source layer (its row of logits, softmax and ``A V``, handing the row on) and a shared
+layer (the source's row mixed by ``P``, plus its rank-r term), each by torch's operations
+(:func:`peft_lisa.tuner.functional.grouped_scores`, :func:`~peft_lisa.tuner.functional.attend_from_logits`) and by
+the CPU kernel's decode rows (:func:`peft_lisa.tuner.cpu_kernel.decode_rows`), what inference on CPU runs.
+``--cold`` reads a different cache at each call (from memory, as a whole model's decode step reads each layer's
+cache). ``--dtype bfloat16`` runs either mode in bf16.
 
     python examples/attention_core.py --threads 2 --decode --batch 8 --dtype bfloat16
 
@@ -30,6 +32,7 @@ Prints milliseconds and the ratio to the base.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -38,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from peft_lisa.tuner.carrier import FoldedScores
-from peft_lisa.tuner.cpu_kernel import load_cpu_kernel
+from peft_lisa.tuner.cpu_kernel import decode_rows, load_cpu_kernel
 from peft_lisa.tuner.functional import attend_from_logits, grouped_scores, kv_group_mask
 
 HEADS, KV_HEADS, HEAD_DIM, RANK = 9, 3, 64, 8
+COLD_BYTES = 600 * 2**20  # --cold: more than a server CPU's last-level cache holds
 
 
 def base_attention(batch: int, tokens: int) -> Callable[[], torch.Tensor]:
@@ -92,23 +96,53 @@ def print_ratio_table(results: dict[str, float], base: str) -> None:
     """Print ``results`` (milliseconds by subject) as a markdown table with each subject's ratio to ``base``."""
     print("| subject | ms | x base |\n|---|---:|---:|")
     for name, ms in results.items():
-        print(f"| {name} | {ms:.1f} | {ms / results[base]:.2f} |")
+        print(f"| {name} | {ms:.3g} | {ms / results[base]:.2f} |")
 
 
-def decode_step(batch: int, tokens: int, repeats: int) -> None:
-    """Time one decode step's attention core: the base's sdpa against the explicit row of logits."""
-    query = torch.randn(batch, HEADS, 1, HEAD_DIM)
-    key, value = torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM)
-    subjects: dict[str, Callable[[], object]] = {
-        "base sdpa (head size 64)": lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True),
-        "explicit row of logits (a merged source layer)": lambda: attend_from_logits(
-            grouped_scores(query, key, HEAD_DIM**-0.5), None, value, 0.0, False
+def decode_step(batch: int, tokens: int, repeats: int, cold: bool) -> None:
+    """Time one decode step's attention core: the base's sdpa against a merged source layer's row of logits and a
+    shared layer's (the source's row mixed, plus the rank-r term), by torch's operations and by the CPU kernel's
+    decode rows, what inference on CPU runs where the kernel is built. ``cold``: each call reads the next of as many
+    caches as ``COLD_BYTES`` hold, from memory, as a whole model's decode step reads each layer's cache."""
+    query, q_small = torch.randn(batch, HEADS, 1, HEAD_DIM), torch.randn(batch, HEADS, 1, RANK)
+    handed = torch.randn(batch, HEADS, 1, tokens)  # the source's row of logits
+    mixing = torch.randn(HEADS, HEADS)
+    cache_bytes = batch * KV_HEADS * tokens * (2 * HEAD_DIM + RANK) * query.element_size()
+    caches = [  # keys, values, rank-r keys
+        (torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM))
+        + (torch.randn(batch, KV_HEADS, tokens, RANK),)
+        for _ in range(max(1, COLD_BYTES // cache_bytes) if cold else 1)
+    ]
+    turns = itertools.cycle(caches)
+
+    def shared_row_by_torch(key: torch.Tensor, value: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
+        logits = torch.matmul(mixing, handed.view(batch, HEADS, tokens)).view(batch, HEADS, 1, tokens)
+        return attend_from_logits(logits + grouped_scores(q_small, k_small, RANK**-0.5), None, value, 0.0, False)
+
+    def source_row_by_torch(key: torch.Tensor, value: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
+        return attend_from_logits(grouped_scores(query, key, HEAD_DIM**-0.5), None, value, 0.0, False)
+
+    layers: dict[str, Callable[..., object]] = {
+        "base sdpa (head size 64)": lambda key, value, _: F.scaled_dot_product_attention(
+            query, key, value, enable_gqa=True
         ),
+        "source row, torch operations": source_row_by_torch,
+        "shared row, torch operations": shared_row_by_torch,
     }
+    kernel = load_cpu_kernel()
+    if kernel is not None:
+        layers["source row, kernel decode rows"] = lambda key, value, _: decode_rows(
+            kernel, query * HEAD_DIM**-0.5, key, value, None
+        )
+        layers["shared row, kernel decode rows"] = lambda key, value, k_small: decode_rows(
+            kernel, q_small * RANK**-0.5, k_small, value, None, handed=handed, mix=mixing, hand_on=False
+        )
+    subjects = {name: (lambda layer=layer: layer(*next(turns))) for name, layer in layers.items()}
     results = median_ms(subjects, repeats)
     print(
         f"attention core of one decode step, {batch} x 1 query against {tokens} cached keys, "
         f"{torch.get_default_dtype()}, {torch.get_num_threads()} thread(s), median of {repeats}"
+        + (f", {len(caches)} caches in turn" if cold else "")
     )
     print_ratio_table(results, "base sdpa (head size 64)")
 
@@ -124,11 +158,12 @@ def main() -> None:
     )
     parser.add_argument("--decode", action="store_true", help="one decode step against a cache of --tokens keys")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--cold", action="store_true", help="decode: a different cache at each call, read from memory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(getattr(torch, args.dtype))
     if args.decode:
-        decode_step(args.batch, args.tokens, args.repeats)
+        decode_step(args.batch, args.tokens, args.repeats, args.cold)
         return
     value = torch.randn(args.batch, KV_HEADS, args.tokens, HEAD_DIM)
     full = shared_layer_logits(args.batch, args.tokens, None, args.links)
