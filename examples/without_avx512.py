@@ -22,7 +22,7 @@ TORCH_LIMITS = {  # what each mode asks of torch, MKL and oneDNN (read when they
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "narrow": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
-KERNEL_FLAGS = {"avx2": ("-mno-avx512f",), "narrow": ("-mno-avx",)}
+KERNEL_BUILDS = {"avx2": ("portable", "-mno-avx512f"), "narrow": ("narrow", "-mno-avx")}  # name (as the tests'), flag
 
 
 def main() -> None:
@@ -40,9 +40,10 @@ def main() -> None:
     from peft_lisa.tuner import cpu_kernel
 
     name = cpu_kernel._build_name()  # the build this process would load, replaced by one without AVX-512
-    flags = (*cpu_kernel.COMPILE_FLAGS, *KERNEL_FLAGS[mode])
-    build = cpu_kernel._build(f"{name}_{mode}", required=True, flags=flags)
+    suffix, flag = KERNEL_BUILDS[mode]
+    build = cpu_kernel._build(f"{name}_{suffix}", required=True, flags=(*cpu_kernel.COMPILE_FLAGS, flag))
     cpu_kernel._built[name] = build
+    build = cpu_kernel.load_cpu_kernel()  # what the command will attend through
     print(
         f"as on a CPU without AVX-512 ({mode}, approximated on this one): torch kernels "
         f"{torch.backends.cpu.get_cpu_capability()}, LiSA kernel {build.vector_instructions()} with "

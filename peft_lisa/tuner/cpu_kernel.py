@@ -41,7 +41,8 @@ SETTINGS = ("auto", "on", "off")
 SOURCE = Path(__file__).parent / "csrc" / "shared_attention.cpp"
 # -march=native: the softmax loops vectorize for the machine's widest SIMD. One layer's attention core at 1 x 2048 on
 # SmolLM2 shapes, one thread, Zen 4: 80 ms with -march=native (AVX-512), 116 ms with -mavx2 -mfma, 160 ms with the
-# compiler's default (SSE2). The build is therefore named after the machine's CPU as well as the source.
+# compiler's default (SSE2), with the 64-byte vectors of the code then (csrc/softmax_lanes.h now sizes them to the
+# target). The build is therefore named after the machine's CPU as well as the source.
 # -mprefer-vector-width=512 (x86 only): GCC's tuning for recent Intel CPUs vectorizes with 256-bit registers by
 # default; the same core on an Intel Xeon with AVX-512 and AMX, 2 threads, took 1.70x the base's sdpa time in bf16
 # and 1.02x in fp32 with 512-bit vectors against 2.11x and 1.14x without (docs/benchmark/cpu_kernel/README.md).

@@ -26,7 +26,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // including their sums and maxima, do not depend on what the compiler auto-vectorizes (an OpenMP simd reduction left
 // each row's sum and maximum to a chain of sixteen scalar instructions). Vectors wider than the target's registers
 // are split by the compiler through the stack: sixteen lanes on AVX2 took one layer's attention core at 1 x 2048
-// 1.8x the base's sdpa time instead of 1.0x (docs/benchmark/cpu_kernel/README.md, "Without AVX-512").
+// 1.76x the base's sdpa time instead of 1.08x (docs/benchmark/cpu_kernel/README.md, "Without AVX-512").
 #if defined(__AVX512F__)
 #define LISA_VECTOR_BYTES 64
 #elif defined(__AVX__)
