@@ -45,7 +45,7 @@ from peft_lisa.tuner.cpu_kernel import decode_rows, load_cpu_kernel
 from peft_lisa.tuner.functional import attend_from_logits, grouped_scores, kv_group_mask
 
 HEADS, KV_HEADS, HEAD_DIM, RANK = 9, 3, 64, 8
-COLD_BYTES = 600 * 2**20  # --cold: more than a server CPU's last-level cache holds
+COLD_BYTES = 600 * 2**20  # --cold: more than the test machine's last-level cache holds (raise it above yours)
 
 
 def base_attention(batch: int, tokens: int) -> Callable[[], torch.Tensor]:
@@ -96,7 +96,7 @@ def print_ratio_table(results: dict[str, float], base: str) -> None:
     """Print ``results`` (milliseconds by subject) as a markdown table with each subject's ratio to ``base``."""
     print("| subject | ms | x base |\n|---|---:|---:|")
     for name, ms in results.items():
-        print(f"| {name} | {ms:.3g} | {ms / results[base]:.2f} |")
+        print(f"| {name} | {ms:.4g} | {ms / results[base]:.2f} |")
 
 
 def decode_step(batch: int, tokens: int, repeats: int, cold: bool) -> None:
@@ -105,8 +105,8 @@ def decode_step(batch: int, tokens: int, repeats: int, cold: bool) -> None:
     decode rows, what inference on CPU runs where the kernel is built. ``cold``: each call reads the next of as many
     caches as ``COLD_BYTES`` hold, from memory, as a whole model's decode step reads each layer's cache."""
     query, q_small = torch.randn(batch, HEADS, 1, HEAD_DIM), torch.randn(batch, HEADS, 1, RANK)
-    handed = torch.randn(batch, HEADS, 1, tokens)  # the source's row of logits
-    mixing = torch.randn(HEADS, HEADS)
+    handed = torch.randn(batch, HEADS, 1, tokens, dtype=torch.float32)  # the source's row of logits: float32
+    mixing = torch.randn(HEADS, HEADS, dtype=torch.float32)  # P, mixed in float32 as HeadAlign mixes it
     cache_bytes = batch * KV_HEADS * tokens * (2 * HEAD_DIM + RANK) * query.element_size()
     caches = [  # keys, values, rank-r keys
         (torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM))
@@ -116,7 +116,8 @@ def decode_step(batch: int, tokens: int, repeats: int, cold: bool) -> None:
     turns = itertools.cycle(caches)
 
     def shared_row_by_torch(key: torch.Tensor, value: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
-        logits = torch.matmul(mixing, handed.view(batch, HEADS, tokens)).view(batch, HEADS, 1, tokens)
+        logits = torch.bmm(mixing.expand(batch, HEADS, HEADS), handed.view(batch, HEADS, tokens))  # as HeadAlign
+        logits = logits.view(batch, HEADS, 1, tokens)
         return attend_from_logits(logits + grouped_scores(q_small, k_small, RANK**-0.5), None, value, 0.0, False)
 
     def source_row_by_torch(key: torch.Tensor, value: torch.Tensor, k_small: torch.Tensor) -> torch.Tensor:
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--cold", action="store_true", help="decode: a different cache at each call, read from memory")
     args = parser.parse_args()
+    if args.cold and not args.decode:
+        parser.error("--cold applies to --decode (a prefill reads its keys many times, from the CPU's caches)")
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(getattr(torch, args.dtype))
     if args.decode:

@@ -2,10 +2,11 @@
 
 torch's own kernels are held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``,
 ``MKL_ENABLE_INSTRUCTIONS=AVX2``) and LiSA's CPU kernel is built without AVX-512 (``-mno-avx512f``: its portable
-vector code on 32-byte vectors), as an AVX2-only CPU (AMD Zen 2/3, Intel before Skylake-SP) runs them. ``--narrow``
-goes further: torch's baseline kernels and a kernel without AVX (``-mno-avx``: 16-byte vectors, as SSE-only x86 and
-ARM NEON builds have). This is an approximation, and says so where it prints: the caches, memory and clock stay this
-machine's, and libraries that read the CPU's features themselves may still use AVX-512.
+vector code on 32-byte vectors), as an AVX2-only CPU (AMD Zen 2/3, Intel before Skylake-SP) runs them.
+``--narrow`` (the first argument) goes further: torch's baseline kernels and a kernel without AVX (``-mno-avx``:
+16-byte vectors, as SSE-only x86 and ARM NEON builds have). This is an approximation, and says so where it prints:
+the caches, memory and clock stay this machine's, and libraries that read the CPU's features themselves may still use
+AVX-512.
 
     python examples/without_avx512.py bench --threads 2 --contexts 2048 --batch-sizes 1,8
     python examples/without_avx512.py examples/attention_core.py --threads 2
@@ -39,19 +40,21 @@ def main() -> None:
 
     from peft_lisa.tuner import cpu_kernel
 
-    name = cpu_kernel._build_name()  # the build this process would load, replaced by one without AVX-512
-    suffix, flag = KERNEL_BUILDS[mode]
-    build = cpu_kernel._build(f"{name}_{suffix}", required=True, flags=(*cpu_kernel.COMPILE_FLAGS, flag))
-    cpu_kernel._built[name] = build
+    if cpu_kernel.cpu_kernel_setting() != "off":
+        name = cpu_kernel._build_name()  # the build this process would load, replaced by one without AVX-512
+        suffix, flag = KERNEL_BUILDS[mode]
+        build = cpu_kernel._build(f"{name}_{suffix}", required=True, flags=(*cpu_kernel.COMPILE_FLAGS, flag))
+        cpu_kernel._built[name] = build
     build = cpu_kernel.load_cpu_kernel()  # what the command will attend through
+    kernel = "off" if build is None else f"{build.vector_instructions()} with {build.vector_bytes()}-byte vectors"
     print(
         f"as on a CPU without AVX-512 ({mode}, approximated on this one): torch kernels "
-        f"{torch.backends.cpu.get_cpu_capability()}, LiSA kernel {build.vector_instructions()} with "
-        f"{build.vector_bytes()}-byte vectors",
+        f"{torch.backends.cpu.get_cpu_capability()}, LiSA kernel {kernel}",
         file=sys.stderr,
     )
     if argv[0].endswith(".py"):
         sys.argv = argv
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as python SCRIPT puts the script's folder
         runpy.run_path(argv[0], run_name="__main__")
     else:
         from peft_lisa.cli import main as cli

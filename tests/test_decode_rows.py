@@ -46,12 +46,14 @@ def dense_rows(
     return grouped_attend(probs, value.float()), logits
 
 
-# batch, heads, kv_heads, width (the term's: a rank-r one below a vector, a source's q k^T above), value size, keys
+# batch, heads, kv_heads, width (the term's: a rank-r one below a vector, a source's q k^T above), value size, keys.
+# For every build's vectors (16, 8 or 4 float32 lanes) some width is below a vector (keys transposed), some leaves a
+# scalar tail, and the value sizes leave partial vectors.
 SHAPES = {
-    "rank-term": (2, 4, 2, 8, 40, 37),  # a value size not a multiple of sixteen: partial vectors
-    "one-task-per-head": (1, 6, 2, 6, 32, 50),  # fewer groups than twice the threads: a task per query head
-    "source-wide": (4, 4, 2, 64, 80, 70),  # a value size beyond one chunk of 64 and not a multiple of it
-    "mha-head-128": (2, 3, 3, 24, 128, 19),
+    "rank-term": (2, 4, 2, 3, 38, 37),  # below a vector on every build; a value size of partial vectors
+    "one-task-per-head": (1, 6, 2, 6, 42, 50),  # fewer groups than twice the threads: a task per query head
+    "source-wide": (4, 4, 2, 64, 84, 70),  # a value size beyond one chunk (4 vectors) and not a multiple of it
+    "mha-head-128": (2, 3, 3, 20, 128, 19),  # a width with a scalar tail on 16 and 8 lanes
 }
 
 
@@ -115,8 +117,8 @@ def test_decode_rows_refuse_handed_logits_of_other_keys(kernel):
 def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, monkeypatch, llama):
     """In inference on CPU a decode step's source and shared layers each attend by one decode-rows call, as does a
     short prompt's later link (its source's logits materialized), on every build (without AVX-512 too: its rows
-    are faster than torch's operations); autograd does not; the greedy continuation equals the torch route's (kernel
-    off)."""
+    are faster than torch's operations on caches read from memory); autograd does not; the greedy continuation
+    equals the torch route's (kernel off)."""
     build = lambda: None if cpu_kernel.cpu_kernel_setting() == "off" else kernel  # noqa: E731  (the setting holds)
     monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", build)
     merged = get_peft_model(copy.deepcopy(llama), LiSAConfig(share_layers=[2, 3], rank=4)).merge_and_unload().eval()

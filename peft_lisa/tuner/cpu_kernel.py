@@ -47,7 +47,7 @@ SOURCE = Path(__file__).parent / "csrc" / "shared_attention.cpp"
 # default; the same core on an Intel Xeon with AVX-512 and AMX, 2 threads, took 1.70x the base's sdpa time in bf16
 # and 1.02x in fp32 with 512-bit vectors against 2.11x and 1.14x without (docs/benchmark/cpu_kernel/README.md).
 # -fvisibility=hidden: a build exports its module's entry point only (pybind11's advice): builds for two instruction
-# sets loaded in one process (the tests load a portable one too) define functions of the same names, which Python's
+# sets loaded in one process (the tests load two narrower ones too) define functions of the same names, which Python's
 # private (RTLD_LOCAL) loading keeps apart, and which then stay apart under any other loading too.
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fvisibility=hidden") + (
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
@@ -198,8 +198,8 @@ def _cpu_identity() -> str:
 
 
 def _build(name: str, required: bool, flags: tuple[str, ...] = COMPILE_FLAGS) -> Optional[ModuleType]:
-    """The kernel compiled with ``flags`` as extension ``name`` (the tests also build it without AVX-512: the
-    softmax's portable code, ``csrc/softmax_lanes.h``)."""
+    """The kernel compiled with ``flags`` as extension ``name`` (the tests and ``examples/without_avx512.py`` also
+    build it without AVX-512 and without AVX: the portable vector code, ``csrc/softmax_lanes.h``)."""
     from torch.utils import cpp_extension
 
     logger.info("Building the LiSA CPU attention kernel (once per machine, about 40 s)...")
@@ -298,9 +298,9 @@ def decode_rows_route(
     (B x H_kv x T_k x d_v) under ``attention_mask`` may run through the kernel's decode rows: inference (no autograd)
     on CPU, the kernel built (:func:`process_kernel`), values in float32 or bf16, a mask the kernel takes; else None.
     float16 values are converted one at a time: they keep torch's operations. Every build takes the rows: on the
-    Intel Xeon with torch restricted to AVX2 (or SSE) and the kernel built for it, one layer's decode attention took
-    0.3-0.8x torch's time from 1 x 128 to 8 x 2048, in float32 and bf16 (``docs/benchmark/cpu_kernel/README.md``,
-    "Without AVX-512")."""
+    Intel Xeon held to AVX2 (or SSE) with the kernel built for it, one decode step of a source or shared layer
+    against 2048 keys read from memory, batch 1 and 8, ran faster through them than through torch's operations
+    (``docs/benchmark/cpu_kernel/README.md``, "Without AVX-512")."""
     if torch.is_grad_enabled() or value.device.type != "cpu" or value.dtype not in (torch.float32, torch.bfloat16):
         return None
     kernel = process_kernel()

@@ -534,8 +534,8 @@ at::Tensor shared_attention(const std::vector<at::Tensor>& mixed_queries, const 
 // The instructions of this build's softmax: "avx512-bf16", "avx512" or "portable" (softmax_lanes.h).
 std::string vector_instructions() { return lisa_softmax::kInstructions; }
 
-// The width of this build's vectors in bytes: 64 (AVX-512), 32 (AVX/AVX2) or 16 (softmax_lanes.h).
-int64_t vector_bytes() { return LISA_VECTOR_BYTES; }
+// The width of this build's vectors in bytes: 64 (AVX-512), 32 (AVX2) or 16 (softmax_lanes.h).
+int64_t vector_bytes() { return sizeof(lisa_softmax::Floats); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shared_attention", &shared_attention, "A LiSA shared layer's attention on CPU (inference)");

@@ -1,6 +1,6 @@
 // The online softmax of a LiSA shared layer's CPU kernel, one tile row at a time (shared_attention.cpp; docs/method.md,
 // "The CPU kernel of a shared layer"), on GCC/Clang vector types, with AVX-512 and AVX512-BF16 instructions where the
-// build targets them (-march=native) and portable vector code elsewhere (tested by a build without AVX-512).
+// build targets them (-march=native) and portable vector code elsewhere (tested by builds without AVX-512 and AVX).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -22,14 +22,14 @@ namespace lisa_softmax {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The widest vectors the build targets (GCC/Clang vector extensions): sixteen float32 lanes with AVX-512, eight with
-// AVX/AVX2, four elsewhere (SSE, NEON), so that every operation is one SIMD instruction, and the softmax's loops,
+// AVX2, four elsewhere (SSE, AVX without AVX2's integer lanes, NEON), so that every operation is one SIMD instruction, and the softmax's loops,
 // including their sums and maxima, do not depend on what the compiler auto-vectorizes (an OpenMP simd reduction left
 // each row's sum and maximum to a chain of sixteen scalar instructions). Vectors wider than the target's registers
 // are split by the compiler through the stack: sixteen lanes on AVX2 took one layer's attention core at 1 x 2048
 // 1.76x the base's sdpa time instead of 1.08x (docs/benchmark/cpu_kernel/README.md, "Without AVX-512").
 #if defined(__AVX512F__)
 #define LISA_VECTOR_BYTES 64
-#elif defined(__AVX__)
+#elif defined(__AVX2__)
 #define LISA_VECTOR_BYTES 32
 #else
 #define LISA_VECTOR_BYTES 16
