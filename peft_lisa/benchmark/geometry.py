@@ -10,7 +10,6 @@ decode step and the throughput under a memory budget that the full-depth models 
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import statistics
@@ -94,14 +93,16 @@ def geometry_models(
     head_mixing: str = "full",
     share_layers: Optional[list[int]] = None,
 ) -> tuple[nn.Module, nn.Module]:
-    """The truncated base model of ``geometry`` (:func:`truncated_model`) and a merged copy with an untrained
-    adapter that shares ``share_layers``; by default every odd layer, so that every shared layer has a source layer
-    before it (chains of one link). Consecutive shared layers (e.g. ``[1, 2, 3]``) form a chain, whose later links
-    cost more in a prefill ("The cost of a chain" in ``docs/method.md``)."""
+    """The truncated base model of ``geometry`` (:func:`truncated_model`) and a merged model with an untrained
+    adapter that shares ``share_layers``, made from a second one built the same way (not a deep copy, whose weights
+    lie elsewhere in memory: ``pipeline.untrained_merged``); by default every odd layer, so that every shared layer
+    has a source layer before it (chains of one link). Consecutive shared layers (e.g. ``[1, 2, 3]``) form a chain,
+    whose later links cost more in a prefill ("The cost of a chain" in ``docs/method.md``)."""
     base = truncated_model(geometry, num_layers, dtype)
     layers = list(range(1, num_layers, 2)) if share_layers is None else list(share_layers)
     config = LiSAConfig(share_layers=layers, rank=rank, head_mixing=head_mixing)
-    merged = get_peft_model(copy.deepcopy(base), config).merge_and_unload().to(dtype).eval()
+    second = truncated_model(geometry, num_layers, dtype)  # the same weights (seeded), allocated as the base's are
+    merged = get_peft_model(second, config).merge_and_unload().to(dtype).eval()
     return base, merged
 
 

@@ -6,9 +6,10 @@ real prefill of ``--batch`` x ``--tokens`` random ids, then ``--decode-tokens`` 
 
 * ``base``: SmolLM2-135M-Instruct as loaded;
 * ``base, loaded again``: a second ``from_pretrained`` of the same files;
-* ``base, deep copy``: ``copy.deepcopy`` of the first, as the benchmark builds its merged model before merging;
-* ``merged``: an untrained LiSA adapter merged into a deep copy (50% shared, layers from ``docs/analysis``,
-  ``head_mixing="full"``), as ``peft-lisa bench`` runs it.
+* ``base, deep copy``: ``copy.deepcopy`` of the first, as the benchmark built its merged model before merging;
+* ``merged, from a deep copy``: an untrained LiSA adapter merged into a deep copy (50% shared, layers from
+  ``docs/analysis``, ``head_mixing="full"``), as ``peft-lisa bench`` ran it until December 7;
+* ``merged, from a second load``: the same adapter merged into a third load of the files, as it runs it now.
 
 The three copies of the base run the same computation on the same weights, so their ratios to ``base`` measure
 what placement in memory and the order of runs alone do to a point of the grid. Prints the medians and, for each
@@ -48,7 +49,10 @@ def main() -> None:
         "base": base.eval(),
         "base, loaded again": again.eval(),
         "base, deep copy": copy.deepcopy(base).eval(),
-        "merged": untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval(),
+        "merged, from a deep copy": untrained_merged(base, None, 0.5, analysis, 8, 0, "full").eval(),
+        "merged, from a second load": untrained_merged(
+            load_model_and_tokenizer(None)[0], None, 0.5, analysis, 8, 0, "full", in_place=True
+        ).eval(),
     }
     dtype = getattr(torch, args.dtype)
     subjects = {name: model.to(dtype) for name, model in subjects.items()}  # converted after the merge
