@@ -109,8 +109,7 @@ def decode_step(batch: int, tokens: int, repeats: int, cold: bool) -> None:
     mixing = torch.randn(HEADS, HEADS, dtype=torch.float32)  # P, mixed in float32 as HeadAlign mixes it
     cache_bytes = batch * KV_HEADS * tokens * (2 * HEAD_DIM + RANK) * query.element_size()
     caches = [  # keys, values, rank-r keys
-        (torch.randn(batch, KV_HEADS, tokens, HEAD_DIM), torch.randn(batch, KV_HEADS, tokens, HEAD_DIM))
-        + (torch.randn(batch, KV_HEADS, tokens, RANK),)
+        tuple(torch.randn(batch, KV_HEADS, tokens, width) for width in (HEAD_DIM, HEAD_DIM, RANK))
         for _ in range(max(1, COLD_BYTES // cache_bytes) if cold else 1)
     ]
     turns = itertools.cycle(caches)

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -367,15 +366,7 @@ def test_build_name_follows_the_source_and_its_headers(tmp_path, monkeypatch):
     assert len(set(names)) == 3
 
 
-def cpu_flags() -> str:
-    """The CPU's flags as ``/proc/cpuinfo`` lists them ("" where there is none)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-@pytest.mark.skipif(not X86 or "avx2" not in cpu_flags(), reason="needs an x86 CPU with AVX2 (as /proc/cpuinfo says)")
+@pytest.mark.skipif(not X86 or "avx2" not in cpu_kernel._cpu_identity(), reason="needs an x86 CPU with AVX2")
 @pytest.mark.parametrize("mode", ["avx2", "narrow"])
 def test_without_avx512_example_runs_the_narrower_builds(mode):
     """``examples/without_avx512.py`` runs a script with torch held to AVX2 (or its baseline) and the kernel built

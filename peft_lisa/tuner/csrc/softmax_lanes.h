@@ -22,9 +22,10 @@ namespace lisa_softmax {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The widest vectors the build targets (GCC/Clang vector extensions): sixteen float32 lanes with AVX-512, eight with
-// AVX2, four elsewhere (SSE, AVX without AVX2's integer lanes, NEON), so that every operation is one SIMD instruction, and the softmax's loops,
-// including their sums and maxima, do not depend on what the compiler auto-vectorizes (an OpenMP simd reduction left
-// each row's sum and maximum to a chain of sixteen scalar instructions). Vectors wider than the target's registers
+// AVX2, four elsewhere (SSE, AVX without AVX2's integer lanes, NEON), so that every operation is one SIMD
+// instruction, and the softmax's loops, including their sums and maxima, do not depend on what the compiler
+// auto-vectorizes (an OpenMP simd reduction left each row's sum and maximum to a chain of sixteen scalar
+// instructions). Vectors wider than the target's registers
 // are split by the compiler through the stack: sixteen lanes on AVX2 took one layer's attention core at 1 x 2048
 // 1.76x the base's sdpa time instead of 1.08x (docs/benchmark/cpu_kernel/README.md, "Without AVX-512").
 #if defined(__AVX512F__)
