@@ -638,7 +638,12 @@ def test_merge_with_eval_and_bench_quick(capsys, work, run_dir, merged_dir):
     assert "measured with the adapter" not in (out_dir / "README.md").read_text()
 
     bench = work / "bench"
-    printed = ok(capsys, "bench", "--merged", merged_dir, "--quick", "--no-max-throughput", "--output-dir", bench)
+    quick = ["--quick", "--no-max-throughput", "--output-dir", bench]
+    code, _, err = run(capsys, "bench", "--merged", merged_dir, *quick)
+    assert code == 0, err
+    # Each grid point's progress line is printed once (tqdm's logging redirect once gave the root logger a handler
+    # too, and every line came twice).
+    assert [line.split("B=1 T=32:")[0] for line in err.splitlines() if "B=1 T=32:" in line] == ["[peft-lisa] "], err
     results = json.loads((bench / "results.json").read_text())
     assert {run["model"] for run in results["runs"]} == {"base", "merged"}
     assert results["settings"]["command"].startswith("peft-lisa bench --merged")

@@ -26,6 +26,7 @@ import logging
 import os
 import resource
 import statistics
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -61,6 +62,21 @@ from .results import (
 )
 
 logger = logging.getLogger("peft_lisa")
+
+
+def _console_loggers() -> list[logging.Logger]:
+    """The loggers among the root and ``peft_lisa`` ones that print to the console themselves.
+
+    tqdm's ``logging_redirect_tqdm`` gives every logger it is handed a handler that writes through the progress bar:
+    handed a logger without a console handler (the root logger, unless the user configured one), it would print the
+    ``peft_lisa`` records that propagate to it a second time.
+    """
+    return [
+        each
+        for each in (logging.root, logger)
+        if any(getattr(handler, "stream", None) in (sys.stdout, sys.stderr) for handler in each.handlers)
+    ]
+
 
 # The untimed tensor-counting pass decodes at most this many steps: on CPU torch's profiler holds on to memory while it
 # runs (a base SmolLM2 prefill of 8 x 1024 tokens and 64 decode steps went from 1.4 GiB of peak RSS without it to
@@ -155,7 +171,7 @@ def run_benchmark(
         with torch.inference_mode():
             session.warm_start()
             grid = [(context, batch) for context in contexts for batch in batch_sizes]
-            with logging_redirect_tqdm(loggers=[logging.root, logger]):
+            with logging_redirect_tqdm(loggers=_console_loggers()):
                 for context, batch in tqdm(grid, desc="benchmark", unit="config", disable=not progress):
                     prefill_allowed = max_prefill_tokens is None or batch * context <= max_prefill_tokens
                     if not prefill_allowed:
