@@ -1,0 +1,74 @@
+"""A control for the benchmark's base: the base model with sdpa attention (what ``peft-lisa bench`` times) against
+the same base with eager attention and the merged model (README, "Speed and memory"; issue 10).
+
+On a CPU without AMX torch's bf16 sdpa of one query row is several times slower than its fp32 one, so a base
+decoding in bf16 with eager attention (a matmul, a softmax, a matmul) may be faster than the base the benchmark
+compares against. Subjects, alternating (order reversed every other round), ``--repeats`` rounds after a warm-up; in
+each round a real prefill of ``B x T`` random ids, then ``--decode-tokens`` greedy steps on the cache it built:
+
+* ``base sdpa``: SmolLM2-135M-Instruct as loaded (``attn_implementation="sdpa"``, transformers' default);
+* ``base eager``: a second load with ``attn_implementation="eager"``;
+* ``merged``: an untrained LiSA adapter merged into a third load (50% shared, layers from ``docs/analysis``,
+  ``head_mixing="full"``), as ``peft-lisa bench`` builds it.
+
+Prints, per point, each subject's prefill and decode speedup over ``base sdpa`` (ratio of the median times). Run
+from the repository root::
+
+    python docs/benchmark/control/eager_base.py --threads 2 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from peft_lisa.analysis import AttentionAnalysis
+from peft_lisa.benchmark.measure import prefill_then_decode, random_ids
+from peft_lisa.benchmark.pipeline import load_benchmark_models
+
+ANALYSIS = "docs/analysis/smollm2_135m_analysis.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--points", default="1x2048,8x2048,8x512", help="comma-separated BxT")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    cpu = torch.device("cpu")
+
+    analysis = AttentionAnalysis.from_json(ANALYSIS)
+    base, merged, path = load_benchmark_models(share_fraction=0.5, analysis=analysis, dtype=dtype, device=cpu)
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+    subjects = {"base sdpa": base, "base eager": eager, "merged": merged}
+    print(f"{args.dtype}, {args.threads} thread(s), {args.decode_tokens} decode steps, median of {args.repeats}")
+    with torch.inference_mode():
+        for point in args.points.split(","):
+            batch, context = (int(n) for n in point.split("x"))
+            prefill: dict[str, list[float]] = {name: [] for name in subjects}
+            decode: dict[str, list[float]] = {name: [] for name in subjects}
+            for round_ in range(args.repeats + 1):  # round 0 warms up
+                order = list(subjects) if round_ % 2 == 0 else list(subjects)[::-1]
+                ids = random_ids(batch, context, base.config.vocab_size, cpu, seed=round_)
+                for name in order:
+                    seconds = prefill_then_decode(subjects[name], ids, args.decode_tokens, cpu)
+                    if round_:
+                        prefill[name].append(seconds[0])
+                        decode[name].append(seconds[1])
+            ratios = "; ".join(
+                f"{name} prefill {statistics.median(prefill['base sdpa']) / statistics.median(prefill[name]):.2f}x "
+                f"decode {statistics.median(decode['base sdpa']) / statistics.median(decode[name]):.2f}x"
+                for name in subjects
+            )
+            print(f"{batch} x {context}: {ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
