@@ -23,7 +23,7 @@ TORCH_LIMITS = {  # what each mode asks of torch, MKL and oneDNN (read when they
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "narrow": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
-KERNEL_BUILDS = {"avx2": ("portable", "-mno-avx512f"), "narrow": ("narrow", "-mno-avx")}  # name (as the tests'), flag
+KERNEL_BUILDS = {"avx2": "portable", "narrow": "narrow"}  # each mode's build (cpu_kernel.NARROWER_BUILDS)
 
 
 def main() -> None:
@@ -40,11 +40,8 @@ def main() -> None:
 
     from peft_lisa.tuner import cpu_kernel
 
-    if cpu_kernel.cpu_kernel_setting() != "off":
-        name = cpu_kernel._build_name()  # the build this process would load, replaced by one without AVX-512
-        suffix, flag = KERNEL_BUILDS[mode]
-        build = cpu_kernel._build(f"{name}_{suffix}", required=True, flags=(*cpu_kernel.COMPILE_FLAGS, flag))
-        cpu_kernel._built[name] = build
+    if cpu_kernel.cpu_kernel_setting() != "off":  # the build this process loads, replaced by a narrower one
+        cpu_kernel.build_narrower(KERNEL_BUILDS[mode], install=True)
     build = cpu_kernel.load_cpu_kernel()  # what the command will attend through
     kernel = "off" if build is None else f"{build.vector_instructions()} with {build.vector_bytes()}-byte vectors"
     print(

@@ -25,8 +25,7 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 # on 32-byte AVX2 vectors); without AVX (16-byte vectors, as SSE-only and ARM NEON builds have).
 BUILD_FLAGS = {
     "native": cpu_kernel.COMPILE_FLAGS,
-    "portable": (*cpu_kernel.COMPILE_FLAGS, "-mno-avx512f"),
-    "narrow": (*cpu_kernel.COMPILE_FLAGS, "-mno-avx"),
+    **{name: (*cpu_kernel.COMPILE_FLAGS, flag) for name, flag in cpu_kernel.NARROWER_BUILDS.items()},
 }
 
 
@@ -140,9 +139,9 @@ def shared_logits_route(request, monkeypatch):
 
 @functools.cache
 def kernel_build(build: str):
-    """The kernel built with ``BUILD_FLAGS[build]`` ("portable": the softmax's portable vector code,
-    ``softmax_lanes.h``, what CPUs without AVX-512 run)."""
-    return cpu_kernel._build(f"{cpu_kernel._build_name()}_{build}", required=True, flags=BUILD_FLAGS[build])
+    """The kernel built with ``BUILD_FLAGS[build]`` (``cpu_kernel.NARROWER_BUILDS``: the portable vector code,
+    ``softmax_lanes.h``, what CPUs without AVX-512 or without AVX run), once per test session."""
+    return cpu_kernel.build_narrower(build)
 
 
 @pytest.fixture(params=list(BUILD_FLAGS))

@@ -197,9 +197,26 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
+# The kernel's narrower builds on x86, by name: its portable vector code (csrc/softmax_lanes.h) on 32-byte vectors
+# without AVX-512, as AVX2-only CPUs run it, and on 16-byte ones without AVX, as SSE-only x86 and ARM NEON run it. The
+# tests build both; examples/without_avx512.py runs one.
+NARROWER_BUILDS = {"portable": "-mno-avx512f", "narrow": "-mno-avx"}
+
+
+def build_narrower(name: str, install: bool = False) -> ModuleType:
+    """The kernel built with ``NARROWER_BUILDS[name]`` added to its flags, as its own extension (built once per
+    machine, like the native one); raises :class:`CPUKernelUnavailable` if it cannot be built. ``install``: from now
+    on this process's :func:`load_cpu_kernel` returns it instead of the native build."""
+    native = _build_name()
+    module = _build(f"{native}_{name}", required=True, flags=(*COMPILE_FLAGS, NARROWER_BUILDS[name]))
+    if install:
+        with _lock:
+            _built[native] = module
+    return module
+
+
 def _build(name: str, required: bool, flags: tuple[str, ...] = COMPILE_FLAGS) -> Optional[ModuleType]:
-    """The kernel compiled with ``flags`` as extension ``name`` (the tests and ``examples/without_avx512.py`` also
-    build it without AVX-512 and without AVX: the portable vector code, ``csrc/softmax_lanes.h``)."""
+    """The kernel compiled with ``flags`` as extension ``name`` (:func:`build_narrower` passes narrower flags)."""
     from torch.utils import cpp_extension
 
     logger.info("Building the LiSA CPU attention kernel (once per machine, about 40 s)...")
