@@ -17,8 +17,9 @@ Times, on random tensors (speed does not depend on the values), the causal atten
     taskset -c 0 python examples/attention_core.py --threads 1
 
 With ``--decode``, one decode step instead: one query per sequence against a cache of ``--tokens`` keys, the base's
-sdpa against a merged model's source layer (its row of logits, softmax and ``A V``, handing the row on) and a shared
-layer (the source's row mixed by ``P``, plus its rank-r term), each by torch's operations
+sdpa against a merged model's source layer (its row of logits, softmax and ``A V``, handing the row on), a shared
+layer (the source's row mixed by ``P``, plus its rank-r term) and, by the kernel only, a full layer that hands nothing
+on (``LiSAFullAttention``), each by torch's operations
 (:func:`peft_lisa.tuner.functional.grouped_scores`, :func:`~peft_lisa.tuner.functional.attend_from_logits`) and by
 the CPU kernel's decode rows (:func:`peft_lisa.tuner.cpu_kernel.decode_rows`), what inference on CPU runs.
 ``--cold`` reads a different cache at each call (from memory, as a whole model's decode step reads each layer's
@@ -100,10 +101,11 @@ def print_ratio_table(results: dict[str, float], base: str) -> None:
 
 
 def decode_step(batch: int, tokens: int, repeats: int, cold: bool) -> None:
-    """Time one decode step's attention core: the base's sdpa against a merged source layer's row of logits and a
-    shared layer's (the source's row mixed, plus the rank-r term), by torch's operations and by the CPU kernel's
-    decode rows, what inference on CPU runs where the kernel is built. ``cold``: each call reads the next of as many
-    caches as ``COLD_BYTES`` hold, from memory, as a whole model's decode step reads each layer's cache."""
+    """Time one decode step's attention core: the base's sdpa against a merged source layer's row of logits, a
+    shared layer's (the source's row mixed, plus the rank-r term) and a full layer's that hands nothing on, by torch's
+    operations and by the CPU kernel's decode rows, what inference on CPU runs where the kernel is built. ``cold``:
+    each call reads the next of as many caches as ``COLD_BYTES`` hold, from memory, as a whole model's decode step
+    reads each layer's cache."""
     query, q_small = torch.randn(batch, HEADS, 1, HEAD_DIM), torch.randn(batch, HEADS, 1, RANK)
     handed = torch.randn(batch, HEADS, 1, tokens, dtype=torch.float32)  # the source's row of logits: float32
     mixing = torch.randn(HEADS, HEADS, dtype=torch.float32)  # P, mixed in float32 as HeadAlign mixes it
@@ -133,6 +135,9 @@ def decode_step(batch: int, tokens: int, repeats: int, cold: bool) -> None:
     if kernel is not None:
         layers["source row, kernel decode rows"] = lambda key, value, _: decode_rows(
             kernel, query * HEAD_DIM**-0.5, key, value, None
+        )
+        layers["full row, kernel decode rows"] = lambda key, value, _: decode_rows(
+            kernel, query * HEAD_DIM**-0.5, key, value, None, hand_on=False
         )
         layers["shared row, kernel decode rows"] = lambda key, value, k_small: decode_rows(
             kernel, q_small * RANK**-0.5, k_small, value, None, handed=handed, mix=mixing, hand_on=False

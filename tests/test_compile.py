@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig, StaticCache
 
 from peft_lisa.tuner import cpu_kernel
+from peft_lisa.tuner.architectures import decoder_layers
 from tests.conftest import random_ids, randomize_adapter, require_cpu_kernel
 from tests.test_families import family_model, lisa_config
 
@@ -79,8 +80,9 @@ def test_merged_model_compiles_whole_and_matches_eager(family, prompt, route, mo
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
     if route == "kernel":
         prefill = ["decode_rows"] if prompt == "short" else ["shared_attention"] * 2
-        # a short prompt: layer 3 takes layer 2's logits as rows; each decode step: source 1 and links 2, 3 as rows
-        assert calls == prefill + ["decode_rows"] * 3 * DECODE_STEPS
+        # a short prompt: layer 3 takes layer 2's logits as rows; each decode step: every layer as rows (the full
+        # layers too, as LiSAFullAttention)
+        assert calls == prefill + ["decode_rows"] * len(decoder_layers(merged)) * DECODE_STEPS
     else:
         assert calls == []
 

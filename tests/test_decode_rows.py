@@ -16,6 +16,7 @@ from peft import get_peft_model
 from peft_lisa import LiSAConfig
 from peft_lisa.tuner import attention as attention_module
 from peft_lisa.tuner import cpu_kernel
+from peft_lisa.tuner.architectures import decoder_layers
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend
 from tests.conftest import require_cpu_kernel
 
@@ -115,10 +116,10 @@ def test_decode_rows_refuse_handed_logits_of_other_keys(kernel):
 
 
 def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, monkeypatch, llama):
-    """In inference on CPU a decode step's source and shared layers each attend by one decode-rows call, as does a
-    short prompt's later link (its source's logits materialized), on every build (without AVX-512 too: its rows
-    are faster than torch's operations on caches read from memory); autograd does not; the greedy continuation
-    equals the torch route's (kernel off)."""
+    """In inference on CPU each layer of a decode step attends by one decode-rows call (the source, the shared
+    layers and the full layers that hand nothing on, which keep no logits), as does a short prompt's later link (its
+    source's logits materialized), on every build (without AVX-512 too: its rows are faster than torch's operations
+    on caches read from memory); autograd does not; the greedy continuation equals the torch route's (kernel off)."""
     build = lambda: None if cpu_kernel.cpu_kernel_setting() == "off" else kernel  # noqa: E731  (the setting holds)
     monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", build)
     merged = get_peft_model(copy.deepcopy(llama), LiSAConfig(share_layers=[2, 3], rank=4)).merge_and_unload().eval()
@@ -126,7 +127,7 @@ def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, m
     original = cpu_kernel.decode_rows
 
     def counting(kernel, query, *args, **kwargs):
-        calls.append((query.shape[2], kwargs.get("handed") is not None))
+        calls.append((query.shape[2], kwargs.get("handed") is not None, kwargs.get("hand_on", True)))
         return original(kernel, query, *args, **kwargs)
 
     monkeypatch.setattr(attention_module, "decode_rows", counting)
@@ -134,8 +135,11 @@ def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, m
     with torch.inference_mode():
         through_rows = merged.generate(ids, max_new_tokens=4, do_sample=False)
     # the prompt's second link (layer 3 takes layer 2's logits, materialized: a short prompt), then at each of the 3
-    # decode steps layer 1 (the source) and layers 2 and 3 (shared; layer 3 takes layer 2's mixed rows)
-    assert calls == [(40, True)] + [(1, False), (1, True), (1, True)] * 3
+    # decode steps layer 0 (full), layer 1 (the source), layers 2 and 3 (shared; layer 3 takes layer 2's mixed rows
+    # and hands nothing on) and the full layers after them
+    full_after = len(decoder_layers(merged)) - 4
+    step = [(1, False, False), (1, False, True), (1, True, True), (1, True, False)] + [(1, False, False)] * full_after
+    assert calls == [(40, True, False)] + step * 3
     monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
     with torch.inference_mode():
         by_torch = merged.generate(ids, max_new_tokens=4, do_sample=False)

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from peft_lisa import LiSAConfig, LiSASharedAttention, merged_layers, qk_compression_report
+from peft_lisa import LiSAConfig, LiSAFullAttention, LiSASharedAttention, merged_layers, qk_compression_report
 
 from .conftest import left_padded_batch, random_ids, randomize_adapter, run_python, tiny_model
 from .test_reference import assert_cached_generation_equals_uncached
@@ -38,6 +38,8 @@ def test_merged_equals_adapter_and_drops_qk(model_type):
         assert isinstance(attn, LiSASharedAttention)
         assert not hasattr(attn, "q_proj") and not hasattr(attn, "k_proj")
     assert merged_layers(merged) == {1: "source", 2: "shared", 3: "shared"}
+    full_layers = [layer.self_attn for idx, layer in enumerate(merged.model.layers) if idx not in (1, 2, 3)]
+    assert full_layers and all(type(attn) is LiSAFullAttention for attn in full_layers)
     merged_params = sum(p.numel() for p in merged.parameters())
     assert merged_params == base_params - report.qk_params_original + report.qk_params_lisa
     with torch.no_grad():
@@ -77,6 +79,7 @@ from transformers import AutoModelForCausalLM
 e = torch.load({str(tmp_path / "expected.pt")!r})
 model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r}).eval()
 assert not hasattr(model.model.layers[2].self_attn, "q_proj")
+assert type(model.model.layers[0].self_attn).__name__ == "LiSAFullAttention"
 with torch.no_grad():
     assert torch.equal(model(input_ids=e["ids"], attention_mask=e["mask"]).logits, e["logits"])
     out = model.generate(
@@ -88,6 +91,30 @@ print("FRESH-OK")
         tmp_path,
     )
     assert "FRESH-OK" in result.stdout, result.stderr
+
+
+def test_merged_model_saved_without_full_layer_layouts_keeps_the_base_attention(tmp_path):
+    """A merged model saved before full layers' layouts were saved (config.json's ``lisa.attention_layouts`` holds
+    the LiSA layers' only) reloads with the base's own attention modules on its other full layers, which compute the
+    same: its logits and generated tokens are those of the model as merged now."""
+    merged = trained_lisa("llama").merge_and_unload()
+    ids, mask = left_padded_batch()
+    merged.config.lisa["attention_layouts"] = {
+        idx: layout for idx, layout in merged.config.lisa["attention_layouts"].items() if int(idx) in (1, 2, 3)
+    }
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(reloaded.model.layers[0].self_attn) is type(tiny_model("llama").model.layers[0].self_attn)
+    assert isinstance(merged.model.layers[0].self_attn, LiSAFullAttention)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids, attention_mask=mask).logits,
+            merged(input_ids=ids, attention_mask=mask).logits,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        assert torch.equal(reloaded.generate(**kwargs), merged.generate(**kwargs))
 
 
 def test_merged_generation_cache_equals_no_cache():

@@ -13,7 +13,13 @@ from .carrier import LogitsCarrier
 from .compression import CompressionReport, qk_compression_report
 from .config import LiSAConfig
 from .layer import LiSALayer
-from .merged import LiSASharedAttention, LiSASourceAttention, merged_layers, register_merged_models
+from .merged import (
+    LiSAFullAttention,
+    LiSASharedAttention,
+    LiSASourceAttention,
+    merged_layers,
+    register_merged_models,
+)
 from .model import LiSAModel
 from .registration import LISA_PEFT_TYPE, register_lisa_method
 
@@ -28,6 +34,7 @@ __all__ = [
     "LiSAConfig",
     "LiSALayer",
     "LiSAModel",
+    "LiSAFullAttention",
     "LiSASharedAttention",
     "LiSASourceAttention",
     "LiSASubstitute",

@@ -397,7 +397,7 @@ def family_eager_attention(attn: nn.Module) -> Callable:
 
 def source_attention(
     attn: nn.Module,
-    carrier: LogitsCarrier,
+    carrier: Optional[LogitsCarrier],
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: Optional[torch.Tensor],
@@ -411,6 +411,10 @@ def source_attention(
     key: the shared layer computes S_l from them one block of queries at a time, so no T_q x T_k tensor is handed on.
     With at most ``EXPLICIT_SOURCE_MAX_QUERIES`` queries (decoding) it computes S_l once, attends from it and hands
     it on.
+
+    With ``carrier=None`` the layer hands nothing on (a merged model's full layer that feeds no shared layer): it
+    attends as the base layer does, except that its decode steps on CPU run through the kernel's decode rows without
+    keeping their logits, as a source layer's do (``docs/method.md``, "Decoding").
     """
     implementation = check_attn_implementation(attn)
     layout = AttentionLayout.from_attention(attn)
@@ -418,10 +422,17 @@ def source_attention(
     query, key, value = project_full_qkv(attn, hidden_states, position_embeddings, layout)
     key, value, attention_mask = update_cache(cache, key, value, attn.layer_idx, kwargs, attention_mask)
     dropout = getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0
-    if q_len <= EXPLICIT_SOURCE_MAX_QUERIES:
+    decoding = q_len <= EXPLICIT_SOURCE_MAX_QUERIES
+    route = decode_rows_route(value, attention_mask) if decoding and dropout == 0.0 else None
+    if route is not None and carrier is None:  # on CPU, a decode step of a layer that hands nothing on
+        kernel, kernel_mask_rows = route
+        attn_output, _ = decode_rows(
+            kernel, query * layout.scaling, key, value, kernel_mask_rows, softcap=layout.softcap, hand_on=False
+        )
+        return attn.o_proj(attn_output.to(hidden_states.dtype)), None
+    if decoding and carrier is not None:
         # Decoding: a single row of logits is cheaper to compute once, use here and hand on, than to have the shared
         # layer recompute Q K^T over the whole key cache (measured ~5% per decode step on SmolLM2, batch 8 x 2048).
-        route = decode_rows_route(value, attention_mask) if dropout == 0.0 else None
         if route is not None:  # on CPU: one call of the kernel's decode rows (docs/method.md, "Decoding")
             kernel, kernel_mask_rows = route
             attn_output, logits = decode_rows(
@@ -433,10 +444,13 @@ def source_attention(
             attn_output = attend_from_logits(logits, mask, value, dropout, attn.training)
         carrier.put(attn.layer_idx, MaterializedLogits(logits))
         return attn.o_proj(attn_output.to(hidden_states.dtype)), None
-    if layout.softcap is None:
-        carrier.put(attn.layer_idx, FoldedScores.from_query_key(query, key, layout.scaling))
-    else:
-        carrier.put(attn.layer_idx, ScoresFromQueryKey(query, key, layout.scaling, layout.softcap))
+    if carrier is not None:
+        handed = (
+            FoldedScores.from_query_key(query, key, layout.scaling)
+            if layout.softcap is None
+            else ScoresFromQueryKey(query, key, layout.scaling, layout.softcap)
+        )
+        carrier.put(attn.layer_idx, handed)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, family_eager_attention(attn))
     if layout.softcap is not None:
         kwargs = {**kwargs, "softcap": layout.softcap}

@@ -2,7 +2,8 @@
 
 A merged shared layer holds only ``align``, the rank-r ``q_lowrank``/``k_lowrank``, ``v_proj`` and ``o_proj``; its
 ``q_proj``/``k_proj`` are gone. The full layer feeding it keeps all four projections, attends with the model's own
-kernel and hands its rotary query/key on.
+kernel and hands its rotary query/key on. Every other full layer is the base layer's projections with the same
+forward, handing nothing on: on CPU its decode steps run through the kernel's decode rows, as the LiSA layers' do.
 
 Merged models are ordinary transformers models of their own ``model_type`` (``lisa_llama``, ``lisa_qwen3``...),
 which ``import peft_lisa`` registers with ``AutoConfig``/``AutoModelForCausalLM``: they save with
@@ -27,11 +28,16 @@ from .functional import AttentionLayout, apply_partial_rotary, cache_argument, f
 from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer
 
 
-class LiSASourceAttention(nn.Module):
-    """A full attention layer (the model's own attention kernel) that also hands its rotary query and key to the
-    shared layer after it, which computes this layer's logits from them."""
+class LiSAFullAttention(nn.Module):
+    """A full attention layer of a merged model that feeds no shared layer: the base layer's own projections and
+    attention kernel (the same state-dict keys), except that on CPU its decode steps run through the kernel's decode
+    rows (:func:`~peft_lisa.tuner.attention.source_attention` with no carrier), as the LiSA layers' do. A layer of the
+    base model that LiSA left alone would decode through the model's attention implementation: in bf16 on CPU, torch's
+    sdpa of one query row is several times slower than those rows (``docs/method.md``, "Decoding")."""
 
-    def __init__(self, attn: nn.Module, carrier: LogitsCarrier, layout: Optional[AttentionLayout] = None) -> None:
+    def __init__(
+        self, attn: nn.Module, carrier: Optional[LogitsCarrier] = None, layout: Optional[AttentionLayout] = None
+    ) -> None:
         super().__init__()
         layout = layout or AttentionLayout.from_attention(attn)
         self.config = attn.config
@@ -63,6 +69,14 @@ class LiSASourceAttention(nn.Module):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         cache = cache_argument(cache, kwargs)
         return source_attention(self, self.carrier, hidden_states, position_embeddings, attention_mask, cache, kwargs)
+
+
+class LiSASourceAttention(LiSAFullAttention):
+    """A full attention layer (the model's own attention kernel) that also hands its rotary query and key to the
+    shared layer after it, which computes this layer's logits from them."""
+
+    def __init__(self, attn: nn.Module, carrier: LogitsCarrier, layout: Optional[AttentionLayout] = None) -> None:
+        super().__init__(attn, carrier, layout)
 
 
 def _value_linear(attn: nn.Module, layout: AttentionLayout) -> nn.Module:
@@ -177,7 +191,8 @@ class LiSASharedAttention(LiSASubstitute):
 
 def lisa_spec(config: LiSAConfig, num_heads: int, layouts: Optional[dict[int, AttentionLayout]] = None) -> dict:
     """The ``lisa`` entry of a merged model's config.json: all it takes to rebuild the merged layers, including the
-    attention layout of every LiSA layer as read off the base model (rotary width and layout, scaling, softcap)."""
+    attention layout of every layer as read off the base model (rotary width and layout, scaling, softcap): the LiSA
+    layers need theirs, and a full layer whose layout is saved decodes as :class:`LiSAFullAttention`."""
     spec = {
         "format_version": LISA_FORMAT_VERSION,
         "share_layers": list(config.share_layers),
@@ -222,6 +237,13 @@ def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
     for layer_idx in spec["share_layers"]:
         attn = layers[layer_idx].self_attn
         layers[layer_idx].self_attn = LiSASharedAttention(attn, spec, carrier, _saved_layout(spec, layer_idx))
+    lisa_layers = {*spec["source_layers"], *spec["share_layers"]}
+    for layer_idx, layer in enumerate(layers):
+        # Files saved before full layers' layouts were saved (and those of other versions that saved none) keep the
+        # base's attention on their other full layers: it computes the same, without the decode rows.
+        layout = _saved_layout(spec, layer_idx)
+        if layer_idx not in lisa_layers and layout is not None:
+            layer.self_attn = LiSAFullAttention(layer.self_attn, None, layout)
     install_merged_hooks(model, carrier)
 
 
@@ -377,9 +399,12 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
             f"{base_model_cls.__name__}, not {type(model).__name__}."
         )
     layers = decoder_layers(model)
-    layouts = {
-        idx: layer.self_attn.layout for idx, layer in enumerate(layers) if isinstance(layer.self_attn, LiSALayer)
-    }
+    layouts = {}  # the LiSA layers' and every other layer's as the probe read it on injection
+    for idx, layer in enumerate(layers):
+        attn = layer.self_attn
+        layout = attn.layout if isinstance(attn, LiSALayer) else getattr(attn, "lisa_layout", None)
+        if isinstance(layout, AttentionLayout):
+            layouts[idx] = layout
     spec = lisa_spec(config, model.config.num_attention_heads, layouts)
     carrier = LogitsCarrier()
     for layer in layers:
@@ -400,6 +425,9 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
             layer.self_attn = LiSASourceAttention(base, carrier, wrapper.layout)
         else:
             layer.self_attn = base
+    for idx, layer in enumerate(layers):
+        if not isinstance(layer.self_attn, (LiSASharedAttention, LiSASourceAttention)) and idx in layouts:
+            layer.self_attn = LiSAFullAttention(layer.self_attn, None, layouts[idx])
     # The LiSA modules trained in float32 take the base model's dtype, so that a bf16 model caches bf16 rank-r keys.
     base_dtype = next(iter(layers[0].self_attn.o_proj.parameters())).dtype
     if base_dtype.is_floating_point:
@@ -442,6 +470,7 @@ def merged_layers(model: nn.Module) -> dict[int, str]:
 
 
 __all__ = [
+    "LiSAFullAttention",
     "LiSASharedAttention",
     "LiSASourceAttention",
     "MERGED_CLASSES",

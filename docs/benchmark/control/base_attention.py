@@ -1,20 +1,25 @@
 """A control for the benchmark's base: the base model with sdpa attention (what ``peft-lisa bench`` times) against
-the same base with eager attention and the merged model (README, "Speed and memory"; issue 10).
+the same base with eager attention, the same base decoding through the CPU kernel's decode rows, and the merged model
+(README, "Speed and memory"; issue 10).
 
 On a CPU without AMX torch's bf16 sdpa of one query row is several times slower than its fp32 one, so a base
 decoding in bf16 with eager attention (a matmul, a softmax, a matmul) may be faster than the base the benchmark
-compares against. Subjects, alternating (order reversed every other round), ``--repeats`` rounds after a warm-up; in
-each round a real prefill of ``B x T`` random ids, then ``--decode-tokens`` greedy steps on the cache it built:
+compares against; and a merged model decodes every layer through the kernel's rows, its full layers included
+(``LiSAFullAttention``), so part of its decode speedup is the kernel's, not LiSA's. Subjects, alternating (order
+reversed every other round), ``--repeats`` rounds after a warm-up; in each round a real prefill of ``B x T`` random
+ids, then ``--decode-tokens`` greedy steps on the cache it built:
 
 * ``base sdpa``: SmolLM2-135M-Instruct as loaded (``attn_implementation="sdpa"``, transformers' default);
 * ``base eager``: a second load with ``attn_implementation="eager"``;
-* ``merged``: an untrained LiSA adapter merged into a third load (50% shared, layers from ``docs/analysis``,
+* ``base rows``: a third load, every layer a ``LiSAFullAttention`` (sdpa on prefill, the kernel's decode rows on
+  decode steps), as the merged model's full layers are: what the merged model's decode is without sharing;
+* ``merged``: an untrained LiSA adapter merged into a fourth load (50% shared, layers from ``docs/analysis``,
   ``head_mixing="full"``), as ``peft-lisa bench`` builds it.
 
-Prints, per point, each subject's prefill and decode speedup over ``base sdpa`` (ratio of the median times). Run
-from the repository root::
+Prints, per point, each subject's prefill and decode speedup over ``base sdpa`` and the merged model's over
+``base rows`` (ratios of the median times). Run from the repository root::
 
-    python docs/benchmark/control/eager_base.py --threads 2 --dtype bfloat16
+    python docs/benchmark/control/base_attention.py --threads 2 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from transformers import AutoModelForCausalLM
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark.measure import prefill_then_decode, random_ids
 from peft_lisa.benchmark.pipeline import load_benchmark_models
+from peft_lisa.tuner import LiSAFullAttention
+from peft_lisa.tuner.architectures import decoder_layers, describe_model_attention
 
 ANALYSIS = "docs/analysis/smollm2_135m_analysis.json"
 
@@ -47,7 +54,11 @@ def main() -> None:
     analysis = AttentionAnalysis.from_json(ANALYSIS)
     base, merged, path = load_benchmark_models(share_fraction=0.5, analysis=analysis, dtype=dtype, device=cpu)
     eager = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-    subjects = {"base sdpa": base, "base eager": eager, "merged": merged}
+    rows = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    for idx, layout in describe_model_attention(rows).items():
+        layer = decoder_layers(rows)[idx]
+        layer.self_attn = LiSAFullAttention(layer.self_attn, None, layout)
+    subjects = {"base sdpa": base, "base eager": eager, "base rows": rows, "merged": merged}
     print(f"{args.dtype}, {args.threads} thread(s), {args.decode_tokens} decode steps, median of {args.repeats}")
     with torch.inference_mode():
         for point in args.points.split(","):
@@ -62,12 +73,18 @@ def main() -> None:
                     if round_:
                         prefill[name].append(seconds[0])
                         decode[name].append(seconds[1])
+
+            def speedup(times: dict[str, list[float]], name: str, over: str = "base sdpa") -> str:
+                return f"{statistics.median(times[over]) / statistics.median(times[name]):.2f}x"
+
             ratios = "; ".join(
-                f"{name} prefill {statistics.median(prefill['base sdpa']) / statistics.median(prefill[name]):.2f}x "
-                f"decode {statistics.median(decode['base sdpa']) / statistics.median(decode[name]):.2f}x"
-                for name in subjects
+                f"{name} prefill {speedup(prefill, name)} decode {speedup(decode, name)}" for name in subjects
             )
-            print(f"{batch} x {context}: {ratios}", flush=True)
+            print(
+                f"{batch} x {context}: {ratios}; merged over base rows: prefill "
+                f"{speedup(prefill, 'merged', 'base rows')} decode {speedup(decode, 'merged', 'base rows')}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
