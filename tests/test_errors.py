@@ -116,3 +116,27 @@ def test_merged_model_switched_to_an_unsupported_attention_kernel_is_refused():
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(UnsupportedModelError, match="set_attn_implementation"):
         model(random_ids())
+
+
+def test_attention_weights_are_refused_while_lisa_layers_run():
+    """transformers records attention weights only from the family's own attention modules: a LiSA model asked for
+    them (the argument, or the config) is refused with the fix rather than returning the other layers' alone; with
+    the adapter disabled the base's come back, one per layer."""
+    model = tiny_model("llama", attn_implementation="eager")
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=[2, 3], rank=4)).eval()
+    ids = random_ids()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="disable_adapter"):
+            peft_model(ids, output_attentions=True)
+        with peft_model.disable_adapter():
+            weights = peft_model(ids, output_attentions=True).attentions
+        assert len(weights) == model.config.num_hidden_layers
+        assert peft_model(ids, output_attentions=False).attentions is None
+        merged = peft_model.merge_and_unload()
+        with pytest.raises(ValueError, match="Ask the base model"):
+            merged(ids, output_attentions=True)
+        merged.config.output_attentions = True
+        with pytest.raises(ValueError, match="no attention weights"):
+            merged(ids)
+        merged.config.output_attentions = False
+        assert torch.isfinite(merged(ids).logits).all()

@@ -44,18 +44,21 @@ FAMILIES = {
         [2, 4],
         "eager",
     ),
-    # per-layer-type rotary (different theta for sliding and full layers), per-head q/k norms
+    # per-layer-type rotary (different theta for sliding and full layers), per-head q/k norms; layer 5 (sliding)
+    # feeds no shared layer: a merged model's plain full layer with the sliding layers' rotary
     "gemma3_text": (
         dict(
             head_dim=16,
             sliding_window=4,
             query_pre_attn_scalar=24,
+            num_hidden_layers=6,
             layer_types=[
                 "full_attention",
                 "sliding_attention",
                 "sliding_attention",
                 "full_attention",
                 "full_attention",
+                "sliding_attention",
             ],
         ),
         [1, 2, 4],
@@ -98,6 +101,13 @@ def sharpen(model) -> None:
                 norm = getattr(attn, name, None)
                 if norm is not None:  # Gemma's norms scale by (1 + w), w = 0 at init
                     norm.weight.add_(1.0) if norm.weight.abs().max() < 1e-6 else norm.weight.mul_(2.0)
+
+
+def adapter_then_merged(peft_model):
+    """``peft_model`` itself, then, once the caller is done with it, its merged model (``merge_and_unload`` changes the
+    model in place, so it must not run before the adapter's turn)."""
+    yield peft_model
+    yield peft_model.merge_and_unload()
 
 
 def lisa_config(family: str, **kwargs) -> LiSAConfig:
@@ -215,18 +225,23 @@ def test_family_end_to_end(family, tmp_path):
 @pytest.mark.usefixtures("shared_logits_route")
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_prefill_continuing_the_cache_equals_an_uncached_forward(family):
-    """A second chunk of several tokens through the cache (more keys than queries; a sliding layer keeps fewer keys
-    than the full layer it shares from, and reads its source's logits of its own, last keys) gives the logits of one
-    uncached forward over the whole sequence, on both routes of a shared layer's logits."""
+    """A second chunk of several tokens through the dynamic cache (more keys than queries; a sliding layer keeps fewer
+    keys than the full layer it shares from, and reads its source's logits of its own, last keys), then a decode step,
+    give the logits of one uncached forward over the whole sequence, on every route of a shared layer's logits, for
+    the adapter and the merged model (whose full layers decode through the kernel's rows on the kernel route)."""
     peft_model = get_peft_model(family_model(family), lisa_config(family))
     randomize_adapter(peft_model)
     peft_model.eval()
-    ids = random_ids(2, 13, seed=3)
+    ids = random_ids(2, 14, seed=3)
     with torch.no_grad():
-        first = peft_model(input_ids=ids[:, :9], use_cache=True)
-        second = peft_model(input_ids=ids[:, 9:], past_key_values=first.past_key_values, use_cache=True).logits
-        uncached = peft_model(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(second, uncached[:, 9:], atol=1e-4, rtol=1e-4)
+        for model in adapter_then_merged(peft_model):
+            first = model(input_ids=ids[:, :9], use_cache=True)
+            second = model(input_ids=ids[:, 9:13], past_key_values=first.past_key_values, use_cache=True)
+            step = model(input_ids=ids[:, 13:], past_key_values=second.past_key_values, use_cache=True)
+            uncached = model(input_ids=ids, use_cache=False).logits
+            torch.testing.assert_close(
+                torch.cat([second.logits, step.logits], 1), uncached[:, 9:], atol=1e-4, rtol=1e-4
+            )
 
 
 # A first prefill past the sliding windows (4-6 tokens), a continued prefill, a decode step; or a first prefill within
@@ -255,7 +270,7 @@ def test_a_static_cache_equals_an_uncached_forward(family, chunks):
     padding = torch.ones_like(ids)
     padding[1, :3] = 0  # a left-padded batch: every step comes with a mask
     with torch.no_grad():
-        for model in (peft_model, peft_model.merge_and_unload()):
+        for model in adapter_then_merged(peft_model):
             for mask in (None, padding):
                 masked = {} if mask is None else {"attention_mask": mask}
                 uncached = model(input_ids=ids, use_cache=False, **masked).logits

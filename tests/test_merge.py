@@ -117,6 +117,20 @@ def test_merged_model_saved_without_full_layer_layouts_keeps_the_base_attention(
         assert torch.equal(reloaded.generate(**kwargs), merged.generate(**kwargs))
 
 
+def test_merged_layers_keep_the_mode_of_the_layers_they_replace():
+    """A model merged in eval mode is in eval mode throughout, its new modules too: with attention dropout in the
+    config, its forwards are deterministic and equal the adapter model's."""
+    model = tiny_model("llama", attention_dropout=0.5)
+    peft_model = get_peft_model(model, LiSAConfig(share_layers=SHARE, rank=4)).eval()
+    randomize_adapter(peft_model)
+    ids = random_ids()
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()
+        assert not [name for name, module in merged.named_modules() if module.training]
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_merged_generation_cache_equals_no_cache():
     """Same tokens and, step by step, the same logits (atol 1e-4) with and without the cache."""
     merged = trained_lisa("qwen2").merge_and_unload()

@@ -213,8 +213,17 @@ def run_benchmark(
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "
-        f"on decode steps; every other layer, and every layer of the base model, uses {implementation}."
+        "on decode steps. "
     )
+    if machine.get("lisa_cpu_kernel") == "used":
+        notes[-1] += (
+            f"Every other layer of the merged model runs {implementation} on prefill and, like the source and shared "
+            "layers, the CPU kernel's decode rows on decode steps (LiSAFullAttention); every layer of the base model "
+            f"runs {implementation}. So part of a decode speedup is the rows', not LiSA's: "
+            "docs/benchmark/control/base_attention.py times a base whose every layer decodes by the rows."
+        )
+    else:
+        notes[-1] += f"Every other layer, and every layer of the base model, uses {implementation}."
     notes.append(
         "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
         "counted at its arithmetic minimum per query-key pair: the source logits it needs (its chain root's QK^T "

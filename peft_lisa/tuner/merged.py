@@ -58,6 +58,7 @@ class LiSAFullAttention(nn.Module):
         self.lisa_apply_rotary = family_rotary(attn)
         self.lisa_eager_attention = family_eager_attention(attn)
         self.carrier = carrier
+        self.train(attn.training)  # the mode of the layer it replaces (dropout)
 
     def forward(
         self,
@@ -128,6 +129,7 @@ class LiSASharedAttention(LiSASubstitute):
         self.attention_dropout: float = getattr(attn, "attention_dropout", 0.0)
         self.v_proj, self.o_proj = _value_linear(attn, layout), attn.o_proj
         self._fused: Optional[tuple[tuple, torch.Tensor]] = None  # see _lowrank_weight
+        self.train(attn.training)  # the mode of the layer it replaces (dropout)
 
     def project(
         self,
@@ -217,8 +219,27 @@ def _saved_layout(spec: dict[str, Any], layer_idx: int) -> Optional[AttentionLay
     return AttentionLayout.from_dict(saved) if saved else None
 
 
-def _clear_logits_carrier(model: nn.Module, args: Any) -> None:
-    """Forward pre-hook: nothing a forward handed on outlives it (with autograd the carrier keeps its entries)."""
+def asks_attention_weights(config: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a forward's keyword arguments (or else the config) ask for attention weights (``output_attentions``)."""
+    wanted = kwargs.get("output_attentions")
+    return bool(getattr(config, "output_attentions", False) if wanted is None else wanted)
+
+
+def attention_weights_refusal(fix: str) -> ValueError:
+    """The error for a request of attention weights from a model with active LiSA layers: transformers records them
+    only from the family's own attention modules, so LiSA's layers would be missing from the tuple it returns,
+    without a sign. ``fix`` says where to get them instead."""
+    return ValueError(
+        "This model has LiSA layers, which return no attention weights (output_attentions=True): transformers would "
+        f"return the other layers' weights only. {fix}"
+    )
+
+
+def _before_merged_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: no request for attention weights (:func:`attention_weights_refusal`), and nothing a forward
+    handed on outlives it (with autograd the carrier keeps its entries)."""
+    if asks_attention_weights(model.config, kwargs):
+        raise attention_weights_refusal("Ask the base model for them.")
     model.lisa_logits_carrier.clear()
 
 
@@ -269,10 +290,10 @@ def foldable_lm_head_input(lm_head: nn.Module, args: tuple) -> Optional[tuple]:
 
 
 def install_merged_hooks(model: nn.Module, carrier: LogitsCarrier) -> None:
-    """The merged model's forward hooks: the carrier cleared before each forward (:func:`_clear_logits_carrier`)
+    """The merged model's forward hooks: the carrier cleared before each forward (:func:`_before_merged_forward`)
     and the LM head handed an input it multiplies in one product (:func:`foldable_lm_head_input`)."""
     model.lisa_logits_carrier = carrier
-    model.register_forward_pre_hook(_clear_logits_carrier)
+    model.register_forward_pre_hook(_before_merged_forward, with_kwargs=True)
     lm_head = model.get_output_embeddings()
     if isinstance(lm_head, nn.Module):
         lm_head.register_forward_pre_hook(foldable_lm_head_input)

@@ -21,7 +21,7 @@ from .carrier import LogitsCarrier
 from .config import LISA_FORMAT_VERSION, LiSAConfig, validate_share_layers
 from .functional import AttentionLayout
 from .layer import ROLE_SHARED, ROLE_SOURCE, LiSALayer, check_rank_fits
-from .merged import foldable_lm_head_input, merge_lisa_adapter
+from .merged import asks_attention_weights, attention_weights_refusal, foldable_lm_head_input, merge_lisa_adapter
 
 # A checkpoint key of adapter format 1: the three LiSA modules sat in ModuleDicts of their own, and the FFN of the
 # alignment was saved with the adapter's name inside its keys (``lisa_align.default.up.weight``).
@@ -108,15 +108,19 @@ class LiSAModel(BaseTuner):
         # A pre-hook on the wrapped transformers model, not ``forward`` of this tuner: a plain ``PeftModel`` and
         # ``generate`` call the transformers model directly.
         if getattr(self, "_forward_pre_hook", None) is None:
-            self._forward_pre_hook = model.register_forward_pre_hook(self._before_model_forward)
+            self._forward_pre_hook = model.register_forward_pre_hook(self._before_model_forward, with_kwargs=True)
             # The frozen base's LM head gets an input it multiplies in one product (``foldable_lm_head_input``).
             lm_head = model.get_output_embeddings()
             if isinstance(lm_head, nn.Module):
                 self._lm_head_pre_hook = lm_head.register_forward_pre_hook(foldable_lm_head_input)
 
-    def _before_model_forward(self, model: nn.Module, args: Any) -> None:
+    def _before_model_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if model.training and torch.is_grad_enabled():
             check_gradient_checkpointing(model)
+        if asks_attention_weights(model.config, kwargs) and any(
+            isinstance(module, LiSALayer) and not module.disable_adapters for module in model.modules()
+        ):
+            raise attention_weights_refusal("Ask for them inside `with model.disable_adapter():` (the base's).")
         self.logits_carrier.clear()
 
     def _remove_forward_pre_hook(self) -> None:
