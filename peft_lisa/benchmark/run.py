@@ -78,6 +78,18 @@ def _console_loggers() -> list[logging.Logger]:
     ]
 
 
+def _other_layers_note(implementation: str, kernel_used: bool) -> str:
+    """How the merged model's other full layers and the base's layers attend, for the results' notes."""
+    if not kernel_used:
+        return f"Every other layer, and every layer of the base model, uses {implementation}."
+    return (
+        f"Every other layer of the merged model runs {implementation} on prefill and, like the source and shared "
+        "layers, the CPU kernel's decode rows on decode steps (LiSAFullAttention); every layer of the base model "
+        f"runs {implementation}. So part of a decode speedup is the rows', not LiSA's: "
+        "docs/benchmark/control/base_attention.py times a base whose every layer decodes by the rows."
+    )
+
+
 # The untimed tensor-counting pass decodes at most this many steps: on CPU torch's profiler holds on to memory while it
 # runs (a base SmolLM2 prefill of 8 x 1024 tokens and 64 decode steps went from 1.4 GiB of peak RSS without it to
 # more than 13 GiB with it; 8 x 2048 with 64 steps was killed for memory on a 24 GiB machine). The decode's tensor
@@ -213,17 +225,8 @@ def run_benchmark(
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "
-        "on decode steps. "
+        f"on decode steps. {_other_layers_note(implementation, machine.get('lisa_cpu_kernel') == 'used')}"
     )
-    if machine.get("lisa_cpu_kernel") == "used":
-        notes[-1] += (
-            f"Every other layer of the merged model runs {implementation} on prefill and, like the source and shared "
-            "layers, the CPU kernel's decode rows on decode steps (LiSAFullAttention); every layer of the base model "
-            f"runs {implementation}. So part of a decode speedup is the rows', not LiSA's: "
-            "docs/benchmark/control/base_attention.py times a base whose every layer decodes by the rows."
-        )
-    else:
-        notes[-1] += f"Every other layer, and every layer of the base model, uses {implementation}."
     notes.append(
         "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
         "counted at its arithmetic minimum per query-key pair: the source logits it needs (its chain root's QK^T "

@@ -260,12 +260,16 @@ def install_merged_attention(model: nn.Module, spec: dict[str, Any]) -> None:
         layers[layer_idx].self_attn = LiSASharedAttention(attn, spec, carrier, _saved_layout(spec, layer_idx))
     lisa_layers = {*spec["source_layers"], *spec["share_layers"]}
     for layer_idx, layer in enumerate(layers):
-        # Files saved before full layers' layouts were saved (and those of other versions that saved none) keep the
-        # base's attention on their other full layers: it computes the same, without the decode rows.
-        layout = _saved_layout(spec, layer_idx)
-        if layer_idx not in lisa_layers and layout is not None:
-            layer.self_attn = LiSAFullAttention(layer.self_attn, None, layout)
+        if layer_idx not in lisa_layers:
+            layer.self_attn = _plain_full_layer(layer.self_attn, _saved_layout(spec, layer_idx))
     install_merged_hooks(model, carrier)
+
+
+def _plain_full_layer(attn: nn.Module, layout: Optional[AttentionLayout]) -> nn.Module:
+    """A merged model's full layer that feeds no shared layer: :class:`LiSAFullAttention` where the layer's probed
+    layout is known; else (files saved before full layers' layouts were, or a layer the probe did not read) the base's
+    own attention module, which computes the same without the decode rows."""
+    return attn if layout is None else LiSAFullAttention(attn, None, layout)
 
 
 def _foldable(x: torch.Tensor) -> bool:
@@ -428,9 +432,10 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
             layouts[idx] = layout
     spec = lisa_spec(config, model.config.num_attention_heads, layouts)
     carrier = LogitsCarrier()
-    for layer in layers:
+    for idx, layer in enumerate(layers):
         wrapper = layer.self_attn
         if not isinstance(wrapper, LiSALayer):
+            layer.self_attn = _plain_full_layer(wrapper, layouts.get(idx))
             continue
         base, role = wrapper.base_layer, wrapper.lisa_role.get(adapter_name)
         if role == ROLE_SHARED:
@@ -445,10 +450,7 @@ def merge_lisa_adapter(model: nn.Module, config: LiSAConfig, adapter_name: str) 
         elif role == ROLE_SOURCE:
             layer.self_attn = LiSASourceAttention(base, carrier, wrapper.layout)
         else:
-            layer.self_attn = base
-    for idx, layer in enumerate(layers):
-        if not isinstance(layer.self_attn, (LiSASharedAttention, LiSASourceAttention)) and idx in layouts:
-            layer.self_attn = LiSAFullAttention(layer.self_attn, None, layouts[idx])
+            layer.self_attn = _plain_full_layer(base, layouts.get(idx))
     # The LiSA modules trained in float32 take the base model's dtype, so that a bf16 model caches bf16 rank-r keys.
     base_dtype = next(iter(layers[0].self_attn.o_proj.parameters())).dtype
     if base_dtype.is_floating_point:
