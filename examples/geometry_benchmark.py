@@ -8,6 +8,9 @@ table and writes ``geometry.md`` / ``geometry.json`` to ``--output-dir``
 
     python examples/geometry_benchmark.py --threads 2 --output-dir docs/benchmark
 
+On CPU a third model is timed beside them, the base with every layer on the kernel's decode rows (as the merged
+model's layers are), so that the table shows what sharing alone buys (``--no-rows-control`` leaves it out).
+
 ``--cache static`` decodes on a static cache (``StaticCache``, written in place, as ``generate(
 cache_implementation="static")`` and compiled decoding use it) instead of transformers' default dynamic cache, which
 copies every layer's keys and values at every step.
@@ -47,6 +50,12 @@ def main() -> None:
         default="dynamic",
         help="the KV cache decoded on: transformers' default (dynamic) or a static one (written in place)",
     )
+    parser.add_argument(
+        "--rows-control",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the base with every layer on the kernel's decode rows (default: on CPU)",
+    )
     parser.add_argument("--output-dir", default="geometry-bench")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[peft-lisa] %(message)s")
@@ -57,13 +66,14 @@ def main() -> None:
         times = layer_decode_times(
             name, batch=args.batch, context=args.context, num_layers=args.layers,
             decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device, cache=args.cache,
+            rows_control=args.rows_control,
         )  # fmt: skip
         rows.append((times, full_depth_estimate(times, args.share_fraction)))
     machine = machine_label(machine_info(torch.device(args.device)))
     table = geometry_markdown(rows)
     defaults = (("device", "cpu"), ("cache", "dynamic"))  # left out of the command, as the default
     command = "python examples/geometry_benchmark.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and (k, v) not in defaults
+        _option(k, v) for k, v in vars(args).items() if v is not None and (k, v) not in defaults
     )
     markdown = f"**Machine:** {machine}  \n**Command:** `{command}`\n\n{table}"
     print(markdown)
@@ -72,6 +82,14 @@ def main() -> None:
     (out / "geometry.md").write_text(markdown, encoding="utf-8")
     payload = {"machine": machine, "command": command, "rows": [{**t.to_dict(), "full_depth": e} for t, e in rows]}
     (out / "geometry.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+
+
+def _option(name: str, value: object) -> str:
+    """One option of the command line that reproduces the run."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
 
 
 if __name__ == "__main__":

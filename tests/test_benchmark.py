@@ -547,10 +547,11 @@ TINY_GEOMETRY = dict(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_geometry_layer_times_and_full_depth_estimate(monkeypatch, cache):
-    """The per-layer decode clock on a tiny stand-in geometry, on either cache: every layer kind is timed, cache
-    bytes per kind are the model's, and the full-depth estimate adds them up as documented."""
+@pytest.mark.parametrize("cache, rows_control", [("dynamic", None), ("static", None), ("dynamic", False)])
+def test_geometry_layer_times_and_full_depth_estimate(monkeypatch, cache, rows_control):
+    """The per-layer decode clock on a tiny stand-in geometry, on either cache, with the control on CPU by default
+    (the base on the decode rows) or without it: every layer kind is timed, cache bytes per kind are the model's,
+    and the full-depth estimate adds them up as documented."""
     from peft_lisa.benchmark import geometry
 
     monkeypatch.setitem(geometry.GEOMETRIES, "tiny", TINY_GEOMETRY)
@@ -562,21 +563,34 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch, cache):
 
     monkeypatch.setattr(geometry, "synthetic_cache", recorded_cache)
     times = geometry.layer_decode_times(
-        "tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32, cache=cache
-    )
-    assert times.cache == cache and len(built) == 4  # a warm-up and one repetition, two models
+        "tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32, cache=cache,
+        rows_control=rows_control,
+    )  # fmt: skip
+    control = rows_control is None  # on CPU by default
+    assert times.cache == cache and len(built) == 2 * (3 if control else 2)  # a warm-up and one repetition
     expected = "StaticCache" if cache == "static" else "DynamicCache"
     assert {type(kv).__name__ for kv in built} == {expected}
-    assert set(times.seconds) == {"full", "source", "shared"} and all(s > 0 for s in times.seconds.values())
+    kinds = {"full", "source", "shared"} | ({"rows"} if control else set())
+    assert set(times.seconds) == kinds and all(s > 0 for s in times.seconds.values())
     full, shared = 2 * 2 * 16 * 4, 2 * (8 + 16) * 4  # fp32: K and V of 2 KV heads x 16; rank-8 keys and V
-    assert times.cache_bytes_per_token == {"full": full, "source": full, "shared": shared}
+    assert times.cache_bytes_per_token == {"full": full, "source": full, "shared": shared, "rows": full}
     estimate = geometry.full_depth_estimate(times, share_fraction=0.5)
     merged = estimate["models"]["merged"]
     assert merged["layers"] == {"full": 0, "source": 4, "shared": 4}
     step = times.outside_layers["merged"] + 4 * times.seconds["source"] + 4 * times.seconds["shared"]
     assert merged["decode_step_seconds"] == pytest.approx(step)
     assert estimate["models"]["base"]["budget_max_batch"] == 2 and merged["budget_max_batch"] >= 2
-    assert f"| tiny | 2 x 32, {cache} cache |" in geometry.geometry_markdown([(times, estimate)])
+    table = geometry.geometry_markdown([(times, estimate)])
+    assert f"| tiny | 2 x 32, {cache} cache |" in table
+    if control:
+        rows = estimate["models"]["base rows"]
+        assert rows["layers"] == {"rows": 8} and rows["budget_max_batch"] == 2
+        rows_step = times.outside_layers["base rows"] + 8 * times.seconds["rows"]
+        assert rows["decode_step_seconds"] == pytest.approx(rows_step)
+        assert estimate["decode_speedup_over_rows"] == pytest.approx(rows_step / step)
+        assert f"| tiny | {times.seconds['full'] * 1e3:.1f} | {times.seconds['rows'] * 1e3:.1f} |" in table
+    else:
+        assert "base rows" not in estimate["models"] and "Control" not in table
     with pytest.raises(ValueError, match="cache must be one of 'dynamic', 'static', got 'paged'"):
         geometry.layer_decode_times("tiny", cache="paged")
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_lisa import LiSAConfig
+from peft_lisa import LiSAConfig, LiSAFullAttention
+from peft_lisa.benchmark import base_on_decode_rows
 from peft_lisa.tuner import attention as attention_module
 from peft_lisa.tuner import cpu_kernel
 from peft_lisa.tuner.architectures import decoder_layers
@@ -149,6 +150,41 @@ def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, m
     prefill = merged(ids[:, :9], use_cache=True)  # with autograd: torch operations
     merged(ids[:, 9:10], cache=prefill.cache, use_cache=True)
     assert calls == []
+
+
+def test_base_on_decode_rows_is_the_base_decoding_by_the_rows(kernel, monkeypatch, llama):
+    """The benchmark's control subject (:func:`~peft_lisa.benchmark.base_on_decode_rows`): the base's own modules,
+    every layer of a decode step attending by one decode-rows call that hands nothing on, and what the unmodified
+    base computes (greedy tokens and each step's logits); adapter and merged models are refused."""
+    build = lambda: None if cpu_kernel.cpu_kernel_setting() == "off" else kernel  # noqa: E731  (the setting holds)
+    monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", build)
+    control = copy.deepcopy(llama)
+    projections = [layer.self_attn.q_proj for layer in decoder_layers(control)]
+    assert base_on_decode_rows(control) is control
+    layers = decoder_layers(control)
+    assert all(type(layer.self_attn) is LiSAFullAttention for layer in layers)
+    assert [layer.self_attn.q_proj for layer in layers] == projections  # the same modules, not copies
+    calls = []
+    original = cpu_kernel.decode_rows
+
+    def counting(kernel, query, *args, **kwargs):
+        calls.append((query.shape[2], kwargs.get("handed") is not None, kwargs.get("hand_on", True)))
+        return original(kernel, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "decode_rows", counting)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        by_rows = control.generate(ids, **greedy)
+        by_base = llama.generate(ids, **greedy)
+    assert calls == [(1, False, False)] * len(layers) * 3  # the prompt by sdpa, 3 decode steps by the rows
+    assert torch.equal(by_rows.sequences, by_base.sequences)
+    torch.testing.assert_close(torch.stack(by_rows.logits), torch.stack(by_base.logits), atol=1e-4, rtol=1e-4)
+    adapter = get_peft_model(copy.deepcopy(llama), LiSAConfig(share_layers=[2, 3], rank=4))
+    with pytest.raises(ValueError, match=r"got a PEFT model \(PeftModel\); pass the plain base model"):
+        base_on_decode_rows(adapter)
+    with pytest.raises(ValueError, match=r"layers \[0, 1, 2, 3, 4\] are LiSA layers already \(a merged model\?\)"):
+        base_on_decode_rows(adapter.merge_and_unload())
 
 
 @pytest.mark.parametrize("threads", [1, 8])

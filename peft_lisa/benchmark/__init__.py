@@ -18,9 +18,12 @@ Modules, each importing only those above it:
 * :mod:`.pipeline`: :func:`benchmark_model` and :func:`default_share_layers`;
 * :mod:`.layer_clock`: each decoder layer's time off forward hooks, and a prefill's or a decode step's time layer
   by layer, by chain depth (:func:`prefill_layer_times`, :func:`decode_layer_times`);
+* :mod:`.controls`: control subjects, such as the base with every layer on the kernel's decode rows
+  (:func:`base_on_decode_rows`), that separate LiSA's share of a speedup from the implementation's;
 * :mod:`.geometry`: per-layer decode cost of 7B-class geometries on depth-truncated random-weight models.
 """
 
+from .controls import base_on_decode_rows
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .layer_clock import LayerTimes, decode_layer_times, prefill_layer_times
 from .measure import PeakMemory, TensorPeak, cache_bytes, default_memory_limit, machine_info, synthetic_cache
@@ -43,6 +46,7 @@ __all__ = [
     "Skipped",
     "ThroughputPoint",
     "analytic_breakdown",
+    "base_on_decode_rows",
     "analytic_markdown",
     "benchmark_model",
     "cache_bytes",

@@ -3,9 +3,11 @@
 Speed does not depend on trained weights, so a model with the layer geometry of LLaMA-2-7B, Llama-3-8B or Mistral-7B,
 truncated to a few layers and given random weights, is an honest subject on a machine that cannot hold or prefill the
 real one. :func:`layer_decode_times` builds the truncated base model and its merged LiSA model (every other layer
-shared), times decode steps on a synthetic KV cache of the right size with the two models alternating, and reads the
-time of every decoder layer off forward hooks. :func:`full_depth_estimate` turns those per-layer times into the
-decode step and the throughput under a memory budget that the full-depth models imply.
+shared), times decode steps on a synthetic KV cache of the right size with the models alternating, and reads the
+time of every decoder layer off forward hooks. On CPU a third model, the base with every layer on the kernel's decode
+rows (:func:`~peft_lisa.benchmark.controls.base_on_decode_rows`), separates what sharing buys from what the rows buy.
+:func:`full_depth_estimate` turns those per-layer times into the decode step and the throughput under a memory
+budget that the full-depth models imply.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
+from .controls import base_on_decode_rows
 from .cost_model import ModelShape
 from .layer_clock import LayerClock
 from .measure import (
@@ -51,7 +54,7 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
         num_key_value_heads=8, vocab_size=32000, num_hidden_layers=32, rope_theta=10000.0, sliding_window=None,
     ),
 }  # fmt: skip
-LAYER_KINDS = ("full", "source", "shared")
+LAYER_KINDS = ("full", "source", "shared", "rows")  # "rows": a full layer of the base on the decode rows
 
 
 @dataclass
@@ -65,6 +68,7 @@ class LayerTimes:
     cache: str = "dynamic"  # the KV cache decoded on: "dynamic" (transformers' default) or "static"
     seconds: dict[str, float] = field(default_factory=dict)  # layer kind -> seconds per decode step
     outside_layers: dict[str, float] = field(default_factory=dict)  # model -> embeddings, norm, LM head
+    # "base" and "merged", and "base rows" where the control ran (the base with every layer on the decode rows)
     cache_bytes_per_token: dict[str, int] = field(default_factory=dict)  # layer kind -> bytes
     weight_bytes: dict[str, int] = field(default_factory=dict)  # layer kind -> bytes of one layer
     outside_weight_bytes: int = 0
@@ -119,6 +123,7 @@ def layer_decode_times(
     dtype: torch.dtype = torch.bfloat16,
     device: Union[str, torch.device] = "cpu",
     cache: str = "dynamic",
+    rows_control: Optional[bool] = None,
 ) -> LayerTimes:
     """Per-layer decode-step time of a full, a source and a shared layer of ``geometry`` at ``batch`` x ``context``.
 
@@ -128,13 +133,22 @@ def layer_decode_times(
     are built on CPU and then moved to ``device``. ``cache="static"`` decodes on a static cache of ``context +
     decode_tokens`` slots (:func:`~peft_lisa.benchmark.measure.synthetic_cache`), where a step writes its token in
     place; the default dynamic cache copies every layer's keys and values at every step (``torch.cat``).
+
+    ``rows_control`` (default: on CPU) adds a third model, ``"base rows"``: the base with every layer on the kernel's
+    decode rows (:func:`~peft_lisa.benchmark.controls.base_on_decode_rows`), as the merged model's layers are; its
+    full layer's time is the kind ``"rows"``. The decode rows run on CPU only.
     """
     check_cache_kind(cache, HOOKED_CACHE_KINDS)
     slots = cache_slots(cache, context, decode_tokens)
-    base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     device = torch.device(device)
-    base, merged = base.to(device), merged.to(device)
+    if rows_control is None:
+        rows_control = device.type == "cpu"
+    base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     models = {"base": base, "merged": merged}
+    if rows_control:
+        models["base rows"] = base_on_decode_rows(truncated_model(geometry, num_layers, dtype))
+    models = {key: model.to(device) for key, model in models.items()}
+    base, merged = models["base"], models["merged"]
     clocks = {key: LayerClock(model, device) for key, model in models.items()}
     per_kind: dict[str, list[float]] = {kind: [] for kind in LAYER_KINDS}
     outside: dict[str, list[float]] = {key: [] for key in models}
@@ -155,7 +169,7 @@ def layer_decode_times(
                 for kind in set(clock.kinds):
                     if key == "merged" and kind == "full":
                         continue
-                    per_kind[kind].append(
+                    per_kind["rows" if key == "base rows" else kind].append(
                         statistics.fmean(s for s, k in zip(steps, clock.kinds, strict=True) if k == kind)
                     )
         logger.info(f"{geometry} B={batch} T={context}: per-layer decode times measured")
@@ -168,12 +182,14 @@ def layer_decode_times(
         "full": shape.full_layer_cache_bytes,
         "source": shape.full_layer_cache_bytes,
         "shared": shape.shared_layer_cache_bytes,
+        "rows": shape.full_layer_cache_bytes,
     }
     base_layers = decoder_layers(base)
     result.weight_bytes = {
         "full": _bytes(base_layers[0]),
         "source": _bytes(layers[0]),
         "shared": _bytes(layers[1]),
+        "rows": _bytes(base_layers[0]),
     }
     result.outside_weight_bytes = _bytes(base) - sum(_bytes(layer) for layer in base_layers)
     for clock in clocks.values():
@@ -205,6 +221,8 @@ def full_depth_estimate(
     }  # fmt: skip
     if sum(counts["merged"].values()) != depth:  # more than half shared: chains (a shared layer's source is shared)
         counts["merged"] = {"source": depth - shared, "shared": shared}
+    if "rows" in times.seconds:  # the control: the base with every layer on the decode rows
+        counts["base rows"] = {"rows": depth}
     out: dict[str, Any] = {"depth": depth, "shared_layers": shared, "models": {}}
     for key, count in counts.items():
         step = times.outside_layers[key] + sum(n * times.seconds[kind] for kind, n in count.items())
@@ -231,6 +249,10 @@ def full_depth_estimate(
         m["budget_max_batch"] = batch
         m["budget_tokens_per_s"] = batch / step if batch > 0 else 0.0
     out["budget_throughput_ratio"] = merged["budget_tokens_per_s"] / base["budget_tokens_per_s"]
+    if "base rows" in out["models"]:  # what sharing alone buys: the merged model over the base on the same rows
+        rows = out["models"]["base rows"]
+        out["decode_speedup_over_rows"] = rows["decode_step_seconds"] / merged["decode_step_seconds"]
+        out["budget_throughput_ratio_over_rows"] = merged["budget_tokens_per_s"] / rows["budget_tokens_per_s"]
     return out
 
 
@@ -242,6 +264,7 @@ def geometry_markdown(rows: list[tuple[LayerTimes, dict[str, Any]]]) -> str:
         "| budgeted throughput |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
+    controls = []
     for times, est in rows:
         s = times.seconds
         b, m = est["models"]["base"], est["models"]["merged"]
@@ -253,4 +276,20 @@ def geometry_markdown(rows: list[tuple[LayerTimes, dict[str, Any]]]) -> str:
             f"| {est['decode_ceiling']:.2f}x "
             f"| {b['budget_max_batch']} -> {m['budget_max_batch']} | {est['budget_throughput_ratio']:.2f}x |"
         )
+        if "rows" in s:
+            controls.append(
+                f"| {times.geometry} | {s['full'] * 1e3:.1f} | {s['rows'] * 1e3:.1f} | {s['full'] / s['rows']:.2f}x "
+                f"| {est['decode_speedup_over_rows']:.2f}x | {est['decode_ceiling']:.2f}x "
+                f"| {est['budget_throughput_ratio_over_rows']:.2f}x |"
+            )
+    if controls:
+        lines += [
+            "",
+            "Control, the base with every layer on the decode rows (`base rows`), as the merged model's layers are:",
+            "",
+            "| geometry | full layer ms | full layer on rows ms | rows over sdpa | full-depth decode over base rows "
+            "| ceiling (bytes) | budgeted throughput over base rows |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *controls,
+        ]
     return "\n".join(lines) + "\n"

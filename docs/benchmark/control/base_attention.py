@@ -12,7 +12,8 @@ ids, then ``--decode-tokens`` greedy steps on the cache it built:
 * ``base sdpa``: SmolLM2-135M-Instruct as loaded (``attn_implementation="sdpa"``, transformers' default);
 * ``base eager``: a second load with ``attn_implementation="eager"``;
 * ``base rows``: a third load, every layer a ``LiSAFullAttention`` (sdpa on prefill, the kernel's decode rows on
-  decode steps), as the merged model's full layers are: what the merged model's decode is without sharing;
+  decode steps; ``peft_lisa.benchmark.base_on_decode_rows``), as the merged model's full layers are: what the
+  merged model's decode is without sharing;
 * ``merged``: an untrained LiSA adapter merged into a fourth load (50% shared, layers from ``docs/analysis``,
   ``head_mixing="full"``), as ``peft-lisa bench`` builds it.
 
@@ -31,10 +32,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peft_lisa.analysis import AttentionAnalysis
+from peft_lisa.benchmark import base_on_decode_rows
 from peft_lisa.benchmark.measure import prefill_then_decode, random_ids
 from peft_lisa.benchmark.pipeline import load_benchmark_models
-from peft_lisa.tuner import LiSAFullAttention
-from peft_lisa.tuner.architectures import decoder_layers, describe_model_attention
 
 ANALYSIS = "docs/analysis/smollm2_135m_analysis.json"
 
@@ -54,10 +54,7 @@ def main() -> None:
     analysis = AttentionAnalysis.from_json(ANALYSIS)
     base, merged, path = load_benchmark_models(share_fraction=0.5, analysis=analysis, dtype=dtype, device=cpu)
     eager = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-    rows = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    for idx, layout in describe_model_attention(rows).items():
-        layer = decoder_layers(rows)[idx]
-        layer.self_attn = LiSAFullAttention(layer.self_attn, None, layout)
+    rows = base_on_decode_rows(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
     subjects = {"base sdpa": base, "base eager": eager, "base rows": rows, "merged": merged}
     print(f"{args.dtype}, {args.threads} thread(s), {args.decode_tokens} decode steps, median of {args.repeats}")
     with torch.inference_mode():
