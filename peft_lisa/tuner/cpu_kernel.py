@@ -59,10 +59,11 @@ BLOCK_QUERIES = 64
 BLOCK_KEYS = 128
 # Decode rows: handed logits are mixed by one matrix product before the kernel call, instead of row by row inside it,
 # from this many multiply-adds of the mixing (B H H_s T_q T_k) up. Inside, each query head's row reads all H_s handed
-# rows of its sequence, which the values streamed between tasks push out of the core's cache: at 8 x 2048 with 32
-# heads (Llama-3-8B's layout, bf16, 2 threads, AMD Zen 5) one call took 1.30x as long that way, at 8 x 4096 1.08x
-# (32 KV heads) and 1.20x (8); below about 4M multiply-adds (SmolLM2 at 8 x 2048: 1.3M) the product's own call cost
-# more than it saved, 5-40% ("Decoding" in docs/method.md).
+# rows of its sequence, which the values streamed between tasks push out of the core's cache. Measured on AMD Zen 5
+# (bf16, 2 threads, docs/benchmark/cpu_kernel/premix.py): from 2^24 multiply-adds up (Llama-3-8B's and LLaMA-2-7B's
+# layouts at 8 x 2048 and 8 x 4096) a call took 1.05-1.22x as long mixing inside; below 2^23, where the product's own
+# call weighs more, mixing inside took 0.59-1.05x the time of mixing before (SmolLM2 to LLaMA-2-7B layouts; one point
+# at 1.13x, Llama-3-8B's at 1 x 4096, 0.07 ms).
 PREMIX_MIN_MULTIPLY_ADDS = 1 << 23
 
 
