@@ -59,29 +59,16 @@ SHAPES = {
 }
 
 
-class RecordedKernel:
-    """The kernel, recording the mixing each decode-rows call hands it (None: the handed rows come mixed)."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel, self.mixes = kernel, []
-
-    def decode_rows(self, handed, mix, *args):
-        self.mixes.append(mix)
-        return self.kernel.decode_rows(handed, mix, *args)
-
-
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("mask_kind", ["causal", "bool", "float-shared"])
-@pytest.mark.parametrize("handed_on", ["in-kernel", "premixed", None], ids=["handed", "premixed", "source"])
+@pytest.mark.parametrize("handed_on", [True, False], ids=["handed", "source"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_rows_equal_dense_attention(kernel, shape, q_len, mask_kind, handed_on, dtype, monkeypatch):
-    """Every route through the kernel's decode rows (handed logits mixed inside the kernel, mixed by one product
-    before it, or none; a narrow or a wide term, GQA and MHA, tasks per head group or per head) equals dense
-    attention of the same tensors, and hands on S before the mask. The cache is read as it lies: keys and values are
-    views of a longer cache, the handed logits the last T_k keys of longer rows."""
-    monkeypatch.setattr(cpu_kernel, "PREMIX_MIN_MULTIPLY_ADDS", 0 if handed_on == "premixed" else 2**62)
-    kernel = RecordedKernel(kernel)
+def test_decode_rows_equal_dense_attention(kernel, shape, q_len, mask_kind, handed_on, dtype):
+    """Every route through the kernel's decode rows (handed logits mixed or none, a narrow or a wide term, GQA and
+    MHA, tasks per head group or per head) equals dense attention of the same tensors, and hands on S before the
+    mask. The cache is read as it lies: keys and values are views of a longer cache, the handed logits the last
+    T_k keys of longer rows."""
     batch, heads, kv_heads, width, value_dim, k_len = shape
     generator = torch.Generator().manual_seed(sum(shape) + q_len)
     query = rand(generator, batch, heads, q_len, width) * width**-0.5
@@ -98,7 +85,6 @@ def test_decode_rows_equal_dense_attention(kernel, shape, q_len, mask_kind, hand
         allowed = allowed[:1]
         mask = additive_mask(allowed, q_len, k_len, None)
     output, logits = cpu_kernel.decode_rows(kernel, query, key, value, mask, handed=handed, mix=mix)
-    assert [m is None for m in kernel.mixes] == [handed_on != "in-kernel"]
     expected, expected_logits = dense_rows(query, key, value, allowed[:, None], handed, mix, None)
     assert output.dtype == dtype and output.shape == (batch, q_len, heads * value_dim)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output rounded to it
@@ -128,19 +114,14 @@ def test_decode_rows_refuse_handed_logits_of_other_keys(kernel):
     query, key, value = rand(generator, 1, 2, 1, 8), rand(generator, 1, 1, 10, 8), rand(generator, 1, 1, 10, 8)
     with pytest.raises(RuntimeError, match="handed: B x H_s x T_q x T_k"):
         cpu_kernel.decode_rows(kernel, query, key, value, None, handed=torch.zeros(1, 2, 1, 12), mix=torch.eye(2))
-    with pytest.raises(RuntimeError, match="handed logits without a mixing: B x H x T_q x T_k"):
-        cpu_kernel.decode_rows(kernel, query, key, value, None, handed=torch.zeros(1, 3, 1, 10))
 
 
-@pytest.mark.parametrize("premix", [False, True], ids=["mixed-inside", "premixed"])
-def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, monkeypatch, llama, premix):
+def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, monkeypatch, llama):
     """In inference on CPU each layer of a decode step attends by one decode-rows call (the source, the shared
     layers and the full layers that hand nothing on, which keep no logits), as does a short prompt's later link (its
     source's logits materialized), on every build (without AVX-512 too: its rows are faster than torch's operations
-    on caches read from memory), the handed logits mixed inside the kernel or, as large shapes have them, by one
-    product before it; autograd does not; the greedy continuation and its logits equal the torch route's (kernel
-    off)."""
-    monkeypatch.setattr(cpu_kernel, "PREMIX_MIN_MULTIPLY_ADDS", 0 if premix else 2**62)
+    on caches read from memory); autograd does not; the greedy continuation and its logits equal the torch route's
+    (kernel off)."""
     build = lambda: None if cpu_kernel.cpu_kernel_setting() == "off" else kernel  # noqa: E731  (the setting holds)
     monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", build)
     merged = get_peft_model(copy.deepcopy(llama), LiSAConfig(share_layers=[2, 3], rank=4)).merge_and_unload().eval()

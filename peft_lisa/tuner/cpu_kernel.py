@@ -57,14 +57,6 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fvisibility=hidden") + (
 # 32 x 128, 32 x 256 and 64 x 256 within 5% of each other, 128 x 128 slowest.
 BLOCK_QUERIES = 64
 BLOCK_KEYS = 128
-# Decode rows: handed logits are mixed by one matrix product before the kernel call, instead of row by row inside it,
-# from this many multiply-adds of the mixing (B H H_s T_q T_k) up. Inside, each query head's row reads all H_s handed
-# rows of its sequence, which the values streamed between tasks push out of the core's cache. Measured on AMD Zen 5
-# (bf16, 2 threads, docs/benchmark/cpu_kernel/premix.py): from 2^24 multiply-adds up (Llama-3-8B's and LLaMA-2-7B's
-# layouts at 8 x 2048 and 8 x 4096) a call took 1.05-1.22x as long mixing inside; below 2^23, where the product's own
-# call weighs more, mixing inside took 0.59-1.05x the time of mixing before (SmolLM2 to LLaMA-2-7B layouts; one point
-# at 1.13x, Llama-3-8B's at 1 x 4096, 0.07 ms).
-PREMIX_MIN_MULTIPLY_ADDS = 1 << 23
 
 
 class CPUKernelUnavailable(RuntimeError):
@@ -352,18 +344,12 @@ def decode_rows(
     query: B x H x T_q x W, scaled (a source layer's rotary query, a shared layer's rank-r one); key: B x H_e x T_k x W
     (the cache, read as it lies); value: B x H_kv x T_k x d_v; mask from :func:`kernel_mask` (None: causal, the
     queries are the last T_q positions); handed: B x H_s x T_q x T_k float32 logits of the layer before, with mix:
-    H x H_s, or mixed already (B x H x T_q x T_k, ``mix=None``). Returns the output B x T_q x (H d_v) in the values'
-    dtype and S before the mask, B x H x T_q x T_k float32 (None unless ``hand_on``). Sums, the mixing and the softmax
-    are float32. From ``PREMIX_MIN_MULTIPLY_ADDS`` multiply-adds of mixing up, ``mix @ handed`` runs as one matrix
-    product before the call.
+    H x H_s. Returns the output B x T_q x (H d_v) in the values' dtype and S before the mask, B x H x T_q x T_k
+    float32 (None unless ``hand_on``). Sums, the mixing and the softmax are float32.
     """
     key = last_dim_contiguous(key if key.dtype in (torch.float32, value.dtype) else key.to(value.dtype))
     if handed is not None:
-        handed, mix = last_dim_contiguous(handed.float()), None if mix is None else mix.float().contiguous()
-        if mix is not None and handed.numel() * mix.shape[0] >= PREMIX_MIN_MULTIPLY_ADDS:
-            batch, _, q_len, k_len = handed.shape  # P S in one product: B x H x (T_q T_k)
-            mixed = torch.matmul(mix, handed.reshape(batch, -1, q_len * k_len))
-            handed, mix = mixed.view(batch, -1, q_len, k_len), None
+        handed, mix = last_dim_contiguous(handed.float()), mix.float().contiguous()
     output, logits = kernel.decode_rows(
         handed, mix, query.float().contiguous(), key, last_dim_contiguous(value), mask, softcap or 0.0, hand_on
     )  # B x T_q x H x d_v, B x H x T_q x T_k

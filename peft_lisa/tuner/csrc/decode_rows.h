@@ -3,8 +3,7 @@
 //   S[h, i] = sum_g mix[h, g] handed[b, g, i] + q[b, h, i] k[b, h / (H / H_e)]^T      (softcapped where asked)
 //   out[b, i, h] = softmax(S[h, i] + M) v[b, h / (H / H_kv)]
 // A source layer has no handed logits: its term is its own q k^T, scaled. A shared layer mixes the row its source
-// handed on by P (or takes it mixed already, mix null: P S by one matrix product before the call) and adds its
-// rank-r term. S (before the mask) is written out where asked: the layer hands it on.
+// handed on by P and adds its rank-r term. S (before the mask) is written out where asked: the layer hands it on.
 // One task takes the query heads that read one value head (or one query head, where there are fewer such groups than
 // twice the threads), holds their rows' logits whole in a thread's scratch buffer (T_k floats a row), and reads each
 // key and value row once for all its rows: a decode step reads the cache once, as the base's sdpa does, in one call
@@ -156,19 +155,15 @@ struct Rows {
     const auto scale = lisa_kernel::scratch<float>(2, rows);  // 1 / a row's sum of exp
     auto head = [&](int64_t r) { return h0 + r / q_len; };
 
-    // S: the handed rows mixed (or mixed already: each head's own row), or zeros.
+    // S: the handed rows mixed, or zeros.
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s.data() + r * k_len;
       if (handed == nullptr) {
         std::fill(row, row + k_len, 0.f);
         continue;
       }
-      const float* source = handed + b * handed_b + (r % q_len) * handed_q;
-      if (mix == nullptr) {
-        std::memcpy(row, source + head(r) * handed_h, k_len * sizeof(float));
-        continue;
-      }
       const float* mixing = mix + head(r) * handed_heads;
+      const float* source = handed + b * handed_b + (r % q_len) * handed_q;
       int64_t t = 0;
       for (; t + kLanes <= k_len; t += kLanes) {
         Floats x = {};
@@ -246,7 +241,7 @@ struct Rows {
 };
 
 // handed: B x H_s x T_q x T_k float32 (last dim contiguous) with mix H x H_s
-// float32 contiguous, or mixed already (B x H x T_q x T_k, no mix), or neither; query B x H x T_q x W float32 contiguous (scaled); key B x H_e x T_k x W (last dim
+// float32 contiguous, or neither; query B x H x T_q x W float32 contiguous (scaled); key B x H_e x T_k x W (last dim
 // contiguous; float32 or the values' dtype); value B x H_kv x T_k x D_v (last dim contiguous); mask none (causal: the
 // queries are the last T_q of the T_k positions) or B_m x T_q x T_k (B_m 1 or B), bool (true: attend) or float32
 // (additive); softcap 0 for none. Returns {B x T_q x H x D_v in the values' dtype, the logits before the mask
@@ -266,15 +261,13 @@ inline std::vector<at::Tensor> decode_rows(const c10::optional<at::Tensor>& hand
               "key: B x H_e x T_k x W, last dim contiguous, H a multiple of H_e");
   TORCH_CHECK(key.scalar_type() == at::kFloat || key.scalar_type() == value.scalar_type(),
               "key: float32 or the values' dtype");
-  TORCH_CHECK(handed.has_value() || !mix.has_value(), "a mixing without handed logits");
+  TORCH_CHECK(handed.has_value() == mix.has_value(), "handed logits and their mixing come together");
   if (handed.has_value()) {
     TORCH_CHECK(handed->dim() == 4 && handed->stride(3) == 1 && handed->scalar_type() == at::kFloat &&
                     handed->size(0) == batch && handed->size(2) == q_len && handed->size(3) == k_len,
                 "handed: B x H_s x T_q x T_k float32, last dim contiguous");
-    TORCH_CHECK(mix.has_value() || handed->size(1) == heads, "handed logits without a mixing: B x H x T_q x T_k");
-    TORCH_CHECK(!mix.has_value() || (mix->is_contiguous() && mix->scalar_type() == at::kFloat &&
-                                     mix->size(0) == heads && mix->size(1) == handed->size(1)),
-                "mix: H x H_s float32, contiguous");
+    TORCH_CHECK(mix->is_contiguous() && mix->scalar_type() == at::kFloat && mix->size(0) == heads &&
+                    mix->size(1) == handed->size(1), "mix: H x H_s float32, contiguous");
   }
   TORCH_CHECK(!mask.has_value() || (mask->dim() == 3 && (mask->size(0) == 1 || mask->size(0) == batch) &&
                                     mask->size(1) == q_len && mask->size(2) == k_len &&
@@ -294,7 +287,7 @@ inline std::vector<at::Tensor> decode_rows(const c10::optional<at::Tensor>& hand
         rows.handed_b = handed->stride(0);
         rows.handed_h = handed->stride(1);
         rows.handed_q = handed->stride(2);
-        rows.mix = mix.has_value() ? mix->data_ptr<float>() : nullptr;  // null: mixed already
+        rows.mix = mix->data_ptr<float>();
       }
       rows.query = query.data_ptr<float>();
       rows.width = query.size(3);
