@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,7 +32,7 @@ from peft_lisa.benchmark.report import machine_label
 from peft_lisa.benchmark.results import HOOKED_CACHE_KINDS
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--geometries", default=",".join(GEOMETRIES), help="comma-separated, from " + str(list(GEOMETRIES))
@@ -57,7 +58,7 @@ def main() -> None:
         help="also time the base with every layer on the kernel's decode rows (default: on CPU)",
     )
     parser.add_argument("--output-dir", default="geometry-bench")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[peft-lisa] %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,13 +18,14 @@ from peft import get_peft_model
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
-from peft_lisa import AttentionAnalysis, LiSAConfig
+from peft_lisa import AttentionAnalysis, LiSAConfig, LiSAFullAttention
 from peft_lisa.benchmark import (
     BenchmarkResult,
     ModelShape,
     PeakMemory,
     TensorPeak,
     analytic_breakdown,
+    base_on_decode_rows,
     benchmark_model,
     cache_bytes,
     ceilings,
@@ -33,8 +34,10 @@ from peft_lisa.benchmark import (
     run_benchmark,
     synthetic_cache,
 )
+from peft_lisa.benchmark.controls import decode_rows_in_use
 from peft_lisa.benchmark.cost_model import chain_depths, earlier_link_pair_flops
 from peft_lisa.benchmark.layer_clock import _alternating_layer_times, decode_layer_times, prefill_layer_times
+from peft_lisa.tuner import cpu_kernel
 
 from .conftest import REPO_ROOT, tiny_model
 
@@ -549,31 +552,39 @@ TINY_GEOMETRY = dict(
 
 @pytest.mark.parametrize("cache, rows_control", [("dynamic", None), ("static", None), ("dynamic", False)])
 def test_geometry_layer_times_and_full_depth_estimate(monkeypatch, cache, rows_control):
-    """The per-layer decode clock on a tiny stand-in geometry, on either cache, with the control on CPU by default
-    (the base on the decode rows) or without it: every layer kind is timed, cache bytes per kind are the model's,
+    """The per-layer decode clock on a tiny stand-in geometry, on either cache, with the control where the decode
+    rows run (the base on the rows) or without it: every layer kind is timed, cache bytes per kind are the model's,
     and the full-depth estimate adds them up as documented."""
     from peft_lisa.benchmark import geometry
 
     monkeypatch.setitem(geometry.GEOMETRIES, "tiny", TINY_GEOMETRY)
-    built = []  # the caches the clock decoded on
+    built, controls = [], []  # the caches the clock decoded on; the models made the control
 
     def recorded_cache(*args, **kwargs):
         built.append(synthetic_cache(*args, **kwargs))
         return built[-1]
 
+    def recorded_control(model):
+        controls.append(base_on_decode_rows(model))
+        return controls[-1]
+
     monkeypatch.setattr(geometry, "synthetic_cache", recorded_cache)
+    monkeypatch.setattr(geometry, "base_on_decode_rows", recorded_control)
     times = geometry.layer_decode_times(
         "tiny", batch=2, context=32, decode_tokens=2, repeats=1, dtype=torch.float32, cache=cache,
         rows_control=rows_control,
     )  # fmt: skip
-    control = rows_control is None  # on CPU by default
+    control = rows_control is None and decode_rows_in_use(torch.device("cpu"))  # where the rows run, by default
+    assert len(controls) == int(control)
+    assert all(isinstance(layer.self_attn, LiSAFullAttention) for model in controls for layer in model.model.layers)
     assert times.cache == cache and len(built) == 2 * (3 if control else 2)  # a warm-up and one repetition
     expected = "StaticCache" if cache == "static" else "DynamicCache"
     assert {type(kv).__name__ for kv in built} == {expected}
     kinds = {"full", "source", "shared"} | ({"rows"} if control else set())
     assert set(times.seconds) == kinds and all(s > 0 for s in times.seconds.values())
     full, shared = 2 * 2 * 16 * 4, 2 * (8 + 16) * 4  # fp32: K and V of 2 KV heads x 16; rank-8 keys and V
-    assert times.cache_bytes_per_token == {"full": full, "source": full, "shared": shared, "rows": full}
+    rows = {"rows": full} if control else {}
+    assert times.cache_bytes_per_token == {"full": full, "source": full, "shared": shared, **rows}
     estimate = geometry.full_depth_estimate(times, share_fraction=0.5)
     merged = estimate["models"]["merged"]
     assert merged["layers"] == {"full": 0, "source": 4, "shared": 4}
@@ -583,16 +594,40 @@ def test_geometry_layer_times_and_full_depth_estimate(monkeypatch, cache, rows_c
     table = geometry.geometry_markdown([(times, estimate)])
     assert f"| tiny | 2 x 32, {cache} cache |" in table
     if control:
-        rows = estimate["models"]["base rows"]
-        assert rows["layers"] == {"rows": 8} and rows["budget_max_batch"] == 2
+        on_rows = estimate["models"]["base rows"]
+        assert on_rows["layers"] == {"rows": 8} and on_rows["budget_max_batch"] == 2
         rows_step = times.outside_layers["base rows"] + 8 * times.seconds["rows"]
-        assert rows["decode_step_seconds"] == pytest.approx(rows_step)
+        assert on_rows["decode_step_seconds"] == pytest.approx(rows_step)
         assert estimate["decode_speedup_over_rows"] == pytest.approx(rows_step / step)
-        assert f"| tiny | {times.seconds['full'] * 1e3:.1f} | {times.seconds['rows'] * 1e3:.1f} |" in table
+        budgeted = merged["budget_tokens_per_s"] / on_rows["budget_tokens_per_s"]
+        assert estimate["budget_throughput_ratio_over_rows"] == pytest.approx(budgeted)
+        assert f"| {times.seconds['full'] * 1e3:.1f} | {times.seconds['rows'] * 1e3:.1f} |" in table
     else:
         assert "base rows" not in estimate["models"] and "Control" not in table
     with pytest.raises(ValueError, match="cache must be one of 'dynamic', 'static', got 'paged'"):
         geometry.layer_decode_times("tiny", cache="paged")
+
+
+def test_geometry_control_only_where_the_decode_rows_run(monkeypatch, tmp_path):
+    """With the kernel off the base on rows would decode as the base does: the control is left out by default and
+    refused when asked for; the example's command line records the choice."""
+    from peft_lisa.benchmark import geometry
+
+    monkeypatch.setitem(geometry.GEOMETRIES, "tiny", TINY_GEOMETRY)
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
+    with pytest.raises(ValueError, match="rows_control=True: the base on rows decodes through the CPU kernel's"):
+        geometry.layer_decode_times("tiny", rows_control=True)
+    with pytest.raises(ValueError, match="which meta does not run"):
+        geometry.layer_decode_times("tiny", rows_control=True, device="meta")
+    spec = importlib.util.spec_from_file_location("geometry_example", REPO_ROOT / "examples" / "geometry_benchmark.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--geometries", "tiny", "--batch", "2", "--context", "16", "--decode-tokens", "1", "--repeats", "1"]
+    example.main([*argv, "--no-rows-control", "--output-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "geometry.json").read_text())
+    assert data["command"].endswith("--no-rows-control --output-dir " + str(tmp_path))
+    assert set(data["rows"][0]["seconds"]) == {"full", "source", "shared"}
+    assert "Control" not in (tmp_path / "geometry.md").read_text()
 
 
 def test_prefill_by_layer_example_on_a_geometry(monkeypatch, tmp_path):

@@ -10,10 +10,12 @@ benchmark's ``base rows`` subject).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..tuner import LiSAFullAttention, LiSALayer, LiSASharedAttention
 from ..tuner.architectures import decoder_layers, describe_model_attention
+from ..tuner.cpu_kernel import cpu_kernel_status
 
 # What a decoder layer's self_attn is once LiSA is in the model: the adapter's wrapper or a merged model's modules.
 _LISA_ATTENTION = (LiSALayer, LiSAFullAttention, LiSASharedAttention)
@@ -39,3 +41,10 @@ def base_on_decode_rows(model: nn.Module) -> nn.Module:
     for idx, layer in enumerate(layers):
         layer.self_attn = LiSAFullAttention(layer.self_attn, None, layouts[idx])
     return model
+
+
+def decode_rows_in_use(device: torch.device) -> bool:
+    """Whether inference on ``device`` decodes through the kernel's rows: on CPU with the kernel built (not
+    ``PEFT_LISA_CPU_KERNEL=off``, a compiler found). Elsewhere :func:`base_on_decode_rows` decodes as the base does,
+    and a control built with it times the base twice."""
+    return device.type == "cpu" and cpu_kernel_status() == "used"

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..tuner.architectures import decoder_layers
 from ..tuner.config import LiSAConfig
-from .controls import base_on_decode_rows
+from .controls import base_on_decode_rows, decode_rows_in_use
 from .cost_model import ModelShape
 from .layer_clock import LayerClock
 from .measure import (
@@ -67,8 +67,8 @@ class LayerTimes:
     dtype: str
     cache: str = "dynamic"  # the KV cache decoded on: "dynamic" (transformers' default) or "static"
     seconds: dict[str, float] = field(default_factory=dict)  # layer kind -> seconds per decode step
-    outside_layers: dict[str, float] = field(default_factory=dict)  # model -> embeddings, norm, LM head
-    # "base" and "merged", and "base rows" where the control ran (the base with every layer on the decode rows)
+    # model -> embeddings, norm, LM head: "base" and "merged", and "base rows" where the control ran
+    outside_layers: dict[str, float] = field(default_factory=dict)
     cache_bytes_per_token: dict[str, int] = field(default_factory=dict)  # layer kind -> bytes
     weight_bytes: dict[str, int] = field(default_factory=dict)  # layer kind -> bytes of one layer
     outside_weight_bytes: int = 0
@@ -128,21 +128,29 @@ def layer_decode_times(
     """Per-layer decode-step time of a full, a source and a shared layer of ``geometry`` at ``batch`` x ``context``.
 
     The base model has ``num_layers`` full layers; the merged model shares every odd layer (so every shared layer
-    has a source layer before it). Both decode ``decode_tokens`` steps on a synthetic cache of ``context`` tokens,
-    alternating, ``repeats`` times; a layer kind's time is the median per step, averaged over its layers. Both models
-    are built on CPU and then moved to ``device``. ``cache="static"`` decodes on a static cache of ``context +
-    decode_tokens`` slots (:func:`~peft_lisa.benchmark.measure.synthetic_cache`), where a step writes its token in
-    place; the default dynamic cache copies every layer's keys and values at every step (``torch.cat``).
+    has a source layer before it). The models decode ``decode_tokens`` steps on a synthetic cache of ``context``
+    tokens, alternating (order reversed every other repetition), ``repeats`` times; a layer kind's time is the median
+    per step, averaged over its layers. The models are built on CPU and then moved to ``device``.
+    ``cache="static"`` decodes on a static cache of ``context + decode_tokens`` slots
+    (:func:`~peft_lisa.benchmark.measure.synthetic_cache`), where a step writes its token in place; the default
+    dynamic cache copies every layer's keys and values at every step (``torch.cat``).
 
-    ``rows_control`` (default: on CPU) adds a third model, ``"base rows"``: the base with every layer on the kernel's
-    decode rows (:func:`~peft_lisa.benchmark.controls.base_on_decode_rows`), as the merged model's layers are; its
-    full layer's time is the kind ``"rows"``. The decode rows run on CPU only.
+    ``rows_control`` adds a third model, ``"base rows"``: the base with every layer on the kernel's decode rows
+    (:func:`~peft_lisa.benchmark.controls.base_on_decode_rows`), as the merged model's layers are; its full layer's
+    time is the kind ``"rows"``. By default it runs where the rows do (CPU, the kernel built); asked for elsewhere it
+    raises ``ValueError``, since it would time the base twice.
     """
     check_cache_kind(cache, HOOKED_CACHE_KINDS)
     slots = cache_slots(cache, context, decode_tokens)
     device = torch.device(device)
     if rows_control is None:
-        rows_control = device.type == "cpu"
+        rows_control = decode_rows_in_use(device)
+    elif rows_control and not decode_rows_in_use(device):
+        raise ValueError(
+            f"rows_control=True: the base on rows decodes through the CPU kernel's decode rows, which {device} does "
+            "not run (they need the CPU and the kernel built: PEFT_LISA_CPU_KERNEL not 'off', a C++ compiler); the "
+            "control would time the base twice. Leave rows_control unset (--no-rows-control)."
+        )
     base, merged = geometry_models(geometry, num_layers, dtype, rank, head_mixing)
     models = {"base": base, "merged": merged}
     if rows_control:
@@ -182,15 +190,16 @@ def layer_decode_times(
         "full": shape.full_layer_cache_bytes,
         "source": shape.full_layer_cache_bytes,
         "shared": shape.shared_layer_cache_bytes,
-        "rows": shape.full_layer_cache_bytes,
     }
     base_layers = decoder_layers(base)
     result.weight_bytes = {
         "full": _bytes(base_layers[0]),
         "source": _bytes(layers[0]),
         "shared": _bytes(layers[1]),
-        "rows": _bytes(base_layers[0]),
     }
+    if rows_control:  # the base's full layer, on the rows
+        result.cache_bytes_per_token["rows"] = result.cache_bytes_per_token["full"]
+        result.weight_bytes["rows"] = result.weight_bytes["full"]
     result.outside_weight_bytes = _bytes(base) - sum(_bytes(layer) for layer in base_layers)
     for clock in clocks.values():
         clock.remove()
@@ -278,7 +287,8 @@ def geometry_markdown(rows: list[tuple[LayerTimes, dict[str, Any]]]) -> str:
         )
         if "rows" in s:
             controls.append(
-                f"| {times.geometry} | {s['full'] * 1e3:.1f} | {s['rows'] * 1e3:.1f} | {s['full'] / s['rows']:.2f}x "
+                f"| {times.geometry} | {times.batch} x {times.context}, {times.cache} cache | {s['full'] * 1e3:.1f} "
+                f"| {s['rows'] * 1e3:.1f} | {s['full'] / s['rows']:.2f}x "
                 f"| {est['decode_speedup_over_rows']:.2f}x | {est['decode_ceiling']:.2f}x "
                 f"| {est['budget_throughput_ratio_over_rows']:.2f}x |"
             )
@@ -287,9 +297,9 @@ def geometry_markdown(rows: list[tuple[LayerTimes, dict[str, Any]]]) -> str:
             "",
             "Control, the base with every layer on the decode rows (`base rows`), as the merged model's layers are:",
             "",
-            "| geometry | full layer ms | full layer on rows ms | rows over sdpa | full-depth decode over base rows "
-            "| ceiling (bytes) | budgeted throughput over base rows |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| geometry | batch x context, cache | full layer ms | full layer on rows ms | full layer / on rows "
+            "| full-depth decode over base rows | ceiling (bytes) | budgeted throughput over base rows |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
             *controls,
         ]
     return "\n".join(lines) + "\n"
