@@ -8,8 +8,9 @@ table and writes ``geometry.md`` / ``geometry.json`` to ``--output-dir``
 
     python examples/geometry_benchmark.py --threads 2 --output-dir docs/benchmark
 
-On CPU a third model is timed beside them, the base with every layer on the kernel's decode rows (as the merged
-model's layers are), so that the table shows what sharing alone buys (``--no-rows-control`` leaves it out).
+Where the kernel's decode rows run (CPU, the kernel built) a third model is timed beside them, the base with every
+layer on those rows (as the merged model's layers are), so that the tables show what sharing alone buys
+(``--no-rows-control`` leaves it out).
 
 ``--cache static`` decodes on a static cache (``StaticCache``, written in place, as ``generate(
 cache_implementation="static")`` and compiled decoding use it) instead of transformers' default dynamic cache, which
