@@ -4,8 +4,9 @@ Speed does not depend on trained weights, so a model with the layer geometry of 
 truncated to a few layers and given random weights, is an honest subject on a machine that cannot hold or prefill the
 real one. :func:`layer_decode_times` builds the truncated base model and its merged LiSA model (every other layer
 shared), times decode steps on a synthetic KV cache of the right size with the models alternating, and reads the
-time of every decoder layer off forward hooks. On CPU a third model, the base with every layer on the kernel's decode
-rows (:func:`~peft_lisa.benchmark.controls.base_on_decode_rows`), separates what sharing buys from what the rows buy.
+time of every decoder layer off forward hooks. Where the kernel's decode rows run (CPU, the kernel built) a third
+model, the base with every layer on those rows (:func:`~peft_lisa.benchmark.controls.base_on_decode_rows`),
+separates what sharing buys from what the rows buy.
 :func:`full_depth_estimate` turns those per-layer times into the decode step and the throughput under a memory
 budget that the full-depth models imply.
 """
