@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-context", type=positive_int, default=None, help="context of the max-throughput run")
     group.add_argument("--no-max-throughput", action="store_true", help="skip the max-throughput measure")
     group.add_argument(
+        "--base-on-rows",
+        action="store_true",
+        help="time the control instead of the base as loaded: the base with every layer decoding through the CPU "
+        "kernel's decode rows, as the merged model's layers do, so that the decode ratios are LiSA's share alone "
+        "(CPU, the kernel built)",
+    )
+    group.add_argument(
         "--cache",
         choices=CACHE_KINDS,
         default="dynamic",
@@ -316,6 +323,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             analysis=analysis,
             max_chain=args.max_chain,
             layer_score=args.layer_score,
+            base_on_rows=args.base_on_rows,
             rank=args.rank,
             align_hidden=args.align_hidden,
             head_mixing=args.head_mixing,

@@ -26,8 +26,10 @@ from peft_lisa.generated_text import GENERIC_PROMPTS
 from peft_lisa.jobs.checks import JobInputError, check_layer_choice
 from peft_lisa.jobs.metrics import LICENSE_NOTE, perplexity_table
 from peft_lisa.jobs.train_job import GENERATION_LABELS, TrainResult
+from peft_lisa.tuner import attention as attention_module
+from peft_lisa.tuner import cpu_kernel
 
-from .conftest import REPO_ROOT, random_ids, run_python, tiny_model
+from .conftest import REPO_ROOT, random_ids, require_cpu_kernel, run_python, tiny_model
 from .test_training import WORDS, tiny_tokenizer
 
 COMMANDS = ("analyze", "train", "calibrate", "eval", "merge", "bench")
@@ -628,6 +630,38 @@ def test_eval_merged_matches_the_adapter(capsys, work, run_dir, merged_dir):
     trained = json.loads((run_dir / "adapter" / "lisa_metrics.json").read_text())["perplexity"]
     assert results["kind"] == "merged LiSA model"
     assert results["perplexity"]["ppl"] == pytest.approx(trained["ppl"], rel=1e-4)
+
+
+def test_bench_on_the_control_base(capsys, work, monkeypatch):
+    """``--base-on-rows`` benchmarks the merged model against the control (the base with every layer on the CPU
+    kernel's decode rows): the base's decode steps take the rows, the results say so; where the rows do not run it
+    is refused with the reason."""
+    require_cpu_kernel(monkeypatch)
+    calls = []
+    original = attention_module.decode_rows
+
+    def counting(kernel, query, *args, **kwargs):
+        calls.append(kwargs.get("handed") is not None)
+        return original(kernel, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "decode_rows", counting)
+    out = work / "bench-control"
+    grid = ["--quick", "--batch-sizes", 1, "--contexts", 16, "--repeats", 1, "--warmup", 0, "--no-max-throughput"]
+    model = ["--model", work / "tiny", "--share-layers", "3", "--rank", 4]
+    printed = ok(capsys, "bench", *model, *grid, "--output-dir", out)
+    assert "peft-lisa bench --base-on-rows times a base whose every layer decodes by the rows" in printed
+    merged_only = len(calls)  # the merged model's layers decode through the rows; the sdpa base's do not
+    calls.clear()
+    printed = ok(capsys, "bench", *model, *grid, "--base-on-rows", "--output-dir", out)
+    assert len(calls) == 2 * merged_only  # the base's 5 layers as many calls as the merged model's 5
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"]["base"]["attn_implementation"] == "sdpa, decode steps on the CPU kernel's rows"
+    assert results["models"]["merged"]["attn_implementation"] == "sdpa"
+    assert "so does every layer of the base model here" in printed
+    assert "--base-on-rows" in results["settings"]["command"]
+    monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
+    code, _, err = run(capsys, "bench", *model, *grid, "--base-on-rows", "--output-dir", out)
+    assert code == 2 and "base_on_rows: the control decodes through the CPU kernel's decode rows" in err
 
 
 def test_merge_with_eval_and_bench_quick(capsys, work, run_dir, merged_dir):

@@ -48,3 +48,9 @@ def decode_rows_in_use(device: torch.device) -> bool:
     ``PEFT_LISA_CPU_KERNEL=off``, a compiler found). Elsewhere :func:`base_on_decode_rows` decodes as the base does,
     and a control built with it times the base twice."""
     return device.type == "cpu" and cpu_kernel_status() == "used"
+
+
+def on_decode_rows(model: nn.Module) -> bool:
+    """Whether ``model`` is a base that :func:`base_on_decode_rows` made a control: every layer a
+    :class:`LiSAFullAttention` (a merged model's source and shared layers are other classes)."""
+    return all(type(layer.self_attn) is LiSAFullAttention for layer in decoder_layers(model))

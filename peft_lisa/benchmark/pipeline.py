@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from ..analysis import AttentionAnalysis, choose_share_layers
 from ..resources import DEFAULT_MODEL, resolve_model_path
 from ..tuner.config import LiSAConfig, validate_share_layers
+from .controls import base_on_decode_rows, decode_rows_in_use
 from .report import BenchmarkResult
 from .results import PathLike
 from .run import run_benchmark
@@ -76,6 +77,7 @@ def benchmark_model(
     command: Optional[str] = None,
     max_chain: Optional[int] = None,
     layer_score: Optional[str] = None,
+    base_on_rows: bool = False,
     **options: Any,
 ) -> BenchmarkOutputs:
     """Benchmark a base model against a merged LiSA model of it and write the results to ``output_dir``.
@@ -96,18 +98,21 @@ def benchmark_model(
         device: where to run; default CUDA when available, else CPU.
         output_dir: where ``results.json``, ``results.md`` and ``benchmark.png`` go (created if missing).
         command: the command line to record in the results' settings (and the markdown report).
+        base_on_rows: time the control instead of the base as loaded: the base with every layer on the CPU kernel's
+            decode rows, as the merged model's layers decode (:func:`~.controls.base_on_decode_rows`), so that the
+            decode ratios are LiSA's share alone. CPU only, with the kernel built.
         **options: passed to :func:`~.run.run_benchmark` (``batch_sizes``, ``contexts``, ``decode_tokens``,
             ``repeats``, ``warmup``, ``memory_budget_bytes``, ``budget_context``, ``max_throughput``,
             ``memory_limit_bytes``, ``max_prefill_tokens``, ``cache``, ``seed``, ``progress``).
 
     Raises:
         OSError: a model could not be loaded.
-        ValueError: ``merged`` is not a merged model of ``model``, or the shared layers are out of range or cannot
-            be chosen from ``analysis``.
+        ValueError: ``merged`` is not a merged model of ``model``, the shared layers are out of range or cannot
+            be chosen from ``analysis``, or ``base_on_rows`` where the decode rows do not run.
     """
     base, merged_model, path = load_benchmark_models(
         model, merged, share_layers, share_fraction, analysis, rank, align_hidden, head_mixing, dtype, device,
-        max_chain=max_chain, layer_score=layer_score,
+        max_chain=max_chain, layer_score=layer_score, base_on_rows=base_on_rows,
     )  # fmt: skip
     device = next(base.parameters()).device
     result = run_benchmark(base, merged_model, device=device, **options)
@@ -188,12 +193,19 @@ def load_benchmark_models(
     device: Union[str, torch.device, None] = None,
     max_chain: Optional[int] = None,
     layer_score: Optional[str] = None,
+    base_on_rows: bool = False,
 ) -> tuple[nn.Module, nn.Module, Path]:
     """The base model and the merged LiSA model of it that :func:`benchmark_model` compares (same arguments), in
     eval mode on ``device``, with the base model's resolved path."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if base_on_rows and not decode_rows_in_use(device):
+        raise ValueError(
+            f"base_on_rows: the control decodes through the CPU kernel's decode rows, which {device} does not run "
+            "(they need the CPU and the kernel built: PEFT_LISA_CPU_KERNEL not 'off', a C++ compiler); benchmark "
+            "the base as loaded instead (leave out --base-on-rows)"
+        )
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     label = model or f"{DEFAULT_MODEL} (built-in)"
@@ -203,6 +215,9 @@ def load_benchmark_models(
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     except OSError as error:
         raise OSError(f"could not load the model {label}: {error}") from error
+    if base_on_rows:
+        base_on_decode_rows(base)
+        logger.info("the base decodes through the CPU kernel's decode rows (the control: --base-on-rows)")
     if merged is not None:
         logger.info(f"loading the merged model {merged}")
         merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype).to(device).eval()

@@ -37,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..tuner import attention as lisa_attention
 from ..tuner.compression import qk_compression_report
+from .controls import on_decode_rows
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import (
     PeakMemory,
@@ -78,15 +79,23 @@ def _console_loggers() -> list[logging.Logger]:
     ]
 
 
-def _other_layers_note(implementation: str, kernel_used: bool) -> str:
-    """How the merged model's other full layers and the base's layers attend, for the results' notes."""
+def _other_layers_note(implementation: str, kernel_used: bool, base_on_rows: bool = False) -> str:
+    """How the merged model's other full layers and the base's layers attend, for the results' notes
+    (``base_on_rows``: the base is the control of :func:`~.controls.base_on_decode_rows`)."""
     if not kernel_used:
         return f"Every other layer, and every layer of the base model, uses {implementation}."
-    return (
+    merged = (
         f"Every other layer of the merged model runs {implementation} on prefill and, like the source and shared "
-        "layers, the CPU kernel's decode rows on decode steps (LiSAFullAttention); every layer of the base model "
-        f"runs {implementation}. So part of a decode speedup is the rows', not LiSA's: "
-        "docs/benchmark/control/base_attention.py times a base whose every layer decodes by the rows."
+        "layers, the CPU kernel's decode rows on decode steps (LiSAFullAttention); "
+    )
+    if base_on_rows:
+        return merged + (
+            "so does every layer of the base model here (the control peft_lisa.benchmark.base_on_decode_rows, "
+            "peft-lisa bench --base-on-rows): the decode ratios are LiSA's share alone."
+        )
+    return merged + (
+        f"every layer of the base model runs {implementation}. So part of a decode speedup is the rows', not "
+        "LiSA's: peft-lisa bench --base-on-rows times a base whose every layer decodes by the rows."
     )
 
 
@@ -216,6 +225,8 @@ def run_benchmark(
             "same shape (the cost of a decode step does not depend on the cached values)."
         )
     implementation = getattr(models["base"].config, "_attn_implementation", None)
+    base_on_rows = on_decode_rows(models["base"])
+    on_rows = {"base": base_on_rows, "merged": False}  # a merged model's layers are not all LiSAFullAttention
     notes.append(
         "The merged model's shared layers with a linear alignment keep their logits as queries and keys on "
         "prefill (docs/method.md, 'Fused attention of a shared layer') and attend by fused sdpa calls, or by "
@@ -225,7 +236,8 @@ def run_benchmark(
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "
-        f"on decode steps. {_other_layers_note(implementation, machine.get('lisa_cpu_kernel') == 'used')}"
+        "on decode steps. "
+        + _other_layers_note(implementation, machine.get("lisa_cpu_kernel") == "used", base_on_rows)
     )
     notes.append(
         "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
@@ -254,7 +266,10 @@ def run_benchmark(
     return BenchmarkResult(
         machine=machine,
         settings=settings,
-        models={key: _model_info(_model_name(models["base"], key), models[key], shapes[key]) for key in MODEL_KEYS},
+        models={
+            key: _model_info(_model_name(models["base"], key), models[key], shapes[key], on_rows[key])
+            for key in MODEL_KEYS
+        },
         runs=runs,
         skipped=skipped,
         compression=qk_compression_report(models["merged"]).to_dict(),
@@ -502,13 +517,14 @@ def _model_name(base_model: nn.Module, key: str) -> str:
     return name if key == "base" else f"{name} + LiSA (merged)"
 
 
-def _model_info(name: str, model: nn.Module, shape: ModelShape) -> ModelInfo:
+def _model_info(name: str, model: nn.Module, shape: ModelShape, on_rows: bool = False) -> ModelInfo:
+    implementation = str(getattr(model.config, "_attn_implementation", None))
     return ModelInfo(
         name=name,
         num_parameters=_num_parameters(model),
         weight_bytes=shape.weight_bytes,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        attn_implementation=str(getattr(model.config, "_attn_implementation", None)),
+        attn_implementation=f"{implementation}, decode steps on the CPU kernel's rows" if on_rows else implementation,
         num_layers=shape.num_layers,
         share_layers=list(shape.share_layers),
         source_layers=list(shape.source_layers),
