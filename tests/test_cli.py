@@ -650,10 +650,12 @@ def test_bench_on_the_control_base(capsys, work, monkeypatch):
     model = ["--model", work / "tiny", "--share-layers", "3", "--rank", 4]
     printed = ok(capsys, "bench", *model, *grid, "--output-dir", out)
     assert "peft-lisa bench --base-on-rows times a base whose every layer decodes by the rows" in printed
-    merged_only = len(calls)  # the merged model's layers decode through the rows; the sdpa base's do not
+    merged_only = calls.count(False), calls.count(True)  # the merged model's layers; the sdpa base's take no rows
+    assert merged_only[0] > 0 and merged_only[1] > 0  # its full and source layers', its shared layer's
     calls.clear()
     printed = ok(capsys, "bench", *model, *grid, "--base-on-rows", "--output-dir", out)
-    assert len(calls) == 2 * merged_only  # the base's 5 layers as many calls as the merged model's 5
+    # the base's 5 layers take as many calls as the merged model's 5, all without handed logits
+    assert (calls.count(False), calls.count(True)) == (merged_only[0] + sum(merged_only), merged_only[1])
     results = json.loads((out / "results.json").read_text())
     assert results["models"]["base"]["attn_implementation"] == "sdpa, decode steps on the CPU kernel's rows"
     assert results["models"]["merged"]["attn_implementation"] == "sdpa"
@@ -662,6 +664,9 @@ def test_bench_on_the_control_base(capsys, work, monkeypatch):
     monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
     code, _, err = run(capsys, "bench", *model, *grid, "--base-on-rows", "--output-dir", out)
     assert code == 2 and "base_on_rows: the control decodes through the CPU kernel's decode rows" in err
+    monkeypatch.delenv(cpu_kernel.SETTING_VARIABLE)
+    code, _, err = run(capsys, "bench", *model, *grid, "--base-on-rows", "--dtype", "float16", "--output-dir", out)
+    assert code == 2 and "take float32 or bfloat16 values, not torch.float16" in err
 
 
 def test_merge_with_eval_and_bench_quick(capsys, work, run_dir, merged_dir):

@@ -53,4 +53,5 @@ def decode_rows_in_use(device: torch.device) -> bool:
 def on_decode_rows(model: nn.Module) -> bool:
     """Whether ``model`` is a base that :func:`base_on_decode_rows` made a control: every layer a
     :class:`LiSAFullAttention` (a merged model's source and shared layers are other classes)."""
-    return all(type(layer.self_attn) is LiSAFullAttention for layer in decoder_layers(model))
+    layers = decoder_layers(model)
+    return bool(layers) and all(type(layer.self_attn) is LiSAFullAttention for layer in layers)

@@ -203,11 +203,16 @@ def load_benchmark_models(
     if base_on_rows and not decode_rows_in_use(device):
         raise ValueError(
             f"base_on_rows: the control decodes through the CPU kernel's decode rows, which {device} does not run "
-            "(they need the CPU and the kernel built: PEFT_LISA_CPU_KERNEL not 'off', a C++ compiler); benchmark "
-            "the base as loaded instead (leave out --base-on-rows)"
+            "(they need the CPU, --device cpu, and the kernel built: PEFT_LISA_CPU_KERNEL not 'off', a C++ "
+            "compiler); benchmark the base as loaded instead (leave out --base-on-rows)"
         )
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if base_on_rows and dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"base_on_rows: the CPU kernel's decode rows take float32 or bfloat16 values, not {dtype}; choose "
+            "--dtype float32 or bfloat16"
+        )
     label = model or f"{DEFAULT_MODEL} (built-in)"
     path = resolve_model_path(model)
     logger.info(f"loading {label}")

@@ -225,7 +225,8 @@ def run_benchmark(
             "same shape (the cost of a decode step does not depend on the cached values)."
         )
     implementation = getattr(models["base"].config, "_attn_implementation", None)
-    base_on_rows = on_decode_rows(models["base"])
+    kernel_used = machine.get("lisa_cpu_kernel") == "used"
+    base_on_rows = kernel_used and on_decode_rows(models["base"])  # the control, decoding by the rows
     on_rows = {"base": base_on_rows, "merged": False}  # a merged model's layers are not all LiSAFullAttention
     notes.append(
         "The merged model's shared layers with a linear alignment keep their logits as queries and keys on "
@@ -236,8 +237,7 @@ def run_benchmark(
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "
-        "on decode steps. "
-        + _other_layers_note(implementation, machine.get("lisa_cpu_kernel") == "used", base_on_rows)
+        "on decode steps. " + _other_layers_note(implementation, kernel_used, base_on_rows)
     )
     notes.append(
         "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
