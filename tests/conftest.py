@@ -137,6 +137,22 @@ def shared_logits_route(request, monkeypatch):
     return request.param
 
 
+def record_decode_rows(monkeypatch, kernel) -> list[tuple[int, bool, bool]]:
+    """Route inference to ``kernel`` (none while ``PEFT_LISA_CPU_KERNEL=off``) and record each decode-rows call the
+    layers make, as (query rows, handed logits given, logits handed on)."""
+    build = lambda: None if cpu_kernel.cpu_kernel_setting() == "off" else kernel  # noqa: E731  (the setting holds)
+    monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", build)
+    calls = []
+    original = cpu_kernel.decode_rows
+
+    def counting(kernel, query, *args, **kwargs):
+        calls.append((query.shape[2], kwargs.get("handed") is not None, kwargs.get("hand_on", True)))
+        return original(kernel, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "decode_rows", counting)
+    return calls
+
+
 @functools.cache
 def kernel_build(build: str):
     """The kernel built with ``BUILD_FLAGS[build]`` (``cpu_kernel.NARROWER_BUILDS``: the portable vector code,

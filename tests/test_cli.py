@@ -26,10 +26,9 @@ from peft_lisa.generated_text import GENERIC_PROMPTS
 from peft_lisa.jobs.checks import JobInputError, check_layer_choice
 from peft_lisa.jobs.metrics import LICENSE_NOTE, perplexity_table
 from peft_lisa.jobs.train_job import GENERATION_LABELS, TrainResult
-from peft_lisa.tuner import attention as attention_module
 from peft_lisa.tuner import cpu_kernel
 
-from .conftest import REPO_ROOT, random_ids, require_cpu_kernel, run_python, tiny_model
+from .conftest import REPO_ROOT, random_ids, record_decode_rows, require_cpu_kernel, run_python, tiny_model
 from .test_training import WORDS, tiny_tokenizer
 
 COMMANDS = ("analyze", "train", "calibrate", "eval", "merge", "bench")
@@ -637,25 +636,23 @@ def test_bench_on_the_control_base(capsys, work, monkeypatch):
     kernel's decode rows): the base's decode steps take the rows, the results say so; where the rows do not run it
     is refused with the reason."""
     require_cpu_kernel(monkeypatch)
-    calls = []
-    original = attention_module.decode_rows
+    calls = record_decode_rows(monkeypatch, cpu_kernel.load_cpu_kernel())
 
-    def counting(kernel, query, *args, **kwargs):
-        calls.append(kwargs.get("handed") is not None)
-        return original(kernel, query, *args, **kwargs)
+    def by_handed() -> tuple[int, int]:  # calls without handed logits, calls with them
+        handed = [call[1] for call in calls]
+        return handed.count(False), handed.count(True)
 
-    monkeypatch.setattr(attention_module, "decode_rows", counting)
     out = work / "bench-control"
     grid = ["--quick", "--batch-sizes", 1, "--contexts", 16, "--repeats", 1, "--warmup", 0, "--no-max-throughput"]
     model = ["--model", work / "tiny", "--share-layers", "3", "--rank", 4]
     printed = ok(capsys, "bench", *model, *grid, "--output-dir", out)
     assert "peft-lisa bench --base-on-rows times a base whose every layer decodes by the rows" in printed
-    merged_only = calls.count(False), calls.count(True)  # the merged model's layers; the sdpa base's take no rows
+    merged_only = by_handed()  # the merged model's layers; the sdpa base's take no rows
     assert merged_only[0] > 0 and merged_only[1] > 0  # its full and source layers', its shared layer's
     calls.clear()
     printed = ok(capsys, "bench", *model, *grid, "--base-on-rows", "--output-dir", out)
     # the base's 5 layers take as many calls as the merged model's 5, all without handed logits
-    assert (calls.count(False), calls.count(True)) == (merged_only[0] + sum(merged_only), merged_only[1])
+    assert by_handed() == (merged_only[0] + sum(merged_only), merged_only[1])
     results = json.loads((out / "results.json").read_text())
     assert results["models"]["base"]["attn_implementation"] == "sdpa, decode steps on the CPU kernel's rows"
     assert results["models"]["merged"]["attn_implementation"] == "sdpa"

@@ -15,11 +15,10 @@ from peft import get_peft_model
 
 from peft_lisa import LiSAConfig, LiSAFullAttention
 from peft_lisa.benchmark import base_on_decode_rows
-from peft_lisa.tuner import attention as attention_module
 from peft_lisa.tuner import cpu_kernel
 from peft_lisa.tuner.architectures import decoder_layers
 from peft_lisa.tuner.functional import additive_mask, causal_allowed, grouped_attend
-from tests.conftest import require_cpu_kernel
+from tests.conftest import record_decode_rows, require_cpu_kernel
 
 
 def rand(generator: torch.Generator, *shape: int) -> torch.Tensor:
@@ -122,17 +121,8 @@ def test_decode_steps_of_source_and_shared_layers_take_the_decode_rows(kernel, m
     source's logits materialized), on every build (without AVX-512 too: its rows are faster than torch's operations
     on caches read from memory); autograd does not; the greedy continuation and its logits equal the torch route's
     (kernel off)."""
-    build = lambda: None if cpu_kernel.cpu_kernel_setting() == "off" else kernel  # noqa: E731  (the setting holds)
-    monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", build)
     merged = get_peft_model(copy.deepcopy(llama), LiSAConfig(share_layers=[2, 3], rank=4)).merge_and_unload().eval()
-    calls = []
-    original = cpu_kernel.decode_rows
-
-    def counting(kernel, query, *args, **kwargs):
-        calls.append((query.shape[2], kwargs.get("handed") is not None, kwargs.get("hand_on", True)))
-        return original(kernel, query, *args, **kwargs)
-
-    monkeypatch.setattr(attention_module, "decode_rows", counting)
+    calls = record_decode_rows(monkeypatch, kernel)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
     greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():
@@ -159,22 +149,13 @@ def test_base_on_decode_rows_is_the_base_decoding_by_the_rows(kernel, monkeypatc
     """The benchmark's control subject (:func:`~peft_lisa.benchmark.base_on_decode_rows`): the base's own modules,
     every layer of a decode step attending by one decode-rows call that hands nothing on, and what the unmodified
     base computes (greedy tokens and each step's logits); adapter and merged models are refused."""
-    build = lambda: None if cpu_kernel.cpu_kernel_setting() == "off" else kernel  # noqa: E731  (the setting holds)
-    monkeypatch.setattr(cpu_kernel, "load_cpu_kernel", build)
     control = copy.deepcopy(llama)
     projections = [layer.self_attn.q_proj for layer in decoder_layers(control)]
     assert base_on_decode_rows(control) is control
     layers = decoder_layers(control)
     assert all(type(layer.self_attn) is LiSAFullAttention for layer in layers)
     assert [layer.self_attn.q_proj for layer in layers] == projections  # the same modules, not copies
-    calls = []
-    original = cpu_kernel.decode_rows
-
-    def counting(kernel, query, *args, **kwargs):
-        calls.append((query.shape[2], kwargs.get("handed") is not None, kwargs.get("hand_on", True)))
-        return original(kernel, query, *args, **kwargs)
-
-    monkeypatch.setattr(attention_module, "decode_rows", counting)
+    calls = record_decode_rows(monkeypatch, kernel)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
     greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():
