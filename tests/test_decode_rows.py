@@ -55,6 +55,8 @@ SHAPES = {
     "one-task-per-head": (1, 6, 2, 6, 42, 50),  # fewer groups than twice the threads: a task per query head
     "source-wide": (4, 4, 2, 64, 84, 70),  # a value size beyond one chunk (4 vectors) and not a multiple of it
     "mha-head-128": (2, 3, 3, 20, 128, 19),  # a width with a scalar tail on 16 and 8 lanes
+    "rank-8": (2, 4, 2, 8, 38, 45),  # keys packed two to a vector on 16 lanes, a vector each on 8 and 4
+    "group-of-six": (2, 12, 2, 16, 64, 40),  # six query heads a KV head: their handed rows mixed four, then two
 }
 
 
@@ -89,6 +91,25 @@ def test_decode_rows_equal_dense_attention(kernel, shape, q_len, mask_kind, hand
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output rounded to it
     torch.testing.assert_close(output.float(), expected, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8, 12, 16, 24, 128])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "strided"])
+def test_decode_rows_read_keys_of_every_width_packed_or_strided(kernel, width, packed):
+    """The term q k^T for each way the kernel reads a tile of keys: several keys a vector (a width that divides the
+    vector, the keys packed), one vector or more a key (a multiple of it), transposed (a narrower width, or keys that
+    lie apart), one key at a time (other widths, and the keys past the last whole tile)."""
+    generator = torch.Generator().manual_seed(width)
+    batch, heads, kv_heads, k_len = 2, 4, 2, 53
+    query = rand(generator, batch, heads, 1, width) * width**-0.5
+    cache = rand(generator, batch, kv_heads, k_len, width if packed else width + 3)
+    key, value = cache[..., :width], rand(generator, batch, kv_heads, k_len, 16)
+    handed, mix = rand(generator, batch, heads, 1, k_len), rand(generator, heads, heads)
+    output, logits = cpu_kernel.decode_rows(kernel, query, key, value, None, handed=handed, mix=mix)
+    allowed = causal_allowed(slice(None), 1, k_len, None)
+    expected, expected_logits = dense_rows(query, key, value, allowed, handed, mix, None)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_rows_softcap_and_no_logits_unless_handed_on(kernel):

@@ -77,6 +77,37 @@ inline float dot(const float* q, const T* k, int64_t width) {
   return total;
 }
 
+// The even and the odd lanes of a and b side by side, added: lanes [0, kLanes / 2) hold a's lanes summed in pairs,
+// the others b's.
+#if LISA_VECTOR_BYTES == 64
+#define LISA_EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define LISA_ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#elif LISA_VECTOR_BYTES == 32
+#define LISA_EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14
+#define LISA_ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15
+#else
+#define LISA_EVEN_LANES 0, 2, 4, 6
+#define LISA_ODD_LANES 1, 3, 5, 7
+#endif
+inline Floats pair_sums(Floats a, Floats b) {
+#if defined(__clang__) || __GNUC__ >= 12
+  return __builtin_shufflevector(a, b, LISA_EVEN_LANES) + __builtin_shufflevector(a, b, LISA_ODD_LANES);
+#else
+  return __builtin_shuffle(a, b, lisa_softmax::Ints{LISA_EVEN_LANES}) +
+         __builtin_shuffle(a, b, lisa_softmax::Ints{LISA_ODD_LANES});
+#endif
+}
+
+// The sums of groups of kLanes / n lanes of n vectors x (overwritten; n a power of two up to kLanes), in order: for
+// n = kLanes, lane l is the sum of x[l]'s lanes. n - 1 pair_sums, where a sum of each vector alone takes log2(kLanes)
+// dependent steps and leaves a scalar.
+inline Floats sum_each(Floats* x, int64_t n) {
+  for (; n > 1; n /= 2) {
+    for (int64_t j = 0; j < n / 2; ++j) x[j] = pair_sums(x[2 * j], x[2 * j + 1]);
+  }
+  return x[0];
+}
+
 // acc[0 .. n) += sum over the tile's keys t of p[t] v[t, 0 .. n), n <= kChunk: the n outputs stay in registers
 // while the tile's value rows (leading dimension ld) are read.
 template <typename scalar_t>
@@ -101,6 +132,34 @@ inline void accumulate_chunk(const float* p, const scalar_t* v, int64_t ld, int6
   for (int64_t j = 0; j < vectors; ++j) std::memcpy(acc + j * kLanes, &x[j], lanes(j) * sizeof(float));
 }
 
+// Rows of a task the A V pass takes together (kRowsAtOnce x 4 accumulators, with the four value vectors, fit the
+// registers: 32 with AVX-512, 16 on narrower x86 builds).
+constexpr int kRowsAtOnce = LISA_VECTOR_BYTES == 64 ? 4 : 2;
+
+// accumulate_chunk for kRows rows at once (probabilities p + j p_ld, outputs acc + j acc_ld) over a whole chunk
+// (kChunk values): each value vector is read and widened once for all the rows (the query heads of a KV group).
+template <int kRows, typename scalar_t>
+inline void accumulate_rows(const float* p, int64_t p_ld, const scalar_t* v, int64_t ld, int64_t keys, float* acc,
+                            int64_t acc_ld) {
+  Floats x[kRows][4];
+  for (int64_t j = 0; j < kRows; ++j) {
+    for (int64_t u = 0; u < 4; ++u) x[j][u] = load_lanes(acc + j * acc_ld + u * kLanes);
+  }
+  for (int64_t t = 0; t < keys; ++t) {
+    const scalar_t* row = v + t * ld;
+    const Floats v0 = float_lanes(row), v1 = float_lanes(row + kLanes);
+    const Floats v2 = float_lanes(row + 2 * kLanes), v3 = float_lanes(row + 3 * kLanes);
+    for (int64_t j = 0; j < kRows; ++j) {
+      const float w = p[j * p_ld + t];
+      x[j][0] += w * v0;
+      x[j][1] += w * v1;
+      x[j][2] += w * v2;
+      x[j][3] += w * v3;
+    }
+  }
+  for (int64_t j = 0; j < kRows; ++j) std::memcpy(acc + j * acc_ld, x[j], sizeof(x[j]));
+}
+
 // The operands of one call, with their strides (elements); see decode_rows below for their shapes.
 template <typename scalar_t, typename key_type, typename mask_t>
 struct Rows {
@@ -120,29 +179,94 @@ struct Rows {
   float* logits;  // null: not asked
   scalar_t* out;
 
-  // s[r, t] += q_r . k[t] for n rows reading the keys k (T_k x W, row stride key_stride_t): per key row where W fills
-  // a vector, else (a rank-r term) kLanes keys at a time, transposed, by vector lanes over the keys.
+  // s[r, t] += q_r . k[t] for n rows reading the keys k (T_k x W, row stride key_stride_t), each key tile read once
+  // for all the rows (from L1 after the first): kLanes keys at a time where W fills vectors (wide_tile), kLanes / W
+  // keys a vector where W divides kLanes and the keys lie packed (a rank-r term: packed_tile), kLanes keys transposed
+  // where W < kLanes otherwise (transposed_tile); the last keys, and every key for other W, one at a time.
   void add_term(float* s, const float* const* q, int64_t n, const key_type* k) const {
-    if (width >= kLanes) {
-      for (int64_t t = 0; t < k_len; ++t) {
-        for (int64_t r = 0; r < n; ++r) s[r * k_len + t] += dot(q[r], k + t * key_stride_t, width);
+    const bool wide = width % kLanes == 0, packed = kLanes % width == 0 && key_stride_t == width;
+    const bool tiled = wide || packed || width < kLanes;
+    const auto repeated = lisa_kernel::scratch<float>(4, packed ? n * kLanes : 0);  // each row's q, kLanes / W times
+    if (packed && !wide) {
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t l = 0; l < kLanes; ++l) repeated[r * kLanes + l] = q[r][l % width];
       }
-      return;
     }
-    float keys_t[kLanes * kLanes];  // W x kLanes keys
-    for (int64_t t0 = 0; t0 < k_len; t0 += kLanes) {
-      const int64_t keys = std::min(kLanes, k_len - t0);
-      for (int64_t c = 0; c < width; ++c) {
-        for (int64_t l = 0; l < kLanes; ++l) {
-          keys_t[c * kLanes + l] = l < keys ? static_cast<float>(k[(t0 + l) * key_stride_t + c]) : 0.f;
+    int64_t t0 = 0;
+    for (; tiled && t0 + kLanes <= k_len; t0 += kLanes) {
+      const key_type* tile = k + t0 * key_stride_t;
+      for (int64_t r = 0; r < n; ++r) {
+        float* row = s + r * k_len + t0;
+        const Floats x = wide     ? wide_tile(q[r], tile)
+                         : packed ? packed_tile(load_lanes(repeated.data() + r * kLanes), tile)
+                                  : transposed_tile(q[r], tile);
+        const Floats sum = load_lanes(row) + x;
+        std::memcpy(row, &sum, sizeof(sum));
+      }
+    }
+    for (int64_t t = t0; t < k_len; ++t) {
+      for (int64_t r = 0; r < n; ++r) s[r * k_len + t] += dot(q[r], k + t * key_stride_t, width);
+    }
+  }
+
+  // q . k[l] in lane l, for kLanes keys of W values, W a multiple of kLanes: one accumulator a key, each key read in
+  // order. (Rows of a KV group taken together here, a key widened once for all of them, took a source layer's call at
+  // 7B shapes 1.15x longer without GQA, and gained 5% with it: docs/benchmark/cpu_kernel/README.md.)
+  Floats wide_tile(const float* q, const key_type* tile) const {
+    Floats sums[kLanes] = {};
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const key_type* key_row = tile + l * key_stride_t;
+      for (int64_t c = 0; c < width; c += kLanes) sums[l] += load_lanes(q + c) * float_lanes(key_row + c);
+    }
+    return sum_each(sums, kLanes);
+  }
+
+  // The same for W dividing kLanes and the tile's keys packed (kLanes W values): W vectors of kLanes / W keys each,
+  // times q repeated kLanes / W times.
+  Floats packed_tile(Floats repeated_query, const key_type* tile) const {
+    Floats products[kLanes];
+    for (int64_t v = 0; v < width; ++v) products[v] = repeated_query * float_lanes(tile + v * kLanes);
+    return sum_each(products, width);
+  }
+
+  // The same for W < kLanes: the tile transposed (W x kLanes), then one vector of keys per value of q.
+  Floats transposed_tile(const float* q, const key_type* tile) const {
+    float keys_t[kLanes * kLanes];
+    for (int64_t c = 0; c < width; ++c) {
+      for (int64_t l = 0; l < kLanes; ++l) keys_t[c * kLanes + l] = static_cast<float>(tile[l * key_stride_t + c]);
+    }
+    Floats x = {};
+    for (int64_t c = 0; c < width; ++c) x += q[c] * load_lanes(keys_t + c * kLanes);
+    return x;
+  }
+
+  // Rows out + j ld (j < kHeads, heads' rows of one query position) = sum_g mix[j, g] source[g]: the handed rows read
+  // once for all kHeads rows, eight vector accumulators in all, so that the sums over g are eight independent chains.
+  template <int kHeads>
+  void mix_rows(float* out, int64_t ld, const float* mixing, const float* source) const {
+    constexpr int64_t kVectors = 8 / kHeads;
+    int64_t t = 0;
+    for (; t + kVectors * kLanes <= k_len; t += kVectors * kLanes) {
+      Floats x[kHeads][kVectors] = {};
+      for (int64_t g = 0; g < handed_heads; ++g) {
+        const float* lanes = source + g * handed_h + t;
+        for (int64_t v = 0; v < kVectors; ++v) {
+          const Floats in = load_lanes(lanes + v * kLanes);
+          for (int64_t j = 0; j < kHeads; ++j) x[j][v] += mixing[j * handed_heads + g] * in;
         }
       }
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < kHeads; ++j) std::memcpy(out + j * ld + t, x[j], sizeof(x[j]));
+    }
+    for (; t < k_len; t += kLanes) {  // the last keys, a vector at a time
+      const int64_t n = std::min(kLanes, k_len - t);
+      for (int64_t j = 0; j < kHeads; ++j) {
         Floats x = {};
-        for (int64_t c = 0; c < width; ++c) x += q[r][c] * load_lanes(keys_t + c * kLanes);
-        float* row = s + r * k_len + t0;
-        x += load_partial(row, keys, 0.f);
-        std::memcpy(row, &x, keys * sizeof(float));
+        for (int64_t g = 0; g < handed_heads; ++g) {
+          x += mixing[j * handed_heads + g] * (n == kLanes ? load_lanes(source + g * handed_h + t)
+                                                           : load_partial(source + g * handed_h + t, n, 0.f));
+        }
+        std::memcpy(out + j * ld + t, &x, n * sizeof(float));
       }
     }
   }
@@ -155,25 +279,24 @@ struct Rows {
     const auto scale = lisa_kernel::scratch<float>(2, rows);  // 1 / a row's sum of exp
     auto head = [&](int64_t r) { return h0 + r / q_len; };
 
-    // S: the handed rows mixed, or zeros.
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = s.data() + r * k_len;
-      if (handed == nullptr) {
-        std::fill(row, row + k_len, 0.f);
-        continue;
-      }
-      const float* mixing = mix + head(r) * handed_heads;
-      const float* source = handed + b * handed_b + (r % q_len) * handed_q;
-      int64_t t = 0;
-      for (; t + kLanes <= k_len; t += kLanes) {
-        Floats x = {};
-        for (int64_t g = 0; g < handed_heads; ++g) x += mixing[g] * load_lanes(source + g * handed_h + t);
-        std::memcpy(row + t, &x, sizeof(x));
-      }
-      for (; t < k_len; ++t) {
-        float x = 0.f;
-        for (int64_t g = 0; g < handed_heads; ++g) x += mixing[g] * source[g * handed_h + t];
-        row[t] = x;
+    // S: the handed rows mixed (up to four heads' rows of a query position at a time), or zeros.
+    if (handed == nullptr) {
+      std::fill(s.begin(), s.end(), 0.f);
+    } else {
+      for (int64_t i = 0; i < q_len; ++i) {
+        for (int64_t h = h0; h < h1;) {
+          const int64_t count = std::min<int64_t>(h1 - h, 4);
+          float* out = s.data() + ((h - h0) * q_len + i) * k_len;  // rows of heads h, h + 1, ...: q_len rows apart
+          const float* source = handed + b * handed_b + i * handed_q;
+          if (count == 4) {
+            mix_rows<4>(out, q_len * k_len, mix + h * handed_heads, source);
+          } else if (count >= 2) {
+            mix_rows<2>(out, q_len * k_len, mix + h * handed_heads, source);
+          } else {
+            mix_rows<1>(out, q_len * k_len, mix + h * handed_heads, source);
+          }
+          h += count == 4 ? 4 : count >= 2 ? 2 : 1;
+        }
       }
     }
     // + the term q k^T, each key row read once for all the rows that read its key head.
@@ -209,10 +332,16 @@ struct Rows {
     const scalar_t* v = value + b * value_b + (h0 / (heads / value_heads)) * value_h;
     for (int64_t t0 = 0; t0 < k_len; t0 += kValueTile) {
       const int64_t keys = std::min(kValueTile, k_len - t0);
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = 0; c < value_dim; c += kChunk) {
+      for (int64_t c = 0; c < value_dim; c += kChunk) {
+        const int64_t n = std::min(kChunk, value_dim - c);
+        int64_t r = 0;
+        for (; n == kChunk && r + kRowsAtOnce <= rows; r += kRowsAtOnce) {
+          accumulate_rows<kRowsAtOnce>(s.data() + r * k_len + t0, k_len, v + t0 * value_t + c, value_t, keys,
+                                       acc.data() + r * value_dim + c, value_dim);
+        }
+        for (; r < rows; ++r) {
           accumulate_chunk(s.data() + r * k_len + t0, v + t0 * value_t + c, value_t, keys,
-                           acc.data() + r * value_dim + c, std::min(kChunk, value_dim - c));
+                           acc.data() + r * value_dim + c, n);
         }
       }
     }
