@@ -34,12 +34,12 @@ from peft_lisa.benchmark import (
     run_benchmark,
     synthetic_cache,
 )
-from peft_lisa.benchmark.controls import decode_rows_in_use
+from peft_lisa.benchmark.controls import decode_rows_in_use, plain_full_layers
 from peft_lisa.benchmark.cost_model import chain_depths, earlier_link_pair_flops
 from peft_lisa.benchmark.layer_clock import _alternating_layer_times, decode_layer_times, prefill_layer_times
 from peft_lisa.tuner import cpu_kernel
 
-from .conftest import REPO_ROOT, tiny_model
+from .conftest import REPO_ROOT, require_cpu_kernel, tiny_model
 
 SHARE, RANK = [2, 3], 4
 SMALL = dict(batch_sizes=(1, 2), contexts=(8, 16), decode_tokens=2, repeats=1, warmup=0, progress=False)
@@ -132,6 +132,29 @@ def test_outputs_written(result, tmp_path):
     assert "Analytic cost per query token" in markdown and "align FFN" in markdown
     png = result.plot(tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_notes_name_merged_layers_that_keep_the_base_attention(models, monkeypatch):
+    """A merged model's full layers that feed no shared layer decode by the kernel's rows (LiSAFullAttention), and the
+    notes say so; a file merged before their layouts were saved keeps the base's attention module there, which
+    decodes through sdpa: the notes name those layers and the fix instead of claiming every layer takes the rows."""
+    require_cpu_kernel(monkeypatch)
+    base, merged = models
+    older = copy.deepcopy(merged)
+    plain = [idx for idx, layer in enumerate(older.model.layers) if type(layer.self_attn) is LiSAFullAttention]
+    assert plain  # the tiny model has full layers that feed no shared layer
+    for idx in plain:
+        older.model.layers[idx].self_attn = copy.deepcopy(base.model.layers[idx].self_attn)
+    assert plain_full_layers(merged) == [] and plain_full_layers(older) == plain
+    point = {**SMALL, "batch_sizes": (1,), "contexts": (8,), "max_throughput": False}
+    notes = " ".join(run_benchmark(base, merged, device="cpu", **point).notes)
+    assert "Every other layer of the merged model runs sdpa on prefill and, like the source and shared layers" in notes
+    notes = " ".join(run_benchmark(base, older, device="cpu", **point).notes)
+    assert f"The merged model's layers {plain} keep the base's attention module, sdpa on decode steps too" in notes
+    assert "merge the adapter again" in notes and "Every other layer of the merged model" not in notes
+    control = base_on_decode_rows(copy.deepcopy(base))  # against the control those layers' sdpa is in the ratios
+    notes = " ".join(run_benchmark(control, older, device="cpu", **point).notes)
+    assert "the decode ratios are LiSA's share and those layers' sdpa" in notes
 
 
 def test_skip_logic(models):

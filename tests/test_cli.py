@@ -656,7 +656,8 @@ def test_bench_on_the_control_base(capsys, work, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     assert results["models"]["base"]["attn_implementation"] == "sdpa, decode steps on the CPU kernel's rows"
     assert results["models"]["merged"]["attn_implementation"] == "sdpa"
-    assert "so does every layer of the base model here" in printed
+    assert "| base on rows |" in (out / "results.md").read_text()  # the tables (and the plot) name the control
+    assert "every layer of the base model decodes through them here" in printed and "LiSA's share alone" in printed
     assert "--base-on-rows" in results["settings"]["command"]
     monkeypatch.setenv(cpu_kernel.SETTING_VARIABLE, "off")
     code, _, err = run(capsys, "bench", *model, *grid, "--base-on-rows", "--output-dir", out)

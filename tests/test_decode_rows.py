@@ -47,6 +47,17 @@ def dense_rows(
     return grouped_attend(probs, value.float()), logits
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Two torch threads for each test here (the split test sets its own): the shapes below choose between a task per
+    KV group and a task per query head (at least twice as many groups as threads: by group) for two threads, so that
+    every route of the kernel's tasks runs whatever the machine's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 # batch, heads, kv_heads, width (the term's: a rank-r one below a vector, a source's q k^T above), value size, keys.
 # For every build's vectors (16, 8 or 4 float32 lanes) some width is below a vector (keys transposed), some leaves a
 # scalar tail, and the value sizes leave partial vectors.
@@ -55,7 +66,7 @@ SHAPES = {
     "one-task-per-head": (1, 6, 2, 6, 42, 50),  # fewer groups than twice the threads: a task per query head
     "source-wide": (4, 4, 2, 64, 84, 70),  # a value size beyond one chunk (4 vectors) and not a multiple of it
     "mha-head-128": (2, 3, 3, 20, 128, 19),  # a width with a scalar tail on 16 and 8 lanes
-    "rank-8": (2, 4, 2, 8, 38, 45),  # keys packed two to a vector on 16 lanes, a vector each on 8 and 4
+    "rank-8": (2, 4, 2, 8, 38, 45),  # keys packed two to a vector on 16 lanes, a vector each on 8, two on 4
     "group-of-six": (2, 12, 2, 16, 64, 40),  # six query heads a KV head: their handed rows mixed four, then two
 }
 
@@ -95,21 +106,39 @@ def test_decode_rows_equal_dense_attention(kernel, shape, q_len, mask_kind, hand
 
 @pytest.mark.parametrize("width", [1, 2, 4, 8, 12, 16, 24, 128])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "strided"])
-def test_decode_rows_read_keys_of_every_width_packed_or_strided(kernel, width, packed):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_read_keys_of_every_width_packed_or_strided(kernel, width, packed, dtype):
     """The term q k^T for each way the kernel reads a tile of keys: several keys a vector (a width that divides the
     vector, the keys packed), one vector or more a key (a multiple of it), transposed (a narrower width, or keys that
     lie apart), one key at a time (other widths, and the keys past the last whole tile)."""
     generator = torch.Generator().manual_seed(width)
     batch, heads, kv_heads, k_len = 2, 4, 2, 53
     query = rand(generator, batch, heads, 1, width) * width**-0.5
-    cache = rand(generator, batch, kv_heads, k_len, width if packed else width + 3)
-    key, value = cache[..., :width], rand(generator, batch, kv_heads, k_len, 16)
+    cache = rand(generator, batch, kv_heads, k_len, width if packed else width + 3).to(dtype)
+    key, value = cache[..., :width], rand(generator, batch, kv_heads, k_len, 16).to(dtype)
     handed, mix = rand(generator, batch, heads, 1, k_len), rand(generator, heads, heads)
     output, logits = cpu_kernel.decode_rows(kernel, query, key, value, None, handed=handed, mix=mix)
     allowed = causal_allowed(slice(None), 1, k_len, None)
     expected, expected_logits = dense_rows(query, key, value, allowed, handed, mix, None)
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output rounded to it
+    torch.testing.assert_close(output.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("width", [3, 4, 8, 16, 24, 128])
+def test_a_key_logit_is_the_same_whatever_the_layout_or_the_number_of_keys(kernel, width):
+    """A key's logit comes out bit for bit the same whether the cached keys lie packed or strided, and whether the key
+    falls in a whole tile of keys or in the last, partial one: an uncached forward (keys strided in the projection's
+    output) and a cached one, or decode steps at different lengths, compute every logit the same way."""
+    generator = torch.Generator().manual_seed(width + 1)
+    query = rand(generator, 2, 4, 1, width) * width**-0.5
+    strided = rand(generator, 2, 2, 40, width + 3).to(torch.bfloat16)[..., :width]
+    packed, value = strided.contiguous(), rand(generator, 2, 2, 40, 16).to(torch.bfloat16)
+    _, by_packed = cpu_kernel.decode_rows(kernel, query, packed, value, None)
+    _, by_strided = cpu_kernel.decode_rows(kernel, query, strided, value, None)
+    _, fewer = cpu_kernel.decode_rows(kernel, query, packed[:, :, :30], value[:, :, :30], None)
+    assert torch.equal(by_packed, by_strided)
+    assert torch.equal(fewer, by_packed[..., :30])  # the last keys in a partial tile here, in whole tiles above
 
 
 def test_decode_rows_softcap_and_no_logits_unless_handed_on(kernel):

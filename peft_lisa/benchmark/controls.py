@@ -55,3 +55,14 @@ def on_decode_rows(model: nn.Module) -> bool:
     :class:`LiSAFullAttention` (a merged model's source and shared layers are other classes)."""
     layers = decoder_layers(model)
     return bool(layers) and all(type(layer.self_attn) is LiSAFullAttention for layer in layers)
+
+
+def plain_full_layers(model: nn.Module) -> list[int]:
+    """The layers of a merged model that keep the base's attention module (no LiSA class): full layers of a file
+    merged before full layers' layouts were saved, which decode through the model's attention implementation, not the
+    kernel's rows (merge the adapter again to give them the rows)."""
+    return [
+        idx
+        for idx, layer in enumerate(decoder_layers(model))
+        if not isinstance(layer.self_attn, (LiSAFullAttention, LiSASharedAttention))
+    ]

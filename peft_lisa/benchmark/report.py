@@ -119,8 +119,9 @@ def _paired_markdown(result: BenchmarkData, configs: list[tuple[int, int]]) -> l
 def render_markdown(result: BenchmarkData) -> str:
     """The markdown report of ``result`` (:meth:`BenchmarkResult.to_markdown`)."""
     settings, base_info, merged_info = result.settings, result.models["base"], result.models["merged"]
+    base = result.label("base")  # "base on rows" for the control
     lines = [
-        "# LiSA benchmark: base vs merged",
+        f"# LiSA benchmark: {base} vs merged",
         "",
         f"**Machine:** {machine_label(result.machine)}  ",
         *([f"**Command:** `{settings['command']}`  "] if settings.get("command") else []),
@@ -136,9 +137,9 @@ def render_markdown(result: BenchmarkData) -> str:
         "",
         "## Throughput and memory",
         "",
-        "| batch | context | prefill tok/s base | prefill tok/s merged | speedup | ceiling | decode tok/s base "
-        "| decode tok/s merged | speedup | ceiling | KV cache base | KV cache merged | peak mem base "
-        "| peak mem merged | peak tensors base | peak tensors merged | kernel s base | kernel s merged |",
+        f"| batch | context | prefill tok/s {base} | prefill tok/s merged | speedup | ceiling | decode tok/s {base} "
+        f"| decode tok/s merged | speedup | ceiling | KV cache {base} | KV cache merged | peak mem {base} "
+        f"| peak mem merged | peak tensors {base} | peak tensors merged | kernel s {base} | kernel s merged |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     configs = sorted({(r.context, r.batch) for r in result.runs})
@@ -191,9 +192,9 @@ def render_markdown(result: BenchmarkData) -> str:
     for key, info in result.models.items():
         measured = next((r.kv_cache_bytes_per_token for r in result.runs if r.model == key), None)
         lines.append(
-            f"| {key} | {measured:,.0f} | {info.kv_cache_bytes_per_token_analytic:,} |"
+            f"| {result.label(key)} | {measured:,.0f} | {info.kv_cache_bytes_per_token_analytic:,} |"
             if measured is not None
-            else f"| {key} | - | {info.kv_cache_bytes_per_token_analytic:,} |"
+            else f"| {result.label(key)} | - | {info.kv_cache_bytes_per_token_analytic:,} |"
         )
     ratio = base_info.kv_cache_bytes_per_token_analytic / merged_info.kv_cache_bytes_per_token_analytic
     lines += ["", f"Cache ratio base / merged: **{ratio:.3f}x**."]
@@ -220,8 +221,8 @@ def render_markdown(result: BenchmarkData) -> str:
         ]
         for key, point in mt.points.items():
             lines.append(
-                f"| {key} | {point.max_batch} | {fmt_bytes(point.weight_bytes)} | {fmt_bytes(point.kv_cache_bytes)} "
-                f"| {fmt_rate(point.decode_tokens_per_s)} | {point.method} |"
+                f"| {result.label(key)} | {point.max_batch} | {fmt_bytes(point.weight_bytes)} "
+                f"| {fmt_bytes(point.kv_cache_bytes)} | {fmt_rate(point.decode_tokens_per_s)} | {point.method} |"
             )
         if mt.ratio:
             bound = f" (ceiling {mt.ceiling:.3f}x: max batch / bytes read per decode step)" if mt.ceiling else ""
@@ -305,7 +306,7 @@ def render_plot(result: BenchmarkData, path: Path) -> Path:
                 if points:
                     line, marker = styles[key]
                     xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, line, marker=marker, color=colors[batch], label=f"{key} B={batch}")
+                    ax.plot(xs, ys, line, marker=marker, color=colors[batch], label=f"{result.label(key)} B={batch}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
@@ -314,7 +315,8 @@ def render_plot(result: BenchmarkData, path: Path) -> Path:
         ax.legend(fontsize=7)
     ax = axes[1][0]
     per_token = [result.models[k].kv_cache_bytes_per_token_analytic / 1024 for k in MODEL_KEYS]
-    ax.bar(list(MODEL_KEYS), per_token, color=["C0", "C1"])
+    labels = [result.label(key) for key in MODEL_KEYS]
+    ax.bar(labels, per_token, color=["C0", "C1"])
     for i, value in enumerate(per_token):
         ax.text(i, value, f"{value:.1f} KiB", ha="center", va="bottom")
     ax.set_title("KV cache per token (KiB)")
@@ -322,7 +324,7 @@ def render_plot(result: BenchmarkData, path: Path) -> Path:
     mt = result.max_throughput
     if mt is not None and all(p.decode_tokens_per_s for p in mt.points.values()):
         values = [mt.points[k].decode_tokens_per_s for k in MODEL_KEYS]
-        ax.bar(list(MODEL_KEYS), values, color=["C0", "C1"])
+        ax.bar(labels, values, color=["C0", "C1"])
         for i, key in enumerate(MODEL_KEYS):
             point = mt.points[key]
             label = f"B={point.max_batch}\n{values[i]:.1f} tok/s"
@@ -337,7 +339,7 @@ def render_plot(result: BenchmarkData, path: Path) -> Path:
     else:
         ax.set_axis_off()
         ax.set_title("Max throughput: not measured")
-    fig.suptitle(f"LiSA merged vs base - {machine_label(result.machine)}", fontsize=9)
+    fig.suptitle(f"LiSA merged vs {result.label('base')} - {machine_label(result.machine)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 MODEL_KEYS = ("base", "merged")
+# The end of a control base's attention implementation (benchmark_model(base_on_rows=True)): its decode steps on the
+# CPU kernel's rows, as the merged model's; reports name that base "base on rows".
+ON_ROWS = ", decode steps on the CPU kernel's rows"
 # The KV caches decode steps are timed on: transformers' default dynamic cache (grown by torch.cat at every step), a
 # StaticCache (slots allocated up front and written in place) and that static cache with the decode steps compiled
 # by torch.compile (measure.COMPILED_DECODING); the per-layer clocks (forward hooks on every layer, which a compiled
@@ -193,6 +196,11 @@ class BenchmarkData:
             (r for r in self.runs if (r.model, r.batch, r.context) == (model, batch, context)),
             None,
         )
+
+    def label(self, model: str) -> str:
+        """How tables and plots name ``model``: "base on rows" for a control base (:data:`ON_ROWS`), else the key."""
+        info = self.models.get(model)
+        return "base on rows" if info is not None and info.attn_implementation.endswith(ON_ROWS) else model
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data; runs carry their derived rates (tokens/s, cache bytes per token)."""

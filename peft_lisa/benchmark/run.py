@@ -27,6 +27,7 @@ import os
 import resource
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -37,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..tuner import attention as lisa_attention
 from ..tuner.compression import qk_compression_report
-from .controls import on_decode_rows
+from .controls import on_decode_rows, plain_full_layers
 from .cost_model import ModelShape, analytic_breakdown, ceilings, estimate_working_bytes
 from .measure import (
     PeakMemory,
@@ -54,6 +55,7 @@ from .report import BenchmarkResult, fmt_bytes, fmt_rate, machine_label
 from .results import (
     CACHE_LABELS,
     MODEL_KEYS,
+    ON_ROWS,
     MaxThroughput,
     ModelInfo,
     Run,
@@ -79,19 +81,30 @@ def _console_loggers() -> list[logging.Logger]:
     ]
 
 
-def _other_layers_note(implementation: str, kernel_used: bool, base_on_rows: bool = False) -> str:
+def _other_layers_note(
+    implementation: str, kernel_used: bool, base_on_rows: bool = False, plain_layers: Sequence[int] = ()
+) -> str:
     """How the merged model's other full layers and the base's layers attend, for the results' notes
-    (``base_on_rows``: the base is the control of :func:`~.controls.base_on_decode_rows`)."""
+    (``base_on_rows``: the base is the control of :func:`~.controls.base_on_decode_rows`; ``plain_layers``: the
+    merged model's layers that keep the base's attention module, :func:`~.controls.plain_full_layers`)."""
     if not kernel_used:
         return f"Every other layer, and every layer of the base model, uses {implementation}."
-    merged = (
-        f"Every other layer of the merged model runs {implementation} on prefill and, like the source and shared "
-        "layers, the CPU kernel's decode rows on decode steps (LiSAFullAttention); "
-    )
+    if plain_layers:
+        merged = (
+            f"The merged model's layers {list(plain_layers)} keep the base's attention module, {implementation} on "
+            "decode steps too (a file merged before full layers' layouts were saved: merge the adapter again to give "
+            "them the CPU kernel's decode rows); its other layers decode through those rows; "
+        )
+    else:
+        merged = (
+            f"Every other layer of the merged model runs {implementation} on prefill and, like the source and shared "
+            "layers, the CPU kernel's decode rows on decode steps (LiSAFullAttention); "
+        )
     if base_on_rows:
         return merged + (
-            "so does every layer of the base model here (the control peft_lisa.benchmark.base_on_decode_rows, "
-            "peft-lisa bench --base-on-rows): the decode ratios are LiSA's share alone."
+            "every layer of the base model decodes through them here (the control "
+            "peft_lisa.benchmark.base_on_decode_rows, peft-lisa bench --base-on-rows): the decode ratios are LiSA's "
+            + ("share and those layers' sdpa." if plain_layers else "share alone.")
         )
     return merged + (
         f"every layer of the base model runs {implementation}. So part of a decode speedup is the rows', not "
@@ -237,7 +250,8 @@ def run_benchmark(
         "its logits computed whole and handed on ('Short inputs'); on decode steps they compute their one row of "
         "logits explicitly. "
         f"The full layers feeding them run {implementation} on prefill and compute their row of logits explicitly "
-        "on decode steps. " + _other_layers_note(implementation, kernel_used, base_on_rows)
+        "on decode steps. "
+        + _other_layers_note(implementation, kernel_used, base_on_rows, plain_full_layers(models["merged"]))
     )
     notes.append(
         "Ceilings (cost_model.ceilings): prefill = base / merged FLOPs of the prefill forward, a shared layer "
@@ -524,7 +538,7 @@ def _model_info(name: str, model: nn.Module, shape: ModelShape, on_rows: bool = 
         num_parameters=_num_parameters(model),
         weight_bytes=shape.weight_bytes,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        attn_implementation=f"{implementation}, decode steps on the CPU kernel's rows" if on_rows else implementation,
+        attn_implementation=f"{implementation}{ON_ROWS}" if on_rows else implementation,
         num_layers=shape.num_layers,
         share_layers=list(shape.share_layers),
         source_layers=list(shape.source_layers),

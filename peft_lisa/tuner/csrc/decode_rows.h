@@ -98,9 +98,9 @@ inline Floats pair_sums(Floats a, Floats b) {
 #endif
 }
 
-// The sums of groups of kLanes / n lanes of n vectors x (overwritten; n a power of two up to kLanes), in order: for
-// n = kLanes, lane l is the sum of x[l]'s lanes. n - 1 pair_sums, where a sum of each vector alone takes log2(kLanes)
-// dependent steps and leaves a scalar.
+// The sums of n consecutive lanes of n vectors x (overwritten; n a power of two up to kLanes), in order: lane l holds
+// the sum of x[l / (kLanes / n)]'s (l % (kLanes / n))-th group of n lanes; for n = kLanes, the sum of x[l]'s lanes.
+// n - 1 pair_sums, where a sum of each vector alone takes log2(kLanes) dependent steps and leaves a scalar.
 inline Floats sum_each(Floats* x, int64_t n) {
   for (; n > 1; n /= 2) {
     for (int64_t j = 0; j < n / 2; ++j) x[j] = pair_sums(x[2 * j], x[2 * j + 1]);
@@ -133,7 +133,7 @@ inline void accumulate_chunk(const float* p, const scalar_t* v, int64_t ld, int6
 }
 
 // Rows of a task the A V pass takes together (kRowsAtOnce x 4 accumulators, with the four value vectors, fit the
-// registers: 32 with AVX-512, 16 on narrower x86 builds).
+// registers: 32 with AVX-512, 16 on narrower x86 builds; NEON's 32 registers would hold four rows too, untried).
 constexpr int kRowsAtOnce = LISA_VECTOR_BYTES == 64 ? 4 : 2;
 
 // accumulate_chunk for kRows rows at once (probabilities p + j p_ld, outputs acc + j acc_ld) over a whole chunk
@@ -179,44 +179,63 @@ struct Rows {
   float* logits;  // null: not asked
   scalar_t* out;
 
-  // s[r, t] += q_r . k[t] for n rows reading the keys k (T_k x W, row stride key_stride_t), each key tile read once
-  // for all the rows (from L1 after the first): kLanes keys at a time where W fills vectors (wide_tile), kLanes / W
-  // keys a vector where W divides kLanes and the keys lie packed (a rank-r term: packed_tile), kLanes keys transposed
-  // where W < kLanes otherwise (transposed_tile); the last keys, and every key for other W, one at a time.
+  // s[r, t] += q_r . k[t] for n rows reading the keys k (T_k x W, row stride key_stride_t), each tile of kLanes keys
+  // read once for all the rows (from L1 after the first): a key a vector or more where W is a multiple of kLanes
+  // (wide_tile), kLanes / W keys a vector where W divides kLanes (a rank-r term: packed_tile), the tile transposed
+  // for other W < kLanes (transposed_tile), one key at a time for other W (dot). A key's sum takes the same steps
+  // wherever it lies: the last keys are padded to a whole tile with zeros, and keys that do not lie packed are copied
+  // packed first, so that a logit depends neither on the number of keys nor on the cache's layout.
   void add_term(float* s, const float* const* q, int64_t n, const key_type* k) const {
-    const bool wide = width % kLanes == 0, packed = kLanes % width == 0 && key_stride_t == width;
-    const bool tiled = wide || packed || width < kLanes;
-    const auto repeated = lisa_kernel::scratch<float>(4, packed ? n * kLanes : 0);  // each row's q, kLanes / W times
-    if (packed && !wide) {
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t l = 0; l < kLanes; ++l) repeated[r * kLanes + l] = q[r][l % width];
+    const bool wide = width % kLanes == 0, packs = !wide && kLanes % width == 0;
+    if (!wide && !packs && width >= kLanes) {
+      for (int64_t t = 0; t < k_len; ++t) {
+        for (int64_t r = 0; r < n; ++r) s[r * k_len + t] += dot(q[r], k + t * key_stride_t, width);
       }
+      return;
     }
-    int64_t t0 = 0;
-    for (; tiled && t0 + kLanes <= k_len; t0 += kLanes) {
-      const key_type* tile = k + t0 * key_stride_t;
+    const auto repeated = lisa_kernel::scratch<float>(4, packs ? n * kLanes : 0);  // each row's q, kLanes / W times
+    for (int64_t r = 0; packs && r < n; ++r) {
+      for (int64_t l = 0; l < kLanes; ++l) repeated[r * kLanes + l] = q[r][l % width];
+    }
+    // s[r, t0 .. t0 + keys) += the tile's logits, for every row.
+    auto add_tile = [&](const key_type* tile, int64_t stride, int64_t t0, int64_t keys) {
       for (int64_t r = 0; r < n; ++r) {
         float* row = s + r * k_len + t0;
-        const Floats x = wide     ? wide_tile(q[r], tile)
-                         : packed ? packed_tile(load_lanes(repeated.data() + r * kLanes), tile)
-                                  : transposed_tile(q[r], tile);
-        const Floats sum = load_lanes(row) + x;
-        std::memcpy(row, &sum, sizeof(sum));
+        Floats x = wide    ? wide_tile(q[r], tile, stride)
+                   : packs ? packed_tile(load_lanes(repeated.data() + r * kLanes), tile)
+                           : transposed_tile(q[r], tile, stride);
+        if (keys == kLanes) {
+          x += load_lanes(row);
+          std::memcpy(row, &x, sizeof(x));
+        } else {
+          x += load_partial(row, keys, 0.f);
+          std::memcpy(row, &x, keys * sizeof(float));
+        }
       }
+    };
+    int64_t t0 = 0;
+    if (!packs || key_stride_t == width) {  // whole tiles read where they lie
+      for (; t0 + kLanes <= k_len; t0 += kLanes) add_tile(k + t0 * key_stride_t, key_stride_t, t0, kLanes);
     }
-    for (int64_t t = t0; t < k_len; ++t) {
-      for (int64_t r = 0; r < n; ++r) s[r * k_len + t] += dot(q[r], k + t * key_stride_t, width);
+    const auto copied = lisa_kernel::scratch<key_type>(5, kLanes * width);  // a tile's keys packed, zeros after them
+    for (; t0 < k_len; t0 += kLanes) {
+      const int64_t keys = std::min(kLanes, k_len - t0);
+      const key_type* tile = k + t0 * key_stride_t;
+      for (int64_t l = 0; l < kLanes; ++l) {
+        for (int64_t c = 0; c < width; ++c) copied[l * width + c] = l < keys ? tile[l * key_stride_t + c] : key_type(0);
+      }
+      add_tile(copied.data(), width, t0, keys);
     }
   }
 
-  // q . k[l] in lane l, for kLanes keys of W values, W a multiple of kLanes: one accumulator a key, each key read in
-  // order. (Rows of a KV group taken together here, a key widened once for all of them, took a source layer's call at
-  // 7B shapes 1.15x longer without GQA, and gained 5% with it: docs/benchmark/cpu_kernel/README.md.)
-  Floats wide_tile(const float* q, const key_type* tile) const {
+  // q . k[l] in lane l, for kLanes keys of W values (rows stride apart), W a multiple of kLanes: one accumulator a key,
+  // each key read in order. (Rows of a KV group taken together here, a key widened once for all of them, took a source
+  // layer's call at 7B shapes 1.15x longer without GQA, and gained 5% with it: docs/benchmark/cpu_kernel/README.md.)
+  Floats wide_tile(const float* q, const key_type* tile, int64_t stride) const {
     Floats sums[kLanes] = {};
 #pragma GCC unroll 16
     for (int64_t l = 0; l < kLanes; ++l) {
-      const key_type* key_row = tile + l * key_stride_t;
+      const key_type* key_row = tile + l * stride;
       for (int64_t c = 0; c < width; c += kLanes) sums[l] += load_lanes(q + c) * float_lanes(key_row + c);
     }
     return sum_each(sums, kLanes);
@@ -231,10 +250,10 @@ struct Rows {
   }
 
   // The same for W < kLanes: the tile transposed (W x kLanes), then one vector of keys per value of q.
-  Floats transposed_tile(const float* q, const key_type* tile) const {
+  Floats transposed_tile(const float* q, const key_type* tile, int64_t stride) const {
     float keys_t[kLanes * kLanes];
     for (int64_t c = 0; c < width; ++c) {
-      for (int64_t l = 0; l < kLanes; ++l) keys_t[c * kLanes + l] = static_cast<float>(tile[l * key_stride_t + c]);
+      for (int64_t l = 0; l < kLanes; ++l) keys_t[c * kLanes + l] = static_cast<float>(tile[l * stride + c]);
     }
     Floats x = {};
     for (int64_t c = 0; c < width; ++c) x += q[c] * load_lanes(keys_t + c * kLanes);
@@ -384,7 +403,8 @@ inline std::vector<at::Tensor> decode_rows(const c10::optional<at::Tensor>& hand
   TORCH_CHECK(query.dim() == 4 && query.is_contiguous() && query.scalar_type() == at::kFloat,
               "query: B x H x T_q x W float32, contiguous");
   const int64_t heads = query.size(1), q_len = query.size(2);
-  TORCH_CHECK(query.size(0) == batch && heads % value.size(1) == 0, "query: B x H x T_q x W, H a multiple of H_kv");
+  TORCH_CHECK(query.size(0) == batch && heads % value.size(1) == 0 && query.size(3) > 0,
+              "query: B x H x T_q x W, H a multiple of H_kv, W > 0");
   TORCH_CHECK(key.dim() == 4 && key.stride(3) == 1 && key.size(0) == batch && heads % key.size(1) == 0 &&
                   key.size(2) == k_len && key.size(3) == query.size(3),
               "key: B x H_e x T_k x W, last dim contiguous, H a multiple of H_e");
