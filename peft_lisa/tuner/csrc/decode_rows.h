@@ -193,39 +193,45 @@ struct Rows {
       }
       return;
     }
-    const auto repeated = lisa_kernel::scratch<float>(4, packs ? n * kLanes : 0);  // each row's q, kLanes / W times
+    const auto repeated = lisa_kernel::scratch<float>(4, n * kLanes);  // each row's q, kLanes / W times (packs)
     for (int64_t r = 0; packs && r < n; ++r) {
       for (int64_t l = 0; l < kLanes; ++l) repeated[r * kLanes + l] = q[r][l % width];
     }
-    // s[r, t0 .. t0 + keys) += the tile's logits, for every row.
-    auto add_tile = [&](const key_type* tile, int64_t stride, int64_t t0, int64_t keys) {
-      for (int64_t r = 0; r < n; ++r) {
-        float* row = s + r * k_len + t0;
-        Floats x = wide    ? wide_tile(q[r], tile, stride)
-                   : packs ? packed_tile(load_lanes(repeated.data() + r * kLanes), tile)
-                           : transposed_tile(q[r], tile, stride);
-        if (keys == kLanes) {
-          x += load_lanes(row);
+    int64_t t0 = 0;
+    if (!packs || key_stride_t == width) {  // whole tiles, read where they lie
+      for (; t0 + kLanes <= k_len; t0 += kLanes) {
+        const key_type* tile = k + t0 * key_stride_t;
+        for (int64_t r = 0; r < n; ++r) {
+          float* row = s + r * k_len + t0;
+          const Floats x = load_lanes(row) + tile_logits(q[r], repeated.data() + r * kLanes, tile, key_stride_t);
           std::memcpy(row, &x, sizeof(x));
-        } else {
-          x += load_partial(row, keys, 0.f);
-          std::memcpy(row, &x, keys * sizeof(float));
         }
       }
-    };
-    int64_t t0 = 0;
-    if (!packs || key_stride_t == width) {  // whole tiles read where they lie
-      for (; t0 + kLanes <= k_len; t0 += kLanes) add_tile(k + t0 * key_stride_t, key_stride_t, t0, kLanes);
     }
     const auto copied = lisa_kernel::scratch<key_type>(5, kLanes * width);  // a tile's keys packed, zeros after them
     for (; t0 < k_len; t0 += kLanes) {
       const int64_t keys = std::min(kLanes, k_len - t0);
       const key_type* tile = k + t0 * key_stride_t;
       for (int64_t l = 0; l < kLanes; ++l) {
-        for (int64_t c = 0; c < width; ++c) copied[l * width + c] = l < keys ? tile[l * key_stride_t + c] : key_type(0);
+        for (int64_t c = 0; c < width; ++c) {
+          copied[l * width + c] = l < keys ? tile[l * key_stride_t + c] : key_type(0);
+        }
       }
-      add_tile(copied.data(), width, t0, keys);
+      for (int64_t r = 0; r < n; ++r) {
+        float* row = s + r * k_len + t0;
+        const Floats x = load_partial(row, keys, 0.f) +
+                         tile_logits(q[r], repeated.data() + r * kLanes, copied.data(), width);
+        std::memcpy(row, &x, keys * sizeof(float));
+      }
     }
+  }
+
+  // The logits of one row's query q (repeated: q kLanes / W times, for packed_tile) against a tile of kLanes keys
+  // (rows stride apart), by the tile kind add_term takes for W.
+  Floats tile_logits(const float* q, const float* repeated, const key_type* tile, int64_t stride) const {
+    if (width % kLanes == 0) return wide_tile(q, tile, stride);
+    if (kLanes % width == 0) return packed_tile(load_lanes(repeated), tile);
+    return transposed_tile(q, tile, stride);
   }
 
   // q . k[l] in lane l, for kLanes keys of W values (rows stride apart), W a multiple of kLanes: one accumulator a key,
