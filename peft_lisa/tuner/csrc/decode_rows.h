@@ -186,8 +186,8 @@ struct Rows {
   // wherever it lies: the last keys are padded to a whole tile with zeros, and keys that do not lie packed are copied
   // packed first, so that a logit depends neither on the number of keys nor on the cache's layout.
   void add_term(float* s, const float* const* q, int64_t n, const key_type* k) const {
-    const bool wide = width % kLanes == 0, packs = !wide && kLanes % width == 0;
-    if (!wide && !packs && width >= kLanes) {
+    const bool packs = packed_width();
+    if (!wide_width() && !packs && width >= kLanes) {
       for (int64_t t = 0; t < k_len; ++t) {
         for (int64_t r = 0; r < n; ++r) s[r * k_len + t] += dot(q[r], k + t * key_stride_t, width);
       }
@@ -229,10 +229,14 @@ struct Rows {
   // The logits of one row's query q (repeated: q kLanes / W times, for packed_tile) against a tile of kLanes keys
   // (rows stride apart), by the tile kind add_term takes for W.
   Floats tile_logits(const float* q, const float* repeated, const key_type* tile, int64_t stride) const {
-    if (width % kLanes == 0) return wide_tile(q, tile, stride);
-    if (kLanes % width == 0) return packed_tile(load_lanes(repeated), tile);
+    if (wide_width()) return wide_tile(q, tile, stride);
+    if (packed_width()) return packed_tile(load_lanes(repeated), tile);
     return transposed_tile(q, tile, stride);
   }
+
+  // The tile kinds by W: a multiple of kLanes (wide_tile), or below it and dividing it (packed_tile).
+  bool wide_width() const { return width % kLanes == 0; }
+  bool packed_width() const { return !wide_width() && kLanes % width == 0; }
 
   // q . k[l] in lane l, for kLanes keys of W values (rows stride apart), W a multiple of kLanes: one accumulator a key,
   // each key read in order. (Rows of a KV group taken together here, a key widened once for all of them, took a source
@@ -310,17 +314,17 @@ struct Rows {
     } else {
       for (int64_t i = 0; i < q_len; ++i) {
         for (int64_t h = h0; h < h1;) {
-          const int64_t count = std::min<int64_t>(h1 - h, 4);
+          const int64_t count = h1 - h >= 4 ? 4 : h1 - h >= 2 ? 2 : 1;  // heads mixed in this pass
           float* out = s.data() + ((h - h0) * q_len + i) * k_len;  // rows of heads h, h + 1, ...: q_len rows apart
           const float* source = handed + b * handed_b + i * handed_q;
           if (count == 4) {
             mix_rows<4>(out, q_len * k_len, mix + h * handed_heads, source);
-          } else if (count >= 2) {
+          } else if (count == 2) {
             mix_rows<2>(out, q_len * k_len, mix + h * handed_heads, source);
           } else {
             mix_rows<1>(out, q_len * k_len, mix + h * handed_heads, source);
           }
-          h += count == 4 ? 4 : count >= 2 ? 2 : 1;
+          h += count;
         }
       }
     }
