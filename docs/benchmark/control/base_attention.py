@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import base_on_decode_rows
-from peft_lisa.benchmark.measure import prefill_then_decode, random_ids
+from peft_lisa.benchmark.measure import alternating, prefill_then_decode, random_ids
 from peft_lisa.benchmark.pipeline import load_benchmark_models
 
 ANALYSIS = "docs/analysis/smollm2_135m_analysis.json"
@@ -63,7 +63,7 @@ def main() -> None:
             prefill: dict[str, list[float]] = {name: [] for name in subjects}
             decode: dict[str, list[float]] = {name: [] for name in subjects}
             for round_ in range(args.repeats + 1):  # round 0 warms up
-                order = list(subjects) if round_ % 2 == 0 else list(subjects)[::-1]
+                order = alternating(list(subjects), round_)
                 ids = random_ids(batch, context, base.config.vocab_size, cpu, seed=round_)
                 for name in order:
                     seconds = prefill_then_decode(subjects[name], ids, args.decode_tokens, cpu)

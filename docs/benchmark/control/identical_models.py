@@ -28,7 +28,7 @@ import torch
 
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
-from peft_lisa.benchmark.measure import prefill_then_decode, random_ids
+from peft_lisa.benchmark.measure import alternating, prefill_then_decode, random_ids
 from peft_lisa.resources import load_model_and_tokenizer
 
 
@@ -63,7 +63,7 @@ def main() -> None:
         for model in subjects.values():
             prefill_then_decode(model, ids, 2, cpu)  # warm-up
         for round_index in range(args.repeats):
-            names = list(subjects) if round_index % 2 == 0 else list(subjects)[::-1]
+            names = alternating(list(subjects), round_index)
             for name in names:
                 prefill, decode, _ = prefill_then_decode(subjects[name], ids, args.decode_tokens, cpu)
                 times[name].append((prefill, decode / args.decode_tokens))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from peft_lisa.benchmark.measure import alternating
 from peft_lisa.tuner.cpu_kernel import COMPILE_FLAGS, SOURCE
 
 # batch, query heads, KV heads, head size, keys, dtype: the 7B geometries at 8 x 4096 (LLaMA-2-7B without GQA,
@@ -114,7 +115,7 @@ def main() -> None:
                 call(kernel)
             times: dict[str, list[float]] = {key: [] for key in kernels}
             for round_ in range(args.repeats):
-                for key in list(kernels) if round_ % 2 == 0 else list(kernels)[::-1]:
+                for key in alternating(list(kernels), round_):
                     started = time.perf_counter()
                     call(kernels[key])
                     times[key].append(time.perf_counter() - started)

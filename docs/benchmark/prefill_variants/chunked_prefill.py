@@ -33,7 +33,7 @@ from transformers import DynamicCache
 import peft_lisa.tuner.attention as lisa_attention
 from peft_lisa.analysis import AttentionAnalysis
 from peft_lisa.benchmark import untrained_merged
-from peft_lisa.benchmark.measure import random_ids
+from peft_lisa.benchmark.measure import alternating, random_ids
 from peft_lisa.resources import load_model_and_tokenizer
 
 
@@ -41,9 +41,8 @@ def alternating_times(subjects: dict[str, Callable[[], object]], repeats: int) -
     """Seconds of each subject in each of ``repeats`` rounds, the subjects alternating (in reverse order every other
     round). The caller warms them up first."""
     times: dict[str, list[float]] = {name: [] for name in subjects}
-    names = list(subjects)
     for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else names[::-1]:
+        for name in alternating(list(subjects), round_index):
             start = time.perf_counter()
             subjects[name]()
             times[name].append(time.perf_counter() - start)
